@@ -1,0 +1,296 @@
+"""The `petal` command. Each command parses options, calls one library function
+and formats its result; no logic lives here."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+from petal.backbones import DEFAULT_BACKBONE
+from petal.errors import PetalError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Train your own image classifier by transfer learning, offline, fast on a CPU.")
+out = Console()
+err = Console(stderr=True)
+
+Cache = Annotated[Optional[Path], typer.Option("--cache", help="Embedding cache folder "
+                                               "[default: $PETAL_CACHE_DIR or the user cache dir].")]
+Backbone = Annotated[str, typer.Option(help="Backbone from the registry.")]
+Workers = Annotated[Optional[int], typer.Option(help="Decode threads [default: all cores].")]
+
+
+class RichReporter:
+    def message(self, text: str) -> None:
+        err.print(text, style="yellow" if text.startswith("warning") else None, markup=False)
+
+    def dataset(self, ds) -> None:
+        print_dataset(ds)
+
+    @contextmanager
+    def progress(self, description: str, total: int):
+        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TaskProgressColumn(),
+                   TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
+                   TimeRemainingColumn()]
+        with Progress(*columns, console=err) as bar:
+            task = bar.add_task(description, total=total, rate="")
+
+            def advance(n: int) -> None:
+                bar.advance(task, n)
+                speed = bar.tasks[task].speed
+                bar.update(task, rate=f"{speed:.1f}/s" if speed else "")
+
+            yield advance
+
+
+def print_dataset(ds) -> None:
+    t = Table(title="data", title_justify="left")
+    t.add_column("class")
+    t.add_column("train", justify="right")
+    t.add_column("eval", justify="right")
+    counts = ds.counts()
+    for c in ds.classes:
+        t.add_row(c, str(counts[c]["train"]), str(counts[c]["eval"]))
+    t.add_row("[bold]total", str(len(ds.split("train"))), str(len(ds.split("eval"))))
+    out.print(t)
+    for reason, n in ds.skipped_reasons().most_common():
+        out.print(f"skipped {n}: {reason}", markup=False)
+    for w in ds.warnings:
+        err.print(f"warning: {w}", style="yellow", markup=False)
+
+
+def print_metrics(metrics: dict) -> None:
+    t = Table(title="eval", title_justify="left")
+    for col in ("class", "precision", "recall", "f1", "support"):
+        t.add_column(col, justify="left" if col == "class" else "right")
+    for c, m in metrics["per_class"].items():
+        t.add_row(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
+    out.print(t)
+    out.print(f"accuracy {metrics['accuracy']:.4f}   top-5 {metrics['top5_accuracy']:.4f}   "
+              f"eval images {metrics['num_eval']}" + (f"   train images {metrics['num_train']}"
+                                                      if "num_train" in metrics else ""))
+
+
+def print_failures(failed: list[tuple[str, str]], limit: int = 20) -> None:
+    for uri, reason in failed[:limit]:
+        err.print(f"skipped {uri}: {reason}", style="yellow", markup=False)
+    if len(failed) > limit:
+        err.print(f"... and {len(failed) - limit} more", style="yellow")
+
+
+@app.command()
+def train(
+    data: Annotated[str, typer.Argument(help="Folder of class folders, or CSV of uri,label rows.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
+    labels: Annotated[Optional[Path], typer.Option(help="dict.txt: one label per line, in id order.")] = None,
+    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Explicit eval data.")] = None,
+    eval_percent: Annotated[float, typer.Option(help="Percent of images in the eval split.")] = 10.0,
+    backbone: Backbone = DEFAULT_BACKBONE,
+    cache: Cache = None,
+    epochs: int = 40,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    hidden: Annotated[int, typer.Option(help="Hidden units; 0 for a linear head.")] = 1024,
+    dropout: float = 0.5,
+    weight_decay: float = 1e-4,
+    label_smoothing: float = 0.1,
+    class_weight: Annotated[Optional[str], typer.Option(help="'balanced' for imbalanced data.")] = None,
+    seed: int = 0,
+    workers: Workers = None,
+    export: Annotated[bool, typer.Option(help="Write RUN/model at the end.")] = True,
+) -> None:
+    """Embed, train a head, evaluate and export: a folder of labeled images in, a model out."""
+    from petal.head import HeadClassifier
+    from petal.workflow import train as run_train
+
+    head = HeadClassifier(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
+                          weight_decay=weight_decay, label_smoothing=label_smoothing,
+                          class_weight=class_weight, seed=seed)
+    r = run_train(data, out_dir, labels_file=labels, eval_data=eval_data, eval_percent=eval_percent,
+                  backbone=backbone, cache_dir=cache, head=head, workers=workers, export=export,
+                  reporter=RichReporter())
+    e = r.embed
+    out.print(f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed "
+              f"(see {r.run_dir / 'errors.csv'})")
+    if r.metrics.get("accuracy") is not None:
+        print_metrics(r.metrics)
+    if r.model_dir:
+        out.print(f"model: {r.model_dir}")
+
+
+@app.command()
+def embed(
+    data: Annotated[str, typer.Argument(help="Folder of class folders, or CSV of uri,label rows.")],
+    labels: Annotated[Optional[Path], typer.Option(help="dict.txt for a CSV.")] = None,
+    backbone: Backbone = DEFAULT_BACKBONE,
+    cache: Cache = None,
+    workers: Workers = None,
+    errors: Annotated[Optional[Path], typer.Option(help="Write failed images (uri, reason) to this CSV.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on the last line.")] = False,
+) -> None:
+    """Embed images into the cache (only those not cached yet)."""
+    from petal.data import load_dataset
+    from petal.workflow import _write_csv, embed_dataset
+
+    ds = load_dataset(data, labels_file=labels, eval_percent=0.0, require_train=False)
+    if not as_json:
+        print_dataset(ds)
+    result, cache_obj = embed_dataset(ds, backbone, cache, RichReporter(), workers)
+    print_failures(result.failed)
+    if errors:
+        _write_csv(errors, ["uri", "reason"], ds.skipped + result.failed)
+    summary = {**result.summary(), "skipped": len(ds.skipped), "cache": str(cache_obj.dir)}
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        out.print(f"{summary['embedded']} embedded, {summary['cached']} cached, {summary['failed']} failed "
+                  f"in {summary['seconds']:.1f}s; cache {summary['cache']}")
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Exported model folder (RUN/model).")],
+    data: Annotated[str, typer.Argument(help="Labeled folder or CSV.")],
+    out_dir: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("petal-eval"),
+    labels: Optional[Path] = None,
+) -> None:
+    """Evaluate an exported model on labeled data: metrics.json, confusion matrix, misclassified.csv."""
+    from petal.workflow import evaluate_model
+
+    metrics = evaluate_model(model, data, out_dir, labels_file=labels, reporter=RichReporter())
+    print_metrics(metrics)
+    out.print(f"report: {out_dir}")
+
+
+@app.command()
+def export(
+    run: Annotated[Path, typer.Argument(help="A run folder written by `petal train`.")],
+    cache: Cache = None,
+) -> None:
+    """(Re-)export RUN/model from a run folder, with the parity check."""
+    from petal.workflow import export_run
+
+    out.print(f"model: {export_run(run, cache)}")
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="Exported model folder (RUN/model).")],
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders, CSVs or globs.")],
+    top_k: Annotated[int, typer.Option(min=1)] = 5,
+    output: Annotated[Optional[Path], typer.Option(help="Write predictions to .csv or .jsonl.")] = None,
+    workers: Workers = None,
+) -> None:
+    """Predict labels for images with an exported model."""
+    from petal.bundle import load
+    from petal.data import expand_inputs
+    from petal.predict_io import write_predictions
+
+    uris, problems = expand_inputs(inputs)
+    for p in problems:
+        err.print(f"warning: {p}", style="yellow", markup=False)
+    if not uris:
+        raise PetalError("predict: no input images")
+    m = load(model)
+    preds = m.iter_predict(uris, top_k=top_k, workers=workers)
+    if output:
+        n, failed = write_predictions(output, preds, len(uris))
+        out.print(f"{n} predictions written to {output}, {len(failed)} failed")
+        print_failures(failed)
+        ok = n > 0
+    else:
+        t = Table()
+        t.add_column("image")
+        t.add_column("label")
+        t.add_column("score", justify="right")
+        t.add_column(f"top {top_k}")
+        ok = False
+        for p in preds:
+            if p.error:
+                t.add_row(p.uri, "[red]error", "", p.error)
+            else:
+                ok = True
+                t.add_row(p.uri, p.label, f"{p.score:.3f}", ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]))
+        out.print(t)
+    if not ok:
+        raise PetalError("predict: no image could be read")
+
+
+@app.command()
+def classify(
+    images: Annotated[list[str], typer.Argument(help="Image files.")],
+    backbone: Backbone = DEFAULT_BACKBONE,
+    top_k: Annotated[int, typer.Option(min=1)] = 5,
+    cache: Cache = None,
+) -> None:
+    """ImageNet top-k names from the pretrained backbone's own head."""
+    from petal.classify import classify_images
+
+    for uri, result in classify_images(images, backbone, cache, top_k):
+        if isinstance(result, str):
+            err.print(f"{uri}: error: {result}", style="red", markup=False)
+            continue
+        out.print(f"[bold]{uri}", highlight=False)
+        for name, p in result:
+            out.print(f"  {p:6.3f}  {name}", markup=False, highlight=False)
+
+
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="Where to write the demo data and run.")] = Path("petal-demo"),
+    cache: Cache = None,
+) -> None:
+    """Make a small synthetic labeled image set and run the whole flow on it."""
+    from petal.bundle import load
+    from petal.synthetic import make_dataset
+
+    data = make_dataset(out_dir / "data", per_class=24)
+    out.print(f"[bold]1. synthetic data[/] in {data}")
+    train(str(data), out_dir / "run", cache=cache, epochs=30, labels=None, eval_data=None,
+          eval_percent=25.0, backbone=DEFAULT_BACKBONE, lr=1e-3, batch_size=64, hidden=1024, dropout=0.5,
+          weight_decay=1e-4, label_smoothing=0.1, class_weight=None, seed=0, workers=None, export=True)
+    out.print("[bold]2. predictions from the exported bundle")
+    m = load(out_dir / "run" / "model")
+    samples = sorted(str(p) for p in data.glob("*/*_00[0-1].*"))
+    for p in m.predict(samples, top_k=2):
+        out.print(f"  {p.uri}: {p.label} ({p.score:.3f})", markup=False)
+    out.print(f"done: try `petal predict {out_dir / 'run' / 'model'} IMAGE`")
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv or os.environ.get("PETAL_DEBUG") == "1"
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+    try:
+        app(standalone_mode=False)
+    except PetalError as e:
+        if debug:
+            raise
+        err.print(f"error: {e}", style="bold red", markup=False, highlight=False)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        err.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except Exception as e:  # click usage errors
+        import click
+
+        if isinstance(e, click.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,299 @@
+"""Labeled data in: a folder of class folders, or a CSV of uri,label rows.
+
+`load_dataset` returns a `Dataset`: every usable example with its label and
+split, the class list (ids are list positions), what was skipped and why, and
+warnings. It reads no image bytes; that is the embed step's job.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from petal.errors import DataError, PetalError
+from petal.images import IMAGE_EXTENSIONS
+from petal.storage import check_scheme, is_local, local_path, scheme_of
+
+TRAIN, EVAL = "train", "eval"
+HEADER_WORDS = {"uri", "url", "path", "image", "image_uri", "image_path", "file", "filename"}
+
+
+@dataclass(frozen=True)
+class Example:
+    uri: str
+    label: str
+    split: str = TRAIN
+
+
+@dataclass
+class Dataset:
+    examples: list[Example]
+    classes: list[str]
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (path or row, reason)
+    warnings: list[str] = field(default_factory=list)
+
+    def split(self, name: str) -> list[Example]:
+        return [e for e in self.examples if e.split == name]
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """class -> {"train": n, "eval": n}"""
+        out = {c: {TRAIN: 0, EVAL: 0} for c in self.classes}
+        for e in self.examples:
+            out[e.label][e.split] += 1
+        return out
+
+    def skipped_reasons(self) -> Counter:
+        return Counter(reason for _, reason in self.skipped)
+
+    def label_id(self, label: str) -> int:
+        return self.classes.index(label)
+
+
+# --------------------------------------------------------------------------- split
+
+def eval_hash_percent(uri: str) -> float:
+    """A stable number in [0, 100) from the file name, as in TF's retrain.py.
+
+    Only the base name counts (with any `_nohash_` suffix removed), so moving the
+    folder or adding images never moves an image across the split.
+    """
+    name = re.sub(r"_nohash_.*$", "", os.path.basename(uri.rstrip("/")))
+    h = int(hashlib.sha1(name.encode("utf-8")).hexdigest(), 16)
+    return (h % 10_000) / 100.0
+
+
+def assign_split(uri: str, eval_percent: float) -> str:
+    return EVAL if eval_hash_percent(uri) < eval_percent else TRAIN
+
+
+# --------------------------------------------------------------------------- labels
+
+def read_labels_file(path: str | Path) -> tuple[list[str], list[str]]:
+    """dict.txt: one label per line; line order gives ids. Returns (labels, warnings)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except OSError as e:
+        raise DataError(f"labels file {path}: cannot read ({e.strerror or e})") from None
+    labels, warnings, seen = [], [], {}
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        label = raw.strip()
+        if not label:
+            warnings.append(f"labels file {path}: blank line {lineno} ignored")
+            continue
+        if label in seen:
+            raise DataError(
+                f"labels file {path}: line {lineno} repeats label {label!r} from line {seen[label]}"
+            )
+        seen[label] = lineno
+        labels.append(label)
+    if not labels:
+        raise DataError(f"labels file {path}: no labels in it")
+    return labels, warnings
+
+
+# --------------------------------------------------------------------------- sources
+
+def _from_folder(root: Path) -> tuple[list[tuple[str, str]], list, list]:
+    rows, skipped, warnings = [], [], []
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    loose = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if loose:
+        warnings.append(f"{len(loose)} file(s) directly in {root} ignored: images must be in class folders")
+    for d in class_dirs:
+        n = 0
+        for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
+            dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
+            for fn in sorted(filenames):
+                path = os.path.join(dirpath, fn)
+                if fn.startswith("."):
+                    continue
+                if Path(fn).suffix.lower() not in IMAGE_EXTENSIONS:
+                    skipped.append((path, "not an image file extension"))
+                    continue
+                rows.append((path, d.name))
+                n += 1
+        if n == 0:
+            warnings.append(f"class folder {d.name!r} has no images; class left out")
+    return rows, skipped, warnings
+
+
+def _join(base: str, uri: str) -> str:
+    """Resolve a CSV's URI relative to the CSV's own location."""
+    if scheme_of(uri):
+        return uri
+    if is_local(base):
+        return os.path.normpath(os.path.join(os.path.dirname(local_path(base)), uri))
+    return base.rsplit("/", 1)[0] + "/" + uri
+
+
+def _read_text(uri: str) -> str:
+    check_scheme(uri)
+    try:
+        if is_local(uri):
+            with open(local_path(uri), "rb") as f:
+                raw = f.read()
+        else:
+            import fsspec
+
+            with fsspec.open(uri, "rb") as f:
+                raw = f.read()
+    except OSError as e:
+        raise DataError(f"{uri}: cannot read ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8-sig")  # strips a BOM
+    except UnicodeDecodeError as e:
+        raise DataError(f"{uri}: not UTF-8 text ({e})") from None
+
+
+def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list]:
+    text = _read_text(uri)
+    rows, skipped, warnings = [], [], []
+    seen: dict[str, tuple[str, int]] = {}
+    duplicates = 0
+    for lineno, row in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
+        cells = [c.strip() for c in row]
+        if not any(cells):
+            continue  # blank line
+        if lineno == 1 and (cells[0].lower() in HEADER_WORDS or
+                            (len(cells) > 1 and cells[1].lower() in {"label", "class"})):
+            continue  # header
+        if len(cells) < 2:
+            skipped.append((f"{uri}:{lineno}", "row has no label column"))
+            continue
+        path, label = cells[0], cells[1]
+        if not path:
+            skipped.append((f"{uri}:{lineno}", "empty uri"))
+            continue
+        if not label:
+            skipped.append((f"{uri}:{lineno}", "empty label"))
+            continue
+        full = _join(uri, path)
+        if full in seen:
+            first_label, first_line = seen[full]
+            if first_label == label:
+                duplicates += 1
+            else:
+                skipped.append((f"{uri}:{lineno}",
+                                f"{path} already labeled {first_label!r} on line {first_line}"))
+            continue
+        seen[full] = (label, lineno)
+        rows.append((full, label))
+    if duplicates:
+        warnings.append(f"{uri}: {duplicates} duplicate row(s) ignored")
+    return rows, skipped, warnings
+
+
+def _read_source(source: str) -> tuple[list[tuple[str, str]], list, list]:
+    if is_local(source) and Path(local_path(source)).is_dir():
+        return _from_folder(Path(local_path(source)))
+    if is_local(source) and not Path(local_path(source)).exists():
+        raise DataError(f"data: no such folder or CSV file: {source}")
+    return _from_csv(source)
+
+
+def load_dataset(
+    source: str | Path,
+    *,
+    labels_file: str | Path | None = None,
+    eval_source: str | Path | None = None,
+    eval_percent: float = 10.0,
+    require_train: bool = True,
+) -> Dataset:
+    """Find the labeled examples and assign each to train or eval.
+
+    With `eval_source`, that data is the eval split and `source` is all train;
+    otherwise a stable hash of each file name puts `eval_percent`% in eval.
+    """
+    if not 0 <= eval_percent < 100:
+        raise PetalError(f"eval_percent: expected a number in [0, 100), got {eval_percent!r}")
+    rows, skipped, warnings = _read_source(str(source))
+    tagged = [(u, lab, assign_split(u, eval_percent)) for u, lab in rows]
+    if eval_source is not None:
+        erows, eskipped, ewarnings = _read_source(str(eval_source))
+        tagged = [(u, lab, TRAIN) for u, lab in rows] + [(u, lab, EVAL) for u, lab in erows]
+        skipped += eskipped
+        warnings += ewarnings
+
+    if labels_file is not None:
+        classes, lw = read_labels_file(labels_file)
+        warnings += lw
+        known = set(classes)
+        unknown = Counter(lab for _, lab, _ in tagged if lab not in known)
+        for u, lab, _ in tagged:
+            if lab not in known:
+                skipped.append((u, f"label {lab!r} not in the labels file"))
+        tagged = [t for t in tagged if t[1] in known]
+        if unknown:
+            warnings.append(
+                f"{sum(unknown.values())} row(s) with labels not in {labels_file} skipped: "
+                + ", ".join(f"{k!r} ({v})" for k, v in unknown.most_common(5))
+            )
+    else:
+        classes = sorted({lab for _, lab, _ in tagged})
+
+    examples = [Example(u, lab, s) for u, lab, s in tagged]
+    ds = Dataset(examples, classes, skipped, warnings)
+    if require_train:
+        check_trainable(ds)
+    elif not examples:
+        raise DataError(f"no labeled images found in {source}")
+    return ds
+
+
+def check_trainable(ds: Dataset) -> None:
+    """Refuse data that cannot train a classifier, saying exactly why."""
+    present = {e.label for e in ds.examples}
+    if len(present) < 2:
+        found = ", ".join(repr(c) for c in sorted(present)) or "none"
+        raise DataError(f"need at least 2 classes with images, found {len(present)} ({found})")
+    counts = ds.counts()
+    empty = [c for c in ds.classes if counts[c][TRAIN] == 0]
+    if empty:
+        raise DataError(
+            "these classes have no training image: " + ", ".join(repr(c) for c in empty)
+            + " (add images, or lower --eval-percent)"
+        )
+
+
+# --------------------------------------------------------------------------- predict inputs
+
+def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
+    """Files, folders (searched recursively), CSVs (first column) and globs -> image URIs.
+
+    Returns (uris, problems); a problem is an input that matched nothing.
+    """
+    import glob
+
+    uris, problems = [], []
+    for raw in inputs:
+        if not is_local(raw):
+            uris.append(raw)
+            continue
+        path = Path(local_path(raw))
+        if path.is_dir():
+            found = sorted(str(p) for p in path.rglob("*")
+                           if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            uris += found
+            if not found:
+                problems.append(f"{raw}: no images in this folder")
+        elif path.suffix.lower() == ".csv" and path.is_file():
+            text = _read_text(str(path))
+            rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r and r[0].strip()]
+            if rows and rows[0][0].strip().lower() in HEADER_WORDS:
+                rows = rows[1:]
+            uris += [_join(str(path), r[0].strip()) for r in rows]
+        elif any(ch in raw for ch in "*?["):
+            found = sorted(glob.glob(raw, recursive=True))
+            uris += found
+            if not found:
+                problems.append(f"{raw}: the pattern matched no file")
+        else:
+            uris.append(raw)  # a missing file is reported per image, with the reason
+    return uris, problems

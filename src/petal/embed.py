@@ -1,0 +1,83 @@
+"""Embed images with a backbone, through the content-keyed cache.
+
+Images whose bytes are already in the cache cost a read and a hash; the rest
+are decoded on a thread pool while ONNX Runtime runs the backbone on batches.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from petal.backbones import BackboneConfig
+from petal.cache import EmbeddingCache
+from petal.loader import Item, batches, iter_items
+
+
+@dataclass
+class EmbedResult:
+    keys: dict[str, str] = field(default_factory=dict)  # uri -> content key, readable images
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason)
+    embedded: int = 0  # went through the backbone in this run
+    cached: int = 0  # found in the cache (or a byte-identical copy seen earlier in this run)
+    seconds: float = 0.0
+
+    def summary(self) -> dict:
+        done = self.embedded + self.cached
+        return {
+            "embedded": self.embedded,
+            "cached": self.cached,
+            "failed": len(self.failed),
+            "total": done + len(self.failed),
+            "seconds": round(self.seconds, 3),
+            "images_per_second": round(self.embedded / self.seconds, 1) if self.seconds else None,
+        }
+
+
+def embed(
+    uris: Sequence[str],
+    cfg: BackboneConfig,
+    cache_dir: Path,
+    *,
+    batch_size: int = 32,
+    workers: int | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> tuple[EmbedResult, EmbeddingCache]:
+    """Make sure every readable image in `uris` has an embedding in the cache."""
+    from petal.onnx_graphs import backbone_onnx_path
+    from petal.runtime import make_session
+
+    start = time.perf_counter()
+    cache = EmbeddingCache(cache_dir, cfg.name, cfg.feature_dim)
+    known = cache.load()
+    result = EmbedResult()
+    session = None  # built on the first batch that needs it: a warm run never exports
+
+    with cache.writer() as writer:
+        items = iter_items(uris, cfg, skip=known.__contains__, workers=workers)
+        for batch in batches(items, batch_size):
+            todo: list[Item] = []
+            for item in batch:
+                if item.error is not None:
+                    result.failed.append((item.uri, item.error))
+                    continue
+                result.keys[item.uri] = item.key
+                if item.pixels is None or item.key in known or any(t.key == item.key for t in todo):
+                    result.cached += 1
+                else:
+                    todo.append(item)
+            if todo:
+                if session is None:
+                    session = make_session(backbone_onnx_path(cfg, cache_dir))
+                pixels = np.stack([t.pixels for t in todo])  # (B, S, S, 3) uint8
+                (features,) = session.run(["features"], {"images": pixels})  # (B, D)
+                writer.add([t.key for t in todo], features)
+                result.embedded += len(todo)
+            if on_progress:
+                on_progress(len(batch))
+    result.seconds = time.perf_counter() - start
+    return result, cache

@@ -1,0 +1,29 @@
+"""petal's exceptions.
+
+Everything a user can cause (bad data, bad options, missing packages) raises a
+`PetalError`. It subclasses `ValueError`, as in scikit-learn, and the CLI prints
+its message in one line without a traceback. Anything else is a bug in petal.
+"""
+
+
+class PetalError(ValueError):
+    """A problem with the user's input or environment, explained in the message."""
+
+
+class DataError(PetalError):
+    """The labeled data cannot be used as given (no classes, empty class, bad CSV...)."""
+
+
+class ImageError(PetalError):
+    """One image cannot be read or decoded. Batches report it and skip the image."""
+
+
+class NothingUsableError(PetalError):
+    """Every input failed, so the step produced nothing."""
+
+
+def check_param(name: str, value, ok: bool, expected: str):
+    """Raise PetalError naming the parameter, what was expected and what was got."""
+    if not ok:
+        raise PetalError(f"{name}: expected {expected}, got {value!r}")
+    return value

@@ -1,0 +1,177 @@
+"""The classifier head trained on cached embeddings, as a scikit-learn style estimator.
+
+    head = HeadClassifier(hidden=1024).fit(X_train, y_train, eval_set=(X_eval, y_eval))
+    probs = head.predict_proba(X)           # (N, C)
+
+Default: one hidden dense layer with ReLU and dropout, then softmax (the Cloud ML
+flowers head); `hidden=0` is a linear head. Deterministic for a fixed seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from petal.errors import PetalError, check_param
+
+
+@dataclass
+class HeadClassifier:
+    hidden: int = 1024
+    dropout: float = 0.5
+    epochs: int = 40
+    lr: float = 1e-3
+    batch_size: int = 64
+    weight_decay: float = 1e-4
+    label_smoothing: float = 0.1
+    class_weight: str | None = None  # None or "balanced"
+    seed: int = 0
+
+    def get_params(self) -> dict:
+        return asdict(self)
+
+    def _check_params(self) -> None:
+        p = self
+        check_param("hidden", p.hidden, isinstance(p.hidden, int) and p.hidden >= 0, "an integer >= 0")
+        check_param("dropout", p.dropout, 0 <= p.dropout < 1, "a number in [0, 1)")
+        check_param("epochs", p.epochs, isinstance(p.epochs, int) and p.epochs >= 1, "an integer >= 1")
+        check_param("lr", p.lr, p.lr > 0, "a number > 0")
+        check_param("batch_size", p.batch_size, isinstance(p.batch_size, int) and p.batch_size >= 1,
+                    "an integer >= 1")
+        check_param("weight_decay", p.weight_decay, p.weight_decay >= 0, "a number >= 0")
+        check_param("label_smoothing", p.label_smoothing, 0 <= p.label_smoothing < 1, "a number in [0, 1)")
+        check_param("class_weight", p.class_weight, p.class_weight in (None, "balanced"), "None or 'balanced'")
+
+    # ------------------------------------------------------------------ training
+
+    def _module(self, dim: int, num_classes: int):
+        from torch import nn
+
+        if self.hidden == 0:
+            return nn.Sequential(nn.Dropout(self.dropout), nn.Linear(dim, num_classes))
+        return nn.Sequential(
+            nn.Linear(dim, self.hidden), nn.ReLU(), nn.Dropout(self.dropout),
+            nn.Linear(self.hidden, num_classes),
+        )
+
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        *,
+        num_classes: int | None = None,
+        eval_set: tuple[np.ndarray, np.ndarray] | None = None,
+        on_epoch: Callable[[int, dict], None] | None = None,
+    ) -> HeadClassifier:
+        """X: (N, D) float embeddings, y: (N,) int class ids. `on_epoch(epoch, logs)` per epoch."""
+        import torch
+        import torch.nn.functional as F
+
+        self._check_params()
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y, dtype=np.int64)
+        if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
+            raise PetalError(f"X, y: expected (N, D) and (N,) with N > 0, got {X.shape} and {y.shape}")
+        self.num_classes_ = int(num_classes or y.max() + 1)
+        self.feature_dim_ = X.shape[1]
+
+        torch.manual_seed(self.seed)
+        gen = torch.Generator().manual_seed(self.seed)
+        net = self._module(self.feature_dim_, self.num_classes_)
+        weight = None
+        if self.class_weight == "balanced":
+            counts = np.bincount(y, minlength=self.num_classes_).astype(np.float32)
+            weight = torch.from_numpy(len(y) / (self.num_classes_ * np.maximum(counts, 1)))
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        steps_per_epoch = -(-len(X) // self.batch_size)
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.lr, total_steps=self.epochs * steps_per_epoch, pct_start=0.1
+        )
+        Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
+        self.history_ = []
+        for epoch in range(1, self.epochs + 1):
+            net.train()
+            order = torch.randperm(len(X), generator=gen)
+            total, correct, seen = 0.0, 0, 0
+            for i in range(0, len(X), self.batch_size):
+                idx = order[i:i + self.batch_size]
+                logits = net(Xt[idx])  # (B, C)
+                loss = F.cross_entropy(logits, yt[idx], weight=weight, label_smoothing=self.label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss) * len(idx)
+                correct += int((logits.argmax(1) == yt[idx]).sum())
+                seen += len(idx)
+            self.net_ = net.eval()
+            logs = {"train_loss": total / seen, "train_accuracy": correct / seen}
+            if eval_set is not None and len(eval_set[0]):
+                logs.update(self._eval_logs(*eval_set))
+            self.history_.append(logs)
+            if on_epoch:
+                on_epoch(epoch, logs)
+        self.net_ = net.eval()
+        return self
+
+    def _eval_logs(self, X, y) -> dict:
+        p = self.predict_proba(X)
+        y = np.asarray(y)
+        loss = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
+        return {"eval_loss": loss, "eval_accuracy": float((p.argmax(1) == y).mean())}
+
+    # ------------------------------------------------------------------ inference
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "net_"):
+            raise PetalError("this HeadClassifier is not fitted yet: call fit() or from_state()")
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        import torch
+
+        self._check_fitted()
+        with torch.no_grad():
+            return self.net_(torch.from_numpy(np.asarray(X, np.float32))).softmax(-1).numpy()
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        return self.predict_proba(X).argmax(1)
+
+    # ------------------------------------------------------------------ persistence
+
+    def layers(self) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Dense layers as (W: (in, out), b: (out,)), input to output."""
+        from torch import nn
+
+        self._check_fitted()
+        return [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
+                for m in self.net_ if isinstance(m, nn.Linear)]
+
+    def to_onnx(self):
+        from petal.onnx_graphs import head_graph
+
+        return head_graph(self.layers(), self.feature_dim_)
+
+    def state(self) -> dict[str, np.ndarray]:
+        out = {}
+        for i, (w, b) in enumerate(self.layers()):
+            out[f"w{i}"], out[f"b{i}"] = w, b
+        return out
+
+    @classmethod
+    def from_state(cls, params: dict, state: dict[str, np.ndarray]) -> HeadClassifier:
+        import torch
+
+        head = cls(**params)
+        w0 = state["w0"]
+        last = state[f"w{len(state) // 2 - 1}"]
+        head.feature_dim_, head.num_classes_ = w0.shape[0], last.shape[1]
+        net = head._module(head.feature_dim_, head.num_classes_)
+        linears = [m for m in net if isinstance(m, torch.nn.Linear)]
+        with torch.no_grad():
+            for i, m in enumerate(linears):
+                m.weight.copy_(torch.from_numpy(state[f"w{i}"].T))
+                m.bias.copy_(torch.from_numpy(state[f"b{i}"]))
+        head.net_ = net.eval()
+        return head

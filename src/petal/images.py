@@ -1,0 +1,112 @@
+"""Image bytes -> the uint8 pixels a backbone sees. One code path for all.
+
+Embedding, prediction, evaluation, serving and the Beam pipelines all call
+`load_pixels`, so what the model is trained on is exactly what it is served.
+
+Policy for awkward files:
+- every mode Pillow reads becomes 8-bit RGB; transparency is composited on white;
+- EXIF orientation is applied, so photos come out upright;
+- animated images use their first frame;
+- a file larger than `max_pixels` is refused from its header, before any
+  pixel is allocated (decompression bombs);
+- a truncated file is refused, not padded with grey: a half-grey photo would
+  quietly teach the model the wrong thing.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from petal.backbones import BackboneConfig
+from petal.errors import ImageError
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
+)
+DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: larger than any camera photo, far below a bomb
+
+# We enforce our own limit; Pillow's own warning/error threshold would only add noise.
+Image.MAX_IMAGE_PIXELS = None
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Parse the header only. Raises ImageError if it is no image or too large."""
+    if not data:
+        raise ImageError("empty file")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except Exception as e:  # Pillow raises many types on garbage headers
+        raise ImageError(f"not a readable image: {e}") from None
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageError(f"image has no pixels ({w}x{h})")
+    if w * h > max_pixels:
+        raise ImageError(
+            f"image too large: {w}x{h} = {w * h:,} pixels, limit {max_pixels:,} "
+            "(possible decompression bomb)"
+        )
+    return img
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode -> upright 8-bit RGB. Decodes the pixels."""
+    img.seek(0)  # first frame of animations
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. "Palette images with transparency..."
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+            # 16/32-bit grey: scale the full range to 0..255 instead of clipping
+            a = np.asarray(img, dtype=np.float32)
+            hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+            img = Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8), "L")
+        if img.mode == "P":
+            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+            img = img.convert("RGBA")
+            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, img)
+        return img.convert("RGB")
+
+
+def resize_crop(img: Image.Image, cfg: BackboneConfig) -> np.ndarray:
+    """RGB image -> (S, S, 3) uint8, S = cfg.input_size.
+
+    Equivalent to "resize the short side to S / crop_pct, then center-crop S",
+    done as one resample of the central square (no pixels outside it are touched).
+    """
+    w, h = img.size
+    side = min(w, h) * cfg.crop_pct  # the crop, in source pixels
+    left, top = (w - side) / 2, (h - side) / 2
+    box = (left, top, left + side, top + side)
+    out = img.resize((cfg.input_size, cfg.input_size), _RESAMPLE[cfg.resample], box=box)
+    return np.asarray(out, dtype=np.uint8)
+
+
+def load_pixels(data: bytes, cfg: BackboneConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> (S, S, 3) uint8 RGB. Raises ImageError with the reason."""
+    img = open_image(data, max_pixels)
+    try:
+        if img.format == "JPEG":
+            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is far
+            # larger than needed: much faster, and the result still has >= the
+            # pixels the resize needs.
+            img.draft("RGB", (cfg.resize_size, cfg.resize_size))
+        img.load()
+        return resize_crop(to_rgb(img), cfg)
+    except ImageError:
+        raise
+    except OSError as e:
+        msg = str(e)
+        if "truncated" in msg or "broken data stream" in msg:
+            raise ImageError(f"truncated or corrupt image data ({msg})") from None
+        raise ImageError(f"cannot decode image: {msg}") from None
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem
+        raise ImageError(f"cannot decode image: {type(e).__name__}: {e}") from None

@@ -1,0 +1,77 @@
+"""Read, hash and decode images on a thread pool, in order, with bounded memory.
+
+Pillow and hashlib release the GIL while they decode, resize and hash, so
+threads use every core without pickling pixels between processes. At most
+`prefetch` images are in flight, so memory stays bounded on any input size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from petal.backbones import BackboneConfig
+from petal.errors import ImageError
+from petal.images import DEFAULT_MAX_PIXELS, load_pixels
+from petal.storage import read_bytes
+
+
+@dataclass
+class Item:
+    uri: str
+    key: str | None = None  # sha256 of the file's bytes
+    pixels: np.ndarray | None = None  # (S, S, 3) uint8, None if skipped or failed
+    error: str | None = None
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def iter_items(
+    uris: Iterable[str],
+    cfg: BackboneConfig,
+    *,
+    skip: Callable[[str], bool] = lambda key: False,
+    workers: int | None = None,
+    prefetch: int = 128,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> Iterator[Item]:
+    """Yield one Item per URI, in input order. `skip(key)` True -> not decoded."""
+
+    def work(uri: str) -> Item:
+        item = Item(uri)
+        try:
+            data = read_bytes(uri)
+            item.key = hashlib.sha256(data).hexdigest()
+            if not skip(item.key):
+                item.pixels = load_pixels(data, cfg, max_pixels)
+        except ImageError as e:
+            item.error = str(e)
+        return item
+
+    with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="petal-decode") as pool:
+        pending: deque = deque()
+        for uri in uris:
+            pending.append(pool.submit(work, uri))
+            if len(pending) >= prefetch:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:
+    batch: list[Item] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

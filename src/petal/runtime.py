@@ -1,0 +1,16 @@
+"""ONNX Runtime sessions, configured once for every caller (embed, predict, serve)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def make_session(path: str | Path, threads: int | None = None):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.intra_op_num_threads = threads or int(os.environ.get("PETAL_ORT_THREADS", "0"))
+    so.log_severity_level = 3  # errors only
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -1,0 +1,137 @@
+"""Reading URIs and writing files safely.
+
+Reads go through fsspec, so local paths, file://, http(s)://, gs:// and s3://
+all work; a cloud scheme whose fsspec driver is missing gets a message naming
+the package. Writes are atomic: a temp file in the same folder, then rename,
+so a reader never sees a half-written file, even after kill -9.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from petal.errors import ImageError, PetalError
+
+# scheme -> the package that gives fsspec that scheme
+SCHEME_PACKAGES = {
+    "gs": "gcsfs",
+    "gcs": "gcsfs",
+    "s3": "s3fs",
+    "s3a": "s3fs",
+    "http": "aiohttp",
+    "https": "aiohttp",
+    "az": "adlfs",
+    "abfs": "adlfs",
+    "hf": "huggingface_hub",
+}
+
+
+def scheme_of(uri: str) -> str:
+    head, sep, _ = uri.partition("://")
+    return head.lower() if sep and len(head) > 1 else ""
+
+
+def is_local(uri: str) -> bool:
+    return scheme_of(uri) in ("", "file")
+
+
+def local_path(uri: str) -> str:
+    return uri[len("file://"):] if uri.lower().startswith("file://") else uri
+
+
+def check_scheme(uri: str) -> None:
+    """Raise PetalError early if the URI's scheme cannot be read here."""
+    scheme = scheme_of(uri)
+    if is_local(uri):
+        return
+    import fsspec
+
+    try:
+        fsspec.get_filesystem_class(scheme)
+    except (ImportError, ValueError) as e:
+        pkg = SCHEME_PACKAGES.get(scheme)
+        hint = f": pip install {pkg}" if pkg else ""
+        raise PetalError(f"cannot read {scheme}:// URIs ({e}){hint}") from None
+
+
+def read_bytes(uri: str) -> bytes:
+    """The whole file. Raises ImageError (the item's problem) if it cannot be read."""
+    try:
+        if is_local(uri):
+            with open(local_path(uri), "rb") as f:
+                return f.read()
+        import fsspec
+
+        with fsspec.open(uri, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        if os.path.islink(local_path(uri)):
+            raise ImageError("dangling symbolic link") from None
+        raise ImageError("file not found") from None
+    except IsADirectoryError:
+        raise ImageError("is a directory, not a file") from None
+    except PermissionError:
+        raise ImageError("permission denied") from None
+    except ImportError as e:
+        raise ImageError(f"cannot read this URI scheme: {e}") from None
+    except OSError as e:
+        raise ImageError(f"cannot read file: {e.strerror or e}") from None
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp path beside `path`; on success it is fsynced and renamed onto it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temp folder beside `path`; on success it replaces `path` whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old.{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("PETAL_CACHE_DIR")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("petal"))

@@ -1,0 +1,55 @@
+"""A small synthetic labeled image set, for `petal demo` and the tests.
+
+Each class is a shape drawn in its own colour family over a noisy background,
+at random positions and sizes, saved as a mix of JPEG and PNG. A pretrained
+backbone separates them easily, so a working pipeline scores near 100%.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+CLASSES = {
+    "circles": ((200, 40, 40), "ellipse"),
+    "squares": ((40, 160, 40), "rectangle"),
+    "triangles": ((40, 60, 200), "polygon"),
+    "stripes": ((220, 180, 30), "stripes"),
+}
+
+
+def draw(kind: str, color: tuple[int, int, int], rng: np.random.Generator, size: int) -> Image.Image:
+    bg = rng.integers(150, 256, size=3)
+    noise = rng.normal(0, 12, size=(size, size, 3))
+    img = Image.fromarray(np.clip(bg + noise, 0, 255).astype(np.uint8), "RGB")
+    d = ImageDraw.Draw(img)
+    jitter = tuple(int(np.clip(c + rng.integers(-30, 31), 0, 255)) for c in color)
+    r = int(size * rng.uniform(0.2, 0.35))
+    cx, cy = (int(v) for v in rng.integers(r, size - r, size=2))
+    if kind == "ellipse":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=jitter)
+    elif kind == "rectangle":
+        d.rectangle([cx - r, cy - r, cx + r, cy + r], fill=jitter)
+    elif kind == "polygon":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=jitter)
+    else:
+        step = max(4, size // 8)
+        for x in range(int(rng.integers(0, step)), size, step * 2):
+            d.rectangle([x, 0, x + step - 1, size], fill=jitter)
+    return img
+
+
+def make_dataset(root: str | Path, per_class: int = 20, size: int = 96, seed: int = 0,
+                 classes: int = 3) -> Path:
+    """Write `root/<class>/<n>.jpg|png` and return root."""
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for name, (color, kind) in list(CLASSES.items())[:classes]:
+        (root / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = draw(kind, color, rng, size)
+            ext = "png" if i % 3 == 0 else "jpg"
+            img.save(root / name / f"{name}_{i:03d}.{ext}", quality=90)
+    return root

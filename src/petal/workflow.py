@@ -1,0 +1,254 @@
+"""The steps a user runs, as library functions: embed, train, evaluate, export.
+
+The CLI calls these and only formats what they return. Long work reports
+through a `Reporter` (progress bars, messages); the default reports nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from petal.backbones import DEFAULT_BACKBONE, get_backbone
+from petal.data import EVAL, TRAIN, Dataset, Example, load_dataset
+from petal.embed import EmbedResult, embed
+from petal.errors import NothingUsableError, PetalError
+from petal.head import HeadClassifier
+from petal.metrics import compute_metrics, write_report
+from petal.storage import atomic_write_text, default_cache_dir
+
+
+class Reporter:
+    """Receives progress from long steps. Subclass it to show bars or log."""
+
+    def message(self, text: str) -> None:
+        pass
+
+    def dataset(self, ds: Dataset) -> None:
+        pass
+
+    @contextmanager
+    def progress(self, description: str, total: int):
+        yield lambda n: None
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    model_dir: Path | None
+    metrics: dict
+    embed: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def _write_csv(path: Path, header: list[str], rows) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def embed_dataset(ds: Dataset, backbone: str = DEFAULT_BACKBONE, cache_dir: Path | None = None,
+                  reporter: Reporter | None = None, workers: int | None = None):
+    """Embed every example; returns (EmbedResult, cache). Raises if nothing was usable."""
+    reporter = reporter or Reporter()
+    cfg = get_backbone(backbone)
+    uris = [e.uri for e in ds.examples]
+    with reporter.progress("embedding", len(uris)) as advance:
+        result, cache = embed(uris, cfg, Path(cache_dir or default_cache_dir()),
+                              on_progress=advance, workers=workers)
+    if uris and not result.keys:
+        raise NothingUsableError(f"none of the {len(uris)} images could be read; first error: "
+                                 f"{result.failed[0][0]}: {result.failed[0][1]}")
+    return result, cache
+
+
+def duplicate_warnings(examples: list[Example], keys: dict[str, str]) -> list[str]:
+    """The same bytes under two labels, or in both train and eval."""
+    by_key = defaultdict(list)
+    for e in examples:
+        if e.uri in keys:
+            by_key[keys[e.uri]].append(e)
+    out = []
+    for group in by_key.values():
+        if len({e.label for e in group}) > 1:
+            out.append("same image in classes " + ", ".join(f"{e.label!r} ({e.uri})" for e in group))
+        elif len({e.split for e in group}) > 1:
+            out.append("same image in both train and eval: " + ", ".join(e.uri for e in group))
+    return out
+
+
+def train(
+    data: str | Path,
+    out: str | Path,
+    *,
+    labels_file: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    eval_percent: float = 10.0,
+    backbone: str = DEFAULT_BACKBONE,
+    cache_dir: str | Path | None = None,
+    head: HeadClassifier | None = None,
+    workers: int | None = None,
+    export: bool = True,
+    reporter: Reporter | None = None,
+) -> TrainResult:
+    """embed -> train the head -> evaluate -> export, into the run folder `out`."""
+    reporter = reporter or Reporter()
+    head = head or HeadClassifier()
+    head._check_params()  # fail before any slow work
+    cfg = get_backbone(backbone)
+    cache_dir = Path(cache_dir or default_cache_dir())
+    run = Path(out)
+    run.mkdir(parents=True, exist_ok=True)
+
+    ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent)
+    reporter.dataset(ds)
+
+    result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
+    _write_csv(run / "errors.csv", ["uri", "reason"], ds.skipped + result.failed)
+    warnings = list(ds.warnings) + duplicate_warnings(ds.examples, result.keys)
+    for w in warnings[len(ds.warnings):]:
+        reporter.message(f"warning: {w}")
+
+    usable = [e for e in ds.examples if e.uri in result.keys]
+    _write_csv(run / "split.csv", ["uri", "label", "split", "key"],
+               [(e.uri, e.label, e.split, result.keys[e.uri]) for e in usable])
+    tr = [e for e in usable if e.split == TRAIN]
+    ev = [e for e in usable if e.split == EVAL]
+    missing = sorted(set(ds.classes) - {e.label for e in tr})
+    if missing:
+        raise NothingUsableError("after skipping unreadable images, these classes have no training "
+                                 "image: " + ", ".join(map(repr, missing)))
+
+    def xy(examples):
+        return (cache.get([result.keys[e.uri] for e in examples]),
+                np.array([ds.label_id(e.label) for e in examples], dtype=np.int64))
+
+    (Xtr, ytr), (Xev, yev) = xy(tr), xy(ev)
+    settings = {
+        "data": str(data), "eval_data": str(eval_data) if eval_data else None,
+        "labels_file": str(labels_file) if labels_file else None, "eval_percent": eval_percent,
+        "backbone": cfg.to_dict(), "cache_dir": str(cache_dir), "head": head.get_params(),
+        "classes": ds.classes,
+    }
+    atomic_write_text(run / "settings.json", json.dumps(settings, indent=2) + "\n")
+
+    with tensorboard(run / "tensorboard") as log, reporter.progress("training head", head.epochs) as advance:
+        def on_epoch(epoch, logs):
+            for k, v in logs.items():
+                split, metric = k.split("_", 1)
+                log(f"{metric}/{split}", v, epoch)
+            advance(1)
+
+        head.fit(Xtr, ytr, num_classes=len(ds.classes),
+                 eval_set=(Xev, yev) if len(ev) else None, on_epoch=on_epoch)
+    np.savez(run / "head.npz", **head.state())
+
+    if ev:
+        probs = head.predict_proba(Xev)
+        metrics = compute_metrics(yev, probs, ds.classes)
+        write_report(run, {**metrics, "num_train": len(tr)}, ds.classes, [e.uri for e in ev], yev, probs)
+    else:
+        reporter.message("warning: no eval images; metrics are not computed")
+        probs = head.predict_proba(Xtr[:256])
+        metrics = {"accuracy": None, "top5_accuracy": None, "num_eval": 0}
+    metrics["num_train"] = len(tr)
+    metrics["embed"] = result.summary()
+    atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+
+    model_dir = None
+    if export:
+        parity_uris = [e.uri for e in (ev or tr[:256])][:PARITY_LIMIT]
+        reporter.message(f"exporting and checking parity on {len(parity_uris)} images")
+        model_dir = export_run_bundle(run, cfg, head, ds.classes, cache_dir, parity_uris,
+                                      probs[:PARITY_LIMIT], metrics)
+    return TrainResult(run, model_dir, metrics, result.summary(), warnings)
+
+
+PARITY_LIMIT = 2000
+
+
+def export_run_bundle(run: Path, cfg, head, classes, cache_dir, parity_uris, parity_probs, metrics):
+    from petal.export import export_bundle
+
+    return export_bundle(run / "model", cfg=cfg, head=head, classes=classes, cache_dir=cache_dir,
+                         parity=(parity_uris, parity_probs), metrics=metrics, name=run.name)
+
+
+def export_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
+    """Re-export `RUN/model` from a finished run folder (head.npz, settings.json, split.csv)."""
+    from petal.bundle import config_from_dict
+    from petal.cache import EmbeddingCache
+
+    run = Path(run_dir)
+    try:
+        settings = json.loads((run / "settings.json").read_text())
+        state = dict(np.load(run / "head.npz"))
+        rows = list(csv.DictReader((run / "split.csv").open(encoding="utf-8")))
+    except FileNotFoundError as e:
+        raise PetalError(f"{run} is not a finished petal run folder: {e.filename} is missing") from None
+    cfg = config_from_dict(settings["backbone"])
+    head = HeadClassifier.from_state(settings["head"], state)
+    cache_dir = Path(cache_dir or settings["cache_dir"])
+    rows = [r for r in rows if r["split"] == EVAL] or rows[:256]
+    rows = rows[:PARITY_LIMIT]
+    cache = EmbeddingCache(cache_dir, cfg.name, cfg.feature_dim)
+    probs = head.predict_proba(cache.get([r["key"] for r in rows]))
+    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
+    return export_run_bundle(run, cfg, head, settings["classes"], cache_dir, [r["uri"] for r in rows],
+                             probs, metrics)
+
+
+def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
+                   labels_file: str | Path | None = None, reporter: Reporter | None = None) -> dict:
+    """Evaluate an exported bundle on every image of a labeled folder or CSV."""
+    from petal.bundle import Model
+
+    reporter = reporter or Reporter()
+    model = Model(model_dir)
+    ds = load_dataset(data, labels_file=labels_file, eval_percent=0.0, require_train=False)
+    known = {c: i for i, c in enumerate(model.labels)}
+    examples = [e for e in ds.examples if e.label in known]
+    if len(examples) < len(ds.examples):
+        reporter.message(f"warning: {len(ds.examples) - len(examples)} image(s) have labels the model "
+                         "does not know; skipped")
+    uris, y, probs, failed = [], [], [], []
+    with reporter.progress("evaluating", len(examples)) as advance:
+        label_of = {e.uri: e.label for e in examples}
+        for p in model.iter_predict([e.uri for e in examples]):
+            advance(1)
+            if p.error:
+                failed.append((p.uri, p.error))
+                continue
+            uris.append(p.uri)
+            y.append(known[label_of[p.uri]])
+            probs.append(p.probabilities)
+    if not uris:
+        raise NothingUsableError("no image could be evaluated")
+    out = Path(out)
+    y_arr, probs_arr = np.array(y), np.stack(probs)
+    metrics = compute_metrics(y_arr, probs_arr, model.labels)
+    metrics["failed"] = len(failed)
+    write_report(out, metrics, model.labels, uris, y_arr, probs_arr)
+    _write_csv(out / "errors.csv", ["uri", "reason"], ds.skipped + failed)
+    return metrics
+
+
+@contextmanager
+def tensorboard(logdir: Path):
+    """yield log(tag, value, step); TensorBoard event files in `logdir`."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(logdir))
+    try:
+        yield lambda tag, value, step: writer.add_scalar(tag, value, step)
+    finally:
+        writer.close()
