@@ -25,6 +25,18 @@ from petal.storage import atomic_path
 PREPROCESS_VERSION = 1  # bump when petal.images changes what pixels come out
 
 
+def arrow_schema(feature_dim: int):
+    """The shard schema; every writer (local or Beam) uses exactly this."""
+    import pyarrow as pa
+
+    return pa.schema([("key", pa.string()), ("embedding", pa.list_(pa.float32(), feature_dim))])
+
+
+def shard_name(tag: str = "") -> str:
+    """A shard file name no other writer will pick (time, pid, random)."""
+    return f"shard-{time.time_ns():020d}-{tag or os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+
+
 class EmbeddingCache:
     def __init__(self, root: Path, backbone: str, feature_dim: int):
         self.dir = Path(root) / "embeddings" / f"{backbone}-p{PREPROCESS_VERSION}"
@@ -84,12 +96,12 @@ class ShardWriter:
 
         vecs = np.concatenate(self.vecs)
         dim = self.cache.feature_dim
-        table = pa.table({
-            "key": pa.array(self.keys, pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1)), dim),
-        })
-        name = f"shard-{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
-        with atomic_path(self.cache.dir / name) as tmp:
+        table = pa.Table.from_arrays(
+            [pa.array(self.keys, pa.string()),
+             pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim)],
+            schema=arrow_schema(dim),
+        )
+        with atomic_path(self.cache.dir / shard_name()) as tmp:
             pq.write_table(table, tmp)
         self.keys, self.vecs = [], []
 

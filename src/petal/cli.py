@@ -12,12 +12,22 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from petal.backbones import DEFAULT_BACKBONE
 from petal.errors import PetalError
+from petal.head import HeadClassifier
+
+HEAD = HeadClassifier()  # the defaults of the head options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train your own image classifier by transfer learning, offline, fast on a CPU.")
@@ -97,20 +107,19 @@ def train(
     eval_percent: Annotated[float, typer.Option(help="Percent of images in the eval split.")] = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
     cache: Cache = None,
-    epochs: int = 40,
-    lr: float = 1e-3,
-    batch_size: int = 64,
-    hidden: Annotated[int, typer.Option(help="Hidden units; 0 for a linear head.")] = 1024,
-    dropout: float = 0.5,
-    weight_decay: float = 1e-4,
-    label_smoothing: float = 0.1,
+    epochs: int = HEAD.epochs,
+    lr: float = HEAD.lr,
+    batch_size: int = HEAD.batch_size,
+    hidden: Annotated[int, typer.Option(help="Hidden units; 0 for a linear head.")] = HEAD.hidden,
+    dropout: float = HEAD.dropout,
+    weight_decay: float = HEAD.weight_decay,
+    label_smoothing: float = HEAD.label_smoothing,
     class_weight: Annotated[Optional[str], typer.Option(help="'balanced' for imbalanced data.")] = None,
-    seed: int = 0,
+    seed: int = HEAD.seed,
     workers: Workers = None,
     export: Annotated[bool, typer.Option(help="Write RUN/model at the end.")] = True,
 ) -> None:
     """Embed, train a head, evaluate and export: a folder of labeled images in, a model out."""
-    from petal.head import HeadClassifier
     from petal.workflow import train as run_train
 
     head = HeadClassifier(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -128,8 +137,20 @@ def train(
         out.print(f"model: {r.model_dir}")
 
 
-@app.command()
+RUNNER_HELP = "'local', or 'beam' to run as an Apache Beam pipeline; extra --options go to Beam."
+BEAM_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
+
+
+def check_runner(runner: str, extra: list[str]) -> None:
+    if runner not in ("local", "beam"):
+        raise PetalError(f"runner: expected 'local' or 'beam', got {runner!r}")
+    if runner == "local" and extra:
+        raise PetalError(f"unknown options {' '.join(extra)} (pipeline options need --runner beam)")
+
+
+@app.command(context_settings=BEAM_ARGS)
 def embed(
+    ctx: typer.Context,
     data: Annotated[str, typer.Argument(help="Folder of class folders, or CSV of uri,label rows.")],
     labels: Annotated[Optional[Path], typer.Option(help="dict.txt for a CSV.")] = None,
     backbone: Backbone = DEFAULT_BACKBONE,
@@ -137,15 +158,22 @@ def embed(
     workers: Workers = None,
     errors: Annotated[Optional[Path], typer.Option(help="Write failed images (uri, reason) to this CSV.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on the last line.")] = False,
+    runner: Annotated[str, typer.Option(help=RUNNER_HELP)] = "local",
 ) -> None:
     """Embed images into the cache (only those not cached yet)."""
     from petal.data import load_dataset
     from petal.workflow import _write_csv, embed_dataset
 
+    check_runner(runner, ctx.args)
     ds = load_dataset(data, labels_file=labels, eval_percent=0.0, require_train=False)
     if not as_json:
         print_dataset(ds)
-    result, cache_obj = embed_dataset(ds, backbone, cache, RichReporter(), workers)
+    if runner == "beam":
+        from petal.beam import beam_embed
+
+        result, cache_obj = beam_embed(ds, backbone, cache, ctx.args)
+    else:
+        result, cache_obj = embed_dataset(ds, backbone, cache, RichReporter(), workers)
     print_failures(result.failed)
     if errors:
         _write_csv(errors, ["uri", "reason"], ds.skipped + result.failed)
@@ -183,26 +211,48 @@ def export(
     out.print(f"model: {export_run(run, cache)}")
 
 
-@app.command()
+@app.command(context_settings=BEAM_ARGS)
 def predict(
-    model: Annotated[Path, typer.Argument(help="Exported model folder (RUN/model).")],
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders, CSVs or globs.")],
+    ctx: typer.Context,
+    model: Annotated[str, typer.Argument(help="Exported model folder (RUN/model); omit it with --url.")],
+    inputs: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders, CSVs or globs.")] = None,
     top_k: Annotated[int, typer.Option(min=1)] = 5,
-    output: Annotated[Optional[Path], typer.Option(help="Write predictions to .csv or .jsonl.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Write predictions to .csv or .jsonl "
+                                                   "(with --runner beam: a sharded output prefix).")] = None,
     workers: Workers = None,
+    url: Annotated[Optional[str], typer.Option(help="Predict through a running `petal serve` "
+                                               "endpoint instead of a local model.")] = None,
+    runner: Annotated[str, typer.Option(help=RUNNER_HELP)] = "local",
 ) -> None:
-    """Predict labels for images with an exported model."""
-    from petal.bundle import load
+    """Predict labels for images with an exported model (or a served one, with --url)."""
     from petal.data import expand_inputs
     from petal.predict_io import write_predictions
 
+    check_runner(runner, ctx.args)
+    inputs = list(inputs or [])
+    if url:  # no local model: the first argument is an input too
+        inputs.insert(0, model)
     uris, problems = expand_inputs(inputs)
     for p in problems:
         err.print(f"warning: {p}", style="yellow", markup=False)
     if not uris:
         raise PetalError("predict: no input images")
-    m = load(model)
-    preds = m.iter_predict(uris, top_k=top_k, workers=workers)
+    if runner == "beam":
+        from petal.beam import beam_predict
+
+        if output is None:
+            raise PetalError("output: --runner beam needs --output PREFIX (e.g. gs://bucket/preds)")
+        summary = beam_predict(Path(model), uris, str(output), ctx.args, top_k=top_k)
+        out.print(json.dumps(summary))
+        return
+    if url:
+        from petal.client import RemoteModel
+
+        preds = RemoteModel(url).iter_predict(uris, top_k=top_k)
+    else:
+        from petal.bundle import load
+
+        preds = load(model).iter_predict(uris, top_k=top_k, workers=workers)
     if output:
         n, failed = write_predictions(output, preds, len(uris))
         out.print(f"{n} predictions written to {output}, {len(failed)} failed")
@@ -253,12 +303,12 @@ def demo(
     """Make a small synthetic labeled image set and run the whole flow on it."""
     from petal.bundle import load
     from petal.synthetic import make_dataset
+    from petal.workflow import train as run_train
 
     data = make_dataset(out_dir / "data", per_class=24)
     out.print(f"[bold]1. synthetic data[/] in {data}")
-    train(str(data), out_dir / "run", cache=cache, epochs=30, labels=None, eval_data=None,
-          eval_percent=25.0, backbone=DEFAULT_BACKBONE, lr=1e-3, batch_size=64, hidden=1024, dropout=0.5,
-          weight_decay=1e-4, label_smoothing=0.1, class_weight=None, seed=0, workers=None, export=True)
+    r = run_train(data, out_dir / "run", cache_dir=cache, eval_percent=25.0, reporter=RichReporter())
+    print_metrics(r.metrics)
     out.print("[bold]2. predictions from the exported bundle")
     m = load(out_dir / "run" / "model")
     samples = sorted(str(p) for p in data.glob("*/*_00[0-1].*"))
@@ -267,10 +317,18 @@ def demo(
     out.print(f"done: try `petal predict {out_dir / 'run' / 'model'} IMAGE`")
 
 
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (serving)."""
+    from petal import cli_serve
+
+    cli_serve.register(app)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("PETAL_DEBUG") == "1"
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
+    _register_optional_commands()
     try:
         app(standalone_mode=False)
     except PetalError as e:

@@ -102,9 +102,9 @@ def read_labels_file(path: str | Path) -> tuple[list[str], list[str]]:
 def _from_folder(root: Path) -> tuple[list[tuple[str, str]], list, list]:
     rows, skipped, warnings = [], [], []
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = [p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")]
+    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if loose:
-        warnings.append(f"{len(loose)} file(s) directly in {root} ignored: images must be in class folders")
+        warnings.append(f"{len(loose)} image(s) directly in {root} ignored: images must be in class folders")
     for d in class_dirs:
         n = 0
         for dirpath, dirnames, filenames in os.walk(d, followlinks=True):

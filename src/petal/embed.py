@@ -75,7 +75,7 @@ def embed(
                     session = make_session(backbone_onnx_path(cfg, cache_dir))
                 pixels = np.stack([t.pixels for t in todo])  # (B, S, S, 3) uint8
                 (features,) = session.run(["features"], {"images": pixels})  # (B, D)
-                writer.add([t.key for t in todo], features)
+                writer.add([t.key for t in todo], np.array(features))  # own the memory
                 result.embedded += len(todo)
             if on_progress:
                 on_progress(len(batch))

@@ -42,15 +42,16 @@ def export_bundle(
     head,
     classes: list[str],
     cache_dir: Path,
-    parity: tuple[list[str], np.ndarray],
+    parity_uris: list[str],
     metrics: dict | None = None,
     name: str | None = None,
     atol: float = PARITY_ATOL,
 ) -> Path:
-    """`parity` = (image URIs, the trained model's (N, C) probabilities for them)."""
+    """Write the bundle to `out`; `parity_uris` are the images the parity check runs on."""
     from petal.onnx_graphs import backbone_onnx_path, bundle_graph
 
-    graph = bundle_graph(backbone_onnx_path(cfg, cache_dir), head.to_onnx())
+    backbone_path = backbone_onnx_path(cfg, cache_dir)
+    graph = bundle_graph(backbone_path, head.to_onnx())
     meta = {
         "format": BUNDLE_FORMAT,
         "name": name or Path(out).parent.name,
@@ -68,17 +69,26 @@ def export_bundle(
         (tmp / "model.onnx").write_bytes(graph.SerializeToString())
         (tmp / "labels.txt").write_text("".join(c + "\n" for c in classes), encoding="utf-8")
         (tmp / "petal.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        check_parity(Model(tmp), *parity, atol=atol)
+        check_parity(Model(tmp), backbone_path, head, parity_uris, atol=atol)
     return Path(out)
 
 
-def check_parity(model: Model, uris: list[str], expected: np.ndarray, atol: float = PARITY_ATOL) -> dict:
+def check_parity(model: Model, backbone_path: Path, head, uris: list[str],
+                 atol: float = PARITY_ATOL) -> dict:
+    """The bundle vs the trained model (backbone graph, then the torch head) on `uris`."""
+    from petal.runtime import make_session
+
     items = [it for it in iter_items(uris, model.config) if it.error is None]
     if len(items) != len(uris):
         raise PetalError(f"export parity check: {len(uris) - len(items)} image(s) could not be re-read")
     if not items:
         return {"checked": 0, "max_abs_diff": 0.0}
-    got = model.predict_pixels(np.stack([it.pixels for it in items]))
+    pixels = np.stack([it.pixels for it in items])  # (N, S, S, 3) uint8
+    backbone = make_session(backbone_path)
+    features = np.concatenate([backbone.run(["features"], {"images": pixels[i:i + 32]})[0]
+                               for i in range(0, len(pixels), 32)])
+    expected = head.predict_proba(features)
+    got = model.predict_pixels(pixels)
     diff = float(np.abs(got - expected).max())
     mismatched = int((got.argmax(1) != expected.argmax(1)).sum())
     if mismatched or diff > atol:

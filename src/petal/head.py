@@ -21,9 +21,9 @@ from petal.errors import PetalError, check_param
 class HeadClassifier:
     hidden: int = 1024
     dropout: float = 0.5
-    epochs: int = 40
-    lr: float = 1e-3
-    batch_size: int = 64
+    epochs: int = 15
+    lr: float = 3e-3
+    batch_size: int = 256
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     class_weight: str | None = None  # None or "balanced"
@@ -67,9 +67,21 @@ class HeadClassifier:
     ) -> HeadClassifier:
         """X: (N, D) float embeddings, y: (N,) int class ids. `on_epoch(epoch, logs)` per epoch."""
         import torch
-        import torch.nn.functional as F
 
         self._check_params()
+        # One thread: the head is small, results are reproducible, and torch's
+        # spinning threads slow to a crawl when decode or serving share the cores.
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return self._fit(X, y, num_classes, eval_set, on_epoch)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _fit(self, X, y, num_classes, eval_set, on_epoch) -> HeadClassifier:
+        import torch
+        import torch.nn.functional as F
+
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.int64)
         if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
@@ -103,7 +115,7 @@ class HeadClassifier:
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss) * len(idx)
+                total += loss.item() * len(idx)
                 correct += int((logits.argmax(1) == yt[idx]).sum())
                 seen += len(idx)
             self.net_ = net.eval()

@@ -18,7 +18,7 @@ import numpy as np
 
 from petal.backbones import DEFAULT_BACKBONE, get_backbone
 from petal.data import EVAL, TRAIN, Dataset, Example, load_dataset
-from petal.embed import EmbedResult, embed
+from petal.embed import embed
 from petal.errors import NothingUsableError, PetalError
 from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
@@ -158,7 +158,6 @@ def train(
         write_report(run, {**metrics, "num_train": len(tr)}, ds.classes, [e.uri for e in ev], yev, probs)
     else:
         reporter.message("warning: no eval images; metrics are not computed")
-        probs = head.predict_proba(Xtr[:256])
         metrics = {"accuracy": None, "top5_accuracy": None, "num_eval": 0}
     metrics["num_train"] = len(tr)
     metrics["embed"] = result.summary()
@@ -168,25 +167,23 @@ def train(
     if export:
         parity_uris = [e.uri for e in (ev or tr[:256])][:PARITY_LIMIT]
         reporter.message(f"exporting and checking parity on {len(parity_uris)} images")
-        model_dir = export_run_bundle(run, cfg, head, ds.classes, cache_dir, parity_uris,
-                                      probs[:PARITY_LIMIT], metrics)
+        model_dir = export_run_bundle(run, cfg, head, ds.classes, cache_dir, parity_uris, metrics)
     return TrainResult(run, model_dir, metrics, result.summary(), warnings)
 
 
 PARITY_LIMIT = 2000
 
 
-def export_run_bundle(run: Path, cfg, head, classes, cache_dir, parity_uris, parity_probs, metrics):
+def export_run_bundle(run: Path, cfg, head, classes, cache_dir, parity_uris, metrics):
     from petal.export import export_bundle
 
     return export_bundle(run / "model", cfg=cfg, head=head, classes=classes, cache_dir=cache_dir,
-                         parity=(parity_uris, parity_probs), metrics=metrics, name=run.name)
+                         parity_uris=parity_uris, metrics=metrics, name=run.name)
 
 
 def export_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
     """Re-export `RUN/model` from a finished run folder (head.npz, settings.json, split.csv)."""
     from petal.bundle import config_from_dict
-    from petal.cache import EmbeddingCache
 
     run = Path(run_dir)
     try:
@@ -199,12 +196,9 @@ def export_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Path
     head = HeadClassifier.from_state(settings["head"], state)
     cache_dir = Path(cache_dir or settings["cache_dir"])
     rows = [r for r in rows if r["split"] == EVAL] or rows[:256]
-    rows = rows[:PARITY_LIMIT]
-    cache = EmbeddingCache(cache_dir, cfg.name, cfg.feature_dim)
-    probs = head.predict_proba(cache.get([r["key"] for r in rows]))
     metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
-    return export_run_bundle(run, cfg, head, settings["classes"], cache_dir, [r["uri"] for r in rows],
-                             probs, metrics)
+    return export_run_bundle(run, cfg, head, settings["classes"], cache_dir,
+                             [r["uri"] for r in rows[:PARITY_LIMIT]], metrics)
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,

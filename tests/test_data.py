@@ -1,0 +1,97 @@
+"""Finding labeled data: folders, CSVs, dict.txt, the stable split, refusals."""
+
+from pathlib import Path
+
+import pytest
+
+from petal.data import EVAL, TRAIN, assign_split, expand_inputs, load_dataset, read_labels_file
+from petal.errors import DataError, PetalError
+
+
+def touch(path: Path, data: bytes = b"x") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
+
+
+def test_folder_classes_and_ignored_files(tmp_path):
+    for c in ("b_class", "a_class"):
+        for i in range(5):
+            touch(tmp_path / c / f"img{i}.JPG")
+    touch(tmp_path / "a_class" / "notes.txt")
+    touch(tmp_path / "a_class" / "nested" / "deep.png")
+    (tmp_path / "empty_class").mkdir()
+    ds = load_dataset(tmp_path, eval_percent=0)
+    assert ds.classes == ["a_class", "b_class"]  # sorted; the empty class left out
+    assert len(ds.examples) == 11
+    assert ds.skipped_reasons() == {"not an image file extension": 1}
+    assert any("empty_class" in w for w in ds.warnings)
+
+
+def test_split_is_stable_and_by_name(tmp_path):
+    names = [f"photo_{i}.jpg" for i in range(2000)]
+    split = [assign_split(n, 10.0) for n in names]
+    assert 0.07 < split.count(EVAL) / len(names) < 0.13
+    # the same name in another folder, or with retrain.py's _nohash_ suffix, lands the same
+    assert [assign_split(f"/other/dir/{n}", 10.0) for n in names] == split
+    assert assign_split("a/photo_7_nohash_3.jpg", 10.0) == assign_split("photo_7.jpg", 10.0)
+    # a larger eval share only moves images into eval, never out of it
+    assert all(assign_split(n, 20.0) == EVAL for n, s in zip(names, split) if s == EVAL)
+
+
+def test_csv_with_header_dict_and_relative_paths(tmp_path):
+    for c in ("cat", "dog", "bird"):
+        for i in range(3):
+            touch(tmp_path / "imgs" / f"{c}{i}.png")
+    rows = ["uri,label"] + [f"imgs/{c}{i}.png,{c}" for c in ("cat", "dog", "bird") for i in range(3)]
+    (tmp_path / "all.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "dict.txt").write_text("dog\ncat\n")
+    ds = load_dataset(tmp_path / "all.csv", labels_file=tmp_path / "dict.txt", eval_percent=0)
+    assert ds.classes == ["dog", "cat"]  # dict order gives the ids
+    assert len(ds.examples) == 6
+    assert all(Path(e.uri).is_absolute() and Path(e.uri).exists() for e in ds.examples)
+    assert sum("not in the labels file" in r for _, r in ds.skipped) == 3
+
+
+def test_csv_without_header_and_explicit_eval(tmp_path):
+    for c in ("x", "y"):
+        for i in range(2):
+            touch(tmp_path / f"{c}{i}.jpg")
+    (tmp_path / "train.csv").write_text("x0.jpg,x\ny0.jpg,y\n")
+    (tmp_path / "eval.csv").write_text("x1.jpg,x\ny1.jpg,y\n")
+    ds = load_dataset(tmp_path / "train.csv", eval_source=tmp_path / "eval.csv")
+    assert [e.split for e in ds.examples] == [TRAIN, TRAIN, EVAL, EVAL]
+
+
+def test_refusals_are_specific(tmp_path):
+    touch(tmp_path / "only" / "a.jpg")
+    with pytest.raises(DataError, match="at least 2 classes"):
+        load_dataset(tmp_path)
+    with pytest.raises(DataError, match="no such folder or CSV"):
+        load_dataset(tmp_path / "missing")
+    with pytest.raises(PetalError, match=r"eval_percent: expected a number in \[0, 100\), got 150"):
+        load_dataset(tmp_path, eval_percent=150)
+    touch(tmp_path / "other" / "b.jpg")
+    # with everything in eval, a class has no training image
+    with pytest.raises(DataError, match="no training image"):
+        load_dataset(tmp_path, eval_percent=99.99)
+
+
+def test_labels_file_problems(tmp_path):
+    (tmp_path / "d.txt").write_text("a\n\nb\na\n")
+    with pytest.raises(DataError, match="line 4 repeats label 'a' from line 1"):
+        read_labels_file(tmp_path / "d.txt")
+    (tmp_path / "d.txt").write_text("a\n\nb\n")
+    labels, warnings = read_labels_file(tmp_path / "d.txt")
+    assert labels == ["a", "b"] and "blank line 2" in warnings[0]
+
+
+def test_expand_inputs(tmp_path):
+    touch(tmp_path / "f" / "a.jpg")
+    touch(tmp_path / "f" / "sub" / "b.PNG")
+    touch(tmp_path / "f" / "c.txt")
+    (tmp_path / "list.csv").write_text("uri\nf/a.jpg\n")
+    uris, problems = expand_inputs([str(tmp_path / "f"), str(tmp_path / "list.csv"),
+                                    str(tmp_path / "f" / "*.jpg"), str(tmp_path / "nothing*.jpg")])
+    assert [Path(u).name for u in uris] == ["a.jpg", "b.PNG", "a.jpg", "a.jpg"]
+    assert problems == [f"{tmp_path / 'nothing*.jpg'}: the pattern matched no file"]
