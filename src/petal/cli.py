@@ -162,7 +162,7 @@ def embed(
 ) -> None:
     """Embed images into the cache (only those not cached yet)."""
     from petal.data import load_dataset
-    from petal.workflow import _write_csv, embed_dataset
+    from petal.workflow import embed_dataset, write_csv
 
     check_runner(runner, ctx.args)
     ds = load_dataset(data, labels_file=labels, eval_percent=0.0, require_train=False)
@@ -176,7 +176,7 @@ def embed(
         result, cache_obj = embed_dataset(ds, backbone, cache, RichReporter(), workers)
     print_failures(result.failed)
     if errors:
-        _write_csv(errors, ["uri", "reason"], ds.skipped + result.failed)
+        write_csv(errors, ["uri", "reason"], ds.skipped + result.failed)
     summary = {**result.summary(), "skipped": len(ds.skipped), "cache": str(cache_obj.dir)}
     if as_json:
         print(json.dumps(summary))

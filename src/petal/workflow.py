@@ -48,7 +48,7 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def _write_csv(path: Path, header: list[str], rows) -> None:
+def write_csv(path: Path, header: list[str], rows) -> None:
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
@@ -113,13 +113,13 @@ def train(
     reporter.dataset(ds)
 
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
-    _write_csv(run / "errors.csv", ["uri", "reason"], ds.skipped + result.failed)
+    write_csv(run / "errors.csv", ["uri", "reason"], ds.skipped + result.failed)
     warnings = list(ds.warnings) + duplicate_warnings(ds.examples, result.keys)
     for w in warnings[len(ds.warnings):]:
         reporter.message(f"warning: {w}")
 
     usable = [e for e in ds.examples if e.uri in result.keys]
-    _write_csv(run / "split.csv", ["uri", "label", "split", "key"],
+    write_csv(run / "split.csv", ["uri", "label", "split", "key"],
                [(e.uri, e.label, e.split, result.keys[e.uri]) for e in usable])
     tr = [e for e in usable if e.split == TRAIN]
     ev = [e for e in usable if e.split == EVAL]
@@ -152,16 +152,15 @@ def train(
                  eval_set=(Xev, yev) if len(ev) else None, on_epoch=on_epoch)
     np.savez(run / "head.npz", **head.state())
 
+    extra = {"num_train": len(tr), "embed": result.summary()}
     if ev:
         probs = head.predict_proba(Xev)
-        metrics = compute_metrics(yev, probs, ds.classes)
-        write_report(run, {**metrics, "num_train": len(tr)}, ds.classes, [e.uri for e in ev], yev, probs)
+        metrics = {**compute_metrics(yev, probs, ds.classes), **extra}
+        write_report(run, metrics, ds.classes, [e.uri for e in ev], yev, probs)
     else:
         reporter.message("warning: no eval images; metrics are not computed")
-        metrics = {"accuracy": None, "top5_accuracy": None, "num_eval": 0}
-    metrics["num_train"] = len(tr)
-    metrics["embed"] = result.summary()
-    atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        metrics = {"accuracy": None, "top5_accuracy": None, "num_eval": 0, **extra}
+        atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
     model_dir = None
     if export:
@@ -232,7 +231,7 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
     metrics = compute_metrics(y_arr, probs_arr, model.labels)
     metrics["failed"] = len(failed)
     write_report(out, metrics, model.labels, uris, y_arr, probs_arr)
-    _write_csv(out / "errors.csv", ["uri", "reason"], ds.skipped + failed)
+    write_csv(out / "errors.csv", ["uri", "reason"], ds.skipped + failed)
     return metrics
 
 
