@@ -43,6 +43,13 @@ class Prediction:
         return d
 
 
+def prediction(labels: list[str], uri: str, probs: np.ndarray, top_k: int = 5) -> Prediction:
+    """(C,) probabilities in label-id order -> a Prediction with the top-k labels."""
+    order = np.argsort(-probs)[:top_k]
+    top = [(labels[i], float(probs[i])) for i in order]
+    return Prediction(uri, top[0][0], top[0][1], top, probs)
+
+
 def config_from_dict(d: dict) -> BackboneConfig:
     d = dict(d)
     d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
@@ -81,9 +88,7 @@ class Model:
         return load_pixels(data, self.config, max_pixels)
 
     def prediction(self, uri: str, probs: np.ndarray, top_k: int = 5) -> Prediction:
-        order = np.argsort(-probs)[:top_k]
-        top = [(self.labels[i], float(probs[i])) for i in order]
-        return Prediction(uri, top[0][0], top[0][1], top, probs)
+        return prediction(self.labels, uri, probs, top_k)
 
     def iter_predict(self, uris: Iterable[str], top_k: int = 5, batch_size: int = 32,
                      workers: int | None = None) -> Iterator[Prediction]:

@@ -11,6 +11,13 @@ from petal.bundle import Prediction
 from petal.errors import PetalError
 from petal.storage import atomic_path
 
+CSV_HEADER = ["uri", "label", "score", "top"]
+
+
+def csv_row(p: Prediction) -> list[str]:
+    """One prediction as the CSV row every writer (local or Beam) uses."""
+    return [p.uri, p.label, f"{p.score:.6f}", json.dumps(dict(p.top))]
+
 
 def write_predictions(path: Path, preds: Iterable[Prediction], total: int | None = None
                       ) -> tuple[int, list[tuple[str, str]]]:
@@ -22,14 +29,14 @@ def write_predictions(path: Path, preds: Iterable[Prediction], total: int | None
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
         w = csv.writer(f) if kind == ".csv" else None
         if w:
-            w.writerow(["uri", "label", "score", "top"])
+            w.writerow(CSV_HEADER)
         for p in preds:
             if p.error:
                 failed.append((p.uri, p.error))
                 continue
             n += 1
             if w:
-                w.writerow([p.uri, p.label, f"{p.score:.6f}", json.dumps(dict(p.top))])
+                w.writerow(csv_row(p))
             else:
                 f.write(json.dumps(p.to_dict()) + "\n")
     return n, failed
