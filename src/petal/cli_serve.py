@@ -20,22 +20,22 @@ ModelPath = Annotated[Optional[Path], typer.Argument(help="Exported model folder
 
 def serve(
     model: ModelPath = None,
-    name: Annotated[Optional[str], typer.Option(help="URL name of MODEL [default: its run folder].")] = None,
+    name: Annotated[Optional[str], typer.Option(help="URL name of MODEL (default: its run folder).")] = None,
     models: Annotated[Optional[list[str]], typer.Option("--model", help="More models: NAME=PATH (repeat).")
                       ] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 for all.")] = "127.0.0.1",
     port: int = 8080,
     api_key: Annotated[Optional[str], typer.Option(envvar="PETAL_API_KEY", show_envvar=True,
                                                    help="Require 'Authorization: Bearer KEY'.")] = None,
-    max_batch: Annotated[int, typer.Option(help="Images per inference call.")] = 32,
+    max_batch: Annotated[int, typer.Option(help="Images per inference call (memory grows with it).")] = 8,
     batch_wait_ms: Annotated[float, typer.Option(help="Longest wait for a batch to fill, under load.")] = 5.0,
     max_body_mb: Annotated[float, typer.Option(help="Request body limit (413 beyond).")] = 32.0,
     max_images: Annotated[int, typer.Option(help="Images per request (413 beyond).")] = 64,
     max_pixels: Annotated[int, typer.Option(help="Pixels per image, checked before decoding.")] = 40_000_000,
     timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.")] = 30.0,
     max_concurrency: Annotated[int, typer.Option(help="Open requests before 503 'busy'.")] = 256,
-    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads [default: all cores].")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decode threads [default: all cores].")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads (default: half the cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="Decode threads (default: all cores).")] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
 ) -> None:
     """Serve models over HTTP (Cloud ML / TF Serving JSON API, upload endpoint, web page at /)."""

@@ -6,10 +6,14 @@ import os
 from pathlib import Path
 
 
-def make_session(path: str | Path, threads: int | None = None):
+def make_session(path: str | Path, threads: int | None = None, spin: bool = True):
+    """`spin=False` stops idle ORT threads busy-waiting, which helps when decode
+    threads or other requests share the cores (a server, a pipeline)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
+    if not spin:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads or int(os.environ.get("PETAL_ORT_THREADS", "0"))
     so.log_severity_level = 3  # errors only

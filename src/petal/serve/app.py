@@ -1,0 +1,168 @@
+"""The FastAPI app: routes are thin, the work is in `petal.serve.service`.
+
+Models are loaded in the lifespan (not at import), so importing this module is cheap
+and a bad bundle stops the server at startup with the reason. torch is never imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from contextlib import asynccontextmanager
+from importlib import resources
+
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+
+from petal import __version__
+from petal.serve.config import ServeConfig
+from petal.serve.limits import BodySizeLimit, answer_within, bearer_ok, upload_within
+from petal.serve.metrics import Metrics, MetricsMiddleware
+from petal.serve.protocol import RequestError
+from petal.serve.service import ModelNotFound, Service
+
+log = logging.getLogger("petal.serve")
+
+PREDICT_DOC = {"requestBody": {"required": True, "content": {"application/json": {
+    "schema": {"type": "object", "required": ["instances"], "properties": {"instances": {
+        "type": "array", "items": {"type": "object", "properties": {
+            "image_bytes": {"type": "object", "properties": {"b64": {"type": "string"}}},
+            "key": {"description": "any value, passed back unchanged"}}}}}},
+    "example": {"instances": [{"image_bytes": {"b64": "<base64 JPEG>"}, "key": "1"}]}}}}}
+UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": {
+    "type": "object", "properties": {"file": {"type": "array", "items": {"type": "string",
+                                                                         "format": "binary"}}}}}}}}
+
+
+def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error answers {"error": "..."}; client mistakes are 4xx, never 5xx."""
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException):
+        message = str(e.detail)
+        if e.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
+            message = f"{message.lower()}: {request.method} {request.url.path}"
+        return error(e.status_code, message, e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
+        return error(400, "; ".join(parts))
+
+    @app.exception_handler(RequestError)
+    async def request_error(request: Request, e: RequestError):
+        return error(e.status, str(e))
+
+    @app.exception_handler(ModelNotFound)
+    async def not_found(request: Request, e: ModelNotFound):
+        return error(404, str(e))
+
+    @app.exception_handler(Exception)
+    async def bug(request: Request, e: Exception):  # logged by Starlette with the traceback
+        return error(500, f"internal server error ({type(e).__name__})")
+
+
+def create_app(config: ServeConfig) -> FastAPI:
+    metrics = Metrics()
+    service = Service(config, metrics)
+    limits = config.limits
+    page = resources.files("petal.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(service.load)
+        metrics.ready.set(1)
+        yield
+        metrics.ready.set(0)
+        await asyncio.to_thread(service.close)  # queued batches finish first
+
+    app = FastAPI(title="petal serve", version=__version__, lifespan=lifespan,
+                  description="Image classification in the Cloud ML / TF Serving row format.")
+    app.state.service = service
+    app.state.metrics = metrics
+    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, sees every answer
+    install_error_handlers(app)
+
+    async def require_key(request: Request) -> None:
+        if config.api_key and not bearer_ok(request.headers.get("authorization"), config.api_key):
+            raise HTTPException(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    auth = [Depends(require_key)]
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        return HTMLResponse(page)
+
+    @app.get("/healthz", summary="Liveness: the process answers")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Readiness: every model is loaded")
+    async def readyz():
+        if not service.ready:
+            return error(503, "not ready: models are loading or the server is shutting down")
+        return {"status": "ready", "models": list(service.models)}
+
+    @app.get("/metrics", dependencies=auth, summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get("/v1/models", dependencies=auth, summary="The served models")
+    async def list_models() -> dict:
+        return {"models": [{"name": m.name, "version": m.version, "state": "AVAILABLE",
+                            "labels": m.model.labels} for m in service.models.values()]}
+
+    @app.post("/v1/models/{name}:predict", dependencies=auth, openapi_extra=PREDICT_DOC,
+              summary="Predict, Cloud ML / TF Serving row format")
+    async def predict(name: str, request: Request):
+        served = service.get(name)
+        start = asyncio.get_running_loop().time()
+        body = await upload_within(request.body(), limits.timeout_s)
+        left = limits.timeout_s - (asyncio.get_running_loop().time() - start)
+        doc = await answer_within(service.predict_json(served, body), left, limits.timeout_s)
+        return JSONResponse(doc)  # plain JSON already: skip FastAPI's slow recursive encoder
+
+    @app.post("/v1/models/{name}:upload", dependencies=auth, openapi_extra=UPLOAD_DOC,
+              summary="Upload image files (multipart), get top-k labels")
+    async def upload(name: str, request: Request, top_k: int = Query(5, ge=1, le=1000)):
+        served = service.get(name)
+        start = asyncio.get_running_loop().time()
+        files = await upload_within(read_files(request, limits.max_images), limits.timeout_s)
+        left = limits.timeout_s - (asyncio.get_running_loop().time() - start)
+        rows = await answer_within(service.predict_files(served, files, top_k), left, limits.timeout_s)
+        return JSONResponse({"model": name, "predictions": rows})
+
+    @app.get("/v1/models/{name}", dependencies=auth, summary="Model status, TF Serving shape")
+    async def model_status(name: str) -> dict:
+        m = service.get(name)
+        return {"model_version_status": [{"version": m.version, "state": "AVAILABLE",
+                                          "status": {"error_code": "OK", "error_message": ""}}]}
+
+    @app.get("/v1/models/{name}/metadata", dependencies=auth, summary="Labels and backbone")
+    async def model_metadata(name: str) -> dict:
+        m = service.get(name)
+        return {"model_spec": {"name": m.name, "version": m.version}, "metadata": m.metadata()}
+
+    return app
+
+
+async def read_files(request: Request, max_files: int) -> list[tuple[str, bytes]]:
+    """A multipart body -> [(filename, bytes)] of every file part, whatever its field name."""
+    # The body size is already capped by BodySizeLimit; count files ourselves for a clear 413.
+    async with request.form(max_files=10_000, max_fields=1_000) as form:
+        parts = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
+        if not parts:
+            raise HTTPException(400, "expected one or more image files in a multipart/form-data body "
+                                     "(e.g. curl -F file=@a.jpg), got none")
+        if len(parts) > max_files:
+            raise HTTPException(413, f"at most {max_files} files per request, got {len(parts)}")
+        return [(p.filename or f"file{i}", await p.read()) for i, p in enumerate(parts)]

@@ -1,0 +1,92 @@
+"""Request limits and auth: body size (413), upload and processing timeouts (408 / 503), bearer tokens (401).
+
+The pixel limit is enforced where images are decoded (`petal.images.open_image`,
+from the header, before any pixel is allocated); the images-per-request limit
+where the request is parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+from collections.abc import Awaitable
+from typing import TypeVar
+
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
+
+T = TypeVar("T")
+
+
+class BodyTooLarge(HTTPException):
+    def __init__(self, limit: int, length: int | None = None):
+        got = f"{length:,} bytes" if length is not None else "more"
+        super().__init__(413, f"request body too large: expected at most {limit:,} bytes, got {got}")
+
+
+class BodySizeLimit:
+    """ASGI middleware: answer 413 to a body over `max_bytes`, from its Content-Length before
+    reading it, or while it streams in (chunked uploads), so at most `max_bytes` is ever buffered.
+
+    The connection is kept open: uvicorn reads and drops the rest of a refused body (up to
+    its keep-alive timeout), so a client still sending it reads the 413, not a reset.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await send_json(send, 413, {"error": BodyTooLarge(self.max_bytes, int(length)).detail})
+        received = 0
+
+        async def limited_receive():
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def send_json(send, status: int, doc: dict) -> None:
+    """Answer from raw ASGI (before the app runs)."""
+    body = json.dumps(doc).encode()
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": head})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def upload_within(awaitable: Awaitable[T], seconds: float) -> T:
+    """Reading the request (body or form) must finish in time: a slow client gets 408."""
+    try:
+        return await asyncio.wait_for(awaitable, seconds)
+    except asyncio.TimeoutError:
+        raise HTTPException(408, f"request body not received within {seconds:g} s") from None
+    except ClientDisconnect:
+        raise HTTPException(400, "client disconnected before sending the whole body") from None
+
+
+async def answer_within(awaitable: Awaitable[T], seconds: float, limit: float) -> T:
+    """Decoding and inference must finish in `seconds` (what is left of the per-request
+    `limit`), or the request gets 503: the server is overloaded, retry."""
+    try:
+        return await asyncio.wait_for(awaitable, max(seconds, 0.001))
+    except asyncio.TimeoutError:
+        raise HTTPException(503, f"request timed out: not answered within the {limit:g} s per-request "
+                            "limit; the server is overloaded, retry later",
+                            headers={"Retry-After": "1"}) from None
+
+
+def bearer_ok(authorization: str | None, api_key: str) -> bool:
+    """`Authorization: Bearer <api_key>`, compared in constant time."""
+    scheme, _, token = (authorization or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), api_key.encode())

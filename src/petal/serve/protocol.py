@@ -1,0 +1,123 @@
+"""The Cloud ML / TF Serving JSON row format, as used by `petal serve` and `petal.client`.
+
+Request:  {"instances": [{"image_bytes": {"b64": "<base64>"}, "key": "<any>"}, ...]}
+Response: {"predictions": [{"key": ..., "prediction": <class id>, "label": "<name>",
+                            "scores": [<one per class, in id order>]}, ...]}
+A failed instance answers {"key": ..., "error": "<reason>"} in its slot.
+
+Standard library only: the client and `petal encode-request` need no server packages.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from petal.errors import PetalError
+
+
+class RequestError(PetalError):
+    """The whole request is unusable. `status` is the HTTP answer (400, or 413 for too big)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class InstanceError(PetalError):
+    """One instance is unusable; the others are still answered."""
+
+
+def _describe(value: Any) -> str:
+    """A short description of a JSON value for error messages (never the whole payload)."""
+    text = json.dumps(value) if not isinstance(value, bytes) else repr(value)
+    return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def parse_request(body: bytes, max_instances: int) -> list[Any]:
+    """Request body -> its list of instances (not yet validated one by one)."""
+    try:
+        doc = json.loads(body)
+    except RecursionError:  # e.g. a body of 100,000 '['
+        raise RequestError("body: expected JSON, got JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int too long
+        raise RequestError(f"body: expected JSON, got invalid JSON ({e})") from None
+    if not isinstance(doc, dict) or "instances" not in doc:
+        got = f"an object with keys {sorted(doc)[:5]}" if isinstance(doc, dict) else _describe(doc)
+        raise RequestError(f'body: expected a JSON object {{"instances": [...]}}, got {got}')
+    instances = doc["instances"]
+    if not isinstance(instances, list) or not instances:
+        raise RequestError(f"instances: expected a non-empty list, got {_describe(instances)}")
+    if len(instances) > max_instances:
+        raise RequestError(f"instances: at most {max_instances} images per request, got {len(instances)}",
+                           status=413)
+    return instances
+
+
+def instance_key(instance: Any) -> tuple[bool, Any]:
+    """(has a key, the key). The key is passed back unchanged, whatever its JSON type."""
+    if isinstance(instance, dict) and "key" in instance:
+        return True, instance["key"]
+    return False, None
+
+
+def b64decode(text: Any) -> bytes:
+    """Standard or URL-safe base64, with or without padding or line breaks."""
+    if not isinstance(text, str):
+        raise InstanceError(f"b64: expected a base64 string, got {_describe(text)}")
+    text = "".join(text.split())  # MIME-style line breaks
+    text = text.replace("-", "+").replace("_", "/")  # URL-safe alphabet -> standard
+    text += "=" * (-len(text) % 4)
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise InstanceError(f"b64: expected standard or URL-safe base64, got invalid data ({e})") from None
+
+
+def instance_bytes(instance: Any) -> bytes:
+    """The encoded image of one instance: {"image_bytes": {"b64": ...}} (or just {"b64": ...})."""
+    if not isinstance(instance, dict):
+        raise InstanceError('instance: expected an object {"image_bytes": {"b64": "..."}}, '
+                            f"got {_describe(instance)}")
+    value = instance.get("image_bytes", instance)
+    if not isinstance(value, dict) or "b64" not in value:
+        raise InstanceError('image_bytes: expected an object {"b64": "<base64>"}, '
+                            f"got {_describe(value) if 'image_bytes' in instance else 'no image_bytes'}")
+    return b64decode(value["b64"])
+
+
+def prediction_row(key: tuple[bool, Any], probs: Sequence[float], labels: Sequence[str]) -> dict:
+    """One answered instance. probs: (C,) in label-id order."""
+    scores = [float(p) for p in probs]
+    best = max(range(len(scores)), key=scores.__getitem__)
+    row = {"key": key[1]} if key[0] else {}
+    row.update(prediction=best, label=labels[best], scores=scores)
+    return row
+
+
+def error_row(key: tuple[bool, Any], reason: str) -> dict:
+    row = {"key": key[1]} if key[0] else {}
+    row["error"] = reason
+    return row
+
+
+def encode_request(items: Iterable[tuple[Any, bytes]]) -> dict:
+    """[(key, encoded image bytes)] -> a request body (as a dict) in the row format."""
+    return {"instances": [{"image_bytes": {"b64": base64.b64encode(data).decode("ascii")}, "key": key}
+                          for key, data in items]}
+
+
+def encode_files(uris: Sequence[str]) -> dict:
+    """Image files -> one request; each file's URI is its key. Raises if a file cannot be read."""
+    from petal.storage import read_bytes
+
+    def read(uri: str) -> bytes:
+        try:
+            return read_bytes(uri)
+        except PetalError as e:
+            raise PetalError(f"encode-request: cannot read {uri}: {e}") from None
+
+    return encode_request((uri, read(uri)) for uri in uris)

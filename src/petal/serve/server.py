@@ -1,0 +1,34 @@
+"""Run the app under uvicorn: one process, one event loop, one inference thread per model.
+
+Scale out with replicas behind a load balancer (each replica batches on its own).
+On SIGTERM / Ctrl-C uvicorn stops accepting connections, lets in-flight requests
+finish (up to the request timeout), then the lifespan drains the batchers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from petal.serve.config import ServeConfig
+
+
+def make_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, *,
+                max_concurrency: int = 256, access_log: bool = False, log_level: str = "info"):
+    """A uvicorn.Server for the app; `.run()` it (or `.run(sockets=[...])` on a bound socket)."""
+    import uvicorn
+
+    from petal.serve.app import create_app
+
+    uv = uvicorn.Config(
+        create_app(config), host=host, port=port, log_level=log_level, access_log=access_log,
+        limit_concurrency=max_concurrency,  # beyond this, 503 at once instead of unbounded queues
+        timeout_graceful_shutdown=int(config.limits.timeout_s) + 5,  # in-flight requests finish
+        timeout_keep_alive=15, server_header=False,
+    )
+    return uvicorn.Server(uv)
+
+
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, **kw) -> None:
+    """Serve until interrupted (blocking)."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
+    make_server(config, host, port, **kw).run()

@@ -1,0 +1,161 @@
+"""The served models and the prediction path, without HTTP.
+
+    body bytes --(decode pool)--> instances --(decode pool, one task per image)--> (S, S, 3) pixels
+          --(batcher: one inference thread, shared batches)--> (C,) probabilities --> rows
+
+JSON parsing, base64 and image decoding run on a thread pool, never on the event
+loop (Pillow and base64 release the GIL). Inference runs in each model's batcher.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from petal.bundle import Model
+from petal.errors import ImageError, PetalError
+from petal.serve import protocol
+from petal.serve.batcher import Batcher
+from petal.serve.config import ServeConfig
+
+log = logging.getLogger("petal.serve")
+INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this are parsed on the event loop (~0.3 ms)
+
+
+def inference_threads() -> int:
+    """ONNX Runtime threads when serving: half the cores; decoding and HTTP use the rest.
+
+    Unlike offline prediction, a server decodes while it infers. With every core given to
+    ONNX Runtime, its threads spin-wait and fight the decode threads for the CPU: on 2 cores
+    that cost ~35% more CPU per image and throughput fell as concurrency rose.
+    """
+    return max(1, (os.cpu_count() or 2) // 2)
+
+
+class ModelNotFound(PetalError):
+    pass
+
+
+@dataclass
+class ServedModel:
+    name: str
+    path: Path
+    model: Model
+    batcher: Batcher
+    version: str = "1"  # a bundle is immutable; TF Serving's shape wants a version
+
+    def metadata(self) -> dict:
+        cfg = self.model.config
+        return {"labels": self.model.labels, "backbone": cfg.name, "input_size": cfg.input_size,
+                "created": self.model.meta.get("created"), "metrics": {
+                    k: self.model.meta.get("metrics", {}).get(k) for k in ("accuracy", "top5_accuracy")}}
+
+
+class Service:
+    """Models by name, the decode pool, and the two prediction entry points."""
+
+    def __init__(self, config: ServeConfig, metrics=None):
+        self.config = config
+        self.limits = config.limits
+        self.metrics = metrics  # petal.serve.metrics.Metrics, or None
+        self.models: dict[str, ServedModel] = {}
+        self.ready = False
+        self.pool: ThreadPoolExecutor | None = None
+
+    # -- lifecycle (called from the app's lifespan) --
+
+    def load(self) -> None:
+        """Load every bundle and start its inference thread. Blocking: run it in a thread."""
+        workers = self.config.decode_workers or os.cpu_count() or 1
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="petal-decode")
+        for name, path in self.config.models.items():
+            threads = self.config.threads or int(os.environ.get("PETAL_ORT_THREADS", 0)) or inference_threads()
+            model = Model(path, threads=threads)
+            on_batch = self.metrics.batch_callback(name) if self.metrics else None
+            max_batch = self.config.batching.max_batch
+            predict = partial(model.predict_pixels, batch_size=max_batch)  # a big request: in chunks
+            batcher = Batcher(predict, max_batch, self.config.batching.max_wait_ms, on_batch, name)
+            self.models[name] = ServedModel(name, path, model, batcher)
+            log.info("model %s loaded from %s: %d classes", name, path, len(model.labels))
+        self.ready = True
+
+    def close(self) -> None:
+        """Finish queued work, then stop the threads."""
+        self.ready = False
+        for served in self.models.values():
+            served.batcher.close()
+        if self.pool:
+            self.pool.shutdown(wait=True)
+
+    def get(self, name: str) -> ServedModel:
+        if name not in self.models:
+            raise ModelNotFound(f"model {name!r} not found; serving: {', '.join(self.models) or 'none'}")
+        return self.models[name]
+
+    # -- prediction --
+
+    async def predict_json(self, served: ServedModel, body: bytes) -> dict:
+        """A row-format request body -> {"predictions": [...]}. Raises RequestError if malformed."""
+        loop = asyncio.get_running_loop()
+        if len(body) <= INLINE_PARSE_BYTES:  # well under a millisecond: not worth a thread hop
+            instances = protocol.parse_request(body, self.limits.max_images)
+        else:
+            instances = await loop.run_in_executor(self.pool, protocol.parse_request, body,
+                                                   self.limits.max_images)
+        del body
+        keys = [protocol.instance_key(inst) for inst in instances]
+        pixels = await asyncio.gather(*(loop.run_in_executor(self.pool, self._decode_instance, inst, served)
+                                        for inst in instances))
+        del instances
+        results = await self._infer(served, pixels)
+        return {"predictions": [protocol.error_row(k, r) if isinstance(r, str) else
+                                protocol.prediction_row(k, r, served.model.labels)
+                                for k, r in zip(keys, results, strict=True)]}
+
+    async def predict_files(self, served: ServedModel, files: list[tuple[str, bytes]],
+                            top_k: int) -> list[dict]:
+        """[(filename, encoded bytes)] -> [{"filename", "label", "score", "top"} or {"filename", "error"}]."""
+        loop = asyncio.get_running_loop()
+        pixels = await asyncio.gather(*(loop.run_in_executor(self.pool, self._decode_bytes, data, served)
+                                        for _, data in files))
+        results = await self._infer(served, pixels)
+        rows = []
+        for (filename, _), r in zip(files, results, strict=True):
+            d = ({"uri": filename, "error": r} if isinstance(r, str) else
+                 served.model.prediction(filename, r, top_k).to_dict())
+            rows.append({"filename": d.pop("uri"), **d})
+        return rows
+
+    def _decode_bytes(self, data: bytes, served: ServedModel) -> np.ndarray | str:
+        """Encoded image -> (S, S, 3) uint8, or the reason it cannot be used."""
+        try:
+            return served.model.pixels_from_bytes(data, self.limits.max_pixels)
+        except ImageError as e:
+            return str(e)
+
+    def _decode_instance(self, instance: Any, served: ServedModel) -> np.ndarray | str:
+        try:
+            data = protocol.instance_bytes(instance)
+        except protocol.InstanceError as e:
+            return str(e)
+        return self._decode_bytes(data, served)
+
+    async def _infer(self, served: ServedModel, pixels: list[np.ndarray | str]) -> list[np.ndarray | str]:
+        """Decoded images (or error strings) -> (C,) probabilities (or the same error strings)."""
+        good = [i for i, p in enumerate(pixels) if not isinstance(p, str)]
+        out: list[np.ndarray | str] = list(pixels)
+        if good:
+            probs = await served.batcher.run(np.stack([pixels[i] for i in good]))
+            for i, p in zip(good, probs, strict=True):
+                out[i] = p
+        if self.metrics:
+            self.metrics.images(served.name, len(good), len(pixels) - len(good))
+        return out

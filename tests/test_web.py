@@ -1,0 +1,111 @@
+"""The web page at `/`, in a real headless browser (Debian's chromium, driven by Playwright).
+
+Needs `pip install playwright` and `apt-get install chromium` (never `playwright install`:
+the system browser is used). PETAL_CHROMIUM may point at another Chromium binary.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import shutil
+
+import pytest
+
+pytest.importorskip("fastapi")
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed "
+                               "(pip install playwright; the browser comes from apt: chromium)")
+
+from petal.bundle import Model  # noqa: E402
+from petal.serve.config import ServeConfig  # noqa: E402
+from serve_helpers import running  # noqa: E402
+
+CHROMIUM = os.environ.get("PETAL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no Chromium browser found (apt-get install chromium, "
+                                "or set PETAL_CHROMIUM)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def cards(page) -> list[dict]:
+    """Each result card as {"name", "bars": [(label, width %, score text)], "error"}."""
+    return page.eval_on_selector_all("#results .card", """cards => cards.map(c => ({
+        name: c.querySelector('.name').textContent,
+        error: c.querySelector('.error') ? c.querySelector('.error').textContent : null,
+        pending: !!c.querySelector('.pending'),
+        image: c.querySelector('img').naturalWidth > 0 || c.querySelector('img').src.startsWith('blob:'),
+        bars: [...c.querySelectorAll('.bar')].map(b => [b.querySelector('.label').textContent,
+            parseFloat(b.querySelector('.fill').style.width), b.querySelector('.score').textContent])}))""")
+
+
+def test_page_predicts_chosen_and_dropped_images_offline(browser, model_dir, dataset, tmp_path):
+    local = Model(model_dir)
+    images = sorted(dataset.glob("*/*_00[0-1].*"))[:3]
+    bad = tmp_path / "notes.txt"
+    bad.write_text("not an image")
+    with running(ServeConfig({"shapes": model_dir})) as (url, _):
+        page = browser.new_page()
+        requested, problems = [], []
+        page.on("request", lambda r: requested.append(r.url))
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto(url + "/")
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        assert page.eval_on_selector("#model", "s => [...s.options].map(o => o.value)") == ["shapes"]
+
+        # choose files: one card each, the newest first, with top-5 bars (3 classes here)
+        page.set_input_files("#files", [str(p) for p in images] + [str(bad)])
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 4 && "
+                               "!document.querySelector('#results .pending')", timeout=60_000)
+        assert [c["name"] for c in cards(page)] == [p.name for p in images] + ["notes.txt"]  # in file order
+        got = {c["name"]: c for c in cards(page)}
+        for p in local.predict([str(p) for p in images], top_k=5):
+            card = got[p.uri.rsplit("/", 1)[1]]
+            assert card["error"] is None and card["image"]
+            assert [b[0] for b in card["bars"]] == [k for k, _ in p.top]
+            assert card["bars"][0][0] == card["name"].split("_")[0]  # the right class, e.g. circles_000.png
+            assert card["bars"][0][1] == pytest.approx(100 * p.score, abs=0.11)
+            assert card["bars"][0][2] == f"{100 * p.score:.1f}%"
+        assert "not an image" in got["notes.txt"]["error"] and got["notes.txt"]["bars"] == []
+        assert "3 predicted, 1 failed" in page.inner_text("#status")
+
+        # drop a file on the drop zone
+        data = base64.b64encode(images[0].read_bytes()).decode()
+        page.evaluate("""([data, name]) => {
+            const bytes = Uint8Array.from(atob(data), c => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, {type: 'image/png'}));
+            document.getElementById('drop').dispatchEvent(new DragEvent('drop', {dataTransfer: dt,
+                bubbles: true, cancelable: true}));
+        }""", [data, "dropped.png"])
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 5 && "
+                               "!document.querySelector('#results .pending')", timeout=60_000)
+        dropped = cards(page)[0]  # the newest batch comes first
+        assert dropped["name"] == "dropped.png" and dropped["bars"][0][0] == images[0].parent.name
+
+        # everything came from this server (or the page's own blob: images): it works offline
+        assert requested and all(u.startswith((url, "blob:")) for u in requested), requested
+        assert problems == []
+        page.close()
+
+
+def test_page_asks_for_the_api_key(browser, model_dir):
+    with running(ServeConfig({"shapes": model_dir}, api_key="s3cret")) as (url, _):
+        page = browser.new_page()
+        page.goto(url + "/")
+        page.wait_for_function("document.getElementById('status').textContent.includes('invalid API key')")
+        assert page.eval_on_selector("#auth", "d => d.open") is True
+        page.fill("#key", "s3cret")
+        page.dispatch_event("#key", "change")
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        assert page.eval_on_selector("#model", "s => s.value") == "shapes"
+        page.close()
