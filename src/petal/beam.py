@@ -335,12 +335,13 @@ def _copy_into_cache(pattern: str, cache: EmbeddingCache) -> int:
     import pyarrow.parquet as pq
 
     copied = 0
-    for src in _matching(pattern):
-        with FileSystems.open(src) as f:
-            data = f.read()  # at most 512 rows: a few MB
-        if pq.read_metadata(pa.BufferReader(data)).num_rows:  # Beam writes an empty one if nothing is new
-            atomic_write_bytes(cache.dir / shard_name("beam"), data)
-            copied += 1
+    with cache.lock():  # as local writers do: concurrent runs never interleave shard writes
+        for src in _matching(pattern):
+            with FileSystems.open(src) as f:
+                data = f.read()  # at most 512 rows: a few MB
+            if pq.read_metadata(pa.BufferReader(data)).num_rows:  # Beam writes an empty one if nothing is new
+                atomic_write_bytes(cache.dir / shard_name("beam"), data)
+                copied += 1
     return copied
 
 
@@ -353,13 +354,6 @@ def _counters(result) -> dict[str, int]:
     except Exception:  # noqa: BLE001 - some runners have no metrics API
         return {}
     return {c.key.metric.name: c.committed if c.committed is not None else c.attempted for c in found}
-
-
-def _cached_keys(cache: EmbeddingCache) -> set[str]:
-    """The keys in the cache, reading only the key column (the vectors can be GBs)."""
-    import pyarrow.parquet as pq
-
-    return {k for shard in cache.shards() for k in pq.read_table(shard, columns=["key"])["key"].to_pylist()}
 
 
 def _add_embed_steps(p, work: _WorkDir, cfg: BackboneConfig, known_file: str | None, model_uri: str,
@@ -424,7 +418,7 @@ def beam_embed(ds, backbone: str, cache_dir: Path | None, pipeline_args: list[st
     cache = EmbeddingCache(cache_dir, cfg.name, cfg.feature_dim)
     options = _options(pipeline_args)
     uris = [e.uri for e in ds.examples]
-    known = _cached_keys(cache)
+    known = cache.stored_keys()  # the key column only: the vectors can be GBs
     model_file = backbone_onnx_path(cfg, cache_dir)  # exported here: workers need no torch
 
     work = _WorkDir(options)

@@ -7,22 +7,51 @@ image is found again, and the folder name carries the backbone id.
 
 Shards are only ever added, each written whole to a temp file and renamed
 (`petal.storage.atomic_path`): a killed run loses at most the shard it was
-filling, and two runs sharing one cache never write the same file. A key that
-two runs both embedded appears twice with equal values; readers keep one.
+filling, and two runs sharing one cache never write the same file. Writers
+hold a lock (flock on `.<folder>.lock`, beside the shard folder) while they
+write, and first drop the keys already on disk, which another run may have
+written since they loaded the cache: each key is stored once. (Where flock is
+missing, e.g. Windows, a key two runs embed at once may appear twice, with
+equal values; readers keep one.)
+
+A shard that cannot be read (damaged outside petal: a half-copied cache, a bad
+disk) is renamed to `*.parquet.corrupt` with a warning; its images are simply
+embedded again. Temp files left by a killed writer are removed after an hour.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import uuid
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from petal.errors import PetalError
 from petal.storage import atomic_path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; see the module docstring
+    fcntl = None
+
 PREPROCESS_VERSION = 1  # bump when petal.images changes what pixels come out
+DEFAULT_SHARD_ROWS = 512
+STALE_TEMP_SECONDS = 3600  # a writer's temp file older than this was left by a killed run
+
+
+def env_int(name: str, default: int) -> int:
+    """A positive integer from the environment variable `name`, else `default`."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if not raw.isdigit() or int(raw) < 1:
+        raise PetalError(f"{name}: expected a positive integer, got {raw!r}")
+    return int(raw)
 
 
 def arrow_schema(feature_dim: int):
@@ -42,31 +71,89 @@ class EmbeddingCache:
         self.dir = Path(root) / "embeddings" / f"{backbone}-p{PREPROCESS_VERSION}"
         self.feature_dim = feature_dim
         self._index: dict[str, np.ndarray] | None = None
+        self._seen: set[str] = set()  # names of the shards whose keys are in _stored
+        self._stored: set[str] = set()  # keys known to be on disk (any run's)
+        self.problems: list[str] = []  # shards set aside as unreadable, with the reason
 
     def shards(self) -> list[Path]:
         return sorted(self.dir.glob("shard-*.parquet"))
 
-    def load(self) -> dict[str, np.ndarray]:
-        """key -> (D,) float32, from every shard on disk."""
+    def _read_shard(self, shard: Path, columns: list[str] | None = None):
+        """The shard's table, or None if it is damaged (then it is set aside)."""
         import pyarrow.parquet as pq
 
+        try:
+            table = pq.read_table(shard, columns=columns)
+            if table.column("embedding" if columns is None else "key").null_count:
+                raise ValueError("null values")
+            if columns is None and table.schema != arrow_schema(self.feature_dim):
+                raise ValueError(f"expected schema {arrow_schema(self.feature_dim)}, got {table.schema}")
+            return table
+        except FileNotFoundError:
+            return None  # set aside by another reader meanwhile
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many types on a damaged file
+            reason = f"{type(e).__name__}: {e}".splitlines()[0]
+            with contextlib.suppress(OSError):
+                os.replace(shard, shard.with_name(shard.name + ".corrupt"))
+            msg = f"embedding cache: unreadable shard {shard} set aside as .corrupt ({reason}); " \
+                  "its images will be embedded again"
+            self.problems.append(msg)
+            warnings.warn(msg, stacklevel=3)
+            return None
+
+    def load(self) -> dict[str, np.ndarray]:
+        """key -> (D,) float32, from every shard on disk."""
+        self._remove_stale_temps()
         index: dict[str, np.ndarray] = {}
+        seen = set()
         for shard in self.shards():
-            table = pq.read_table(shard)
+            table = self._read_shard(shard)
+            if table is None:
+                continue
             keys = table.column("key").to_pylist()
             flat = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
             vecs = flat.reshape(len(keys), self.feature_dim).astype(np.float32, copy=False)
             index.update(zip(keys, vecs))
-        self._index = index
+            seen.add(shard.name)
+        self._index, self._seen, self._stored = index, seen, set(index)
         return index
+
+    def stored_keys(self) -> set[str]:
+        """Every key on disk: those loaded, plus the keys of shards other runs wrote since."""
+        for shard in self.shards():
+            if shard.name not in self._seen:
+                table = self._read_shard(shard, columns=["key"])
+                if table is not None:
+                    self._stored.update(table.column("key").to_pylist())
+                    self._seen.add(shard.name)
+        return self._stored
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Exclusive among writers of this cache folder; released by the OS if the process dies."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        # beside the shard folder, not in it: that folder holds shards only
+        with open(self.dir.with_name(f".{self.dir.name}.lock"), "a") as f:
+            if fcntl is not None:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+            yield  # closing the file releases the lock
+
+    def _remove_stale_temps(self) -> None:
+        cutoff = time.time() - STALE_TEMP_SECONDS
+        for tmp in self.dir.glob(".shard-*.tmp"):
+            with contextlib.suppress(OSError):
+                if tmp.stat().st_mtime < cutoff:
+                    tmp.unlink()
 
     def get(self, keys: list[str]) -> np.ndarray:
         """(N, D) for keys all known to be in the cache."""
         index = self._index if self._index is not None else self.load()
         return np.stack([index[k] for k in keys]) if keys else np.zeros((0, self.feature_dim), np.float32)
 
-    def writer(self, rows_per_shard: int = 512, seconds_per_shard: float = 30.0) -> ShardWriter:
-        return ShardWriter(self, rows_per_shard, seconds_per_shard)
+    def writer(self, rows_per_shard: int | None = None, seconds_per_shard: float = 30.0) -> ShardWriter:
+        # $PETAL_SHARD_ROWS: small shards make a kill test land between them
+        return ShardWriter(self, rows_per_shard or env_int("PETAL_SHARD_ROWS", DEFAULT_SHARD_ROWS),
+                           seconds_per_shard)
 
 
 class ShardWriter:
@@ -94,15 +181,29 @@ class ShardWriter:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        vecs = np.concatenate(self.vecs)
+        keys, vecs = self.keys, np.concatenate(self.vecs)
         dim = self.cache.feature_dim
-        table = pa.Table.from_arrays(
-            [pa.array(self.keys, pa.string()),
-             pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim)],
-            schema=arrow_schema(dim),
-        )
-        with atomic_path(self.cache.dir / shard_name()) as tmp:
-            pq.write_table(table, tmp)
+        with self.cache.lock():
+            # Each key once in the cache: drop the keys already on disk (another run
+            # may have written them since we loaded) and any key repeated in this
+            # buffer. Under the lock, two writers never both decide a key is new.
+            stored = self.cache.stored_keys()
+            rows, new = [], set()
+            for i, k in enumerate(keys):
+                if k not in stored and k not in new:
+                    new.add(k)
+                    rows.append(i)
+            if rows:
+                table = pa.Table.from_arrays(
+                    [pa.array([keys[i] for i in rows], pa.string()),
+                     pa.FixedSizeListArray.from_arrays(pa.array(vecs[rows].reshape(-1), pa.float32()), dim)],
+                    schema=arrow_schema(dim),
+                )
+                name = shard_name()
+                with atomic_path(self.cache.dir / name) as tmp:
+                    pq.write_table(table, tmp)
+                self.cache._seen.add(name)
+                stored |= new
         self.keys, self.vecs = [], []
 
     def __enter__(self) -> ShardWriter:

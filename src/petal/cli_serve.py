@@ -63,13 +63,14 @@ def encode_request(
     """Encode images into one JSON predict request (each file's path is its key)."""
     from petal.data import expand_inputs
     from petal.serve.protocol import encode_files
+    from petal.storage import atomic_write_text
 
     uris, problems = expand_inputs(inputs)
     if problems:
         raise PetalError(f"encode-request: {problems[0]}")
     text = json.dumps(encode_files(uris))
     if output:
-        output.write_text(text, encoding="utf-8")
+        atomic_write_text(output, text)
     else:
         sys.stdout.write(text + "\n")
 

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +65,8 @@ def eval_hash_percent(uri: str) -> float:
     folder or adding images never moves an image across the split.
     """
     name = re.sub(r"_nohash_.*$", "", os.path.basename(uri.rstrip("/")))
-    h = int(hashlib.sha1(name.encode("utf-8")).hexdigest(), 16)
+    # surrogateescape: a file name that is not valid UTF-8 hashes as its raw bytes
+    h = int(hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest(), 16)
     return (h % 10_000) / 100.0
 
 
@@ -80,12 +82,17 @@ def read_labels_file(path: str | Path) -> tuple[list[str], list[str]]:
         text = Path(path).read_text(encoding="utf-8-sig")
     except OSError as e:
         raise DataError(f"labels file {path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"labels file {path}: expected UTF-8 text, got {e}") from None
     labels, warnings, seen = [], [], {}
     for lineno, raw in enumerate(text.splitlines(), 1):
         label = raw.strip()
         if not label:
             warnings.append(f"labels file {path}: blank line {lineno} ignored")
             continue
+        problem = label_problem(label)
+        if problem:
+            raise DataError(f"labels file {path}: line {lineno}: {problem}")
         if label in seen:
             raise DataError(
                 f"labels file {path}: line {lineno} repeats label {label!r} from line {seen[label]}"
@@ -99,15 +106,57 @@ def read_labels_file(path: str | Path) -> tuple[list[str], list[str]]:
 
 # --------------------------------------------------------------------------- sources
 
+def label_problem(label: str) -> str | None:
+    """Why `label` cannot be a class name, or None if it can.
+
+    Labels end up one per line in the bundle's labels.txt, read back with
+    str.splitlines(), so anything that splits a line there would shift every id.
+    """
+    if not label:
+        return "empty label"
+    if any(unicodedata.category(ch) == "Cs" for ch in label):
+        return f"label is not valid UTF-8 ({label!r})"
+    if any(unicodedata.category(ch) in ("Cc", "Zl", "Zp") for ch in label):
+        return f"label contains a line break or control character ({label!r})"
+    return None
+
+
 def _from_folder(root: Path) -> tuple[list[tuple[str, str]], list, list]:
     rows, skipped, warnings = [], [], []
-    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    loose = [p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    try:
+        entries = sorted(root.iterdir())
+    except OSError as e:
+        raise DataError(f"data: cannot list folder {root} ({e.strerror or e})") from None
+    class_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
+    root_stat = root.stat()
+    loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if loose:
         warnings.append(f"{len(loose)} image(s) directly in {root} ignored: images must be in class folders")
+
+    def unlistable(e: OSError) -> None:
+        # os.walk silently drops a folder it cannot list unless told; say so instead
+        skipped.append((str(e.filename), f"cannot list folder ({e.strerror or e})"))
+
     for d in class_dirs:
+        problem = label_problem(d.name)
+        if problem:
+            warnings.append(f"class folder {str(d)!r} left out: {problem}")
+            skipped.append((str(d), f"class folder name unusable: {problem}"))
+            continue
         n = 0
-        for dirpath, dirnames, filenames in os.walk(d, followlinks=True):
+        # (device, inode) of folders walked: a symlink loop, or a link back up to the
+        # data folder (which would pull the other classes into this one), is not followed
+        seen_dirs = {(root_stat.st_dev, root_stat.st_ino)}
+        for dirpath, dirnames, filenames in os.walk(d, followlinks=True, onerror=unlistable):
+            try:
+                st = os.stat(dirpath)
+            except OSError:
+                continue  # vanished while walking
+            if (st.st_dev, st.st_ino) in seen_dirs:
+                skipped.append((dirpath, "folder already listed (symbolic link loop or repeat)"))
+                dirnames[:] = []
+                continue
+            seen_dirs.add((st.st_dev, st.st_ino))
             dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
             for fn in sorted(filenames):
                 path = os.path.join(dirpath, fn)
@@ -155,38 +204,66 @@ def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list]:
     text = _read_text(uri)
     rows, skipped, warnings = [], [], []
     seen: dict[str, tuple[str, int]] = {}
-    duplicates = 0
-    for lineno, row in enumerate(csv.reader(io.StringIO(text, newline="")), 1):
+    duplicates: list[str] = []  # "line N repeats line M"
+    reader = csv.reader(io.StringIO(text, newline=""))
+    first = True
+    while True:
+        lineno = reader.line_num + 1  # the physical line this row starts on (quoted fields may span lines)
+        try:
+            row = next(reader, None)
+        except csv.Error as e:  # e.g. a field over the csv module's size limit
+            raise DataError(f"{uri}: line {lineno}: not a valid CSV row ({e})") from None
+        if row is None:
+            break
+        where = f"{uri}:{lineno}"
         cells = [c.strip() for c in row]
         if not any(cells):
             continue  # blank line
-        if lineno == 1 and (cells[0].lower() in HEADER_WORDS or
-                            (len(cells) > 1 and cells[1].lower() in {"label", "class"})):
-            continue  # header
+        if first:
+            first = False
+            if cells[0].lower() in HEADER_WORDS or (len(cells) > 1 and cells[1].lower() in {"label", "class"}):
+                continue  # header
         if len(cells) < 2:
-            skipped.append((f"{uri}:{lineno}", "row has no label column"))
+            skipped.append((where, "row has no label column"))
             continue
         path, label = cells[0], cells[1]
         if not path:
-            skipped.append((f"{uri}:{lineno}", "empty uri"))
+            skipped.append((where, "empty uri"))
             continue
-        if not label:
-            skipped.append((f"{uri}:{lineno}", "empty label"))
+        if "\n" in path or "\r" in path:
+            skipped.append((where, "uri contains a line break (an unbalanced quote?)"))
+            continue
+        problem = label_problem(label)
+        if problem:
+            skipped.append((where, problem))
             continue
         full = _join(uri, path)
         if full in seen:
             first_label, first_line = seen[full]
             if first_label == label:
-                duplicates += 1
+                duplicates.append(f"line {lineno} repeats line {first_line}")
             else:
-                skipped.append((f"{uri}:{lineno}",
-                                f"{path} already labeled {first_label!r} on line {first_line}"))
+                skipped.append((where, f"{path} already labeled {first_label!r} on line {first_line}"))
             continue
         seen[full] = (label, lineno)
         rows.append((full, label))
     if duplicates:
-        warnings.append(f"{uri}: {duplicates} duplicate row(s) ignored")
+        more = f" and {len(duplicates) - 3} more" if len(duplicates) > 3 else ""
+        warnings.append(f"{uri}: {len(duplicates)} duplicate row(s) ignored: "
+                        + ", ".join(duplicates[:3]) + more)
     return rows, skipped, warnings
+
+
+def _check_schemes(source: str, rows: list[tuple[str, str]]) -> None:
+    """Refuse up front URIs whose scheme has no fsspec driver here, naming the package."""
+    counts = Counter(scheme_of(u) for u, _ in rows)
+    for scheme, n in counts.items():
+        if scheme not in ("", "file"):
+            example = next(u for u, _ in rows if scheme_of(u) == scheme)
+            try:
+                check_scheme(example)
+            except PetalError as e:
+                raise DataError(f"{source}: {n} row(s) use {scheme}:// URIs: {e}") from None
 
 
 def _read_source(source: str) -> tuple[list[tuple[str, str]], list, list]:
@@ -194,7 +271,9 @@ def _read_source(source: str) -> tuple[list[tuple[str, str]], list, list]:
         return _from_folder(Path(local_path(source)))
     if is_local(source) and not Path(local_path(source)).exists():
         raise DataError(f"data: no such folder or CSV file: {source}")
-    return _from_csv(source)
+    rows, skipped, warnings = _from_csv(source)
+    _check_schemes(source, rows)
+    return rows, skipped, warnings
 
 
 def load_dataset(

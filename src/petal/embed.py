@@ -14,8 +14,10 @@ from pathlib import Path
 import numpy as np
 
 from petal.backbones import BackboneConfig
-from petal.cache import EmbeddingCache
+from petal.cache import EmbeddingCache, env_int
 from petal.loader import Item, batches, iter_items
+
+DEFAULT_BATCH = 32  # images per backbone run; $PETAL_EMBED_BATCH overrides it
 
 
 @dataclass
@@ -43,7 +45,7 @@ def embed(
     cfg: BackboneConfig,
     cache_dir: Path,
     *,
-    batch_size: int = 32,
+    batch_size: int | None = None,
     workers: int | None = None,
     on_progress: Callable[[int], None] | None = None,
 ) -> tuple[EmbedResult, EmbeddingCache]:
@@ -52,6 +54,7 @@ def embed(
     from petal.runtime import make_session
 
     start = time.perf_counter()
+    batch_size = batch_size or env_int("PETAL_EMBED_BATCH", DEFAULT_BATCH)
     cache = EmbeddingCache(cache_dir, cfg.name, cfg.feature_dim)
     known = cache.load()
     result = EmbedResult()

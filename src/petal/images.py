@@ -9,6 +9,11 @@ Policy for awkward files:
 - animated images use their first frame;
 - a file larger than `max_pixels` is refused from its header, before any
   pixel is allocated (decompression bombs);
+- large images are decoded within a process-wide pixel budget (`DECODE_BUDGET`),
+  so a thread pool of huge PNGs cannot hold more than about one 64 MP image's worth
+  of decoded pixels at a time (JPEGs are also decoded at reduced scale: draft mode);
+- 16-bit and 32-bit grey scale their full range to 8 bits; float images in [0, 1]
+  are taken as 0..1, other floats as 0..255;
 - a truncated file is refused, not padded with grey: a half-grey photo would
   quietly teach the model the wrong thing.
 """
@@ -16,7 +21,10 @@ Policy for awkward files:
 from __future__ import annotations
 
 import io
+import threading
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -31,6 +39,38 @@ DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: larger than any camera photo, far belo
 
 # We enforce our own limit; Pillow's own warning/error threshold would only add noise.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow warns (UserWarning) about damaged metadata, e.g. corrupt EXIF, common in scraped
+# photos and harmless to the pixels; a file that cannot be decoded gets an ImageError instead.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+
+
+class PixelBudget:
+    """At most `limit` decoded pixels in flight across threads.
+
+    An image larger than the whole budget still runs, alone, so nothing deadlocks.
+    """
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + pixels <= self.limit)
+            self.used += pixels
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= pixels
+                self._cond.notify_all()
+
+
+# Decoding takes up to ~4 bytes per pixel and converting (RGBA -> composited RGB)
+# a few copies more: this budget keeps the decode threads under ~1 GB together.
+DECODE_BUDGET = PixelBudget(DEFAULT_MAX_PIXELS)
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
@@ -61,19 +101,26 @@ def to_rgb(img: Image.Image) -> Image.Image:
     img.seek(0)  # first frame of animations
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # e.g. "Palette images with transparency..."
-        img = ImageOps.exif_transpose(img)
+        ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy when upright
         if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
             # 16/32-bit grey: scale the full range to 0..255 instead of clipping
-            a = np.asarray(img, dtype=np.float32)
-            hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+            a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+            if img.mode.startswith("I;16") or a.max() > 255:
+                hi = 65535.0
+            elif img.mode == "F" and a.max() <= 1.0:
+                hi = 1.0  # float images are usually in [0, 1]
+            else:
+                hi = 255.0
             img = Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8), "L")
         if img.mode == "P":
             img = img.convert("RGBA" if "transparency" in img.info else "RGB")
         if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
-            img = img.convert("RGBA")
+            if img.mode != "RGBA":
+                img = img.convert("RGBA")
             white = Image.new("RGBA", img.size, (255, 255, 255, 255))
             img = Image.alpha_composite(white, img)
-        return img.convert("RGB")
+        # convert() copies even RGB -> RGB; skip that full-size copy
+        return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def resize_crop(img: Image.Image, cfg: BackboneConfig) -> np.ndarray:
@@ -99,8 +146,10 @@ def load_pixels(data: bytes, cfg: BackboneConfig, max_pixels: int = DEFAULT_MAX_
             # larger than needed: much faster, and the result still has >= the
             # pixels the resize needs.
             img.draft("RGB", (cfg.resize_size, cfg.resize_size))
-        img.load()
-        return resize_crop(to_rgb(img), cfg)
+        w, h = img.size  # after draft: what will really be decoded
+        with DECODE_BUDGET.hold(w * h):
+            img.load()
+            return resize_crop(to_rgb(img), cfg)
     except ImageError:
         raise
     except OSError as e:

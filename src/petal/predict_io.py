@@ -26,7 +26,7 @@ def write_predictions(path: Path, preds: Iterable[Prediction], total: int | None
     if kind not in (".csv", ".jsonl"):
         raise PetalError(f"output: expected a .csv or .jsonl file name, got {str(path)!r}")
     n, failed = 0, []
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
         w = csv.writer(f) if kind == ".csv" else None
         if w:
             w.writerow(CSV_HEADER)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -59,16 +61,32 @@ def check_scheme(uri: str) -> None:
         raise PetalError(f"cannot read {scheme}:// URIs ({e}){hint}") from None
 
 
-def read_bytes(uri: str) -> bytes:
+# No image petal accepts (64 MP, see petal.images) needs more bytes than this even
+# uncompressed at 16 bits x 4 channels (512 MB); a larger file is refused unread.
+MAX_FILE_BYTES = 1 << 30
+
+
+def read_bytes(uri: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The whole file. Raises ImageError (the item's problem) if it cannot be read."""
     try:
         if is_local(uri):
-            with open(local_path(uri), "rb") as f:
+            path = local_path(uri)
+            # stat before open: opening a FIFO named .jpg would block, a device never end
+            st = os.stat(path)
+            if stat.S_ISDIR(st.st_mode):
+                raise ImageError("is a directory, not a file")
+            if not stat.S_ISREG(st.st_mode):
+                raise ImageError("not a regular file (a pipe, socket or device)")
+            if st.st_size > max_bytes:
+                raise ImageError(f"file too large: {st.st_size:,} bytes, limit {max_bytes:,}")
+            with open(path, "rb") as f:
                 return f.read()
         import fsspec
 
         with fsspec.open(uri, "rb") as f:
             return f.read()
+    except ImageError:
+        raise
     except FileNotFoundError:
         if os.path.islink(local_path(uri)):
             raise ImageError("dangling symbolic link") from None
@@ -81,6 +99,12 @@ def read_bytes(uri: str) -> bytes:
         raise ImageError(f"cannot read this URI scheme: {e}") from None
     except OSError as e:
         raise ImageError(f"cannot read file: {e.strerror or e}") from None
+    except ValueError as e:  # e.g. "embedded null byte" in a path from a CSV
+        raise ImageError(f"invalid path or URI: {e}") from None
+    except Exception as e:  # noqa: BLE001 - fsspec drivers raise their own types (HTTP, auth...)
+        if is_local(uri):
+            raise  # a local read has no other failure mode: this is a bug
+        raise ImageError(f"cannot read: {type(e).__name__}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -113,7 +137,9 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+    # surrogateescape: a file name that is not valid UTF-8 (os.fsdecode gives it
+    # surrogates) is written as its original bytes instead of crashing the write
+    atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
 @contextlib.contextmanager
@@ -124,15 +150,34 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old.{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        swapped = path.exists() and _exchange(tmp, path)  # then `tmp` holds the old folder
+        if not swapped:
+            # No atomic swap here (not Linux, or an old kernel/filesystem): move the
+            # old folder aside, then the new one in. `path` is missing between the
+            # two renames, for microseconds (or after a kill just there).
+            old = None
+            if path.exists():
+                old = path.with_name(f".{path.name}.old.{os.getpid()}")
+                os.replace(path, old)
+            os.replace(tmp, path)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE). False if unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2  # glibc >= 2.28
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def default_cache_dir() -> Path:

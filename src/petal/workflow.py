@@ -22,7 +22,7 @@ from petal.embed import embed
 from petal.errors import NothingUsableError, PetalError
 from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
-from petal.storage import atomic_write_text, default_cache_dir
+from petal.storage import atomic_path, atomic_write_text, default_cache_dir
 
 
 class Reporter:
@@ -150,7 +150,8 @@ def train(
 
         head.fit(Xtr, ytr, num_classes=len(ds.classes),
                  eval_set=(Xev, yev) if len(ev) else None, on_epoch=on_epoch)
-    np.savez(run / "head.npz", **head.state())
+    with atomic_path(run / "head.npz") as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
+        np.savez(f, **head.state())
 
     extra = {"num_train": len(tr), "embed": result.summary()}
     if ev:
@@ -188,7 +189,8 @@ def export_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Path
     try:
         settings = json.loads((run / "settings.json").read_text())
         state = dict(np.load(run / "head.npz"))
-        rows = list(csv.DictReader((run / "split.csv").open(encoding="utf-8")))
+        with open(run / "split.csv", encoding="utf-8", errors="surrogateescape", newline="") as f:
+            rows = list(csv.DictReader(f))  # surrogateescape: file names that are not UTF-8
     except FileNotFoundError as e:
         raise PetalError(f"{run} is not a finished petal run folder: {e.filename} is missing") from None
     cfg = config_from_dict(settings["backbone"])
