@@ -59,7 +59,7 @@ def config_from_dict(d: dict) -> BackboneConfig:
 class Model:
     """An exported bundle, ready to predict."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = True):
         from petal.runtime import make_session
 
         self.path = Path(path)
@@ -72,7 +72,7 @@ class Model:
                              f"(this petal reads format {BUNDLE_FORMAT})")
         self.labels: list[str] = (self.path / "labels.txt").read_text(encoding="utf-8").splitlines()
         self.config = config_from_dict(self.meta["backbone"])
-        self.session = make_session(self.path / "model.onnx", threads)
+        self.session = make_session(self.path / "model.onnx", threads, spin)
 
     @property
     def name(self) -> str:

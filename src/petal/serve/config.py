@@ -45,7 +45,7 @@ class ServeConfig:
     limits: Limits = field(default_factory=Limits)
     batching: Batching = field(default_factory=Batching)
     api_key: str | None = None  # None or "": no auth
-    threads: int | None = None  # ONNX Runtime intra-op threads [default: half the cores]
+    threads: int | None = None  # ONNX Runtime intra-op threads [default: all cores, no spin-wait]
     decode_workers: int | None = None  # image decode threads [default: all cores]
 
     def __post_init__(self):
