@@ -99,28 +99,28 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> upright 8-bit RGB. Decodes the pixels."""
     img.seek(0)  # first frame of animations
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. "Palette images with transparency..."
-        ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy when upright
-        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            # 16/32-bit grey: scale the full range to 0..255 instead of clipping
-            a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
-            if img.mode.startswith("I;16") or a.max() > 255:
-                hi = 65535.0
-            elif img.mode == "F" and a.max() <= 1.0:
-                hi = 1.0  # float images are usually in [0, 1]
-            else:
-                hi = 255.0
-            img = Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8), "L")
-        if img.mode == "P":
-            img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-        if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
-            if img.mode != "RGBA":
-                img = img.convert("RGBA")
-            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(white, img)
-        # convert() copies even RGB -> RGB; skip that full-size copy
-        return img if img.mode == "RGB" else img.convert("RGB")
+    # (Pillow's UserWarnings, e.g. "Palette images with transparency...", are filtered
+    # once at import: warnings.catch_warnings() here would race between decode threads.)
+    ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy when upright
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16/32-bit grey: scale the full range to 0..255 instead of clipping
+        a = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+        if img.mode.startswith("I;16") or a.max() > 255:
+            hi = 65535.0
+        elif img.mode == "F" and a.max() <= 1.0:
+            hi = 1.0  # float images are usually in [0, 1]
+        else:
+            hi = 255.0
+        img = Image.fromarray(np.clip(a * (255.0 / hi), 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode in ("RGBA", "LA", "La", "RGBa", "PA"):
+        if img.mode != "RGBA":
+            img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    # convert() copies even RGB -> RGB; skip that full-size copy
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def resize_crop(img: Image.Image, cfg: BackboneConfig) -> np.ndarray:
