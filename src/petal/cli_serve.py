@@ -34,7 +34,7 @@ def serve(
     max_pixels: Annotated[int, typer.Option(help="Pixels per image, checked before decoding.")] = 40_000_000,
     timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.")] = 30.0,
     max_concurrency: Annotated[int, typer.Option(help="Open requests before 503 'busy'.")] = 256,
-    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads (default: all cores, without spin-waiting).")] = None,
+    threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads (default: all cores).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="Decode threads (default: all cores).")] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
 ) -> None:
