@@ -74,3 +74,14 @@ def test_all_images_corrupt_exits_nonzero(tmp_path, cache_dir):
             (tmp_path / "d" / c / f"{i}.jpg").write_bytes(b"garbage")
     r = petal("train", tmp_path / "d", "--out", tmp_path / "run", check=False)
     assert r.returncode == 2 and "none of the 6 images could be read" in r.stderr
+
+
+def test_cli_predict_never_imports_torch(model_dir, dataset):
+    code = ("import sys\nfrom petal.cli import main\nsys.argv = ['petal', 'predict', sys.argv[1], sys.argv[2]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    assert not e.code, e.code\n"
+            "assert 'torch' not in sys.modules, 'torch imported'\n")
+    one = next(dataset.glob("circles/*.jpg"))
+    r = subprocess.run([sys.executable, "-c", code, str(model_dir), str(one)], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert "circles" in r.stdout
