@@ -25,9 +25,11 @@ from rich.table import Table
 
 from petal.backbones import DEFAULT_BACKBONE
 from petal.errors import PetalError
+from petal.finetune.config import FinetuneConfig
 from petal.head import HeadClassifier
 
 HEAD = HeadClassifier()  # the defaults of the head options
+FTC = FinetuneConfig()  # the defaults of the fine-tuning options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train your own image classifier by transfer learning, offline, fast on a CPU.")
@@ -98,8 +100,12 @@ def print_failures(failed: list[tuple[str, str]], limit: int = 20) -> None:
         err.print(f"... and {len(failed) - limit} more", style="yellow")
 
 
+FT = "fine-tuning (--finetune)"
+
+
 @app.command()
 def train(
+    ctx: typer.Context,
     data: Annotated[str, typer.Argument(help="Folder of class folders, or CSV of uri,label rows.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
     labels: Annotated[Optional[Path], typer.Option(help="dict.txt: one label per line, in id order.")] = None,
@@ -118,9 +124,61 @@ def train(
     seed: int = HEAD.seed,
     workers: Workers = None,
     export: Annotated[bool, typer.Option(help="Write RUN/model at the end.")] = True,
+    finetune: Annotated[bool, typer.Option("--finetune", rich_help_panel=FT, help=(
+        "Train backbone blocks with the head, on augmented images. Options you do not give take "
+        f"the fine-tuning defaults (epochs {FTC.epochs}, lr {FTC.lr}, batch size {FTC.batch_size}, dropout "
+        f"{FTC.dropout}, weight decay {FTC.weight_decay}; docs/finetune.md), not the ones shown here."))] = False,
+    unfreeze: Annotated[Optional[int], typer.Option(rich_help_panel=FT, help=(
+        f"Backbone blocks trained, from the top; 0: head only; -1: all "
+        f"(default {FTC.unfreeze}; from scratch -1)."))] = None,
+    backbone_lr_mult: Annotated[Optional[float], typer.Option(rich_help_panel=FT, help=(
+        f"Backbone learning rate = --lr times this (default {FTC.backbone_lr_mult})."))] = None,
+    warmup_epochs: Annotated[Optional[float], typer.Option(rich_help_panel=FT, help=(
+        f"Linear warmup, then cosine decay (default {FTC.warmup_epochs})."))] = None,
+    pretrained: Annotated[bool, typer.Option(rich_help_panel=FT, help=(
+        "Start from the ImageNet weights; --no-pretrained trains from scratch."))] = True,
+    augment: Annotated[bool, typer.Option(rich_help_panel=FT, help="Augment training images.")] = True,
+    flip: Annotated[Optional[bool], typer.Option(rich_help_panel=FT,
+                                                 help="Random left-right flips (default on).")] = None,
+    random_scale: Annotated[Optional[float], typer.Option(rich_help_panel=FT, help=(
+        f"Zoom in/out by up to this percent (default {FTC.augment.random_scale:g})."))] = None,
+    random_crop: Annotated[Optional[float], typer.Option(rich_help_panel=FT, help=(
+        f"Move the crop by up to this percent of the image (default {FTC.augment.random_crop:g})."))] = None,
+    random_brightness: Annotated[Optional[float], typer.Option(rich_help_panel=FT, help=(
+        f"Scale brightness by up to +-this percent (default {FTC.augment.random_brightness:g})."))] = None,
+    random_color: Annotated[Optional[float], typer.Option(rich_help_panel=FT, help=(
+        f"Scale saturation by up to +-this percent (default {FTC.augment.random_color:g})."))] = None,
+    loader_workers: Annotated[Optional[int], typer.Option(rich_help_panel=FT, help=(
+        "DataLoader worker processes for augmentation (default 1 on a CPU)."))] = None,
+    trunk_runtime: Annotated[Optional[str], typer.Option(rich_help_panel=FT, help=(
+        "Frozen layers in 'onnx' (fast on a CPU), 'torch', or 'auto'."))] = None,
+    resume: Annotated[bool, typer.Option(rich_help_panel=FT, help=(
+        "Continue the run in --out from its last checkpoint."))] = False,
+    stop_after: Annotated[Optional[int], typer.Option(rich_help_panel=FT, help=(
+        "End after this epoch; --resume continues."))] = None,
+    nproc: Annotated[int, typer.Option(rich_help_panel=FT, help=(
+        "Data-parallel processes on this machine, started through torchrun."))] = 1,
 ) -> None:
     """Embed, train a head, evaluate and export: a folder of labeled images in, a model out."""
     from petal.workflow import train as run_train
+
+    if finetune:
+        from petal.finetune.config import config_from_options
+        from petal.finetune.distributed import launch
+        from petal.finetune.train import finetune as run_finetune
+
+        if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet a worker: start the workers
+            sys.exit(launch(nproc, sys.argv[1:]))
+        options = {k: v for k, v in ctx.params.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
+        r = run_finetune(data, out_dir, config=config_from_options(options), labels_file=labels,
+                         eval_data=eval_data, eval_percent=eval_percent, backbone=backbone, cache_dir=cache,
+                         resume=resume, export=export, stop_after=stop_after, reporter=RichReporter())
+        if r is not None and r.metrics.get("accuracy") is not None:
+            print_metrics(r.metrics)
+        if r is not None:
+            out.print(f"epochs {r.epochs_done}, best {r.best_epoch}, {r.seconds:.0f}s"
+                      + (f"; model: {r.model_dir}" if r.model_dir else ""))
+        return
 
     head = HeadClassifier(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
                           weight_decay=weight_decay, label_smoothing=label_smoothing,
@@ -217,8 +275,8 @@ def predict(
     model: Annotated[str, typer.Argument(help="Exported model folder (RUN/model); omit it with --url.")],
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders, CSVs or globs.")] = None,
     top_k: Annotated[int, typer.Option(min=1)] = 5,
-    output: Annotated[Optional[Path], typer.Option(help="Write predictions to .csv or .jsonl "
-                                                   "(with --runner beam: a sharded output prefix).")] = None,
+    output: Annotated[Optional[str], typer.Option(help="Write predictions to .csv or .jsonl "
+                                                  "(with --runner beam: a sharded output prefix).")] = None,
     workers: Workers = None,
     url: Annotated[Optional[str], typer.Option(help="Predict through a running `petal serve` "
                                                "endpoint instead of a local model.")] = None,
@@ -242,8 +300,8 @@ def predict(
 
         if output is None:
             raise PetalError("output: --runner beam needs --output PREFIX (e.g. gs://bucket/preds)")
-        summary = beam_predict(Path(model), uris, str(output), ctx.args, top_k=top_k)
-        out.print(json.dumps(summary))
+        summary = beam_predict(Path(model), uris, output, ctx.args, top_k=top_k)
+        print(json.dumps(summary))
         return
     if url:
         from petal.client import RemoteModel
@@ -254,7 +312,7 @@ def predict(
 
         preds = load(model).iter_predict(uris, top_k=top_k, workers=workers)
     if output:
-        n, failed = write_predictions(output, preds, len(uris))
+        n, failed = write_predictions(Path(output), preds, len(uris))
         out.print(f"{n} predictions written to {output}, {len(failed)} failed")
         print_failures(failed)
         ok = n > 0

@@ -1,0 +1,131 @@
+"""The fine-tuning settings, in one record with its own validation.
+
+`FinetuneConfig` is written into every checkpoint: `--resume` refuses to continue
+a run with different settings (that would not be the same run any more).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from petal.errors import PetalError, check_param
+
+ALL_BLOCKS = -1  # --unfreeze -1: train every layer, the stem included
+DEFAULT_UNFREEZE = 3  # with pretrained weights; from scratch trains everything
+RUNTIME_ONLY = ("workers", "decode_workers")  # settings that do not change the result
+
+
+@dataclass
+class AugmentConfig:
+    """retrain.py-style augmentation of the training images (never of eval images).
+
+    The eval view is the central `crop_pct` (87.5%) of the image's short side; a
+    training crop varies around it:
+    - random_scale PCT: the crop's side is the eval view's side times a factor in
+      [1 - PCT/100, 1 + PCT/100] (zoom in and out), clipped to the image;
+    - random_crop PCT: its centre moves by up to PCT% of the image side;
+    - flip: mirror left-right, half the time;
+    - random_brightness PCT: pixel values times a factor in [1 - PCT/100, 1 + PCT/100];
+    - random_color PCT: saturation times a factor in that range (0 = grey).
+    """
+
+    enabled: bool = True
+    flip: bool = True
+    random_scale: float = 50.0
+    random_crop: float = 25.0
+    random_brightness: float = 20.0
+    random_color: float = 20.0
+
+    def check(self) -> None:
+        for name in ("random_scale", "random_crop", "random_brightness", "random_color"):
+            v = getattr(self, name)
+            check_param(name, v, isinstance(v, int | float) and 0 <= v < 100, "a percentage in [0, 100)")
+
+
+@dataclass
+class FinetuneConfig:
+    """What `petal train --finetune` trains, and how."""
+
+    epochs: int = 12
+    batch_size: int = 32  # the global batch: split across data-parallel workers
+    lr: float = 1e-3  # the head's peak learning rate
+    backbone_lr_mult: float = 0.3  # backbone lr = lr * this
+    warmup_epochs: float = 1.0  # linear warmup, then cosine decay to 0
+    weight_decay: float = 0.05  # AdamW, on conv/linear weights only
+    label_smoothing: float = 0.1
+    dropout: float = 0.3  # before the classifier
+    unfreeze: int | None = None  # MBConv blocks trained, from the top, with the 1x1 head conv; -1: all
+    #   [default: DEFAULT_UNFREEZE when pretrained, else -1]
+    pretrained: bool = True  # False: random init, everything trained, BatchNorm statistics learned
+    seed: int = 0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    trunk_runtime: str = "auto"  # frozen layers in "onnx" (fast on CPU), "torch", or "auto"
+    amp: bool = True  # mixed precision on a GPU (ignored on a CPU)
+    workers: int | None = None  # DataLoader worker processes [default: min(2, cores)]
+    decode_workers: int | None = None  # threads decoding images into the pixel cache
+
+    def __post_init__(self) -> None:
+        if self.unfreeze is None:
+            self.unfreeze = DEFAULT_UNFREEZE if self.pretrained else ALL_BLOCKS
+
+    def check(self) -> None:
+        check_param("epochs", self.epochs, isinstance(self.epochs, int) and self.epochs >= 1, "an integer >= 1")
+        check_param("batch_size", self.batch_size, isinstance(self.batch_size, int) and self.batch_size >= 1,
+                    "an integer >= 1")
+        check_param("lr", self.lr, self.lr > 0, "a number > 0")
+        check_param("backbone_lr_mult", self.backbone_lr_mult, self.backbone_lr_mult >= 0, "a number >= 0")
+        check_param("warmup_epochs", self.warmup_epochs, 0 <= self.warmup_epochs <= self.epochs,
+                    f"a number in [0, epochs={self.epochs}]")
+        check_param("weight_decay", self.weight_decay, self.weight_decay >= 0, "a number >= 0")
+        check_param("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "a number in [0, 1)")
+        check_param("dropout", self.dropout, 0 <= self.dropout < 1, "a number in [0, 1)")
+        check_param("unfreeze", self.unfreeze, isinstance(self.unfreeze, int) and self.unfreeze >= -1,
+                    "-1 (all) or a number of blocks >= 0")
+        check_param("trunk_runtime", self.trunk_runtime, self.trunk_runtime in ("auto", "onnx", "torch"),
+                    "'auto', 'onnx' or 'torch'")
+        if self.workers is not None:
+            check_param("workers", self.workers, isinstance(self.workers, int) and self.workers >= 0,
+                        "an integer >= 0")
+        if not self.pretrained and self.unfreeze != ALL_BLOCKS:
+            raise PetalError(f"unfreeze: training from scratch (--no-pretrained) trains every layer; "
+                             f"expected -1, got {self.unfreeze!r}")
+        self.augment.check()
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in d.items() if k in known}
+        d["augment"] = AugmentConfig(**d.get("augment", {}))
+        return cls(**d)
+
+    def training_dict(self) -> dict:
+        """The settings that decide the trained weights: a resumed run must have the same."""
+        return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
+
+
+# `petal train` option -> FinetuneConfig field (options not listed keep their names)
+OPTION_FIELDS = {"workers": "decode_workers", "loader_workers": "workers"}
+AUGMENT_OPTIONS = {"augment": "enabled", "flip": "flip", "random_scale": "random_scale",
+                   "random_crop": "random_crop", "random_brightness": "random_brightness",
+                   "random_color": "random_color"}
+HEAD_ONLY_OPTIONS = ("hidden", "class_weight")
+
+
+def config_from_options(options: dict) -> FinetuneConfig:
+    """The config for the `petal train --finetune` options a user gave; the rest keep
+    the fine-tuning defaults (not the frozen-head defaults of the same options)."""
+    for name in HEAD_ONLY_OPTIONS:
+        if name in options:
+            raise PetalError(f"{name}: applies to the head on frozen embeddings, not to --finetune "
+                             "(the fine-tuned classifier is linear)")
+    known = {f.name for f in fields(FinetuneConfig)}
+    aug, kw = {}, {}
+    for name, value in options.items():
+        if name in AUGMENT_OPTIONS:
+            aug[AUGMENT_OPTIONS[name]] = value
+        elif OPTION_FIELDS.get(name, name) in known:
+            kw[OPTION_FIELDS.get(name, name)] = value
+    return FinetuneConfig(**kw, augment=AugmentConfig(**aug))

@@ -1,0 +1,487 @@
+"""`petal train --finetune`: train backbone blocks and a new head together.
+
+    finetune(data, out, config=FinetuneConfig(unfreeze=3)) -> FinetuneResult
+
+The loop, per epoch: augmented uint8 batches from DataLoader workers -> frozen
+trunk (no gradients) -> trained top -> label-smoothed cross-entropy -> AdamW
+with a warmup + cosine schedule. Then the eval split is scored, a checkpoint
+is written atomically (`RUN/checkpoints/last.pt`), and the best epoch so far
+(eval accuracy, then eval loss) is kept in `best.pt`. At the end the best epoch
+is evaluated, reported and exported as the usual bundle, with the parity check.
+
+Reproducible: the shuffle, the augmentation and dropout are seeded per epoch,
+so `resume=True` after a kill continues to exactly the weights an uninterrupted
+run reaches, and N data-parallel processes reach those of one process with the
+same global batch (up to float rounding), BatchNorm statistics being frozen.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
+from petal.data import EVAL, TRAIN, Dataset, load_dataset
+from petal.errors import NothingUsableError, PetalError, check_param
+from petal.finetune.config import FinetuneConfig
+from petal.finetune.data import (
+    EpochBatches,
+    PixelFile,
+    TrainImages,
+    build_pixel_file,
+    collate,
+    read_pixel_file,
+    train_view,
+)
+from petal.finetune.distributed import World, close_world, init_world
+from petal.finetune.model import FineTuneNet, OnnxTrunk, TorchTrunk, TrunkCollate, trunk_onnx_path
+from petal.metrics import compute_metrics, write_report
+from petal.storage import atomic_path, atomic_write_text, default_cache_dir
+from petal.workflow import Reporter, duplicate_warnings, tensorboard, write_csv
+
+CHECKPOINT_FORMAT = 1
+EVAL_BATCH = 64
+PARITY_LIMIT = 2000
+EVAL_CACHE_BYTES = 2 << 30  # eval activations kept in memory up to this size
+
+
+@dataclass
+class FinetuneResult:
+    run_dir: Path
+    model_dir: Path | None  # None when not exported (export=False, or stopped early)
+    metrics: dict  # of the exported (best) epoch, on the eval split
+    best_epoch: int
+    epochs_done: int
+    history: list[dict]  # one dict per epoch
+    seconds: float  # wall time of this call
+    warnings: list[str] = field(default_factory=list)
+
+
+def finetune(
+    data: str | Path,
+    out: str | Path,
+    *,
+    config: FinetuneConfig | None = None,
+    labels_file: str | Path | None = None,
+    eval_data: str | Path | None = None,
+    eval_percent: float = 10.0,
+    backbone: str = DEFAULT_BACKBONE,
+    cache_dir: str | Path | None = None,
+    resume: bool = False,
+    export: bool = True,
+    stop_after: int | None = None,
+    reporter: Reporter | None = None,
+) -> FinetuneResult | None:
+    """Fine-tune into the run folder `out`. Under torchrun every process calls this;
+    the result comes back on rank 0, None elsewhere.
+
+    `stop_after=N` ends after epoch N, as if killed there; `resume=True` goes on
+    from the last checkpoint.
+    """
+    config = config or FinetuneConfig()
+    config.check()  # fail before any slow work
+    if stop_after is not None:
+        check_param("stop_after", stop_after, isinstance(stop_after, int) and stop_after >= 1, "an epoch >= 1")
+    world = init_world()
+    threads = torch.get_num_threads()
+    try:
+        trainer = Trainer(config, world, get_backbone(backbone), Path(cache_dir or default_cache_dir()),
+                          reporter if world.main else None)
+        return trainer.run(data, Path(out), labels_file=labels_file, eval_data=eval_data,
+                           eval_percent=eval_percent, resume=resume, export=export, stop_after=stop_after)
+    finally:
+        torch.set_num_threads(threads)
+        close_world(world)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup to 1 over `warmup` steps, then cosine decay to 0 at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+
+def digest(items: list[str]) -> str:
+    return hashlib.sha256("\n".join(items).encode("utf-8")).hexdigest()[:16]
+
+
+def group_lrs(opt: torch.optim.Optimizer) -> dict[str, float]:
+    """{"backbone": lr, "head": lr}, the current learning rates."""
+    return {g["name"]: g["lr"] for g in opt.param_groups}
+
+
+def check_same_run(saved: dict, now: dict) -> None:
+    if saved != now:
+        keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        if "finetune" in keys:
+            a, b = saved.get("finetune", {}), now.get("finetune", {})
+            keys = [f"finetune.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        raise PetalError("resume: the checkpoint was made with other settings or data ("
+                         + ", ".join(keys) + " differ); use the same options, or a new --out")
+
+
+def epoch_line(logs: dict, epochs: int, best_epoch: int) -> str:
+    line = (f"epoch {logs['epoch']}/{epochs}: train loss {logs['train_loss']:.4f} "
+            f"accuracy {logs['train_accuracy']:.4f}")
+    if "eval_accuracy" in logs:
+        line += f" | eval loss {logs['eval_loss']:.4f} accuracy {logs['eval_accuracy']:.4f}"
+    return line + f" | best epoch {best_epoch} | {logs['seconds']:.0f}s"
+
+
+class Evaluator:
+    """Eval-split logits for the current top. The frozen trunk's output on the
+    (never augmented) eval images is computed once and kept, when it fits."""
+
+    def __init__(self, pixels: np.ndarray, labels: np.ndarray, trunk, device: torch.device, cache: bool = True):
+        self.pixels, self.labels, self.trunk, self.device = pixels, labels, trunk, device
+        self.cache = cache
+        self.acts: list[torch.Tensor] | None = None
+
+    def activations(self):
+        if self.acts is not None:
+            yield from self.acts
+            return
+        acts, size = [], 0
+        for i in range(0, len(self.pixels), EVAL_BATCH):
+            h = self.trunk(torch.from_numpy(np.array(self.pixels[i:i + EVAL_BATCH]))).to(self.device)  # copy
+            size += h.numel() * h.element_size()
+            acts.append(h)
+            yield h
+        if self.cache and size <= EVAL_CACHE_BYTES:
+            self.acts = acts
+
+    @torch.no_grad()
+    def logits(self, top: torch.nn.Module, autocast) -> torch.Tensor:
+        """(M, C) float32 logits on the CPU; `top` must be in eval mode."""
+        out = []
+        for h in self.activations():
+            with autocast():
+                out.append(top(h).float().cpu())
+        return torch.cat(out) if out else torch.zeros(0, 0)
+
+    def scores(self, model: FineTuneNet, autocast) -> dict:
+        """{"eval_loss", "eval_accuracy"} of the model as it is now (plain cross-entropy)."""
+        model.eval()
+        logits = self.logits(model.top, autocast)
+        y = torch.from_numpy(self.labels)
+        return {"eval_loss": float(F.cross_entropy(logits, y)),
+                "eval_accuracy": float((logits.argmax(1) == y).float().mean())}
+
+
+class Trainer:
+    def __init__(self, config: FinetuneConfig, world: World, cfg: BackboneConfig, cache_dir: Path,
+                 reporter: Reporter | None):
+        self.c, self.world, self.cfg, self.cache_dir = config, world, cfg, cache_dir
+        self.reporter = reporter or Reporter()
+        self.amp_dtype = None
+        if world.device.type == "cuda" and config.amp:
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
+
+    # ------------------------------------------------------------------ data
+
+    def pixel_files(self, run: Path, ds: Dataset) -> tuple[PixelFile, PixelFile]:
+        """Decode every image once (one process per machine does it; the others wait)."""
+        tr, ev = [e.uri for e in ds.split(TRAIN)], [e.uri for e in ds.split(EVAL)]
+        views = [(run / "pixels" / "train.u8", tr, train_view(self.cfg, self.c.augment.enabled)),
+                 (run / "pixels" / "eval.u8", ev, self.cfg)]
+        if self.world.local_rank == 0:
+            with self.reporter.progress("decoding images", len(tr) + len(ev)) as advance:
+                files = [build_pixel_file(p, uris, view, workers=self.c.decode_workers, on_progress=advance)
+                         for p, uris, view in views]
+        self.world.barrier()
+        if self.world.local_rank != 0:
+            files = [read_pixel_file(p, uris, view.input_size) for p, uris, view in views]
+            if None in files:
+                raise PetalError(f"the decoded images in {run / 'pixels'} are missing on this machine")
+        return files[0], files[1]
+
+    def threads(self) -> tuple[int, int]:
+        """(DataLoader workers, PyTorch threads) for this process.
+
+        CPU with the ONNX trunk: half the cores run workers (augmentation + trunk,
+        one thread each), the other half plus one train the top (measured on 2
+        cores: 1 worker + 2 threads beats 1 + 1 by 1.7x when other programs share
+        the CPU). CPU otherwise: one worker augments, every core trains. GPU:
+        workers feed it, up to 8.
+        """
+        per_proc = int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // self.world.local_size)
+        if self.world.device.type == "cuda":
+            workers = max(1, min(8, per_proc - 1))
+        elif self.runtime == "onnx":
+            workers = max(1, per_proc // 2)
+        else:
+            workers = 1
+        workers = workers if self.c.workers is None else self.c.workers
+        if self.world.device.type == "cpu" and self.runtime == "onnx":
+            return workers, max(1, per_proc - workers + 1)
+        return workers, per_proc
+
+    def loader(self, dataset: TrainImages, sampler: EpochBatches, workers: int) -> torch.utils.data.DataLoader:
+        # with the ONNX trunk, batches come out of the workers as activations already
+        fn = TrunkCollate(self.trunk_path, threads=1) if self.runtime == "onnx" else collate
+        return torch.utils.data.DataLoader(
+            dataset, batch_sampler=sampler, num_workers=workers, collate_fn=fn,
+            persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+            pin_memory=self.world.device.type == "cuda")
+
+    # ------------------------------------------------------------------ model
+
+    def build_model(self, num_classes: int) -> FineTuneNet:
+        torch.manual_seed(self.c.seed)  # the new classifier's (or, from scratch, every layer's) init
+        return FineTuneNet(self.cfg, num_classes, unfreeze=self.c.unfreeze, dropout=self.c.dropout,
+                           pretrained=self.c.pretrained)
+
+    def choose_runtime(self, model: FineTuneNet) -> None:
+        """Where the frozen layers run: self.runtime, and self.trunk_path for ONNX."""
+        runtime = self.c.trunk_runtime
+        if runtime == "auto":
+            cpu = self.world.device.type == "cpu"
+            runtime = "onnx" if cpu and model.cut > 0 and model.pretrained else "torch"
+        if runtime == "onnx" and not model.pretrained:
+            raise PetalError("trunk_runtime: 'onnx' needs pretrained weights; use 'torch' or 'auto'")
+        self.runtime, self.trunk_path = runtime, None
+        if runtime == "onnx":
+            if self.world.local_rank == 0:
+                trunk_onnx_path(model, self.cache_dir)  # exported once per machine, kept in the cache
+            self.world.barrier()
+            self.trunk_path = trunk_onnx_path(model, self.cache_dir)
+
+    def main_trunk(self, model: FineTuneNet, device: torch.device):
+        """The frozen layers in this process (eval, and training batches on a GPU)."""
+        if self.runtime == "onnx":
+            return OnnxTrunk(self.trunk_path, torch.get_num_threads())
+        return TorchTrunk(model, device, self.autocast if device.type == "cuda" else contextlib.nullcontext)
+
+    # ------------------------------------------------------------------ the run
+
+    def run(self, data, run: Path, *, labels_file, eval_data, eval_percent: float, resume: bool,
+            export: bool, stop_after: int | None) -> FinetuneResult | None:
+        start = time.perf_counter()
+        c, world = self.c, self.world
+        ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent)
+        self.reporter.dataset(ds)
+        fingerprint = {"format": CHECKPOINT_FORMAT, "finetune": c.training_dict(), "backbone": self.cfg.name,
+                       "classes": ds.classes, "train": digest([e.uri for e in ds.split(TRAIN)]),
+                       "eval": digest([e.uri for e in ds.split(EVAL)])}
+        ckpt = self.saved_checkpoint(run, resume, fingerprint)  # before any slow work
+        run.mkdir(parents=True, exist_ok=True)
+
+        tr_px, ev_px = self.pixel_files(run, ds)
+        label_of = {e.uri: ds.label_id(e.label) for e in ds.examples}
+        y_tr = np.array([label_of[u] for u in tr_px.uris], np.int64)
+        y_ev = np.array([label_of[u] for u in ev_px.uris], np.int64)
+        missing = sorted(set(ds.classes) - {ds.classes[i] for i in y_tr})
+        if missing:
+            raise NothingUsableError("after skipping unreadable images, these classes have no training image: "
+                                     + ", ".join(map(repr, missing)))
+        warnings = list(ds.warnings) + duplicate_warnings(ds.examples, {**tr_px.keys, **ev_px.keys})
+        for w in warnings[len(ds.warnings):]:
+            self.reporter.message(f"warning: {w}")
+        if world.main:
+            self.write_run_files(run, ds, tr_px, ev_px, data, eval_data, labels_file, eval_percent)
+
+        # ---- model, frozen trunk, optimiser, schedule, data
+        device = world.device
+        model = self.build_model(len(ds.classes)).to(device)
+        if world.size > 1 and device.type == "cuda" and not c.pretrained:
+            model.top = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.top)  # statistics over all GPUs
+        self.choose_runtime(model)
+        workers, threads = self.threads()
+        torch.set_num_threads(threads)
+        trunk = self.main_trunk(model, device)
+        sampler = EpochBatches(len(tr_px.uris), c.batch_size, c.seed, world.rank, world.size)
+        steps = len(sampler)
+        total, warmup = c.epochs * steps, round(c.warmup_epochs * steps)
+        opt = torch.optim.AdamW(model.param_groups(c.lr, c.lr * c.backbone_lr_mult, c.weight_decay))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total))
+        scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
+        history: list[dict] = []
+        best = {"epoch": 0, "accuracy": -1.0, "loss": math.inf}
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            sched.load_state_dict(ckpt["scheduler"])
+            scaler.load_state_dict(ckpt["scaler"])
+            history, best = ckpt["history"], ckpt["best"]
+            self.reporter.message(f"resuming after epoch {ckpt['epoch']} of {c.epochs}")
+        if world.all_sum([len(history)])[0] != len(history) * world.size:
+            raise PetalError("resume: not every process found the same checkpoint; on several machines "
+                             "--out must be a folder they all share")
+        top = model.top
+        if world.size > 1:
+            top = torch.nn.parallel.DistributedDataParallel(
+                model.top, device_ids=[device.index] if device.type == "cuda" else None)
+        loader = self.loader(TrainImages(tr_px, y_tr, self.cfg, c.augment, c.seed), sampler, workers)
+        evaluator = Evaluator(ev_px.open(), y_ev, trunk, device) if world.main and len(y_ev) else None
+
+        # ---- epochs
+        last = min(c.epochs, stop_after) if stop_after else c.epochs
+        log_ctx = tensorboard(run / "tensorboard") if world.main else contextlib.nullcontext(lambda *a: None)
+        with log_ctx as log:
+            for epoch in range(len(history) + 1, last + 1):
+                t0 = time.perf_counter()
+                sampler.set_epoch(epoch)
+                batches = iter(loader)  # (starting workers draws from the global RNG: before seeding)
+                torch.manual_seed(c.seed * 1_000_003 + epoch * 1009 + world.rank)  # dropout masks
+                model.train()
+                with self.reporter.progress(f"epoch {epoch}/{c.epochs}", steps) as advance:
+                    logs = self.train_epoch(top, trunk, batches, opt, sched, scaler, sampler, log,
+                                            (epoch - 1) * steps, advance)
+                if evaluator is not None:
+                    logs.update(evaluator.scores(model, self.autocast))
+                logs = {"epoch": epoch, **logs, "seconds": time.perf_counter() - t0}
+                history.append(logs)
+                if world.main:
+                    for k, v in logs.items():
+                        if k != "epoch":
+                            log(epoch_tag(k), v, epoch)
+                    best = self.checkpoint(run, model, opt, sched, scaler, history, best, fingerprint)
+                    self.reporter.message(epoch_line(logs, c.epochs, best["epoch"]))
+                world.barrier()
+
+        if not world.main:
+            return None
+        result = FinetuneResult(run, None, {}, best["epoch"], len(history), history,
+                                time.perf_counter() - start, warnings)
+        if len(history) < c.epochs:  # stopped early: --resume goes on
+            return result
+        write_csv(run / "history.csv", list(history[-1]), [list(h.values()) for h in history])
+        result.metrics, result.model_dir = self.finish(run, ds.classes, tr_px, ev_px, y_ev, best, trunk, export)
+        shutil.rmtree(run / "pixels", ignore_errors=True)  # decoded for this run only
+        result.seconds = time.perf_counter() - start
+        return result
+
+    def saved_checkpoint(self, run: Path, resume: bool, fingerprint: dict) -> dict | None:
+        """The checkpoint to resume from (same settings and data), or None to start afresh."""
+        path = run / "checkpoints" / "last.pt"
+        if not path.exists():
+            if resume:
+                self.reporter.message(f"warning: no checkpoint in {path.parent}; starting from the beginning")
+            return None
+        if not resume:
+            raise PetalError(f"out: {run} already holds a fine-tuning checkpoint; pass --resume to continue "
+                             "it, or choose a new --out")
+        ckpt = torch.load(path, map_location=self.world.device, weights_only=True)
+        check_same_run(ckpt["settings"], fingerprint)
+        return ckpt
+
+    def train_epoch(self, top, trunk, batches, opt, sched, scaler, sampler: EpochBatches, log,
+                    step: int, advance) -> dict:
+        """One pass over this process's batches; returns the epoch's train loss/accuracy
+        (over all processes) and learning rates."""
+        ls = self.c.label_smoothing
+        # Each process sums its samples' losses; scaled so that DDP's mean over the
+        # processes is the mean over the whole global batch, however it was split.
+        scale = self.world.size / sampler.global_batch
+        totals = [0.0, 0.0, 0.0]  # loss * n, correct, n
+        for x, labels in batches:
+            # (B, C, H, W) activations of the frozen units, no gradients; the ONNX trunk
+            # already ran in the DataLoader worker, the torch one runs here
+            h = x if self.runtime == "onnx" else trunk(x)
+            labels = labels.to(self.world.device, non_blocking=True)
+            with self.autocast():
+                logits = top(h.to(self.world.device, non_blocking=True))
+            loss_sum = F.cross_entropy(logits.float(), labels, label_smoothing=ls, reduction="sum")
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss_sum * scale).backward()
+            scaler.step(opt)
+            scaler.update()
+            lrs = group_lrs(opt)
+            sched.step()
+            n, loss, correct = len(labels), loss_sum.item() / len(labels), int((logits.argmax(1) == labels).sum())
+            totals = [totals[0] + loss * n, totals[1] + correct, totals[2] + n]
+            step += 1
+            log("step/loss", loss, step)
+            log("step/accuracy", correct / n, step)
+            for name, lr in lrs.items():
+                log(f"step/lr_{name}", lr, step)
+            advance(1)
+        loss_sum, correct, n = self.world.all_sum(totals)
+        return {"train_loss": loss_sum / max(n, 1), "train_accuracy": correct / max(n, 1),
+                **{f"lr_{k}": v for k, v in group_lrs(opt).items()}}
+
+    # ------------------------------------------------------------------ files
+
+    def checkpoint(self, run: Path, model, opt, sched, scaler, history, best, fingerprint) -> dict:
+        """Write best.pt if this epoch is the best so far, then last.pt; both atomically.
+
+        Best: higher eval accuracy, then lower eval loss; without an eval split, the last.
+        """
+        logs, folder = history[-1], run / "checkpoints"
+        acc, loss = logs.get("eval_accuracy", 0.0), logs.get("eval_loss", 0.0)
+        if "eval_accuracy" not in logs or (acc, -loss) > (best["accuracy"], -best["loss"]):
+            best = {"epoch": logs["epoch"], "accuracy": acc, "loss": loss}
+            with atomic_path(folder / "best.pt") as tmp:
+                torch.save({"epoch": logs["epoch"], "model": model.state_dict()}, tmp)
+        state = {"format": CHECKPOINT_FORMAT, "settings": fingerprint, "epoch": logs["epoch"],
+                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                 "scaler": scaler.state_dict(), "history": history, "best": best}
+        with atomic_path(folder / "last.pt") as tmp:
+            torch.save(state, tmp)
+        return best
+
+    def write_run_files(self, run: Path, ds: Dataset, tr_px: PixelFile, ev_px: PixelFile, data, eval_data,
+                        labels_file, eval_percent: float) -> None:
+        write_csv(run / "errors.csv", ["uri", "reason"], ds.skipped + tr_px.failed + ev_px.failed)
+        keys = {**tr_px.keys, **ev_px.keys}
+        write_csv(run / "split.csv", ["uri", "label", "split", "key"],
+                  [(e.uri, e.label, e.split, keys[e.uri]) for e in ds.examples if e.uri in keys])
+        settings = {
+            "data": str(data), "eval_data": str(eval_data) if eval_data else None,
+            "labels_file": str(labels_file) if labels_file else None, "eval_percent": eval_percent,
+            "backbone": self.cfg.to_dict(), "cache_dir": str(self.cache_dir), "finetune": self.c.to_dict(),
+            "world_size": self.world.size, "classes": ds.classes,
+        }
+        atomic_write_text(run / "settings.json", json.dumps(settings, indent=2) + "\n")
+
+    def finish(self, run: Path, classes: list[str], tr_px: PixelFile, ev_px: PixelFile, y_ev: np.ndarray,
+               best: dict, trunk, export: bool) -> tuple[dict, Path | None]:
+        """Evaluate the best epoch on the CPU in float32, report it, export it."""
+        from petal.finetune.export import Predictor, export_model
+
+        state = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
+        model = self.build_model(len(classes))
+        model.load_state_dict(state["model"])
+        model.eval()
+        cpu_trunk = trunk if self.runtime == "onnx" else TorchTrunk(model, torch.device("cpu"), contextlib.nullcontext)
+        predictor = Predictor(model, cpu_trunk)
+        extra = {"num_train": len(tr_px.uris), "best_epoch": best["epoch"]}
+        if len(y_ev):
+            probs = predictor(ev_px.open())
+            metrics = {**compute_metrics(y_ev, probs, classes), **extra}
+            write_report(run, metrics, classes, ev_px.uris, y_ev, probs)
+        else:
+            self.reporter.message("warning: no eval images; metrics are not computed, the last epoch is exported")
+            metrics = {"accuracy": None, "top5_accuracy": None, "num_eval": 0, **extra}
+            atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        model_dir = None
+        if export:
+            parity = (ev_px.uris or tr_px.uris[:256])[:PARITY_LIMIT]
+            self.reporter.message(f"exporting epoch {best['epoch']} and checking parity on {len(parity)} images")
+            model_dir = export_model(run / "model", model, predictor, classes, parity, metrics,
+                                     extra={"finetune": self.c.to_dict(), "best_epoch": best["epoch"]})
+        return metrics, model_dir
+
+
+def epoch_tag(key: str) -> str:
+    """history key -> TensorBoard tag: train_loss -> loss/train, lr_head -> lr/head."""
+    if "_" not in key:
+        return f"epoch/{key}"
+    first, rest = key.split("_", 1)
+    return f"{rest}/{first}" if first in ("train", "eval") else f"{first}/{rest}"

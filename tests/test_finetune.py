@@ -1,0 +1,186 @@
+"""Fine-tuning (`petal train --finetune`) on tiny synthetic sets (14 to 36 training
+images, 1-2 epochs, small batches, one unfrozen block; the input stays 224 px).
+Covers the trunk/top split against the ImageNet graph, augmentation, export with
+parity, resume after a stop, 2 data-parallel CPU processes vs 1, and training
+from scratch."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from petal.backbones import get_backbone
+from petal.errors import PetalError
+from petal.finetune import AugmentConfig, FinetuneConfig, finetune
+from petal.finetune.config import config_from_options
+from petal.finetune.data import EpochBatches, augment_image, center_view
+from petal.finetune.model import FineTuneNet, OnnxTrunk, trunk_onnx_path
+
+CFG = get_backbone("efficientnet_lite0")
+TINY = dict(epochs=1, batch_size=4, unfreeze=1, dropout=0.0)  # dropout off: runs compare exactly
+
+
+@pytest.fixture(scope="module")
+def ft_cache(tmp_path_factory):
+    """A cache for the frozen trunk's ONNX graph (exported once, ~10 s)."""
+    return tmp_path_factory.mktemp("ft-cache")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """3 classes x 6 images: 14 train, 4 eval at --eval-percent 25."""
+    from petal.synthetic import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("tiny") / "shapes", per_class=6, seed=2)
+
+
+def last_state(run) -> dict:
+    return torch.load(run / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict, b: dict, atol: float = 0.0) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=0 if atol == 0 else 1e-5, msg=k)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def test_split_model_reproduces_the_imagenet_predictions(ft_cache):
+    """Frozen trunk in ONNX Runtime + top in torch = the shipped weights' ImageNet predictions.
+    (tests/test_backbone.py checks the whole torch backbone against the ONNX backbone graph.)"""
+    skimage_data = pytest.importorskip("skimage.data")
+    from petal.backbones import imagenet_classes
+    from petal.images import load_pixels
+    from petal.models import Preprocess, build_backbone
+
+    def png(a):
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "PNG")
+        return buf.getvalue()
+
+    photos = np.stack([load_pixels(png(skimage_data.chelsea()), CFG), load_pixels(png(skimage_data.coffee()), CFG)])
+    net = build_backbone(CFG)
+    model = FineTuneNet(CFG, 1000, unfreeze=1).eval()
+    model.top[-1].fc.load_state_dict(net._fc.state_dict())  # the ImageNet classifier
+    trunk = OnnxTrunk(trunk_onnx_path(model, ft_cache), 2)
+    x = torch.from_numpy(photos)
+    with torch.no_grad():
+        split = model.top(trunk(x)).softmax(-1).numpy()
+        eager = model(x).softmax(-1).numpy()
+        reference = net(Preprocess(CFG)(x)).softmax(-1).numpy()
+    assert list(split.argmax(1)) == list(eager.argmax(1)) == list(reference.argmax(1))
+    names = imagenet_classes()
+    assert names[split[0].argmax()] in {"tiger cat", "Egyptian cat", "tabby"} and names[split[1].argmax()] == "espresso"
+    np.testing.assert_allclose(split, reference, atol=1e-4)
+
+
+def test_augmentation_is_seeded_per_image_and_off_means_the_eval_view():
+    rng = np.random.default_rng(0)
+    square = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    aug = AugmentConfig()
+    a = augment_image(square, 224, CFG.crop_pct, aug, np.random.default_rng([0, 1, 5]))
+    b = augment_image(square, 224, CFG.crop_pct, aug, np.random.default_rng([0, 1, 5]))
+    c = augment_image(square, 224, CFG.crop_pct, aug, np.random.default_rng([0, 2, 5]))
+    assert a.shape == (224, 224, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+    still = AugmentConfig(flip=False, random_scale=0, random_crop=0, random_brightness=0, random_color=0)
+    plain = augment_image(square, 224, CFG.crop_pct, still, np.random.default_rng(1))
+    assert np.abs(plain.astype(int) - center_view(square, 224)).max() <= 1  # the central 87.5%
+
+
+def test_processes_split_each_global_batch():
+    one = list(EpochBatches(37, 8, seed=3))
+    two = [list(EpochBatches(37, 8, seed=3, rank=r, world=2)) for r in range(2)]
+    assert len(one) == 4 and all(len(b) == 8 for b in one)  # the partial batch is dropped
+    assert [a + b for a, b in zip(*two)] == one
+    with pytest.raises(PetalError, match="batch_size: expected"):
+        EpochBatches(37, 1, seed=0, world=2)
+
+
+def test_options_and_errors_name_the_parameter():
+    cfg = config_from_options({"epochs": 3, "flip": False, "workers": 2, "unfreeze": 5})
+    assert (cfg.epochs, cfg.augment.flip, cfg.decode_workers, cfg.unfreeze) == (3, False, 2, 5)
+    assert cfg.lr == FinetuneConfig().lr  # not given: the fine-tuning default
+    with pytest.raises(PetalError, match="hidden: applies to the head"):
+        config_from_options({"hidden": 10})
+    with pytest.raises(PetalError, match=r"unfreeze: expected -1 \(all\) .* got -2"):
+        FinetuneConfig(unfreeze=-2).check()
+    with pytest.raises(PetalError, match="random_crop: expected a percentage"):
+        FinetuneConfig(augment=AugmentConfig(random_crop=150)).check()
+    assert FinetuneConfig(pretrained=False).unfreeze == -1
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_finetune_exports_a_bundle_that_matches(tmp_path, dataset, ft_cache):
+    import petal
+
+    run = tmp_path / "run"
+    r = finetune(dataset, run, config=FinetuneConfig(**{**TINY, "epochs": 2, "batch_size": 8, "dropout": 0.2}),
+                 eval_percent=25, cache_dir=ft_cache)
+    assert r.epochs_done == 2 and r.best_epoch in (1, 2) and len(r.history) == 2
+    assert r.metrics["accuracy"] >= 0.75 and r.metrics["num_eval"] == 12
+    meta = json.loads((run / "model" / "petal.json").read_text())
+    assert meta["input"]["shape"] == ["batch", 224, 224, 3] and meta["best_epoch"] == r.best_epoch
+    assert meta["finetune"]["unfreeze"] == 1
+    preds = petal.load(run / "model").predict([str(p) for p in sorted(dataset.glob("squares/*"))[:4]])
+    assert all(p.label == "squares" for p in preds)
+    assert {"metrics.json", "confusion_matrix.png", "history.csv", "split.csv", "settings.json"} <= {
+        p.name for p in run.iterdir()}
+    assert (run / "checkpoints" / "best.pt").exists() and not (run / "pixels").exists()
+    assert list((run / "tensorboard").glob("events.*"))
+    with pytest.raises(PetalError, match="pass --resume"):
+        finetune(dataset, run, config=FinetuneConfig(**TINY), eval_percent=25, cache_dir=ft_cache)
+    with pytest.raises(PetalError, match=r"finetune\.lr"):  # other settings: refused before any work
+        finetune(dataset, run, config=FinetuneConfig(**{**TINY, "epochs": 2, "batch_size": 8, "dropout": 0.2,
+                                                        "lr": 1.0}), eval_percent=25, cache_dir=ft_cache,
+                 resume=True)
+
+
+def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, tiny, ft_cache):
+    config = FinetuneConfig(**{**TINY, "epochs": 2, "dropout": 0.2})  # dropout on: seeded per epoch
+    whole = finetune(tiny, tmp_path / "whole", config=config, eval_percent=25, cache_dir=ft_cache, export=False)
+    part = finetune(tiny, tmp_path / "part", config=config, eval_percent=25, cache_dir=ft_cache,
+                    export=False, stop_after=1)
+    assert part.epochs_done == 1 and part.model_dir is None and not part.metrics
+    done = finetune(tiny, tmp_path / "part", config=config, eval_percent=25, cache_dir=ft_cache,
+                    export=False, resume=True)
+    assert done.epochs_done == 2 and done.best_epoch == whole.best_epoch
+    assert_same_weights(last_state(tmp_path / "whole"), last_state(tmp_path / "part"))
+    assert [h["train_loss"] for h in done.history] == [h["train_loss"] for h in whole.history]
+
+
+def test_two_cpu_processes_match_one(tmp_path, tiny, ft_cache):
+    """`--nproc 2` (torchrun, gloo) and 1 process, same global batch: the same weights."""
+    finetune(tiny, tmp_path / "one", config=FinetuneConfig(**TINY), eval_percent=25, cache_dir=ft_cache,
+             export=False)
+    cmd = [sys.executable, "-m", "petal", "train", str(tiny), "--out", str(tmp_path / "two"), "--finetune",
+           "--epochs", "1", "--batch-size", "4", "--unfreeze", "1", "--dropout", "0", "--eval-percent", "25",
+           "--no-export", "--nproc", "2"]
+    env = {**os.environ, "PETAL_CACHE_DIR": str(ft_cache), "COLUMNS": "200"}
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert json.loads((tmp_path / "two" / "settings.json").read_text())["world_size"] == 2
+    # allclose, not equal: the processes sum gradients in another order, and Adam turns a
+    # float-noise-sized gradient into a step of +-lr, so a rare weight differs by ~lr/10
+    assert_same_weights(last_state(tmp_path / "one"), last_state(tmp_path / "two"), atol=1e-4)
+    losses = [torch.load(tmp_path / r / "checkpoints" / "last.pt", weights_only=True)["history"][0]["train_loss"]
+              for r in ("one", "two")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)  # the mean over both processes' samples
+
+
+def test_from_scratch_learns_batchnorm_statistics(tmp_path, tiny, ft_cache):
+    config = FinetuneConfig(epochs=1, batch_size=6, pretrained=False, augment=AugmentConfig(enabled=False))
+    r = finetune(tiny, tmp_path / "scratch", config=config, eval_percent=25, cache_dir=ft_cache, export=False)
+    assert r.epochs_done == 1 and np.isfinite(r.history[0]["train_loss"])
+    state = last_state(tmp_path / "scratch")
+    assert not torch.equal(state["top.0.bn.running_mean"], torch.zeros(32))  # the stem is trained
