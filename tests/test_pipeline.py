@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -73,6 +74,9 @@ def test_train_writes_a_complete_run(trained_run):
     assert settings["backbone"]["name"] == "efficientnet_lite0" and settings["head"]["epochs"] == 20
     bundle = trained_run.model_dir
     assert {p.name for p in bundle.iterdir()} == {"model.onnx", "labels.txt", "petal.json"}
+    umask = os.umask(0)
+    os.umask(umask)
+    assert bundle.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700: others can serve it
     meta = json.loads((bundle / "petal.json").read_text())
     assert meta["labels"] == ["circles", "squares", "triangles"]
     assert meta["backbone"]["input_size"] == 224 and "onnxruntime" in meta["versions"]

@@ -148,6 +148,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a served bundle needs the usual mode
     try:
         yield tmp
         swapped = path.exists() and _exchange(tmp, path)  # then `tmp` holds the old folder
