@@ -184,15 +184,9 @@ class OnnxTrunk:
     """
 
     def __init__(self, path: Path, threads: int):
-        import onnxruntime as ort
+        from petal.runtime import make_session
 
-        so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        self.session = make_session(path, threads, spin=False)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         out = self.session.run(["activations"], {"images": np.ascontiguousarray(images.numpy())})[0]
