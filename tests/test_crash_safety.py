@@ -31,7 +31,7 @@ from petal.embed import embed
 from petal.storage import atomic_dir, atomic_path
 
 CFG = get_backbone("efficientnet_lite0")
-N_IMAGES = 96
+N_IMAGES = 192  # 48 shards: ten kills of a few shards each cannot finish the run
 KILLS = 10
 # one shard per backbone batch of 4: many small shards, so kills land between them
 SMALL_SHARDS = {"PETAL_SHARD_ROWS": "4", "PETAL_EMBED_BATCH": "4"}
@@ -102,6 +102,28 @@ def reference(corpus, cache_dir, tmp_path_factory) -> dict[str, np.ndarray]:
     return dict(cache.load())
 
 
+def wait_for_a_random_moment(p: subprocess.Popen, d: Path, rng: random.Random) -> int:
+    """Block until a random moment of a `petal embed` run: during start-up or the first
+    batch (0), or just after its first or second new shard (1, 2), and return which.
+
+    The moments are tied to shards appearing, not to wall-clock time, so a faster
+    machine cannot finish the run before the kill lands.
+    """
+    before = len(list(d.glob("shard-*.parquet")))
+    want = rng.choice([0, 1, 2])
+
+    def new_shards() -> int:
+        return len(list(d.glob("shard-*.parquet"))) - before
+
+    t0 = time.monotonic()
+    deadline = t0 + (rng.uniform(0.2, 1.5) if want == 0 else 60)
+    while new_shards() < max(want, 1) and p.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    if want:
+        time.sleep(rng.uniform(0.0, 0.03))  # somewhere in the next batch, or mid-write
+    return want
+
+
 def test_kill_9_ten_times_then_resume(tmp_path, corpus, cache_dir, reference):
     seed = int.from_bytes(os.urandom(4), "little")
     rng = random.Random(seed)
@@ -109,18 +131,9 @@ def test_kill_9_ten_times_then_resume(tmp_path, corpus, cache_dir, reference):
     d = shard_dir(cache)
     log = []  # (shards wanted before the kill, shards after, keys after, temp files left)
     for _ in range(KILLS):
-        before = len(list(d.glob("shard-*.parquet")))
-        want = rng.choice([0, 1, 2])  # 0: kill during start-up or the first batch
         cmd, env = petal_embed(corpus, cache)
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        t0 = time.monotonic()
-        if want == 0:
-            time.sleep(rng.uniform(0.2, 1.5))
-        else:
-            while (len(list(d.glob("shard-*.parquet"))) - before < want and p.poll() is None
-                   and time.monotonic() - t0 < 60):
-                time.sleep(0.003)
-            time.sleep(rng.uniform(0.0, 0.12))  # anywhere in the next batch, or mid-write
+        want = wait_for_a_random_moment(p, d, rng)
         assert p.poll() is None, f"seed {seed}: the run finished before it could be killed; log {log}"
         os.kill(p.pid, signal.SIGKILL)
         assert p.wait() == -signal.SIGKILL
