@@ -32,6 +32,21 @@ def test_embed_json_summary_and_errors_file(tmp_path, dataset, cache_dir):
     assert again["embedded"] == 0 and again["cached"] == 48
 
 
+def test_unreadable_cache_shard_is_a_warning_line(tmp_path, dataset, cache_dir):
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir / "models", cache / "models")  # the exported backbone, not re-exported
+    petal("embed", dataset, "--cache", cache)
+    shard = next((cache / "embeddings").glob("*/shard-*.parquet"))
+    shard.write_bytes(shard.read_bytes()[:100])  # half-copied outside petal
+    r = petal("embed", dataset, "--cache", cache, "--json")
+    assert f"warning: embedding cache: unreadable shard {shard}" in r.stderr.replace("\n", "")
+    assert "UserWarning" not in r.stderr and "warnings.warn" not in r.stderr
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["embedded"] > 0 and summary["embedded"] + summary["cached"] == 48
+
+
 def test_train_predict_classify(tmp_path, dataset, cache_dir):
     r = petal("train", dataset, "--out", tmp_path / "run", "--epochs", "5", "--hidden", "0",
               "--eval-percent", "25")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -382,11 +383,17 @@ def _register_optional_commands() -> None:
     cli_serve.register(app)
 
 
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    err.print(f"warning: {message}", style="yellow", markup=False, highlight=False)
+
+
 def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("PETAL_DEBUG") == "1"
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
     _register_optional_commands()
+    if not debug:  # a warning is a line for the user, not a source location
+        warnings.showwarning = show_warning
     try:
         app(standalone_mode=False)
     except PetalError as e:

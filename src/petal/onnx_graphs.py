@@ -37,6 +37,7 @@ def backbone_onnx_path(cfg: BackboneConfig, cache_dir: Path) -> Path:
 
 
 def export_backbone(cfg: BackboneConfig, path: Path) -> None:
+    import onnx
     import torch
 
     from petal.models import Preprocess, build_backbone
@@ -50,25 +51,32 @@ def export_backbone(cfg: BackboneConfig, path: Path) -> None:
             features = self.net.features(self.pre(images))
             return features, self.net._fc(features).softmax(-1)
 
+    onnx.save(images_module_to_onnx(Graph(), cfg, ["features", "imagenet_probs"]), str(path))
+
+
+def images_module_to_onnx(module, cfg: BackboneConfig, outputs: list[str]):
+    """A torch module taking uint8 `images` (batch, S, S, 3), as an onnx ModelProto
+    with a dynamic batch axis. Exported quietly: the exporter is chatty on stdout,
+    stderr and in logging, and a user needs none of it."""
+    import torch
+
     s = cfg.input_size
     example = torch.zeros(2, s, s, 3, dtype=torch.uint8)
     batch = torch.export.Dim("batch", min=1)
-    # The exporter is chatty on stdout/stderr and in logging; a user needs none of it.
+    torch_log = logging.getLogger("torch")
+    level = torch_log.level
     quiet = io.StringIO()
     with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
         warnings.simplefilter("ignore")
-        logging.getLogger("torch").setLevel(logging.ERROR)
-        program = torch.onnx.export(
-            Graph().eval(),
-            (example,),
-            input_names=[INPUT],
-            output_names=["features", "imagenet_probs"],
-            dynamic_shapes={"images": {0: batch}},
-            opset_version=OPSET,
-            dynamo=True,
-            verbose=False,
-        )
-        program.save(str(path))
+        torch_log.setLevel(logging.ERROR)
+        try:
+            program = torch.onnx.export(
+                module.eval(), (example,), input_names=[INPUT], output_names=outputs,
+                dynamic_shapes={INPUT: {0: batch}}, opset_version=OPSET, dynamo=True, verbose=False,
+            )
+        finally:
+            torch_log.setLevel(level)
+    return program.model_proto
 
 
 def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], feature_dim: int):

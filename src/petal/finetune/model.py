@@ -19,10 +19,6 @@ learned (train mode).
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +29,10 @@ from torch import nn
 from petal.backbones import BackboneConfig
 from petal.finetune.config import ALL_BLOCKS
 from petal.models import Preprocess, build_backbone
+from petal.onnx_graphs import images_module_to_onnx
 from petal.storage import atomic_path
 
 TRUNK_GRAPH_VERSION = 1  # bump when the trunk graph changes
-OPSET = 18
 
 
 class Stem(nn.Module):
@@ -144,24 +140,8 @@ class TrunkInput(nn.Module):
 
 
 def to_onnx(module: nn.Module, cfg: BackboneConfig, output: str):
-    """`module` (uint8 `images` (batch, S, S, 3) -> `output`) as an onnx ModelProto, quietly."""
-    module = module.eval()
-    s = cfg.input_size
-    example = torch.zeros(2, s, s, 3, dtype=torch.uint8)
-    quiet = io.StringIO()  # the exporter is chatty on stdout/stderr and in logging
-    level = logging.getLogger("torch").level
-    with warnings.catch_warnings(), contextlib.redirect_stdout(quiet), contextlib.redirect_stderr(quiet):
-        warnings.simplefilter("ignore")
-        logging.getLogger("torch").setLevel(logging.ERROR)
-        try:
-            program = torch.onnx.export(
-                module, (example,), input_names=["images"], output_names=[output],
-                dynamic_shapes={"images": {0: torch.export.Dim("batch", min=1)}},
-                opset_version=OPSET, dynamo=True, verbose=False,
-            )
-        finally:
-            logging.getLogger("torch").setLevel(level)
-    return program.model_proto
+    """`module` (uint8 `images` (batch, S, S, 3) -> `output`) as an onnx ModelProto."""
+    return images_module_to_onnx(module, cfg, [output])
 
 
 def trunk_onnx_path(model: FineTuneNet, cache_dir: Path) -> Path:
