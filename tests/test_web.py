@@ -109,3 +109,18 @@ def test_page_asks_for_the_api_key(browser, model_dir):
         page.wait_for_selector("body[data-ready='1']", timeout=30_000)
         assert page.eval_on_selector("#model", "s => s.value") == "shapes"
         page.close()
+
+
+def test_api_docs_render_offline(browser, model_dir):
+    """/docs shows Swagger UI from the package's own assets: no CDN, so it works offline."""
+    with running(ServeConfig({"shapes": model_dir})) as (url, _):
+        page = browser.new_page()
+        outside = []
+        page.route("**/*", lambda route: (route.continue_() if route.request.url.startswith(url)
+                                          else (outside.append(route.request.url), route.abort())))
+        page.goto(url + "/docs")
+        page.wait_for_selector(".swagger-ui .opblock", timeout=30_000)
+        paths = page.eval_on_selector_all(".opblock-summary-path", "els => els.map(e => e.textContent)")
+        assert "/v1/models/{name}:predict" in [p.replace("\u200b", "") for p in paths]
+        assert outside == []
+        page.close()

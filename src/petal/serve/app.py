@@ -14,6 +14,7 @@ from importlib import resources
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
@@ -83,8 +84,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         metrics.ready.set(0)
         await asyncio.to_thread(service.close)  # queued batches finish first
 
-    app = FastAPI(title="petal serve", version=__version__, lifespan=lifespan,
-                  description="Image classification in the Cloud ML / TF Serving row format.")
+    # FastAPIOffline: /docs and /redoc load Swagger UI / ReDoc from the package, not a CDN
+    app = FastAPIOffline(title="petal serve", version=__version__, lifespan=lifespan,
+                         description="Image classification in the Cloud ML / TF Serving row format.")
     app.state.service = service
     app.state.metrics = metrics
     app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
