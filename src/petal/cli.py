@@ -345,7 +345,7 @@ def classify(
     """ImageNet top-k names from the pretrained backbone's own head."""
     from petal.classify import classify_images
 
-    for uri, result in classify_images(images, backbone, cache, top_k):
+    for uri, result in classify_images(images, backbone, cache, top_k, RichReporter().message):
         if isinstance(result, str):
             err.print(f"{uri}: error: {result}", style="red", markup=False)
             continue

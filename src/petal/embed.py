@@ -48,8 +48,11 @@ def embed(
     batch_size: int | None = None,
     workers: int | None = None,
     on_progress: Callable[[int], None] | None = None,
+    on_message: Callable[[str], None] | None = None,
 ) -> tuple[EmbedResult, EmbeddingCache]:
-    """Make sure every readable image in `uris` has an embedding in the cache."""
+    """Make sure every readable image in `uris` has an embedding in the cache.
+    `on_progress(n)` after each batch of n images; `on_message(text)` for news
+    such as the one-off backbone export."""
     from petal.onnx_graphs import backbone_onnx_path
     from petal.runtime import make_session
 
@@ -75,7 +78,7 @@ def embed(
                     todo.append(item)
             if todo:
                 if session is None:
-                    session = make_session(backbone_onnx_path(cfg, cache_dir))
+                    session = make_session(backbone_onnx_path(cfg, cache_dir, on_message))
                 pixels = np.stack([t.pixels for t in todo])  # (B, S, S, 3) uint8
                 (features,) = session.run(["features"], {"images": pixels})  # (B, D)
                 writer.add([t.key for t in todo], np.array(features))  # own the memory

@@ -15,6 +15,7 @@ import contextlib
 import io
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +28,14 @@ OPSET = 18
 INPUT = "images"
 
 
-def backbone_onnx_path(cfg: BackboneConfig, cache_dir: Path) -> Path:
-    """The cached backbone graph, exported on first use (about 15 s)."""
+def backbone_onnx_path(cfg: BackboneConfig, cache_dir: Path,
+                       on_export: Callable[[str], None] | None = None) -> Path:
+    """The cached backbone graph, exported on first use (about 15 s; `on_export`
+    hears about it first, so a progress bar does not stall unexplained)."""
     path = Path(cache_dir) / "models" / f"{cfg.name}-g{GRAPH_VERSION}.onnx"
     if not path.is_file():
+        if on_export:
+            on_export(f"exporting {cfg.name} to ONNX into {path.parent} (once per cache, about 15 s)")
         with atomic_path(path) as tmp:
             export_backbone(cfg, tmp)
     return path

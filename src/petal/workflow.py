@@ -64,7 +64,7 @@ def embed_dataset(ds: Dataset, backbone: str = DEFAULT_BACKBONE, cache_dir: Path
     uris = [e.uri for e in ds.examples]
     with reporter.progress("embedding", len(uris)) as advance:
         result, cache = embed(uris, cfg, Path(cache_dir or default_cache_dir()),
-                              on_progress=advance, workers=workers)
+                              on_progress=advance, on_message=reporter.message, workers=workers)
     if uris and not result.keys:
         raise NothingUsableError(f"none of the {len(uris)} images could be read; first error: "
                                  f"{result.failed[0][0]}: {result.failed[0][1]}")
