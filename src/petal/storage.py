@@ -117,12 +117,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a shared cache needs the usual mode
     try:
         yield Path(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
+        _fsync(Path(tmp))
         os.replace(tmp, path)
+        _fsync(path.parent)  # the rename itself survives a power cut
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (folders: where the OS allows)."""
+    if path.is_symlink():
+        return
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # e.g. a folder on Windows
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():  # some filesystems refuse fsync on folders; files must sync
+            raise
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:
@@ -151,6 +168,8 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a served bundle needs the usual mode
     try:
         yield tmp
+        for p in (*tmp.rglob("*"), tmp):  # contents on disk before the swap makes them visible
+            _fsync(p)
         swapped = path.exists() and _exchange(tmp, path)  # then `tmp` holds the old folder
         if not swapped:
             # No atomic swap here (not Linux, or an old kernel/filesystem): move the
@@ -163,6 +182,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             os.replace(tmp, path)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
+        _fsync(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
