@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from petal.errors import PetalError
+from petal.params import env_int
 from petal.storage import atomic_path
 
 try:
@@ -42,16 +42,6 @@ except ImportError:  # Windows: no advisory locks; see the module docstring
 PREPROCESS_VERSION = 1  # bump when petal.images changes what pixels come out
 DEFAULT_SHARD_ROWS = 512
 STALE_TEMP_SECONDS = 3600  # a writer's temp file older than this was left by a killed run
-
-
-def env_int(name: str, default: int) -> int:
-    """A positive integer from the environment variable `name`, else `default`."""
-    raw = os.environ.get(name, "").strip()
-    if not raw:
-        return default
-    if not raw.isdigit() or int(raw) < 1:
-        raise PetalError(f"{name}: expected a positive integer, got {raw!r}")
-    return int(raw)
 
 
 def arrow_schema(feature_dim: int):

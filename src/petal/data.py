@@ -19,6 +19,7 @@ from pathlib import Path
 
 from petal.errors import DataError, PetalError
 from petal.images import IMAGE_EXTENSIONS
+from petal.params import Real, check_param
 from petal.storage import check_scheme, is_local, local_path, scheme_of
 
 TRAIN, EVAL = "train", "eval"
@@ -289,8 +290,7 @@ def load_dataset(
     With `eval_source`, that data is the eval split and `source` is all train;
     otherwise a stable hash of each file name puts `eval_percent`% in eval.
     """
-    if not 0 <= eval_percent < 100:
-        raise PetalError(f"eval_percent: expected a number in [0, 100), got {eval_percent!r}")
+    check_param("eval_percent", eval_percent, Real(0, 100, high_open=True))
     rows, skipped, warnings = _read_source(str(source))
     tagged = [(u, lab, assign_split(u, eval_percent)) for u, lab in rows]
     if eval_source is not None:

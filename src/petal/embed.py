@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 
 from petal.backbones import BackboneConfig
-from petal.cache import EmbeddingCache, env_int
+from petal.cache import EmbeddingCache
 from petal.loader import Item, batches, iter_items
+from petal.params import env_int
 
 DEFAULT_BATCH = 32  # images per backbone run; $PETAL_EMBED_BATCH overrides it
 

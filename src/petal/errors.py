@@ -21,9 +21,3 @@ class ImageError(PetalError):
 class NothingUsableError(PetalError):
     """Every input failed, so the step produced nothing."""
 
-
-def check_param(name: str, value, ok: bool, expected: str):
-    """Raise PetalError naming the parameter, what was expected and what was got."""
-    if not ok:
-        raise PetalError(f"{name}: expected {expected}, got {value!r}")
-    return value

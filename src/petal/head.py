@@ -14,11 +14,26 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from petal.errors import PetalError, check_param
+from petal.errors import PetalError
+from petal.params import Int, OneOf, Real, check_params
+
+HEAD_RULES = {
+    "hidden": Int(0),
+    "dropout": Real(0, 1, high_open=True),
+    "epochs": Int(1),
+    "lr": Real(0, low_open=True),
+    "batch_size": Int(1),
+    "weight_decay": Real(0),
+    "label_smoothing": Real(0, 1, high_open=True),
+    "class_weight": OneOf(None, "balanced"),
+    "seed": Int(0),
+}
 
 
 @dataclass
 class HeadClassifier:
+    """Dense head on embeddings: fit / predict / predict_proba, parameters checked by HEAD_RULES."""
+
     hidden: int = 1024
     dropout: float = 0.5
     epochs: int = 15
@@ -33,16 +48,7 @@ class HeadClassifier:
         return asdict(self)
 
     def _check_params(self) -> None:
-        p = self
-        check_param("hidden", p.hidden, isinstance(p.hidden, int) and p.hidden >= 0, "an integer >= 0")
-        check_param("dropout", p.dropout, 0 <= p.dropout < 1, "a number in [0, 1)")
-        check_param("epochs", p.epochs, isinstance(p.epochs, int) and p.epochs >= 1, "an integer >= 1")
-        check_param("lr", p.lr, p.lr > 0, "a number > 0")
-        check_param("batch_size", p.batch_size, isinstance(p.batch_size, int) and p.batch_size >= 1,
-                    "an integer >= 1")
-        check_param("weight_decay", p.weight_decay, p.weight_decay >= 0, "a number >= 0")
-        check_param("label_smoothing", p.label_smoothing, 0 <= p.label_smoothing < 1, "a number in [0, 1)")
-        check_param("class_weight", p.class_weight, p.class_weight in (None, "balanced"), "None or 'balanced'")
+        check_params(self, HEAD_RULES)
 
     # ------------------------------------------------------------------ training
 
@@ -87,6 +93,8 @@ class HeadClassifier:
         if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
             raise PetalError(f"X, y: expected (N, D) and (N,) with N > 0, got {X.shape} and {y.shape}")
         self.num_classes_ = int(num_classes or y.max() + 1)
+        if y.min() < 0 or y.max() >= self.num_classes_:
+            raise PetalError(f"y: expected class ids in [0, {self.num_classes_}), got {y.min()}..{y.max()}")
         self.feature_dim_ = X.shape[1]
 
         torch.manual_seed(self.seed)

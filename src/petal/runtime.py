@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
+
+from petal.params import env_int
 
 
 def make_session(path: str | Path, threads: int | None = None, spin: bool = True):
@@ -15,6 +16,6 @@ def make_session(path: str | Path, threads: int | None = None, spin: bool = True
     if not spin:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = threads or int(os.environ.get("PETAL_ORT_THREADS", "0"))
+    so.intra_op_num_threads = threads or env_int("PETAL_ORT_THREADS", 0, low=0)  # 0: all cores
     so.log_severity_level = 3  # errors only
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
 
-from petal.errors import PetalError, check_param
+from petal.errors import PetalError
+from petal.params import Bool, Int, OneOf, Real, check_params
 
 ALL_BLOCKS = -1  # --unfreeze -1: train every layer, the stem included
 DEFAULT_UNFREEZE = 3  # with pretrained weights; from scratch trains everything
@@ -37,9 +38,9 @@ class AugmentConfig:
     random_color: float = 20.0
 
     def check(self) -> None:
-        for name in ("random_scale", "random_crop", "random_brightness", "random_color"):
-            v = getattr(self, name)
-            check_param(name, v, isinstance(v, int | float) and 0 <= v < 100, "a percentage in [0, 100)")
+        percent = Real(0, 100, high_open=True, what="a percentage in [0, 100)")
+        check_params(self, {"enabled": Bool(), "flip": Bool(), "random_scale": percent, "random_crop": percent,
+                            "random_brightness": percent, "random_color": percent})
 
 
 @dataclass
@@ -69,23 +70,14 @@ class FinetuneConfig:
             self.unfreeze = DEFAULT_UNFREEZE if self.pretrained else ALL_BLOCKS
 
     def check(self) -> None:
-        check_param("epochs", self.epochs, isinstance(self.epochs, int) and self.epochs >= 1, "an integer >= 1")
-        check_param("batch_size", self.batch_size, isinstance(self.batch_size, int) and self.batch_size >= 1,
-                    "an integer >= 1")
-        check_param("lr", self.lr, self.lr > 0, "a number > 0")
-        check_param("backbone_lr_mult", self.backbone_lr_mult, self.backbone_lr_mult >= 0, "a number >= 0")
-        check_param("warmup_epochs", self.warmup_epochs, 0 <= self.warmup_epochs <= self.epochs,
-                    f"a number in [0, epochs={self.epochs}]")
-        check_param("weight_decay", self.weight_decay, self.weight_decay >= 0, "a number >= 0")
-        check_param("label_smoothing", self.label_smoothing, 0 <= self.label_smoothing < 1, "a number in [0, 1)")
-        check_param("dropout", self.dropout, 0 <= self.dropout < 1, "a number in [0, 1)")
-        check_param("unfreeze", self.unfreeze, isinstance(self.unfreeze, int) and self.unfreeze >= -1,
-                    "-1 (all) or a number of blocks >= 0")
-        check_param("trunk_runtime", self.trunk_runtime, self.trunk_runtime in ("auto", "onnx", "torch"),
-                    "'auto', 'onnx' or 'torch'")
-        if self.workers is not None:
-            check_param("workers", self.workers, isinstance(self.workers, int) and self.workers >= 0,
-                        "an integer >= 0")
+        check_params(self, {
+            "epochs": Int(1), "batch_size": Int(1), "lr": Real(0, low_open=True), "backbone_lr_mult": Real(0),
+            "warmup_epochs": Real(0, self.epochs), "weight_decay": Real(0),
+            "label_smoothing": Real(0, 1, high_open=True), "dropout": Real(0, 1, high_open=True),
+            "unfreeze": Int(ALL_BLOCKS, what="-1 (all) or a number of blocks >= 0"), "pretrained": Bool(),
+            "seed": Int(0), "trunk_runtime": OneOf("auto", "onnx", "torch"), "amp": Bool(),
+            "workers": Int(0, none_ok=True), "decode_workers": Int(1, none_ok=True),
+        })
         if not self.pretrained and self.unfreeze != ALL_BLOCKS:
             raise PetalError(f"unfreeze: training from scratch (--no-pretrained) trains every layer; "
                              f"expected -1, got {self.unfreeze!r}")

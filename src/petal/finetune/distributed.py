@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from petal.errors import check_param
+from petal.params import Int, check_param
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def launch(nproc: int, argv: list[str]) -> int:
     `argv` is the command line of this process; its --nproc option is removed, so
     the workers do not launch again. Returns torchrun's exit code.
     """
-    check_param("nproc", nproc, isinstance(nproc, int) and nproc >= 1, "an integer >= 1")
+    check_param("nproc", nproc, Int(1))
     args, skip = [], False
     for a in argv:
         if skip:

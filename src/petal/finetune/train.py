@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
 from petal.data import EVAL, TRAIN, Dataset, load_dataset
-from petal.errors import NothingUsableError, PetalError, check_param
+from petal.errors import NothingUsableError, PetalError
 from petal.finetune.config import FinetuneConfig
 from petal.finetune.data import (
     EpochBatches,
@@ -47,6 +47,7 @@ from petal.finetune.data import (
 from petal.finetune.distributed import World, close_world, init_world
 from petal.finetune.model import FineTuneNet, OnnxTrunk, TorchTrunk, TrunkCollate, trunk_onnx_path
 from petal.metrics import compute_metrics, write_report
+from petal.params import Int, check_param, env_int
 from petal.storage import atomic_path, atomic_write_text, default_cache_dir
 from petal.workflow import Reporter, duplicate_warnings, tensorboard, write_csv
 
@@ -92,7 +93,7 @@ def finetune(
     config = config or FinetuneConfig()
     config.check()  # fail before any slow work
     if stop_after is not None:
-        check_param("stop_after", stop_after, isinstance(stop_after, int) and stop_after >= 1, "an epoch >= 1")
+        check_param("stop_after", stop_after, Int(1, what="an epoch >= 1"))
     world = init_world()
     threads = torch.get_num_threads()
     try:
@@ -220,7 +221,7 @@ class Trainer:
         the CPU). CPU otherwise: one worker augments, every core trains. GPU:
         workers feed it, up to 8.
         """
-        per_proc = int(os.environ.get("OMP_NUM_THREADS", 0)) or max(1, (os.cpu_count() or 1) // self.world.local_size)
+        per_proc = env_int("OMP_NUM_THREADS", 0, low=0) or max(1, (os.cpu_count() or 1) // self.world.local_size)
         if self.world.device.type == "cuda":
             workers = max(1, min(8, per_proc - 1))
         elif self.runtime == "onnx":

@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petal.errors import PetalError, check_param
+from petal.errors import PetalError
+from petal.params import Int, Real, check_params
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # no ':' or '/': names sit in URL paths
 API_KEY_ENV = "PETAL_API_KEY"
@@ -21,10 +22,8 @@ class Limits:
     timeout_s: float = 30.0  # per request, body upload included; -> 408 (upload) or 503
 
     def __post_init__(self):
-        check_param("max_body_bytes", self.max_body_bytes, self.max_body_bytes >= 1024, "at least 1024 bytes")
-        check_param("max_images", self.max_images, self.max_images >= 1, "at least 1")
-        check_param("max_pixels", self.max_pixels, self.max_pixels >= 1, "at least 1")
-        check_param("timeout_s", self.timeout_s, self.timeout_s > 0, "a positive number of seconds")
+        check_params(self, {"max_body_bytes": Int(1024), "max_images": Int(1), "max_pixels": Int(1),
+                            "timeout_s": Real(0, low_open=True)})
 
 
 @dataclass(frozen=True)
@@ -35,8 +34,7 @@ class Batching:
     max_wait_ms: float = 5.0  # how long a batch may wait to fill up, when under load
 
     def __post_init__(self):
-        check_param("max_batch", self.max_batch, self.max_batch >= 1, "at least 1")
-        check_param("max_wait_ms", self.max_wait_ms, 0 <= self.max_wait_ms <= 1000, "0 to 1000 ms")
+        check_params(self, {"max_batch": Int(1), "max_wait_ms": Real(0, 1000)})
 
 
 @dataclass(frozen=True)
@@ -51,6 +49,7 @@ class ServeConfig:
     def __post_init__(self):
         if not self.models:
             raise PetalError("serve: expected at least one model (a bundle path or --model NAME=PATH)")
+        check_params(self, {"threads": Int(1, none_ok=True), "decode_workers": Int(1, none_ok=True)})
 
 
 def check_bundle(name: str, path: Path) -> Path:
