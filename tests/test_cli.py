@@ -67,8 +67,11 @@ def test_classify_imagenet_names(tmp_path, cache_dir):
     from PIL import Image
 
     Image.fromarray(skimage_data.coffee()).save(tmp_path / "coffee.jpg")
-    r = petal("classify", tmp_path / "coffee.jpg", "--top-k", "3")
-    assert "espresso" in r.stdout.splitlines()[1]
+    r = petal("classify", tmp_path, "--top-k", "3")  # a folder: its images
+    assert "coffee.jpg" in r.stdout.splitlines()[0] and "espresso" in r.stdout.splitlines()[1]
+    r = petal("classify", tmp_path / "nothere.jpg", check=False)
+    assert r.returncode == 2 and "nothere.jpg: error: file not found" in r.stderr
+    assert "error: classify: no image could be read" in r.stderr
 
 
 def test_bad_input_is_one_line_not_a_traceback(tmp_path, cache_dir):
@@ -79,6 +82,8 @@ def test_bad_input_is_one_line_not_a_traceback(tmp_path, cache_dir):
     r = petal("train", tmp_path / "nope", "--out", tmp_path / "run", "--dropout", "2", check=False)
     assert r.returncode == 2 and "dropout: expected" in r.stderr
     r = petal("predict", tmp_path / "no-model", tmp_path / "x.jpg", check=False)
+    assert r.returncode == 2 and "no-model does not exist" in r.stderr
+    r = petal("predict", tmp_path / "one", tmp_path / "x.jpg", check=False)
     assert r.returncode == 2 and "not a petal model bundle" in r.stderr
 
 
@@ -100,3 +105,54 @@ def test_cli_predict_never_imports_torch(model_dir, dataset):
                        env={**os.environ, "COLUMNS": "200"})
     assert r.returncode == 0, r.stderr
     assert "circles" in r.stdout
+
+
+def test_usage_errors_are_one_message_and_exit_2(tmp_path):
+    for args, says in [(["trian", "x"], "No such command 'trian'"), (["train", "x"], "Missing option '--out'"),
+                       (["predict", "m", "x.jpg", "--workers", "0"], "Invalid value for '--workers'")]:
+        r = petal(*args, check=False)
+        assert r.returncode == 2 and says in r.stdout + r.stderr, (args, r.stderr)
+        assert "Traceback" not in r.stderr
+
+
+def test_unwritable_outputs_are_refused_before_any_work(tmp_path, dataset, model_dir):
+    a_file = tmp_path / "afile.txt"
+    a_file.write_text("keep me")
+    a_folder = tmp_path / "d.csv"
+    a_folder.mkdir()
+    one = next(dataset.glob("circles/*.jpg"))
+    for args, says in [
+        (["train", dataset, "--out", a_file], f"out: {a_file} is a file; expected a folder"),
+        (["train", dataset, "--out", dataset / "run"], "is inside the data folder"),
+        (["predict", model_dir, one, "--output", a_file / "sub" / "p.csv"], f"{a_file} is a file, not a folder"),
+        (["predict", model_dir, one, "--output", a_folder], f"output: {a_folder} is a folder; expected a file"),
+        (["embed", dataset, "--errors", a_folder], f"errors: {a_folder} is a folder"),
+        (["evaluate", model_dir, dataset, "--out", a_file], "is a file; expected a folder"),
+    ]:
+        r = petal(*args, check=False)
+        assert r.returncode == 2 and says in r.stderr.replace("\n", ""), (args, r.stderr)
+        assert "Traceback" not in r.stderr
+    assert a_file.read_text() == "keep me" and not (dataset / "run").exists()
+
+
+def test_a_finished_run_is_not_overwritten_without_asking(trained_run, dataset):
+    r = petal("train", dataset, "--out", trained_run.run_dir, check=False)
+    assert r.returncode == 2 and "already holds a finished run; pass --overwrite" in r.stderr.replace("\n", "")
+
+
+def test_damaged_bundles_are_named_not_tracebacks(tmp_path, model_dir, dataset):
+    import shutil
+
+    one = next(dataset.glob("circles/*.jpg"))
+    cases = {"petal.json": (b"{bad", "damaged bundle (JSONDecodeError"),
+             "model.onnx": (b"junk", "damaged bundle"),
+             "labels.txt": (b"circles\nsquares\n", "labels.txt has 2 labels, model.onnx gives 3 scores")}
+    for name, (content, says) in cases.items():
+        broken = tmp_path / name
+        shutil.copytree(model_dir, broken)
+        (broken / name).write_bytes(content)
+        r = petal("predict", broken, one, check=False)
+        assert r.returncode == 2 and says in r.stderr.replace("\n", ""), (name, r.stderr)
+        assert "Traceback" not in r.stderr
+    r = petal("predict", model_dir.parent, one, check=False)  # the run folder, not its model
+    assert r.returncode == 2 and f"did you mean {model_dir}" in r.stderr.replace("\n", "")

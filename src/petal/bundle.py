@@ -63,16 +63,29 @@ class Model:
         from petal.runtime import make_session
 
         self.path = Path(path)
+        if not self.path.exists():
+            raise PetalError(f"model: {self.path} does not exist")
         meta_path = self.path / "petal.json"
         if not meta_path.is_file():
-            raise PetalError(f"model: {self.path} is not a petal model bundle (no petal.json)")
-        self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if self.meta.get("format") != BUNDLE_FORMAT:
-            raise PetalError(f"model: bundle format {self.meta.get('format')!r} not supported "
-                             f"(this petal reads format {BUNDLE_FORMAT})")
-        self.labels: list[str] = (self.path / "labels.txt").read_text(encoding="utf-8").splitlines()
-        self.config = config_from_dict(self.meta["backbone"])
-        self.session = make_session(self.path / "model.onnx", threads, spin)
+            hint = f"; did you mean {self.path / 'model'}?" if (self.path / "model" / "petal.json").is_file() else ""
+            raise PetalError(f"model: {self.path} is not a petal model bundle (no petal.json){hint}")
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            if self.meta.get("format") != BUNDLE_FORMAT:
+                raise PetalError(f"model: bundle format {self.meta.get('format')!r} not supported "
+                                 f"(this petal reads format {BUNDLE_FORMAT})")
+            self.labels: list[str] = (self.path / "labels.txt").read_text(encoding="utf-8").splitlines()
+            self.config = config_from_dict(self.meta["backbone"])
+            self.session = make_session(self.path / "model.onnx", threads, spin)
+        except PetalError:
+            raise
+        except Exception as e:  # noqa: BLE001 - JSON, OS, key and ONNX Runtime errors alike
+            reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+            raise PetalError(f"model: {self.path} is a damaged bundle ({reason}); export it again") from e
+        outputs = self.session.get_outputs()[0].shape[-1]
+        if isinstance(outputs, int) and outputs != len(self.labels):
+            raise PetalError(f"model: {self.path} is a damaged bundle: labels.txt has {len(self.labels)} "
+                             f"labels, model.onnx gives {outputs} scores")
 
     @property
     def name(self) -> str:

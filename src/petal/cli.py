@@ -28,6 +28,7 @@ from petal.backbones import DEFAULT_BACKBONE
 from petal.errors import PetalError
 from petal.finetune.config import FinetuneConfig
 from petal.head import HeadClassifier
+from petal.storage import check_output
 
 HEAD = HeadClassifier()  # the defaults of the head options
 FTC = FinetuneConfig()  # the defaults of the fine-tuning options
@@ -35,12 +36,12 @@ FTC = FinetuneConfig()  # the defaults of the fine-tuning options
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train your own image classifier by transfer learning, offline, fast on a CPU.")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # messages hold paths: never wrap them
 
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Embedding cache folder "
                                                "[default: $PETAL_CACHE_DIR or the user cache dir].")]
 Backbone = Annotated[str, typer.Option(help="Backbone from the registry.")]
-Workers = Annotated[Optional[int], typer.Option(help="Decode threads [default: all cores].")]
+Workers = Annotated[Optional[int], typer.Option(min=1, help="Decode threads [default: all cores].")]
 
 
 class RichReporter:
@@ -125,6 +126,8 @@ def train(
     seed: int = HEAD.seed,
     workers: Workers = None,
     export: Annotated[bool, typer.Option(help="Write RUN/model at the end.")] = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run already in --out.")
+                         ] = False,
     finetune: Annotated[bool, typer.Option("--finetune", rich_help_panel=FT, help=(
         "Train backbone blocks with the head, on augmented images. Options you do not give take "
         f"the fine-tuning defaults (epochs {FTC.epochs}, lr {FTC.lr}, batch size {FTC.batch_size}, dropout "
@@ -186,7 +189,7 @@ def train(
                           class_weight=class_weight, seed=seed)
     r = run_train(data, out_dir, labels_file=labels, eval_data=eval_data, eval_percent=eval_percent,
                   backbone=backbone, cache_dir=cache, head=head, workers=workers, export=export,
-                  reporter=RichReporter())
+                  overwrite=overwrite, reporter=RichReporter())
     e = r.embed
     out.print(f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed "
               f"(see {r.run_dir / 'errors.csv'})")
@@ -224,6 +227,8 @@ def embed(
     from petal.workflow import embed_dataset, write_csv
 
     check_runner(runner, ctx.args)
+    if errors:
+        check_output(errors, "errors")
     ds = load_dataset(data, labels_file=labels, eval_percent=0.0, require_train=False)
     if not as_json:
         print_dataset(ds)
@@ -290,6 +295,8 @@ def predict(
     check_runner(runner, ctx.args)
     inputs = list(inputs or [])
     if url:  # no local model: the first argument is an input too
+        if (Path(model) / "petal.json").is_file():
+            raise PetalError(f"predict: give a model bundle or --url, not both ({model} is a bundle)")
         inputs.insert(0, model)
     uris, problems = expand_inputs(inputs)
     for p in problems:
@@ -337,21 +344,29 @@ def predict(
 
 @app.command()
 def classify(
-    images: Annotated[list[str], typer.Argument(help="Image files.")],
+    images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
     backbone: Backbone = DEFAULT_BACKBONE,
     top_k: Annotated[int, typer.Option(min=1)] = 5,
     cache: Cache = None,
 ) -> None:
     """ImageNet top-k names from the pretrained backbone's own head."""
     from petal.classify import classify_images
+    from petal.data import expand_inputs
 
-    for uri, result in classify_images(images, backbone, cache, top_k, RichReporter().message):
+    uris, problems = expand_inputs(images)
+    for p in problems:
+        err.print(f"warning: {p}", style="yellow", markup=False)
+    ok = 0
+    for uri, result in classify_images(uris, backbone, cache, top_k, RichReporter().message):
         if isinstance(result, str):
             err.print(f"{uri}: error: {result}", style="red", markup=False)
             continue
+        ok += 1
         out.print(f"[bold]{uri}", highlight=False)
         for name, p in result:
             out.print(f"  {p:6.3f}  {name}", markup=False, highlight=False)
+    if not ok:
+        raise PetalError("classify: no image could be read")
 
 
 @app.command()
@@ -366,7 +381,7 @@ def demo(
 
     data = make_dataset(out_dir / "data", per_class=24)
     out.print(f"[bold]1. synthetic data[/] in {data}")
-    r = run_train(data, out_dir / "run", cache_dir=cache, eval_percent=25.0, reporter=RichReporter())
+    r = run_train(data, out_dir / "run", cache_dir=cache, eval_percent=25.0, overwrite=True, reporter=RichReporter())
     print_metrics(r.metrics)
     out.print("[bold]2. predictions from the exported bundle")
     m = load(out_dir / "run" / "model")
@@ -395,24 +410,21 @@ def main() -> None:
     if not debug:  # a warning is a line for the user, not a source location
         warnings.showwarning = show_warning
     try:
-        app(standalone_mode=False)
-    except PetalError as e:
-        if debug:
-            raise
-        err.print(f"error: {e}", style="bold red", markup=False, highlight=False)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
+        app()  # standalone: click reports usage errors itself (one message, exit 2)
+    except PetalError as e:  # bad input or options: one line, no traceback
+        fail(e, debug)
+    except OSError as e:  # the machine said no: a path that is a file, no permission, disk full
+        fail(e, debug)
+    except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
-    except Exception as e:  # click usage errors
-        import click
 
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
-        raise
+
+def fail(e: Exception, debug: bool) -> None:
+    if debug:
+        raise e
+    err.print(f"error: {e}", style="bold red", markup=False, highlight=False)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,9 @@ from typing import Annotated, Optional
 import typer
 
 from petal.errors import PetalError
+from petal.serve.config import Batching, Limits
+
+LIM, BAT = Limits(), Batching()  # the serving defaults, shown in --help
 
 ModelPath = Annotated[Optional[Path], typer.Argument(help="Exported model folder (RUN/model).")]
 
@@ -24,22 +27,22 @@ def serve(
     models: Annotated[Optional[list[str]], typer.Option("--model", help="More models: NAME=PATH (repeat).")
                       ] = None,
     host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 for all.")] = "127.0.0.1",
-    port: int = 8080,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8080,
     api_key: Annotated[Optional[str], typer.Option(envvar="PETAL_API_KEY", show_envvar=True,
                                                    help="Require 'Authorization: Bearer KEY'.")] = None,
-    max_batch: Annotated[int, typer.Option(help="Images per inference call (memory grows with it).")] = 8,
-    batch_wait_ms: Annotated[float, typer.Option(help="Longest wait for a batch to fill, under load.")] = 5.0,
-    max_body_mb: Annotated[float, typer.Option(help="Request body limit (413 beyond).")] = 32.0,
-    max_images: Annotated[int, typer.Option(help="Images per request (413 beyond).")] = 64,
-    max_pixels: Annotated[int, typer.Option(help="Pixels per image, checked before decoding.")] = 40_000_000,
-    timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.")] = 30.0,
+    max_batch: Annotated[int, typer.Option(help="Images per inference call (memory grows with it).")] = BAT.max_batch,
+    batch_wait_ms: Annotated[float, typer.Option(help="Longest wait (ms) for a batch to fill.")] = BAT.max_wait_ms,
+    max_body_mb: Annotated[float, typer.Option(help="Request body limit (413 beyond).")] = LIM.max_body_bytes / 2**20,
+    max_images: Annotated[int, typer.Option(help="Images per request (413 beyond).")] = LIM.max_images,
+    max_pixels: Annotated[int, typer.Option(help="Pixels per image, checked before decoding.")] = LIM.max_pixels,
+    timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.")] = LIM.timeout_s,
     max_concurrency: Annotated[int, typer.Option(help="Open requests before 503 'busy'.")] = 256,
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads (default: all cores).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="Decode threads (default: all cores).")] = None,
+    workers: Annotated[Optional[int], typer.Option(min=1, help="Decode threads (default: all cores).")] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
 ) -> None:
     """Serve models over HTTP (Cloud ML / TF Serving JSON API, upload endpoint, web page at /)."""
-    from petal.serve.config import Batching, Limits, ServeConfig, api_key_from_env, model_specs
+    from petal.serve.config import ServeConfig, api_key_from_env, model_specs
     from petal.serve.server import serve as run_server
 
     try:
@@ -63,8 +66,10 @@ def encode_request(
     """Encode images into one JSON predict request (each file's path is its key)."""
     from petal.data import expand_inputs
     from petal.serve.protocol import encode_files
-    from petal.storage import atomic_write_text
+    from petal.storage import atomic_write_text, check_output
 
+    if output:
+        check_output(output, "output")
     uris, problems = expand_inputs(inputs)
     if problems:
         raise PetalError(f"encode-request: {problems[0]}")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from petal.bundle import Prediction
 from petal.errors import PetalError
-from petal.storage import atomic_path
+from petal.storage import atomic_path, check_output
 
 CSV_HEADER = ["uri", "label", "score", "top"]
 
@@ -25,6 +25,7 @@ def write_predictions(path: Path, preds: Iterable[Prediction], total: int | None
     kind = Path(path).suffix.lower()
     if kind not in (".csv", ".jsonl"):
         raise PetalError(f"output: expected a .csv or .jsonl file name, got {str(path)!r}")
+    check_output(path, "output")
     n, failed = 0, []
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
         w = csv.writer(f) if kind == ".csv" else None

@@ -125,6 +125,23 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def check_output(path: str | os.PathLike, option: str, *, folder: bool = False) -> Path:
+    """Refuse, before any work, an output that cannot be written: a file where a folder
+    is wanted or the reverse, a parent that is a file, or a folder we may not write in."""
+    path = Path(path)
+    want = "folder" if folder else "file"
+    if path.exists() and path.is_dir() != folder:
+        raise PetalError(f"{option}: {path} is {'a file' if folder else 'a folder'}; expected a {want}")
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise PetalError(f"{option}: cannot create {path}: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise PetalError(f"{option}: cannot create {path}: no permission to write in {ancestor}")
+    return path
+
+
 def _fsync(path: Path) -> None:
     """Flush a file's or a folder's entries to disk (folders: where the OS allows)."""
     if path.is_symlink():

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from petal.storage import check_output
+
 CLASSES = {
     "circles": ((200, 40, 40), "ellipse"),
     "squares": ((40, 160, 40), "rectangle"),
@@ -44,7 +46,7 @@ def draw(kind: str, color: tuple[int, int, int], rng: np.random.Generator, size:
 def make_dataset(root: str | Path, per_class: int = 20, size: int = 96, seed: int = 0,
                  classes: int = 3) -> Path:
     """Write `root/<class>/<n>.jpg|png` and return root."""
-    root = Path(root)
+    root = check_output(root, "out", folder=True)
     rng = np.random.default_rng(seed)
     for name, (color, kind) in list(CLASSES.items())[:classes]:
         (root / name).mkdir(parents=True, exist_ok=True)

@@ -22,7 +22,7 @@ from petal.embed import embed
 from petal.errors import NothingUsableError, PetalError
 from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
-from petal.storage import atomic_path, atomic_write_text, default_cache_dir
+from petal.storage import atomic_path, atomic_write_text, check_output, default_cache_dir
 
 
 class Reporter:
@@ -86,6 +86,18 @@ def duplicate_warnings(examples: list[Example], keys: dict[str, str]) -> list[st
     return out
 
 
+def check_run_folder(out: str | Path, data: str | Path, overwrite: bool) -> Path:
+    """Refuse a run folder that would overwrite a finished run, or land inside the data."""
+    run = check_output(out, "out", folder=True)
+    if not overwrite and ((run / "metrics.json").exists() or (run / "model").exists()):
+        raise PetalError(f"out: {run} already holds a finished run; pass --overwrite to replace it, "
+                         "or choose another --out")
+    data_dir = Path(data).resolve()
+    if data_dir.is_dir() and run.resolve().is_relative_to(data_dir):
+        raise PetalError(f"out: {run} is inside the data folder {data}; its files would be read as data")
+    return run
+
+
 def train(
     data: str | Path,
     out: str | Path,
@@ -98,15 +110,17 @@ def train(
     head: HeadClassifier | None = None,
     workers: int | None = None,
     export: bool = True,
+    overwrite: bool = False,
     reporter: Reporter | None = None,
 ) -> TrainResult:
-    """embed -> train the head -> evaluate -> export, into the run folder `out`."""
+    """embed -> train the head -> evaluate -> export, into the run folder `out`.
+    A finished run already in `out` is replaced only with `overwrite=True`."""
     reporter = reporter or Reporter()
     head = head or HeadClassifier()
     head._check_params()  # fail before any slow work
     cfg = get_backbone(backbone)
     cache_dir = Path(cache_dir or default_cache_dir())
-    run = Path(out)
+    run = check_run_folder(out, data, overwrite)
     run.mkdir(parents=True, exist_ok=True)
 
     ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent)
@@ -208,6 +222,7 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
     from petal.bundle import Model
 
     reporter = reporter or Reporter()
+    check_output(out, "out", folder=True)
     model = Model(model_dir)
     ds = load_dataset(data, labels_file=labels_file, eval_percent=0.0, require_train=False)
     known = {c: i for i, c in enumerate(model.labels)}

@@ -48,7 +48,7 @@ from petal.finetune.distributed import World, close_world, init_world
 from petal.finetune.model import FineTuneNet, OnnxTrunk, TorchTrunk, TrunkCollate, trunk_onnx_path
 from petal.metrics import compute_metrics, write_report
 from petal.params import Int, check_param, env_int
-from petal.storage import atomic_path, atomic_write_text, default_cache_dir
+from petal.storage import atomic_path, atomic_write_text, check_output, default_cache_dir
 from petal.workflow import Reporter, duplicate_warnings, tensorboard, write_csv
 
 CHECKPOINT_FORMAT = 1
@@ -281,7 +281,7 @@ class Trainer:
                        "classes": ds.classes, "train": digest([e.uri for e in ds.split(TRAIN)]),
                        "eval": digest([e.uri for e in ds.split(EVAL)])}
         ckpt = self.saved_checkpoint(run, resume, fingerprint)  # before any slow work
-        run.mkdir(parents=True, exist_ok=True)
+        check_output(run, "out", folder=True).mkdir(parents=True, exist_ok=True)
 
         tr_px, ev_px = self.pixel_files(run, ds)
         label_of = {e.uri: ds.label_id(e.label) for e in ds.examples}

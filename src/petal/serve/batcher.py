@@ -34,7 +34,7 @@ class _Job:
 
 
 class Batcher:
-    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int = 32,
+    def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int = 8,
                  max_wait_ms: float = 5.0, on_batch: Callable[[int, float], None] | None = None,
                  name: str = "model"):
         self.predict = predict  # (N, S, S, 3) uint8 -> (N, C); N <= max_batch, or one bigger request
