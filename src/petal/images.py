@@ -37,11 +37,12 @@ IMAGE_EXTENSIONS = frozenset(
 )
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: larger than any camera photo, far below a bomb
 
-# We enforce our own limit; Pillow's own warning/error threshold would only add noise.
-Image.MAX_IMAGE_PIXELS = None
 # Pillow warns (UserWarning) about damaged metadata, e.g. corrupt EXIF, common in scraped
 # photos and harmless to the pixels; a file that cannot be decoded gets an ImageError instead.
 warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+# Pillow's own bomb guard stays on for the host program (Image.MAX_IMAGE_PIXELS, ~89 MP to
+# warn, twice that to refuse); petal refuses from `max_pixels` first and words it itself.
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class PixelBudget:
@@ -81,6 +82,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise ImageError("empty file")
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # past Pillow's limit, twice MAX_IMAGE_PIXELS
+        raise ImageError(f"image too large: {e}") from None
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised format)") from None
     except Exception as e:  # Pillow raises many types on garbage headers
