@@ -74,3 +74,15 @@ def test_decompression_bomb_refused_from_header():
     assert len(bomb) < 200_000
     with pytest.raises(ImageError, match="too large.*decompression bomb"):
         load_pixels(bomb, CFG, max_pixels=50_000_000)
+
+
+def test_remote_reads_stop_at_the_byte_limit():
+    import fsspec
+
+    from petal.storage import read_bytes
+
+    with fsspec.open("memory://petal-test/big.jpg", "wb") as f:
+        f.write(b"y" * 5000)
+    assert len(read_bytes("memory://petal-test/big.jpg", max_bytes=5000)) == 5000
+    with pytest.raises(ImageError, match="file too large: over 4,999 bytes"):
+        read_bytes("memory://petal-test/big.jpg", max_bytes=4999)

@@ -177,7 +177,7 @@ def test_a_bad_instance_gets_an_error_in_its_slot(url, images, local):
     errors = {row.get("key"): row.get("error", "") for row in rows}
     assert "invalid" in errors["b64"]
     assert "not an image" in errors["text"]
-    assert "too large: 50000x50000" in errors["bomb"] and "limit 4,000,000" in errors["bomb"]
+    assert "too large: 2,500,000,000 pixels" in errors["bomb"] and "limit 4,000,000" in errors["bomb"]
     assert "truncated" in errors["truncated"] or "cannot decode" in errors["truncated"]
     assert 'expected an object {"b64"' in errors["no image"]
     assert "expected an object" in rows[5]["error"] and "key" not in rows[5]

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from petal.backbones import BackboneConfig
-from petal.errors import ImageError, PetalError
+from petal.errors import PetalError
 from petal.images import DEFAULT_MAX_PIXELS, load_pixels
 from petal.loader import batches, iter_items
 
@@ -120,20 +120,6 @@ class Model:
         if isinstance(uris, str | Path):
             uris = [str(uris)]
         return list(self.iter_predict([str(u) for u in uris], top_k, **kw))
-
-    def predict_bytes(self, images: list[bytes], top_k: int = 5) -> list[Prediction]:
-        out: list[Prediction | None] = [None] * len(images)
-        ok, px = [], []
-        for i, data in enumerate(images):
-            try:
-                px.append(self.pixels_from_bytes(data))
-                ok.append(i)
-            except ImageError as e:
-                out[i] = Prediction(f"#{i}", error=str(e))
-        if ok:
-            for i, p in zip(ok, self.predict_pixels(np.stack(px))):
-                out[i] = self.prediction(f"#{i}", p, top_k)
-        return out
 
 
 def load(path: str | Path) -> Model:

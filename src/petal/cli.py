@@ -39,9 +39,9 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages hold paths: never wrap them
 
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Embedding cache folder "
-                                               "[default: $PETAL_CACHE_DIR or the user cache dir].")]
+                                               "(default: $PETAL_CACHE_DIR or the user cache dir).")]
 Backbone = Annotated[str, typer.Option(help="Backbone from the registry.")]
-Workers = Annotated[Optional[int], typer.Option(min=1, help="Decode threads [default: all cores].")]
+Workers = Annotated[Optional[int], typer.Option(min=1, help="Decode threads (default: all cores).")]
 
 
 class RichReporter:
@@ -191,8 +191,8 @@ def train(
                   backbone=backbone, cache_dir=cache, head=head, workers=workers, export=export,
                   overwrite=overwrite, reporter=RichReporter())
     e = r.embed
-    out.print(f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed "
-              f"(see {r.run_dir / 'errors.csv'})")
+    out.print(f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed"
+              + (f" (see {r.run_dir / 'errors.csv'})" if e["failed"] or e["skipped"] else ""))
     if r.metrics.get("accuracy") is not None:
         print_metrics(r.metrics)
     if r.model_dir:
@@ -320,7 +320,7 @@ def predict(
 
         preds = load(model).iter_predict(uris, top_k=top_k, workers=workers)
     if output:
-        n, failed = write_predictions(Path(output), preds, len(uris))
+        n, failed = write_predictions(Path(output), preds)
         out.print(f"{n} predictions written to {output}, {len(failed)} failed")
         print_failures(failed)
         ok = n > 0

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from petal.bundle import Prediction
+from petal.bundle import Prediction, prediction
 from petal.errors import PetalError
 from petal.serve.config import API_KEY_ENV
 from petal.serve.protocol import encode_request
@@ -152,6 +152,4 @@ def prediction_from_row(uri: str, row: Any, labels: list[str], top_k: int) -> Pr
     probs = np.asarray(row["scores"], dtype=np.float32)
     if len(probs) != len(labels):
         return Prediction(uri, error=f"server: expected {len(labels)} scores, got {len(probs)}")
-    order = np.argsort(-probs)[:top_k]
-    top = [(labels[i], float(probs[i])) for i in order]
-    return Prediction(uri, top[0][0], top[0][1], top, probs)
+    return prediction(labels, uri, probs, top_k)

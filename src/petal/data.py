@@ -267,11 +267,11 @@ def _check_schemes(source: str, rows: list[tuple[str, str]]) -> None:
                 raise DataError(f"{source}: {n} row(s) use {scheme}:// URIs: {e}") from None
 
 
-def _read_source(source: str) -> tuple[list[tuple[str, str]], list, list]:
+def _read_source(source: str, what: str = "data") -> tuple[list[tuple[str, str]], list, list]:
     if is_local(source) and Path(local_path(source)).is_dir():
         return _from_folder(Path(local_path(source)))
     if is_local(source) and not Path(local_path(source)).exists():
-        raise DataError(f"data: no such folder or CSV file: {source}")
+        raise DataError(f"{what}: no such folder or CSV file: {source}")
     rows, skipped, warnings = _from_csv(source)
     _check_schemes(source, rows)
     return rows, skipped, warnings
@@ -294,7 +294,7 @@ def load_dataset(
     rows, skipped, warnings = _read_source(str(source))
     tagged = [(u, lab, assign_split(u, eval_percent)) for u, lab in rows]
     if eval_source is not None:
-        erows, eskipped, ewarnings = _read_source(str(eval_source))
+        erows, eskipped, ewarnings = _read_source(str(eval_source), "eval")
         tagged = [(u, lab, TRAIN) for u, lab in rows] + [(u, lab, EVAL) for u, lab in erows]
         skipped += eskipped
         warnings += ewarnings

@@ -21,6 +21,7 @@ Policy for awkward files:
 from __future__ import annotations
 
 import io
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -73,7 +74,7 @@ class PixelBudget:
 # a few copies more: this budget keeps the decode threads under ~1 GB together.
 DECODE_BUDGET = PixelBudget(DEFAULT_MAX_PIXELS)
 
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -82,8 +83,10 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise ImageError("empty file")
     try:
         img = Image.open(io.BytesIO(data))
-    except Image.DecompressionBombError as e:  # past Pillow's limit, twice MAX_IMAGE_PIXELS
-        raise ImageError(f"image too large: {e}") from None
+    except Image.DecompressionBombError as e:  # past Pillow's hard limit, before our own check
+        count = re.search(r"\((\d+) pixels\)", str(e))
+        size = f"{int(count.group(1)):,} pixels" if count else f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
+        raise ImageError(f"image too large: {size}, limit {max_pixels:,} (possible decompression bomb)") from None
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognised format)") from None
     except Exception as e:  # Pillow raises many types on garbage headers
@@ -136,7 +139,7 @@ def resize_crop(img: Image.Image, cfg: BackboneConfig) -> np.ndarray:
     side = min(w, h) * cfg.crop_pct  # the crop, in source pixels
     left, top = (w - side) / 2, (h - side) / 2
     box = (left, top, left + side, top + side)
-    out = img.resize((cfg.input_size, cfg.input_size), _RESAMPLE[cfg.resample], box=box)
+    out = img.resize((cfg.input_size, cfg.input_size), RESAMPLE[cfg.resample], box=box)
     return np.asarray(out, dtype=np.uint8)
 
 

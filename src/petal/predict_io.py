@@ -19,8 +19,7 @@ def csv_row(p: Prediction) -> list[str]:
     return [p.uri, p.label, f"{p.score:.6f}", json.dumps(dict(p.top))]
 
 
-def write_predictions(path: Path, preds: Iterable[Prediction], total: int | None = None
-                      ) -> tuple[int, list[tuple[str, str]]]:
+def write_predictions(path: Path, preds: Iterable[Prediction]) -> tuple[int, list[tuple[str, str]]]:
     """Returns (rows written, [(uri, reason) failed]). Failed images are not rows."""
     kind = Path(path).suffix.lower()
     if kind not in (".csv", ".jsonl"):

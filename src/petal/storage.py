@@ -9,6 +9,7 @@ so a reader never sees a half-written file, even after kill -9.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import stat
@@ -84,7 +85,10 @@ def read_bytes(uri: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         import fsspec
 
         with fsspec.open(uri, "rb") as f:
-            return f.read()
+            data = f.read(max_bytes + 1)  # no more than the limit, whatever the server sends
+        if len(data) > max_bytes:
+            raise ImageError(f"file too large: over {max_bytes:,} bytes")
+        return data
     except ImageError:
         raise
     except FileNotFoundError:
@@ -159,8 +163,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+@functools.cache
 def _umask() -> int:
-    mask = os.umask(0)
+    """The process umask. Linux tells it in /proc; elsewhere it is read once by setting
+    and restoring it (a file another thread made in that instant could get mode 0666)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
     return mask
 

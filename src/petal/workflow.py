@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from collections import defaultdict
+from collections import Counter, defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,10 +121,10 @@ def train(
     cfg = get_backbone(backbone)
     cache_dir = Path(cache_dir or default_cache_dir())
     run = check_run_folder(out, data, overwrite)
-    run.mkdir(parents=True, exist_ok=True)
 
     ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent)
     reporter.dataset(ds)
+    run.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
 
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
     write_csv(run / "errors.csv", ["uri", "reason"], ds.skipped + result.failed)
@@ -182,7 +182,7 @@ def train(
         parity_uris = [e.uri for e in (ev or tr[:256])][:PARITY_LIMIT]
         reporter.message(f"exporting and checking parity on {len(parity_uris)} images")
         model_dir = export_run_bundle(run, cfg, head, ds.classes, cache_dir, parity_uris, metrics)
-    return TrainResult(run, model_dir, metrics, result.summary(), warnings)
+    return TrainResult(run, model_dir, metrics, {**result.summary(), "skipped": len(ds.skipped)}, warnings)
 
 
 PARITY_LIMIT = 2000
@@ -228,8 +228,9 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
     known = {c: i for i, c in enumerate(model.labels)}
     examples = [e for e in ds.examples if e.label in known]
     if len(examples) < len(ds.examples):
+        unknown = Counter(e.label for e in ds.examples if e.label not in known)
         reporter.message(f"warning: {len(ds.examples) - len(examples)} image(s) have labels the model "
-                         "does not know; skipped")
+                         "does not know; skipped: " + ", ".join(f"{k!r} ({n})" for k, n in unknown.most_common()))
     uris, y, probs, failed = [], [], [], []
     with reporter.progress("evaluating", len(examples)) as advance:
         label_of = {e.uri: e.label for e in examples}

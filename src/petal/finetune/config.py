@@ -86,13 +86,6 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, d: dict) -> FinetuneConfig:
-        known = {f.name for f in fields(cls)}
-        d = {k: v for k, v in d.items() if k in known}
-        d["augment"] = AugmentConfig(**d.get("augment", {}))
-        return cls(**d)
-
     def training_dict(self) -> dict:
         """The settings that decide the trained weights: a resumed run must have the same."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}

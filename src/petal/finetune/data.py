@@ -31,6 +31,7 @@ from PIL import Image, ImageEnhance
 from petal.backbones import BackboneConfig
 from petal.errors import PetalError
 from petal.finetune.config import AugmentConfig
+from petal.images import RESAMPLE
 from petal.loader import iter_items
 from petal.storage import atomic_path, atomic_write_text
 
@@ -113,7 +114,6 @@ def build_pixel_file(
 
 # --------------------------------------------------------------------------- augmentation
 
-RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
 def augment_image(img: np.ndarray, out_size: int, crop_pct: float, aug: AugmentConfig,
