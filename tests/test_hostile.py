@@ -32,8 +32,9 @@ from petal.embed import embed
 from petal.errors import DataError, ImageError, NothingUsableError
 from petal.images import PixelBudget, load_pixels
 from petal.loader import iter_items
+from petal.run_files import duplicate_warnings
 from petal.storage import read_bytes
-from petal.workflow import duplicate_warnings, embed_dataset
+from petal.workflow import embed_dataset
 
 CFG = get_backbone("efficientnet_lite0")
 S = CFG.input_size

@@ -224,7 +224,8 @@ def embed(
 ) -> None:
     """Embed images into the cache (only those not cached yet)."""
     from petal.data import load_dataset
-    from petal.workflow import embed_dataset, write_csv
+    from petal.run_files import write_csv
+    from petal.workflow import embed_dataset
 
     check_runner(runner, ctx.args)
     if errors:

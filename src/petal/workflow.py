@@ -7,9 +7,8 @@ through a `Reporter` (progress bars, messages); the default reports nothing.
 from __future__ import annotations
 
 import csv
-import io
 import json
-from collections import Counter, defaultdict
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +21,19 @@ from petal.embed import embed
 from petal.errors import NothingUsableError, PetalError
 from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
-from petal.storage import atomic_path, atomic_write_text, check_output, default_cache_dir
+from petal.run_files import (
+    check_run_folder,
+    data_warnings,
+    epoch_tag,
+    parity_uris,
+    require_training_images,
+    tensorboard,
+    write_csv,
+    write_metrics,
+    write_settings,
+    write_split_files,
+)
+from petal.storage import atomic_path, check_output, default_cache_dir
 
 
 class Reporter:
@@ -48,14 +59,6 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def write_csv(path: Path, header: list[str], rows) -> None:
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(header)
-    w.writerows(rows)
-    atomic_write_text(path, buf.getvalue())
-
-
 def embed_dataset(ds: Dataset, backbone: str = DEFAULT_BACKBONE, cache_dir: Path | None = None,
                   reporter: Reporter | None = None, workers: int | None = None):
     """Embed every example; returns (EmbedResult, cache). Raises if nothing was usable."""
@@ -69,33 +72,6 @@ def embed_dataset(ds: Dataset, backbone: str = DEFAULT_BACKBONE, cache_dir: Path
         raise NothingUsableError(f"none of the {len(uris)} images could be read; first error: "
                                  f"{result.failed[0][0]}: {result.failed[0][1]}")
     return result, cache
-
-
-def duplicate_warnings(examples: list[Example], keys: dict[str, str]) -> list[str]:
-    """The same bytes under two labels, or in both train and eval."""
-    by_key = defaultdict(list)
-    for e in examples:
-        if e.uri in keys:
-            by_key[keys[e.uri]].append(e)
-    out = []
-    for group in by_key.values():
-        if len({e.label for e in group}) > 1:
-            out.append("same image in classes " + ", ".join(f"{e.label!r} ({e.uri})" for e in group))
-        elif len({e.split for e in group}) > 1:
-            out.append("same image in both train and eval: " + ", ".join(e.uri for e in group))
-    return out
-
-
-def check_run_folder(out: str | Path, data: str | Path, overwrite: bool) -> Path:
-    """Refuse a run folder that would overwrite a finished run, or land inside the data."""
-    run = check_output(out, "out", folder=True)
-    if not overwrite and ((run / "metrics.json").exists() or (run / "model").exists()):
-        raise PetalError(f"out: {run} already holds a finished run; pass --overwrite to replace it, "
-                         "or choose another --out")
-    data_dir = Path(data).resolve()
-    if data_dir.is_dir() and run.resolve().is_relative_to(data_dir):
-        raise PetalError(f"out: {run} is inside the data folder {data}; its files would be read as data")
-    return run
 
 
 def train(
@@ -127,39 +103,25 @@ def train(
     run.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
 
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
-    write_csv(run / "errors.csv", ["uri", "reason"], ds.skipped + result.failed)
-    warnings = list(ds.warnings) + duplicate_warnings(ds.examples, result.keys)
-    for w in warnings[len(ds.warnings):]:
-        reporter.message(f"warning: {w}")
-
+    write_split_files(run, ds, result.keys, result.failed)
+    warnings = data_warnings(ds, result.keys, reporter)
     usable = [e for e in ds.examples if e.uri in result.keys]
-    write_csv(run / "split.csv", ["uri", "label", "split", "key"],
-               [(e.uri, e.label, e.split, result.keys[e.uri]) for e in usable])
     tr = [e for e in usable if e.split == TRAIN]
     ev = [e for e in usable if e.split == EVAL]
-    missing = sorted(set(ds.classes) - {e.label for e in tr})
-    if missing:
-        raise NothingUsableError("after skipping unreadable images, these classes have no training "
-                                 "image: " + ", ".join(map(repr, missing)))
+    require_training_images(ds.classes, (e.label for e in tr))
 
-    def xy(examples):
+    def xy(examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:  # (N, D) embeddings, (N,) class ids
         return (cache.get([result.keys[e.uri] for e in examples]),
                 np.array([ds.label_id(e.label) for e in examples], dtype=np.int64))
 
     (Xtr, ytr), (Xev, yev) = xy(tr), xy(ev)
-    settings = {
-        "data": str(data), "eval_data": str(eval_data) if eval_data else None,
-        "labels_file": str(labels_file) if labels_file else None, "eval_percent": eval_percent,
-        "backbone": cfg.to_dict(), "cache_dir": str(cache_dir), "head": head.get_params(),
-        "classes": ds.classes,
-    }
-    atomic_write_text(run / "settings.json", json.dumps(settings, indent=2) + "\n")
+    write_settings(run, data=data, eval_data=eval_data, labels_file=labels_file, eval_percent=eval_percent,
+                   backbone=cfg.to_dict(), cache_dir=cache_dir, classes=ds.classes, head=head.get_params())
 
     with tensorboard(run / "tensorboard") as log, reporter.progress("training head", head.epochs) as advance:
-        def on_epoch(epoch, logs):
+        def on_epoch(epoch: int, logs: dict) -> None:
             for k, v in logs.items():
-                split, metric = k.split("_", 1)
-                log(f"{metric}/{split}", v, epoch)
+                log(epoch_tag(k), v, epoch)
             advance(1)
 
         head.fit(Xtr, ytr, num_classes=len(ds.classes),
@@ -167,25 +129,14 @@ def train(
     with atomic_path(run / "head.npz") as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
         np.savez(f, **head.state())
 
-    extra = {"num_train": len(tr), "embed": result.summary()}
-    if ev:
-        probs = head.predict_proba(Xev)
-        metrics = {**compute_metrics(yev, probs, ds.classes), **extra}
-        write_report(run, metrics, ds.classes, [e.uri for e in ev], yev, probs)
-    else:
-        reporter.message("warning: no eval images; metrics are not computed")
-        metrics = {"accuracy": None, "top5_accuracy": None, "num_eval": 0, **extra}
-        atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-
+    metrics = write_metrics(run, ds.classes, [e.uri for e in ev], yev, lambda: head.predict_proba(Xev),
+                            {"num_train": len(tr), "embed": result.summary()}, reporter)
     model_dir = None
     if export:
-        parity_uris = [e.uri for e in (ev or tr[:256])][:PARITY_LIMIT]
-        reporter.message(f"exporting and checking parity on {len(parity_uris)} images")
-        model_dir = export_run_bundle(run, cfg, head, ds.classes, cache_dir, parity_uris, metrics)
+        parity = parity_uris([e.uri for e in ev], [e.uri for e in tr])
+        reporter.message(f"exporting and checking parity on {len(parity)} images")
+        model_dir = export_run_bundle(run, cfg, head, ds.classes, cache_dir, parity, metrics)
     return TrainResult(run, model_dir, metrics, {**result.summary(), "skipped": len(ds.skipped)}, warnings)
-
-
-PARITY_LIMIT = 2000
 
 
 def export_run_bundle(run: Path, cfg, head, classes, cache_dir, parity_uris, metrics):
@@ -200,20 +151,25 @@ def export_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Path
     from petal.bundle import config_from_dict
 
     run = Path(run_dir)
+    if not run.is_dir():
+        raise PetalError(f"run: {run} is not a folder (expected a finished `petal train` run)")
     try:
-        settings = json.loads((run / "settings.json").read_text())
+        settings = json.loads((run / "settings.json").read_text(encoding="utf-8"))
         state = dict(np.load(run / "head.npz"))
         with open(run / "split.csv", encoding="utf-8", errors="surrogateescape", newline="") as f:
             rows = list(csv.DictReader(f))  # surrogateescape: file names that are not UTF-8
+        metrics_path = run / "metrics.json"
+        metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
+        cfg = config_from_dict(settings["backbone"])
+        head = HeadClassifier.from_state(settings["head"], state)
+        cache_dir = Path(cache_dir or settings["cache_dir"])
+        classes = settings["classes"]
     except FileNotFoundError as e:
-        raise PetalError(f"{run} is not a finished petal run folder: {e.filename} is missing") from None
-    cfg = config_from_dict(settings["backbone"])
-    head = HeadClassifier.from_state(settings["head"], state)
-    cache_dir = Path(cache_dir or settings["cache_dir"])
-    rows = [r for r in rows if r["split"] == EVAL] or rows[:256]
-    metrics = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").exists() else {}
-    return export_run_bundle(run, cfg, head, settings["classes"], cache_dir,
-                             [r["uri"] for r in rows[:PARITY_LIMIT]], metrics)
+        raise PetalError(f"run: {run} is not a finished petal run folder: {e.filename} is missing") from None
+    except (ValueError, KeyError, TypeError, OSError) as e:  # damaged JSON, npz or CSV
+        raise PetalError(f"run: {run} is damaged ({type(e).__name__}: {e}); train it again") from None
+    parity = parity_uris([r["uri"] for r in rows if r["split"] == EVAL], [r["uri"] for r in rows])
+    return export_run_bundle(run, cfg, head, classes, cache_dir, parity, metrics)
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
@@ -251,15 +207,3 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
     write_report(out, metrics, model.labels, uris, y_arr, probs_arr)
     write_csv(out / "errors.csv", ["uri", "reason"], ds.skipped + failed)
     return metrics
-
-
-@contextmanager
-def tensorboard(logdir: Path):
-    """yield log(tag, value, step); TensorBoard event files in `logdir`."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(logdir))
-    try:
-        yield lambda tag, value, step: writer.add_scalar(tag, value, step)
-    finally:
-        writer.close()

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import math
 import os
 import shutil
@@ -33,7 +32,7 @@ import torch.nn.functional as F
 
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
 from petal.data import EVAL, TRAIN, Dataset, load_dataset
-from petal.errors import NothingUsableError, PetalError
+from petal.errors import PetalError
 from petal.finetune.config import FinetuneConfig
 from petal.finetune.data import (
     EpochBatches,
@@ -46,14 +45,24 @@ from petal.finetune.data import (
 )
 from petal.finetune.distributed import World, close_world, init_world
 from petal.finetune.model import FineTuneNet, OnnxTrunk, TorchTrunk, TrunkCollate, trunk_onnx_path
-from petal.metrics import compute_metrics, write_report
 from petal.params import Int, check_param, env_int
-from petal.storage import atomic_path, atomic_write_text, check_output, default_cache_dir
-from petal.workflow import Reporter, duplicate_warnings, tensorboard, write_csv
+from petal.run_files import (
+    check_run_folder,
+    data_warnings,
+    epoch_tag,
+    parity_uris,
+    require_training_images,
+    tensorboard,
+    write_csv,
+    write_metrics,
+    write_settings,
+    write_split_files,
+)
+from petal.storage import atomic_path, default_cache_dir
+from petal.workflow import Reporter
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 64
-PARITY_LIMIT = 2000
 EVAL_CACHE_BYTES = 2 << 30  # eval activations kept in memory up to this size
 
 
@@ -281,21 +290,21 @@ class Trainer:
                        "classes": ds.classes, "train": digest([e.uri for e in ds.split(TRAIN)]),
                        "eval": digest([e.uri for e in ds.split(EVAL)])}
         ckpt = self.saved_checkpoint(run, resume, fingerprint)  # before any slow work
-        check_output(run, "out", folder=True).mkdir(parents=True, exist_ok=True)
+        # a finished run here is replaced (checkpoints decide about resuming); never inside the data
+        check_run_folder(run, data, overwrite=True).mkdir(parents=True, exist_ok=True)
 
         tr_px, ev_px = self.pixel_files(run, ds)
         label_of = {e.uri: ds.label_id(e.label) for e in ds.examples}
         y_tr = np.array([label_of[u] for u in tr_px.uris], np.int64)
         y_ev = np.array([label_of[u] for u in ev_px.uris], np.int64)
-        missing = sorted(set(ds.classes) - {ds.classes[i] for i in y_tr})
-        if missing:
-            raise NothingUsableError("after skipping unreadable images, these classes have no training image: "
-                                     + ", ".join(map(repr, missing)))
-        warnings = list(ds.warnings) + duplicate_warnings(ds.examples, {**tr_px.keys, **ev_px.keys})
-        for w in warnings[len(ds.warnings):]:
-            self.reporter.message(f"warning: {w}")
+        require_training_images(ds.classes, (ds.classes[i] for i in y_tr))
+        keys = {**tr_px.keys, **ev_px.keys}
+        warnings = data_warnings(ds, keys, self.reporter)
         if world.main:
-            self.write_run_files(run, ds, tr_px, ev_px, data, eval_data, labels_file, eval_percent)
+            write_split_files(run, ds, keys, tr_px.failed + ev_px.failed)
+            write_settings(run, data=data, eval_data=eval_data, labels_file=labels_file, eval_percent=eval_percent,
+                           backbone=self.cfg.to_dict(), cache_dir=self.cache_dir, classes=ds.classes,
+                           finetune=self.c.to_dict(), world_size=world.size)
 
         # ---- model, frozen trunk, optimiser, schedule, data
         device = world.device
@@ -437,20 +446,6 @@ class Trainer:
             torch.save(state, tmp)
         return best
 
-    def write_run_files(self, run: Path, ds: Dataset, tr_px: PixelFile, ev_px: PixelFile, data, eval_data,
-                        labels_file, eval_percent: float) -> None:
-        write_csv(run / "errors.csv", ["uri", "reason"], ds.skipped + tr_px.failed + ev_px.failed)
-        keys = {**tr_px.keys, **ev_px.keys}
-        write_csv(run / "split.csv", ["uri", "label", "split", "key"],
-                  [(e.uri, e.label, e.split, keys[e.uri]) for e in ds.examples if e.uri in keys])
-        settings = {
-            "data": str(data), "eval_data": str(eval_data) if eval_data else None,
-            "labels_file": str(labels_file) if labels_file else None, "eval_percent": eval_percent,
-            "backbone": self.cfg.to_dict(), "cache_dir": str(self.cache_dir), "finetune": self.c.to_dict(),
-            "world_size": self.world.size, "classes": ds.classes,
-        }
-        atomic_write_text(run / "settings.json", json.dumps(settings, indent=2) + "\n")
-
     def finish(self, run: Path, classes: list[str], tr_px: PixelFile, ev_px: PixelFile, y_ev: np.ndarray,
                best: dict, trunk, export: bool) -> tuple[dict, Path | None]:
         """Evaluate the best epoch on the CPU in float32, report it, export it."""
@@ -463,26 +458,12 @@ class Trainer:
         cpu_trunk = trunk if self.runtime == "onnx" else TorchTrunk(model, torch.device("cpu"), contextlib.nullcontext)
         predictor = Predictor(model, cpu_trunk)
         extra = {"num_train": len(tr_px.uris), "best_epoch": best["epoch"]}
-        if len(y_ev):
-            probs = predictor(ev_px.open())
-            metrics = {**compute_metrics(y_ev, probs, classes), **extra}
-            write_report(run, metrics, classes, ev_px.uris, y_ev, probs)
-        else:
-            self.reporter.message("warning: no eval images; metrics are not computed, the last epoch is exported")
-            metrics = {"accuracy": None, "top5_accuracy": None, "num_eval": 0, **extra}
-            atomic_write_text(run / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        metrics = write_metrics(run, classes, ev_px.uris, y_ev, lambda: predictor(ev_px.open()), extra,
+                                self.reporter, no_eval_note=", the last epoch is exported")
         model_dir = None
         if export:
-            parity = (ev_px.uris or tr_px.uris[:256])[:PARITY_LIMIT]
+            parity = parity_uris(ev_px.uris, tr_px.uris)
             self.reporter.message(f"exporting epoch {best['epoch']} and checking parity on {len(parity)} images")
             model_dir = export_model(run / "model", model, predictor, classes, parity, metrics,
                                      extra={"finetune": self.c.to_dict(), "best_epoch": best["epoch"]})
         return metrics, model_dir
-
-
-def epoch_tag(key: str) -> str:
-    """history key -> TensorBoard tag: train_loss -> loss/train, lr_head -> lr/head."""
-    if "_" not in key:
-        return f"epoch/{key}"
-    first, rest = key.split("_", 1)
-    return f"{rest}/{first}" if first in ("train", "eval") else f"{first}/{rest}"
