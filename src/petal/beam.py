@@ -43,6 +43,7 @@ import uuid
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -65,6 +66,15 @@ try:
 except ImportError:  # the CLI prints this as a one-line error
     raise PetalError("--runner beam needs Apache Beam: pip install 'petal[beam]'") from None
 
+if TYPE_CHECKING:
+    import argparse
+
+    import onnxruntime as ort
+    import pyarrow as pa
+    from apache_beam.runners.runner import PipelineResult
+
+    from petal.data import Dataset
+
 _LOG = logging.getLogger(__name__)
 METRICS = "petal"  # namespace of the Beam counters below
 DEAD_LETTER_HEADER = "uri,reason"
@@ -76,7 +86,7 @@ class PetalOptions(PipelineOptions):
     """petal's own pipeline options; every other --option is Beam's."""
 
     @classmethod
-    def _add_argparse_args(cls, parser) -> None:
+    def _add_argparse_args(cls, parser: argparse.ArgumentParser) -> None:
         parser.add_argument("--beam_runner", default=None,
                             help="Beam's --runner (DataflowRunner, FlinkRunner, SparkRunner...): "
                                  "`petal ... --runner` is petal's own 'local'/'beam' switch.")
@@ -109,7 +119,7 @@ class DecodeImages(beam.DoFn):
     petal.loader.iter_items on a thread pool: the exact local code path.
     """
 
-    def __init__(self, cfg: BackboneConfig, known_uri: str | None, threads: int):
+    def __init__(self, cfg: BackboneConfig, known_uri: str | None, threads: int) -> None:
         self.cfg, self.known_uri, self.threads = cfg, known_uri, threads
 
     def setup(self) -> None:
@@ -127,7 +137,8 @@ class DecodeImages(beam.DoFn):
                 yield (item.key, item.uri), item.pixels
 
 
-def _run_output(session, batch: Sequence[np.ndarray], inference_args=None, *, output: str) -> np.ndarray:
+def _run_output(session: ort.InferenceSession, batch: Sequence[np.ndarray],
+                inference_args: dict[str, Any] | None = None, *, output: str) -> np.ndarray:
     """RunInference's inference_fn: B x (S, S, 3) uint8 -> (B, D) of the named output."""
     (out,) = session.run([output], {"images": np.stack(batch)})
     return out
@@ -140,12 +151,12 @@ class PetalOnnxHandler(OnnxModelHandlerNumpy):
     a temp file once and loads it from there (ONNX Runtime reads local files).
     """
 
-    def __init__(self, model_uri: str, output: str, batch_size: int, threads: int):
+    def __init__(self, model_uri: str, output: str, batch_size: int, threads: int) -> None:
         super().__init__(model_uri, inference_fn=functools.partial(_run_output, output=output),
                          max_batch_size=batch_size)
         self._threads = threads
 
-    def load_model(self):
+    def load_model(self) -> ort.InferenceSession:
         threads = self._threads or None
         if is_local(self._model_uri):
             return make_session(local_path(self._model_uri), threads)
@@ -174,7 +185,7 @@ class KeepOnePerKey(beam.DoFn):
         yield key, hits[0][1]
 
 
-def _to_table(rows: Sequence[tuple[str, np.ndarray]], dim: int):
+def _to_table(rows: Sequence[tuple[str, np.ndarray]], dim: int) -> pa.Table:
     """[(key, (D,) float32)] -> a pyarrow Table with exactly the cache's shard schema."""
     import pyarrow as pa
 
@@ -189,10 +200,10 @@ def _to_table(rows: Sequence[tuple[str, np.ndarray]], dim: int):
 class FormatPrediction(beam.DoFn):
     """((key, uri), PredictionResult) -> one output line, as `petal predict --output` writes it."""
 
-    def __init__(self, labels: list[str], top_k: int, kind: str):
+    def __init__(self, labels: list[str], top_k: int, kind: str) -> None:
         self.labels, self.top_k, self.kind = labels, top_k, kind
 
-    def process(self, element) -> Iterator[str]:
+    def process(self, element: tuple[tuple[str, str], Any]) -> Iterator[str]:
         (_, uri), result = element
         p = prediction(self.labels, uri, result.inference, self.top_k)  # (C,) probabilities -> top-k
         _count("images_predicted")
@@ -210,7 +221,8 @@ def _csv_line(cells: list[str]) -> str:
 
 # --------------------------------------------------------------------------- pipeline pieces
 
-def _read_images(p, uris_file: str, cfg: BackboneConfig, known_file: str | None, threads: int):
+def _read_images(p: beam.Pipeline, uris_file: str, cfg: BackboneConfig, known_file: str | None,
+                 threads: int) -> beam.pvalue.DoOutputsTuple:
     """URIs file -> DecodeImages outputs (main, "cached", "failed")."""
     return (
         p
@@ -223,14 +235,14 @@ def _read_images(p, uris_file: str, cfg: BackboneConfig, known_file: str | None,
     )
 
 
-def _write_dead_letter(failed, prefix: str, label: str = "DeadLetter") -> None:
+def _write_dead_letter(failed: beam.PCollection, prefix: str, label: str = "DeadLetter") -> None:
     """(uri, reason) -> PREFIX-SSSSS-of-NNNNN.csv with a header in each shard."""
     _ = (failed
          | f"{label}CSV" >> beam.Map(_csv_line)
          | f"Write{label}" >> beam.io.WriteToText(prefix, ".csv", header=DEAD_LETTER_HEADER))
 
 
-def _run(p) -> object:
+def _run(p: beam.Pipeline) -> PipelineResult:
     """Run to the end; a failed pipeline raises (bad images never fail it, bugs do)."""
     result = p.run()
     result.wait_until_finish()
@@ -251,7 +263,7 @@ def _options(pipeline_args: list[str]) -> PipelineOptions:
     return options
 
 
-def _pipeline(options: PipelineOptions):
+def _pipeline(options: PipelineOptions) -> beam.Pipeline:
     runner = options.view_as(StandardOptions).runner
     if runner in (None, "DirectRunner"):
         # The DirectRunner first tries Prism, which downloads a binary at run time, and
@@ -266,7 +278,7 @@ def _pipeline(options: PipelineOptions):
 class _WorkDir:
     """A fresh folder for one run, local or remote; deleted at the end."""
 
-    def __init__(self, options: PipelineOptions):
+    def __init__(self, options: PipelineOptions) -> None:
         ours = options.view_as(PetalOptions).work_dir or options.view_as(GoogleCloudOptions).temp_location
         runner = options.view_as(StandardOptions).runner
         if not ours and runner not in LOCAL_RUNNERS:
@@ -345,7 +357,7 @@ def _copy_into_cache(pattern: str, cache: EmbeddingCache) -> int:
     return copied
 
 
-def _counters(result) -> dict[str, int]:
+def _counters(result: PipelineResult) -> dict[str, int]:
     """This run's petal counters, or {} where the runner reports none."""
     try:
         from apache_beam.metrics.metric import MetricsFilter
@@ -356,7 +368,7 @@ def _counters(result) -> dict[str, int]:
     return {c.key.metric.name: c.committed if c.committed is not None else c.attempted for c in found}
 
 
-def _add_embed_steps(p, work: _WorkDir, cfg: BackboneConfig, known_file: str | None, model_uri: str,
+def _add_embed_steps(p: beam.Pipeline, work: _WorkDir, cfg: BackboneConfig, known_file: str | None, model_uri: str,
                      ours: PetalOptions) -> None:
     """URIs in WORK -> WORK/embeddings/part-*.parquet, WORK/index-*.jsonl, WORK/dead-letter-*.csv."""
     images = _read_images(p, work.path("uris.jsonl"), cfg, known_file, ours.decode_threads)
@@ -403,7 +415,7 @@ def _collect_embed(work: _WorkDir, uris: list[str], cache: EmbeddingCache) -> Em
     return result
 
 
-def beam_embed(ds, backbone: str, cache_dir: Path | None, pipeline_args: list[str]
+def beam_embed(ds: Dataset, backbone: str, cache_dir: Path | None, pipeline_args: list[str]
                ) -> tuple[EmbedResult, EmbeddingCache]:
     """`petal embed --runner beam`: embed every image of `ds` not cached yet, on Beam.
 
@@ -447,7 +459,7 @@ def _output_kind(prefix: str) -> tuple[str, str]:
     return prefix, ".csv"
 
 
-def _add_predict_steps(p, work: _WorkDir, model: Model, model_uri: str, top_k: int, prefix: str,
+def _add_predict_steps(p: beam.Pipeline, work: _WorkDir, model: Model, model_uri: str, top_k: int, prefix: str,
                        kind: str, dead_letter: str, ours: PetalOptions) -> None:
     """URIs in WORK -> PREFIX-SSSSS-of-NNNNN.csv|.jsonl, and the dead letter."""
     images = _read_images(p, work.path("uris.jsonl"), model.config, None, ours.decode_threads)

@@ -14,6 +14,7 @@ import json
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -59,7 +60,7 @@ def config_from_dict(d: dict) -> BackboneConfig:
 class Model:
     """An exported bundle, ready to predict."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = True):
+    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = True) -> None:
         from petal.runtime import make_session
 
         self.path = Path(path)
@@ -116,7 +117,7 @@ class Model:
                 else:
                     yield self.prediction(it.uri, by_uri[id(it)], top_k)
 
-    def predict(self, uris: Iterable[str], top_k: int = 5, **kw) -> list[Prediction]:
+    def predict(self, uris: Iterable[str], top_k: int = 5, **kw: Any) -> list[Prediction]:
         if isinstance(uris, str | Path):
             uris = [str(uris)]
         return list(self.iter_predict([str(u) for u in uris], top_k, **kw))

@@ -28,11 +28,15 @@ import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from petal.params import env_int
 from petal.storage import atomic_path
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 try:
     import fcntl
@@ -44,7 +48,7 @@ DEFAULT_SHARD_ROWS = 512
 STALE_TEMP_SECONDS = 3600  # a writer's temp file older than this was left by a killed run
 
 
-def arrow_schema(feature_dim: int):
+def arrow_schema(feature_dim: int) -> pa.Schema:
     """The shard schema; every writer (local or Beam) uses exactly this."""
     import pyarrow as pa
 
@@ -57,7 +61,7 @@ def shard_name(tag: str = "") -> str:
 
 
 class EmbeddingCache:
-    def __init__(self, root: Path, backbone: str, feature_dim: int):
+    def __init__(self, root: Path, backbone: str, feature_dim: int) -> None:
         self.dir = Path(root) / "embeddings" / f"{backbone}-p{PREPROCESS_VERSION}"
         self.feature_dim = feature_dim
         self._index: dict[str, np.ndarray] | None = None
@@ -68,7 +72,7 @@ class EmbeddingCache:
     def shards(self) -> list[Path]:
         return sorted(self.dir.glob("shard-*.parquet"))
 
-    def _read_shard(self, shard: Path, columns: list[str] | None = None):
+    def _read_shard(self, shard: Path, columns: list[str] | None = None) -> pa.Table | None:
         """The shard's table, or None if it is damaged (then it is set aside)."""
         import pyarrow.parquet as pq
 
@@ -149,7 +153,7 @@ class EmbeddingCache:
 class ShardWriter:
     """Buffers new embeddings and writes a shard every N rows or T seconds."""
 
-    def __init__(self, cache: EmbeddingCache, rows: int, seconds: float):
+    def __init__(self, cache: EmbeddingCache, rows: int, seconds: float) -> None:
         self.cache, self.rows, self.seconds = cache, rows, seconds
         self.keys: list[str] = []
         self.vecs: list[np.ndarray] = []
@@ -199,5 +203,5 @@ class ShardWriter:
     def __enter__(self) -> ShardWriter:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.flush()  # also on error: what was embedded is kept

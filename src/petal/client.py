@@ -30,7 +30,7 @@ _MODEL_URL = re.compile(r"^(?P<root>.*?)/v1/models/(?P<name>[^/:]+)(?::predict)?
 
 class RemoteModel:
     def __init__(self, url: str, api_key: str | None = None, batch_size: int = 16,
-                 max_request_bytes: int = 8 * 1024 * 1024, timeout: float = 120.0):
+                 max_request_bytes: int = 8 * 1024 * 1024, timeout: float = 120.0) -> None:
         try:
             import httpx
         except ImportError:
@@ -91,7 +91,7 @@ class RemoteModel:
     def __enter__(self) -> RemoteModel:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     # -- HTTP --
@@ -126,7 +126,7 @@ class RemoteModel:
             raise PetalError(f"server: GET {url} answered {status}: {doc.get('error', '')}")
         return doc
 
-    def _send(self, method: str, url: str, **kw) -> tuple[int, dict]:
+    def _send(self, method: str, url: str, **kw: Any) -> tuple[int, dict]:
         import httpx
 
         try:
@@ -143,7 +143,7 @@ class RemoteModel:
         return r.status_code, doc if isinstance(doc, dict) else {"error": str(doc)[:200]}
 
 
-def prediction_from_row(uri: str, row: Any, labels: list[str], top_k: int) -> Prediction:
+def prediction_from_row(uri: str, row: object, labels: list[str], top_k: int) -> Prediction:
     """A response row -> Prediction, as a local `Model.prediction` would build it."""
     if not isinstance(row, dict):
         return Prediction(uri, error=f"server: expected a prediction object, got {str(row)[:100]}")

@@ -14,6 +14,7 @@ import platform
 from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -22,6 +23,11 @@ from petal.bundle import BUNDLE_FORMAT, Model
 from petal.errors import PetalError
 from petal.loader import iter_items
 from petal.storage import atomic_dir
+
+if TYPE_CHECKING:
+    import onnx
+
+    from petal.head import HeadClassifier
 
 PARITY_ATOL = 1e-4
 
@@ -42,7 +48,7 @@ Reference = Callable[[np.ndarray], np.ndarray]  # (N, S, S, 3) uint8 -> (N, C) p
 def write_bundle(
     out: Path,
     *,
-    graph,
+    graph: onnx.ModelProto,
     cfg: BackboneConfig,
     classes: list[str],
     reference: Reference,
@@ -82,7 +88,7 @@ def export_bundle(
     out: Path,
     *,
     cfg: BackboneConfig,
-    head,
+    head: HeadClassifier,
     classes: list[str],
     cache_dir: Path,
     parity_uris: list[str],

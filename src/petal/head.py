@@ -11,11 +11,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from petal.errors import PetalError
 from petal.params import Int, OneOf, Real, check_params
+
+if TYPE_CHECKING:
+    import onnx
+    from torch import nn
 
 HEAD_RULES = {
     "hidden": Int(0),
@@ -52,7 +57,7 @@ class HeadClassifier:
 
     # ------------------------------------------------------------------ training
 
-    def _module(self, dim: int, num_classes: int):
+    def _module(self, dim: int, num_classes: int) -> nn.Sequential:
         from torch import nn
 
         if self.hidden == 0:
@@ -84,7 +89,9 @@ class HeadClassifier:
         finally:
             torch.set_num_threads(threads)
 
-    def _fit(self, X, y, num_classes, eval_set, on_epoch) -> HeadClassifier:
+    def _fit(self, X: np.ndarray, y: np.ndarray, num_classes: int | None,
+             eval_set: tuple[np.ndarray, np.ndarray] | None,
+             on_epoch: Callable[[int, dict], None] | None) -> HeadClassifier:
         import torch
         import torch.nn.functional as F
 
@@ -136,7 +143,7 @@ class HeadClassifier:
         self.net_ = net.eval()
         return self
 
-    def _eval_logs(self, X, y) -> dict:
+    def _eval_logs(self, X: np.ndarray, y: np.ndarray) -> dict:
         p = self.predict_proba(X)
         y = np.asarray(y)
         loss = float(-np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).mean())
@@ -168,7 +175,7 @@ class HeadClassifier:
         return [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
                 for m in self.net_ if isinstance(m, nn.Linear)]
 
-    def to_onnx(self):
+    def to_onnx(self) -> onnx.ModelProto:
         from petal.onnx_graphs import head_graph
 
         return head_graph(self.layers(), self.feature_dim_)

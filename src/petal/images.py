@@ -52,7 +52,7 @@ class PixelBudget:
     An image larger than the whole budget still runs, alone, so nothing deadlocks.
     """
 
-    def __init__(self, limit: int):
+    def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self._cond = threading.Condition()

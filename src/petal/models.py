@@ -64,7 +64,7 @@ def bn(c: int) -> nn.BatchNorm2d:
 class MBConv(nn.Module):
     """Inverted residual: 1x1 expand -> kxk depthwise -> 1x1 project (+ skip)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
         super().__init__()
         mid = cin * expand
         self.expand = expand != 1
@@ -90,7 +90,7 @@ class MBConv(nn.Module):
 class EfficientNetLite(nn.Module):
     """float NCHW normalised images -> logits; `features()` gives the pooled embedding."""
 
-    def __init__(self, cfg: BackboneConfig, num_classes: int | None = None, dropout: float = 0.2):
+    def __init__(self, cfg: BackboneConfig, num_classes: int | None = None, dropout: float = 0.2) -> None:
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, stride=2, bias=False)  # Lite: stem not scaled
         self._bn0 = bn(32)
@@ -131,7 +131,7 @@ def build_backbone(cfg: BackboneConfig, pretrained: bool = True) -> EfficientNet
 class Preprocess(nn.Module):
     """uint8 NHWC RGB (what `petal.images` produces) -> float NCHW normalised."""
 
-    def __init__(self, cfg: BackboneConfig):
+    def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
         self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("inv_std", 1.0 / torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)

@@ -17,11 +17,16 @@ import logging
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from petal.backbones import BackboneConfig
 from petal.storage import atomic_path
+
+if TYPE_CHECKING:
+    import onnx
+    import torch
 
 GRAPH_VERSION = 1  # bump when the exported backbone graph changes
 OPSET = 18
@@ -48,18 +53,18 @@ def export_backbone(cfg: BackboneConfig, path: Path) -> None:
     from petal.models import Preprocess, build_backbone
 
     class Graph(torch.nn.Module):
-        def __init__(self):
+        def __init__(self) -> None:
             super().__init__()
             self.pre, self.net = Preprocess(cfg), build_backbone(cfg)
 
-        def forward(self, images):
+        def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             features = self.net.features(self.pre(images))
             return features, self.net._fc(features).softmax(-1)
 
     onnx.save(images_module_to_onnx(Graph(), cfg, ["features", "imagenet_probs"]), str(path))
 
 
-def images_module_to_onnx(module, cfg: BackboneConfig, outputs: list[str]):
+def images_module_to_onnx(module: torch.nn.Module, cfg: BackboneConfig, outputs: list[str]) -> onnx.ModelProto:
     """A torch module taking uint8 `images` (batch, S, S, 3), as an onnx ModelProto
     with a dynamic batch axis. Exported quietly: the exporter is chatty on stdout,
     stderr and in logging, and a user needs none of it."""
@@ -84,7 +89,7 @@ def images_module_to_onnx(module, cfg: BackboneConfig, outputs: list[str]):
     return program.model_proto
 
 
-def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], feature_dim: int):
+def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], feature_dim: int) -> onnx.ModelProto:
     """Dense layers (W: (in, out), b: (out,)) with ReLU between them, then softmax."""
     from onnx import TensorProto, helper, numpy_helper
 
@@ -111,7 +116,7 @@ def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], feature_dim: int):
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
 
 
-def bundle_graph(backbone_path: Path, head):
+def bundle_graph(backbone_path: Path, head: onnx.ModelProto) -> onnx.ModelProto:
     """One graph: uint8 images -> probabilities. Unused backbone outputs are pruned."""
     import onnx
     from onnx import compose

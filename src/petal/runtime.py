@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from petal.params import env_int
 
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
-def make_session(path: str | Path, threads: int | None = None, spin: bool = True):
+
+def make_session(path: str | Path, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
     """`spin=False` stops idle ORT threads busy-waiting, which helps when decode
     threads or other requests share the cores (a server, a pipeline)."""
     import onnxruntime as ort

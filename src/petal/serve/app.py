@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 
@@ -46,27 +47,27 @@ def install_error_handlers(app: FastAPI) -> None:
     """Every error answers {"error": "..."}; client mistakes are 4xx, never 5xx."""
 
     @app.exception_handler(HTTPException)
-    async def http_error(request: Request, e: HTTPException):
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
         message = str(e.detail)
         if e.status_code in (404, 405) and message in ("Not Found", "Method Not Allowed"):
             message = f"{message.lower()}: {request.method} {request.url.path}"
         return error(e.status_code, message, e.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, e: RequestValidationError):
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
         parts = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
         return error(400, "; ".join(parts))
 
     @app.exception_handler(RequestError)
-    async def request_error(request: Request, e: RequestError):
+    async def request_error(request: Request, e: RequestError) -> JSONResponse:
         return error(e.status, str(e))
 
     @app.exception_handler(ModelNotFound)
-    async def not_found(request: Request, e: ModelNotFound):
+    async def not_found(request: Request, e: ModelNotFound) -> JSONResponse:
         return error(404, str(e))
 
     @app.exception_handler(Exception)
-    async def bug(request: Request, e: Exception):  # logged by Starlette with the traceback
+    async def bug(request: Request, e: Exception) -> JSONResponse:  # logged by Starlette with the traceback
         return error(500, f"internal server error ({type(e).__name__})")
 
 
@@ -77,7 +78,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     page = resources.files("petal.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await asyncio.to_thread(service.load)
         metrics.ready.set(1)
         yield
@@ -109,7 +110,7 @@ def create_app(config: ServeConfig) -> FastAPI:
         return {"status": "ok"}
 
     @app.get("/readyz", summary="Readiness: every model is loaded")
-    async def readyz():
+    async def readyz():  # noqa: ANN202 - FastAPI would make `JSONResponse | dict` a response model
         if not service.ready:
             return error(503, "not ready: models are loading or the server is shutting down")
         return {"status": "ready", "models": list(service.models)}
@@ -125,7 +126,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.post("/v1/models/{name}:predict", dependencies=auth, openapi_extra=PREDICT_DOC,
               summary="Predict, Cloud ML / TF Serving row format")
-    async def predict(name: str, request: Request):
+    async def predict(name: str, request: Request) -> JSONResponse:
         served = service.get(name)
         start = asyncio.get_running_loop().time()
         body = await upload_within(request.body(), limits.timeout_s)
@@ -135,7 +136,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.post("/v1/models/{name}:upload", dependencies=auth, openapi_extra=UPLOAD_DOC,
               summary="Upload image files (multipart), get top-k labels")
-    async def upload(name: str, request: Request, top_k: int = Query(5, ge=1, le=1000)):
+    async def upload(name: str, request: Request, top_k: int = Query(5, ge=1, le=1000)) -> JSONResponse:
         served = service.get(name)
         start = asyncio.get_running_loop().time()
         files = await upload_within(read_files(request, limits.max_images), limits.timeout_s)

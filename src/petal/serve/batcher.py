@@ -36,7 +36,7 @@ class _Job:
 class Batcher:
     def __init__(self, predict: Callable[[np.ndarray], np.ndarray], max_batch: int = 8,
                  max_wait_ms: float = 5.0, on_batch: Callable[[int, float], None] | None = None,
-                 name: str = "model"):
+                 name: str = "model") -> None:
         self.predict = predict  # (N, S, S, 3) uint8 -> (N, C); N <= max_batch, or one bigger request
         self.max_batch = max_batch
         self.max_wait = max_wait_ms / 1000

@@ -11,16 +11,19 @@ import asyncio
 import hmac
 import json
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 T = TypeVar("T")
 
 
 class BodyTooLarge(HTTPException):
-    def __init__(self, limit: int, length: int | None = None):
+    def __init__(self, limit: int, length: int | None = None) -> None:
         got = f"{length:,} bytes" if length is not None else "more"
         super().__init__(413, f"request body too large: expected at most {limit:,} bytes, got {got}")
 
@@ -33,11 +36,11 @@ class BodySizeLimit:
     its keep-alive timeout), so a client still sending it reads the 413, not a reset.
     """
 
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
         self.max_bytes = max_bytes
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"")
@@ -45,7 +48,7 @@ class BodySizeLimit:
             return await send_json(send, 413, {"error": BodyTooLarge(self.max_bytes, int(length)).detail})
         received = 0
 
-        async def limited_receive():
+        async def limited_receive() -> Message:
             nonlocal received
             message = await receive()
             if message["type"] == "http.request":
@@ -57,7 +60,7 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-async def send_json(send, status: int, doc: dict) -> None:
+async def send_json(send: Send, status: int, doc: dict) -> None:
     """Answer from raw ASGI (before the app runs)."""
     body = json.dumps(doc).encode()
     head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]

@@ -22,7 +22,7 @@ from petal.errors import PetalError
 class RequestError(PetalError):
     """The whole request is unusable. `status` is the HTTP answer (400, or 413 for too big)."""
 
-    def __init__(self, message: str, status: int = 400):
+    def __init__(self, message: str, status: int = 400) -> None:
         super().__init__(message)
         self.status = status
 
@@ -31,7 +31,7 @@ class InstanceError(PetalError):
     """One instance is unusable; the others are still answered."""
 
 
-def _describe(value: Any) -> str:
+def _describe(value: object) -> str:
     """A short description of a JSON value for error messages (never the whole payload)."""
     text = json.dumps(value) if not isinstance(value, bytes) else repr(value)
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
@@ -57,14 +57,14 @@ def parse_request(body: bytes, max_instances: int) -> list[Any]:
     return instances
 
 
-def instance_key(instance: Any) -> tuple[bool, Any]:
+def instance_key(instance: object) -> tuple[bool, Any]:
     """(has a key, the key). The key is passed back unchanged, whatever its JSON type."""
     if isinstance(instance, dict) and "key" in instance:
         return True, instance["key"]
     return False, None
 
 
-def b64decode(text: Any) -> bytes:
+def b64decode(text: object) -> bytes:
     """Standard or URL-safe base64, with or without padding or line breaks."""
     if not isinstance(text, str):
         raise InstanceError(f"b64: expected a base64 string, got {_describe(text)}")
@@ -77,7 +77,7 @@ def b64decode(text: Any) -> bytes:
         raise InstanceError(f"b64: expected standard or URL-safe base64, got invalid data ({e})") from None
 
 
-def instance_bytes(instance: Any) -> bytes:
+def instance_bytes(instance: object) -> bytes:
     """The encoded image of one instance: {"image_bytes": {"b64": ...}} (or just {"b64": ...})."""
     if not isinstance(instance, dict):
         raise InstanceError('instance: expected an object {"image_bytes": {"b64": "..."}}, '

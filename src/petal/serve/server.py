@@ -8,12 +8,16 @@ finish (up to the request timeout), then the lifespan drains the batchers.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 from petal.serve.config import ServeConfig
 
+if TYPE_CHECKING:
+    import uvicorn
+
 
 def make_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, *,
-                max_concurrency: int = 256, access_log: bool = False, log_level: str = "info"):
+                max_concurrency: int = 256, access_log: bool = False, log_level: str = "info") -> uvicorn.Server:
     """A uvicorn.Server for the app; `.run()` it (or `.run(sockets=[...])` on a bound socket)."""
     import uvicorn
 
@@ -28,7 +32,7 @@ def make_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, 
     return uvicorn.Server(uv)
 
 
-def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, **kw) -> None:
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, **kw: Any) -> None:
     """Serve until interrupted (blocking)."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     make_server(config, host, port, **kw).run()

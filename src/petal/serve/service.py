@@ -16,7 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from petal.errors import ImageError, PetalError
 from petal.serve import protocol
 from petal.serve.batcher import Batcher
 from petal.serve.config import ServeConfig
+
+if TYPE_CHECKING:
+    from petal.serve.metrics import Metrics
 
 log = logging.getLogger("petal.serve")
 INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this are parsed on the event loop (~0.3 ms)
@@ -52,7 +55,7 @@ class ServedModel:
 class Service:
     """Models by name, the decode pool, and the two prediction entry points."""
 
-    def __init__(self, config: ServeConfig, metrics=None):
+    def __init__(self, config: ServeConfig, metrics: Metrics | None = None) -> None:
         self.config = config
         self.limits = config.limits
         self.metrics = metrics  # petal.serve.metrics.Metrics, or None
@@ -133,7 +136,7 @@ class Service:
         except ImageError as e:
             return str(e)
 
-    def _decode_instance(self, instance: Any, served: ServedModel) -> np.ndarray | str:
+    def _decode_instance(self, instance: object, served: ServedModel) -> np.ndarray | str:
         try:
             data = protocol.instance_bytes(instance)
         except protocol.InstanceError as e:
