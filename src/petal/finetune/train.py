@@ -284,27 +284,8 @@ class Trainer:
             export: bool, stop_after: int | None) -> FinetuneResult | None:
         start = time.perf_counter()
         c, world = self.c, self.world
-        ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent)
-        self.reporter.dataset(ds)
-        fingerprint = {"format": CHECKPOINT_FORMAT, "finetune": c.training_dict(), "backbone": self.cfg.name,
-                       "classes": ds.classes, "train": digest([e.uri for e in ds.split(TRAIN)]),
-                       "eval": digest([e.uri for e in ds.split(EVAL)])}
-        ckpt = self.saved_checkpoint(run, resume, fingerprint)  # before any slow work
-        # a finished run here is replaced (checkpoints decide about resuming); never inside the data
-        check_run_folder(run, data, overwrite=True).mkdir(parents=True, exist_ok=True)
-
-        tr_px, ev_px = self.pixel_files(run, ds)
-        label_of = {e.uri: ds.label_id(e.label) for e in ds.examples}
-        y_tr = np.array([label_of[u] for u in tr_px.uris], np.int64)
-        y_ev = np.array([label_of[u] for u in ev_px.uris], np.int64)
-        require_training_images(ds.classes, (ds.classes[i] for i in y_tr))
-        keys = {**tr_px.keys, **ev_px.keys}
-        warnings = data_warnings(ds, keys, self.reporter)
-        if world.main:
-            write_split_files(run, ds, keys, tr_px.failed + ev_px.failed)
-            write_settings(run, data=data, eval_data=eval_data, labels_file=labels_file, eval_percent=eval_percent,
-                           backbone=self.cfg.to_dict(), cache_dir=self.cache_dir, classes=ds.classes,
-                           finetune=self.c.to_dict(), world_size=world.size)
+        ds, tr_px, ev_px, y_tr, y_ev, warnings, fingerprint, ckpt = self.prepare(
+            data, run, labels_file=labels_file, eval_data=eval_data, eval_percent=eval_percent, resume=resume)
 
         # ---- model, frozen trunk, optimiser, schedule, data
         device = world.device
@@ -376,6 +357,35 @@ class Trainer:
         shutil.rmtree(run / "pixels", ignore_errors=True)  # decoded for this run only
         result.seconds = time.perf_counter() - start
         return result
+
+    def prepare(self, data, run: Path, *, labels_file, eval_data, eval_percent: float, resume: bool
+                ) -> tuple[Dataset, PixelFile, PixelFile, np.ndarray, np.ndarray, list[str], dict, dict | None]:
+        """Load the data, find the checkpoint to resume from, decode every image once into
+        the run's pixel files, and write the run files. Returns the dataset, the train and
+        eval pixel files with their class ids ((N,) int64 each), the data warnings, the
+        run's fingerprint and the checkpoint (or None)."""
+        c, world = self.c, self.world
+        ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent)
+        self.reporter.dataset(ds)
+        fingerprint = {"format": CHECKPOINT_FORMAT, "finetune": c.training_dict(), "backbone": self.cfg.name,
+                       "classes": ds.classes, "train": digest([e.uri for e in ds.split(TRAIN)]),
+                       "eval": digest([e.uri for e in ds.split(EVAL)])}
+        ckpt = self.saved_checkpoint(run, resume, fingerprint)  # before any slow work
+        # a finished run here is replaced (checkpoints decide about resuming); never inside the data
+        check_run_folder(run, data, overwrite=True).mkdir(parents=True, exist_ok=True)
+        tr_px, ev_px = self.pixel_files(run, ds)
+        label_of = {e.uri: ds.label_id(e.label) for e in ds.examples}
+        y_tr = np.array([label_of[u] for u in tr_px.uris], np.int64)
+        y_ev = np.array([label_of[u] for u in ev_px.uris], np.int64)
+        require_training_images(ds.classes, (ds.classes[i] for i in y_tr))
+        keys = {**tr_px.keys, **ev_px.keys}
+        warnings = data_warnings(ds, keys, self.reporter)
+        if world.main:
+            write_split_files(run, ds, keys, tr_px.failed + ev_px.failed)
+            write_settings(run, data=data, eval_data=eval_data, labels_file=labels_file, eval_percent=eval_percent,
+                           backbone=self.cfg.to_dict(), cache_dir=self.cache_dir, classes=ds.classes,
+                           finetune=self.c.to_dict(), world_size=world.size)
+        return ds, tr_px, ev_px, y_tr, y_ev, warnings, fingerprint, ckpt
 
     def saved_checkpoint(self, run: Path, resume: bool, fingerprint: dict) -> dict | None:
         """The checkpoint to resume from (same settings and data), or None to start afresh."""

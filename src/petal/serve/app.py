@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi_offline import FastAPIOffline
@@ -20,8 +20,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from petal import __version__
-from petal.serve.config import ServeConfig
-from petal.serve.limits import BodySizeLimit, answer_within, bearer_ok, upload_within
+from petal.serve.config import Limits, ServeConfig
+from petal.serve.limits import BodySizeLimit, bearer_ok, within_limit
 from petal.serve.metrics import Metrics, MetricsMiddleware
 from petal.serve.protocol import RequestError
 from petal.serve.service import ModelNotFound, Service
@@ -74,8 +74,6 @@ def install_error_handlers(app: FastAPI) -> None:
 def create_app(config: ServeConfig) -> FastAPI:
     metrics = Metrics()
     service = Service(config, metrics)
-    limits = config.limits
-    page = resources.files("petal.serve").joinpath("static/index.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -90,7 +88,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                          description="Image classification in the Cloud ML / TF Serving row format.")
     app.state.service = service
     app.state.metrics = metrics
-    app.add_middleware(BodySizeLimit, max_bytes=limits.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, sees every answer
     install_error_handlers(app)
 
@@ -100,62 +98,73 @@ def create_app(config: ServeConfig) -> FastAPI:
                                 headers={"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(require_key)]
+    app.include_router(operations(service, metrics, auth))
+    app.include_router(model_api(service, config.limits, auth))
+    return app
 
-    @app.get("/", include_in_schema=False)
+
+def operations(service: Service, metrics: Metrics, auth: list) -> APIRouter:
+    """The page, health, readiness and Prometheus metrics."""
+    router = APIRouter()
+    page = resources.files("petal.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @router.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
 
-    @app.get("/healthz", summary="Liveness: the process answers")
+    @router.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: every model is loaded")
+    @router.get("/readyz", summary="Readiness: every model is loaded")
     async def readyz():  # noqa: ANN202 - FastAPI would make `JSONResponse | dict` a response model
         if not service.ready:
             return error(503, "not ready: models are loading or the server is shutting down")
         return {"status": "ready", "models": list(service.models)}
 
-    @app.get("/metrics", dependencies=auth, summary="Prometheus metrics")
+    @router.get("/metrics", dependencies=auth, summary="Prometheus metrics")
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=metrics.content_type)
 
-    @app.get("/v1/models", dependencies=auth, summary="The served models")
+    return router
+
+
+def model_api(service: Service, limits: Limits, auth: list) -> APIRouter:
+    """The TF Serving style model routes: list, predict, upload, status, metadata."""
+    router = APIRouter(dependencies=auth)
+
+    @router.get("/v1/models", summary="The served models")
     async def list_models() -> dict:
         return {"models": [{"name": m.name, "version": m.version, "state": "AVAILABLE",
                             "labels": m.model.labels} for m in service.models.values()]}
 
-    @app.post("/v1/models/{name}:predict", dependencies=auth, openapi_extra=PREDICT_DOC,
-              summary="Predict, Cloud ML / TF Serving row format")
+    @router.post("/v1/models/{name}:predict", openapi_extra=PREDICT_DOC,
+                 summary="Predict, Cloud ML / TF Serving row format")
     async def predict(name: str, request: Request) -> JSONResponse:
         served = service.get(name)
-        start = asyncio.get_running_loop().time()
-        body = await upload_within(request.body(), limits.timeout_s)
-        left = limits.timeout_s - (asyncio.get_running_loop().time() - start)
-        doc = await answer_within(service.predict_json(served, body), left, limits.timeout_s)
+        doc = await within_limit(request.body(), lambda body: service.predict_json(served, body), limits.timeout_s)
         return JSONResponse(doc)  # plain JSON already: skip FastAPI's slow recursive encoder
 
-    @app.post("/v1/models/{name}:upload", dependencies=auth, openapi_extra=UPLOAD_DOC,
-              summary="Upload image files (multipart), get top-k labels")
+    @router.post("/v1/models/{name}:upload", openapi_extra=UPLOAD_DOC,
+                 summary="Upload image files (multipart), get top-k labels")
     async def upload(name: str, request: Request, top_k: int = Query(5, ge=1, le=1000)) -> JSONResponse:
         served = service.get(name)
-        start = asyncio.get_running_loop().time()
-        files = await upload_within(read_files(request, limits.max_images), limits.timeout_s)
-        left = limits.timeout_s - (asyncio.get_running_loop().time() - start)
-        rows = await answer_within(service.predict_files(served, files, top_k), left, limits.timeout_s)
+        rows = await within_limit(read_files(request, limits.max_images),
+                                  lambda files: service.predict_files(served, files, top_k), limits.timeout_s)
         return JSONResponse({"model": name, "predictions": rows})
 
-    @app.get("/v1/models/{name}", dependencies=auth, summary="Model status, TF Serving shape")
+    @router.get("/v1/models/{name}", summary="Model status, TF Serving shape")
     async def model_status(name: str) -> dict:
         m = service.get(name)
         return {"model_version_status": [{"version": m.version, "state": "AVAILABLE",
                                           "status": {"error_code": "OK", "error_message": ""}}]}
 
-    @app.get("/v1/models/{name}/metadata", dependencies=auth, summary="Labels and backbone")
+    @router.get("/v1/models/{name}/metadata", summary="Labels and backbone")
     async def model_metadata(name: str) -> dict:
         m = service.get(name)
         return {"model_spec": {"name": m.name, "version": m.version}, "metadata": m.metadata()}
 
-    return app
+    return router
 
 
 async def read_files(request: Request, max_files: int) -> list[tuple[str, bytes]]:

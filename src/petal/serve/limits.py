@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from starlette.exceptions import HTTPException
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 T = TypeVar("T")
+U = TypeVar("U")
 
 
 class BodyTooLarge(HTTPException):
@@ -87,6 +88,15 @@ async def answer_within(awaitable: Awaitable[T], seconds: float, limit: float) -
         raise HTTPException(503, f"request timed out: not answered within the {limit:g} s per-request "
                             "limit; the server is overloaded, retry later",
                             headers={"Retry-After": "1"}) from None
+
+
+async def within_limit(receive: Awaitable[T], answer: Callable[[T], Awaitable[U]], seconds: float) -> U:
+    """One time budget per request: receiving it (408 when slow), then answering it with
+    whatever time is left (503 when the server is too busy to make it)."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    got = await upload_within(receive, seconds)
+    return await answer_within(answer(got), seconds - (loop.time() - start), seconds)
 
 
 def bearer_ok(authorization: str | None, api_key: str) -> bool:
