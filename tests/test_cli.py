@@ -60,6 +60,11 @@ def test_train_predict_classify(tmp_path, dataset, cache_dir):
     assert len(rows) == 48 and {"uri", "label", "score", "top"} <= set(rows[0])
     petal("predict", model, str(dataset / "*" / "*.png"), "--output", tmp_path / "p.csv")
     assert (tmp_path / "p.csv").read_text().startswith("uri,label,score,top")
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"<html>not an image</html>")
+    r = petal("predict", model, one, bad, "--errors", tmp_path / "failed.csv")  # one good image: exit 0
+    assert "squares" in r.stdout
+    assert (tmp_path / "failed.csv").read_text().splitlines()[1].startswith(f"{bad},not an image")
 
 
 def test_classify_imagenet_names(tmp_path, cache_dir):

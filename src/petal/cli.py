@@ -67,15 +67,19 @@ class RichReporter:
             yield advance
 
 
-def print_dataset(ds) -> None:
+def print_dataset(ds, splits: bool = True) -> None:
+    """Images per class (per split when `splits`), then what was skipped and why."""
     t = Table(title="data", title_justify="left")
     t.add_column("class")
-    t.add_column("train", justify="right")
-    t.add_column("eval", justify="right")
+    columns = ["train", "eval"] if splits else ["images"]
+    for col in columns:
+        t.add_column(col, justify="right")
     counts = ds.counts()
     for c in ds.classes:
-        t.add_row(c, str(counts[c]["train"]), str(counts[c]["eval"]))
-    t.add_row("[bold]total", str(len(ds.split("train"))), str(len(ds.split("eval"))))
+        n = [counts[c]["train"], counts[c]["eval"]]
+        t.add_row(c, *map(str, n if splits else [sum(n)]))
+    totals = [len(ds.split("train")), len(ds.split("eval"))]
+    t.add_row("[bold]total", *map(str, totals if splits else [sum(totals)]))
     out.print(t)
     for reason, n in ds.skipped_reasons().most_common():
         out.print(f"skipped {n}: {reason}", markup=False)
@@ -232,7 +236,7 @@ def embed(
         check_output(errors, "errors")
     ds = load_dataset(data, labels_file=labels, eval_percent=0.0, require_train=False)
     if not as_json:
-        print_dataset(ds)
+        print_dataset(ds, splits=False)
     if runner == "beam":
         from petal.beam import beam_embed
 
@@ -288,12 +292,17 @@ def predict(
     url: Annotated[Optional[str], typer.Option(help="Predict through a running `petal serve` "
                                                "endpoint instead of a local model.")] = None,
     runner: Annotated[str, typer.Option(help=RUNNER_HELP)] = "local",
+    errors: Annotated[Optional[Path], typer.Option(help="Write images that failed (uri, reason) to this CSV.")
+                      ] = None,
 ) -> None:
     """Predict labels for images with an exported model (or a served one, with --url)."""
     from petal.data import expand_inputs
     from petal.predict_io import write_predictions
+    from petal.run_files import write_csv
 
     check_runner(runner, ctx.args)
+    if errors:
+        check_output(errors, "errors")
     inputs = list(inputs or [])
     if url:  # no local model: the first argument is an input too
         if (Path(model) / "petal.json").is_file():
@@ -327,18 +336,21 @@ def predict(
         ok = n > 0
     else:
         t = Table()
-        t.add_column("image")
+        t.add_column("image", overflow="fold")  # a path is never cut short
         t.add_column("label")
         t.add_column("score", justify="right")
-        t.add_column(f"top {top_k}")
-        ok = False
+        t.add_column("runners-up")
+        ok, failed = False, []
         for p in preds:
             if p.error:
+                failed.append((p.uri, p.error))
                 t.add_row(p.uri, "[red]error", "", p.error)
             else:
                 ok = True
                 t.add_row(p.uri, p.label, f"{p.score:.3f}", ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]))
         out.print(t)
+    if errors:
+        write_csv(errors, ["uri", "reason"], failed)
     if not ok:
         raise PetalError("predict: no image could be read")
 

@@ -39,6 +39,7 @@ def backbone_onnx_path(cfg: BackboneConfig, cache_dir: Path,
     hears about it first, so a progress bar does not stall unexplained)."""
     path = Path(cache_dir) / "models" / f"{cfg.name}-g{GRAPH_VERSION}.onnx"
     if not path.is_file():
+        cfg.weights_path()  # a missing weights package is named before any news of an export
         if on_export:
             on_export(f"exporting {cfg.name} to ONNX into {path.parent} (once per cache, about 15 s)")
         with atomic_path(path) as tmp:
