@@ -424,20 +424,15 @@ def main() -> None:
         warnings.showwarning = show_warning
     try:
         app()  # standalone: click reports usage errors itself (one message, exit 2)
-    except PetalError as e:  # bad input or options: one line, no traceback
-        fail(e, debug)
-    except OSError as e:  # the machine said no: a path that is a file, no permission, disk full
-        fail(e, debug)
+    # bad input or options, or the machine said no (no permission, disk full): one line
+    except (PetalError, OSError) as e:
+        if debug:
+            raise
+        err.print(f"error: {e}", style="bold red", markup=False, highlight=False)
+        sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
-
-
-def fail(e: Exception, debug: bool) -> None:
-    if debug:
-        raise e
-    err.print(f"error: {e}", style="bold red", markup=False, highlight=False)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -23,8 +23,11 @@ from typing import Any
 from petal.errors import PetalError
 
 
+@dataclass(frozen=True, kw_only=True)
 class Rule:
-    none_ok: bool = False
+    """A declared expectation for one parameter. Subclasses say what they accept."""
+
+    none_ok: bool = False  # None is accepted too
     what: str | None = None  # wording that replaces the generated one
 
     def accepts(self, value: Any) -> bool:
@@ -62,8 +65,6 @@ class Int(Rule):
 
     low: int | None = None
     high: int | None = None
-    none_ok: bool = False
-    what: str | None = None
 
     def accepts(self, v: Any) -> bool:
         return isinstance(v, Integral) and not isinstance(v, bool) and _within(v, self.low, self.high, False, False)
@@ -80,8 +81,6 @@ class Real(Rule):
     high: float | None = None
     low_open: bool = False
     high_open: bool = False
-    none_ok: bool = False
-    what: str | None = None
 
     def accepts(self, v: Any) -> bool:
         return (isinstance(v, RealNumber) and not isinstance(v, bool) and math.isfinite(v)
@@ -93,8 +92,6 @@ class Real(Rule):
 
 @dataclass(frozen=True)
 class Bool(Rule):
-    none_ok: bool = False
-
     def accepts(self, v: Any) -> bool:
         return isinstance(v, bool)
 
@@ -102,9 +99,12 @@ class Bool(Rule):
         return "True or False"
 
 
+@dataclass(frozen=True, init=False)
 class OneOf(Rule):
-    def __init__(self, *values: Any):
-        self.values = values
+    values: tuple[Any, ...]
+
+    def __init__(self, *values: Any) -> None:  # OneOf("auto", "onnx"), not OneOf(("auto", "onnx"))
+        object.__setattr__(self, "values", values)
 
     def accepts(self, v: Any) -> bool:
         return any(v is x or (type(v) is type(x) and v == x) for x in self.values)
