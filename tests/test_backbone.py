@@ -23,14 +23,14 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 @pytest.fixture(scope="module")
 def photos():
-    return np.stack([load_pixels(png_bytes(skimage_data.chelsea()), CFG),
-                     load_pixels(png_bytes(skimage_data.coffee()), CFG)])
+    return np.stack([load_pixels(png_bytes(skimage_data.chelsea()), CFG.preprocess),
+                     load_pixels(png_bytes(skimage_data.coffee()), CFG.preprocess)])
 
 
 def test_registry_config_is_the_single_source():
     assert CFG.input_size == 224 and CFG.feature_dim == 1280
-    assert CFG.mean == (127.0, 127.0, 127.0) and CFG.std == (128.0, 128.0, 128.0)
-    assert CFG.resize_size == 256  # 224 / 0.875
+    assert CFG.preprocess.mean == (127.0, 127.0, 127.0) and CFG.preprocess.std == (128.0, 128.0, 128.0)
+    assert CFG.preprocess.resize_size == 256  # 224 / 0.875
     assert set(REGISTRY) >= {"efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2"}
     with pytest.raises(PetalError, match="backbone: expected one of"):
         get_backbone("resnet9000")

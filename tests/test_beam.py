@@ -25,7 +25,7 @@ from petal.data import load_dataset  # noqa: E402
 from petal.embed import embed  # noqa: E402
 from petal.errors import PetalError  # noqa: E402
 from petal.onnx_graphs import backbone_onnx_path  # noqa: E402
-from petal.predict_io import write_predictions  # noqa: E402
+from petal.predictions import write_predictions  # noqa: E402
 from petal.synthetic import make_dataset  # noqa: E402
 
 MULTI = ["--direct_num_workers", "2", "--direct_running_mode", "multi_processing"]

@@ -7,6 +7,7 @@ from scratch."""
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -18,9 +19,9 @@ from PIL import Image
 from petal.backbones import get_backbone
 from petal.errors import PetalError
 from petal.finetune import AugmentConfig, FinetuneConfig, finetune
-from petal.finetune.config import config_from_options
 from petal.finetune.data import EpochBatches, augment_image, center_view
 from petal.finetune.model import FineTuneNet, OnnxTrunk, trunk_onnx_path
+from petal.workflow import export_run
 
 CFG = get_backbone("efficientnet_lite0")
 TINY = dict(epochs=1, batch_size=4, unfreeze=1, dropout=0.0)  # dropout off: runs compare exactly
@@ -66,7 +67,8 @@ def test_split_model_reproduces_the_imagenet_predictions(ft_cache):
         Image.fromarray(a).save(buf, "PNG")
         return buf.getvalue()
 
-    photos = np.stack([load_pixels(png(skimage_data.chelsea()), CFG), load_pixels(png(skimage_data.coffee()), CFG)])
+    pre = CFG.preprocess
+    photos = np.stack([load_pixels(png(skimage_data.chelsea()), pre), load_pixels(png(skimage_data.coffee()), pre)])
     net = build_backbone(CFG)
     model = FineTuneNet(CFG, 1000, unfreeze=1).eval()
     model.top[-1].fc.load_state_dict(net._fc.state_dict())  # the ImageNet classifier
@@ -86,13 +88,13 @@ def test_augmentation_is_seeded_per_image_and_off_means_the_eval_view():
     rng = np.random.default_rng(0)
     square = rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)
     aug = AugmentConfig()
-    a = augment_image(square, 224, CFG.crop_pct, aug, np.random.default_rng([0, 1, 5]))
-    b = augment_image(square, 224, CFG.crop_pct, aug, np.random.default_rng([0, 1, 5]))
-    c = augment_image(square, 224, CFG.crop_pct, aug, np.random.default_rng([0, 2, 5]))
+    a = augment_image(square, 224, CFG.preprocess.crop_pct, aug, np.random.default_rng([0, 1, 5]))
+    b = augment_image(square, 224, CFG.preprocess.crop_pct, aug, np.random.default_rng([0, 1, 5]))
+    c = augment_image(square, 224, CFG.preprocess.crop_pct, aug, np.random.default_rng([0, 2, 5]))
     assert a.shape == (224, 224, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     still = AugmentConfig(flip=False, random_scale=0, random_crop=0, random_brightness=0, random_color=0)
-    plain = augment_image(square, 224, CFG.crop_pct, still, np.random.default_rng(1))
+    plain = augment_image(square, 224, CFG.preprocess.crop_pct, still, np.random.default_rng(1))
     assert np.abs(plain.astype(int) - center_view(square, 224)).max() <= 1  # the central 87.5%
 
 
@@ -105,12 +107,7 @@ def test_processes_split_each_global_batch():
         EpochBatches(37, 1, seed=0, world=2)
 
 
-def test_options_and_errors_name_the_parameter():
-    cfg = config_from_options({"epochs": 3, "flip": False, "workers": 2, "unfreeze": 5})
-    assert (cfg.epochs, cfg.augment.flip, cfg.decode_workers, cfg.unfreeze) == (3, False, 2, 5)
-    assert cfg.lr == FinetuneConfig().lr  # not given: the fine-tuning default
-    with pytest.raises(PetalError, match="hidden: applies to the head"):
-        config_from_options({"hidden": 10})
+def test_errors_name_the_parameter():
     with pytest.raises(PetalError, match=r"unfreeze: expected -1 \(all\) .* got -2"):
         FinetuneConfig(unfreeze=-2).check()
     with pytest.raises(PetalError, match="random_crop: expected a percentage"):
@@ -130,16 +127,24 @@ def test_finetune_exports_a_bundle_that_matches(tmp_path, dataset, ft_cache):
     assert r.epochs_done == 2 and r.best_epoch in (1, 2) and len(r.history) == 2
     assert r.metrics["accuracy"] >= 0.75 and r.metrics["num_eval"] == 12
     meta = json.loads((run / "model" / "petal.json").read_text())
-    assert meta["input"]["shape"] == ["batch", 224, 224, 3] and meta["best_epoch"] == r.best_epoch
-    assert meta["finetune"]["unfreeze"] == 1
+    assert meta["input"]["shape"] == ["batch", 224, 224, 3] and meta["training"]["best_epoch"] == r.best_epoch
+    assert meta["training"]["kind"] == "finetune" and meta["training"]["finetune"]["unfreeze"] == 1
     preds = petal.load(run / "model").predict([str(p) for p in sorted(dataset.glob("squares/*"))[:4]])
     assert all(p.label == "squares" for p in preds)
     assert {"metrics.json", "confusion_matrix.png", "history.csv", "split.csv", "settings.json"} <= {
         p.name for p in run.iterdir()}
     assert (run / "checkpoints" / "best.pt").exists() and not (run / "pixels").exists()
     assert list((run / "tensorboard").glob("events.*"))
-    with pytest.raises(PetalError, match="pass --resume"):
+    with pytest.raises(PetalError, match="already holds a finished run; pass --overwrite"):
         finetune(dataset, run, config=FinetuneConfig(**TINY), eval_percent=25, cache_dir=ft_cache)
+    # `petal export RUN` re-exports a fine-tuning run too, through the run folder alone
+    first = json.loads((run / "model" / "petal.json").read_text())
+    shutil.rmtree(run / "model")
+    again = export_run(run)
+    meta = json.loads((again / "petal.json").read_text())
+    assert meta["training"] == first["training"] and meta["metrics"] == first["metrics"]
+    assert [p.label for p in petal.load(again).predict([str(p) for p in sorted(dataset.glob("squares/*"))[:4]])
+            ] == [p.label for p in preds]
     with pytest.raises(PetalError, match=r"finetune\.lr"):  # other settings: refused before any work
         finetune(dataset, run, config=FinetuneConfig(**{**TINY, "epochs": 2, "batch_size": 8, "dropout": 0.2,
                                                         "lr": 1.0}), eval_percent=25, cache_dir=ft_cache,

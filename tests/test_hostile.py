@@ -32,7 +32,7 @@ from petal.embed import embed
 from petal.errors import DataError, ImageError, NothingUsableError
 from petal.images import PixelBudget, load_pixels
 from petal.loader import iter_items
-from petal.run_files import duplicate_warnings
+from petal.run import duplicate_warnings
 from petal.storage import read_bytes
 from petal.workflow import embed_dataset
 
@@ -181,7 +181,7 @@ BAD: dict[str, tuple[str, bytes, str]] = {
 @pytest.mark.parametrize("name", sorted(GOOD))
 def test_must_work_converted_to_rgb(name):
     _, data, color = GOOD[name]
-    px = load_pixels(data, CFG)
+    px = load_pixels(data, CFG.preprocess)
     assert px.shape == (S, S, 3) and px.dtype == np.uint8
     assert near(px, color), f"{name}: mean color {mean_color(px).round(1)}, expected {color}"
 
@@ -189,7 +189,7 @@ def test_must_work_converted_to_rgb(name):
 @pytest.mark.parametrize("orientation, white", [(2, "top-right"), (3, "bottom-right"), (6, "top-right"),
                                                 (8, "bottom-left")])
 def test_exif_rotated_photos_come_out_upright(orientation, white):
-    px = load_pixels(GOOD_EXTRA[f"exif_orientation_{orientation}"][1], CFG).astype(float)
+    px = load_pixels(GOOD_EXTRA[f"exif_orientation_{orientation}"][1], CFG.preprocess).astype(float)
     q = S // 2
     quads = {"top-left": px[:q, :q], "top-right": px[:q, q:], "bottom-left": px[q:, :q], "bottom-right": px[q:, q:]}
     assert quads[white].mean() > 200
@@ -199,7 +199,7 @@ def test_exif_rotated_photos_come_out_upright(orientation, white):
 @pytest.mark.parametrize("name, axis", [("size_4000x3", 1), ("size_3x4000", 0)])
 def test_extreme_aspect_ratios(name, axis):
     """The center crop of a 4000x3 strip is its middle 2.6 px: green, the middle third."""
-    px = load_pixels(GOOD_EXTRA[name][1], CFG)
+    px = load_pixels(GOOD_EXTRA[name][1], CFG.preprocess)
     assert near(px, GREEN, tol=1)
 
 
@@ -207,7 +207,7 @@ def test_large_photo_is_resized_correctly(tmp_path):
     """A 24 MP PNG (no JPEG draft mode to help): decoded once, within the pixel budget."""
     a = np.zeros((4000, 6000, 3), np.uint8)
     a[:, :3000], a[:, 3000:] = RED, BLUE
-    px = load_pixels(encode(Image.fromarray(a), "PNG", compress_level=1), CFG)
+    px = load_pixels(encode(Image.fromarray(a), "PNG", compress_level=1), CFG.preprocess)
     assert near(px[:, : S // 2 - 4], RED, 1) and near(px[:, S // 2 + 4:], BLUE, 1)
 
 
@@ -236,7 +236,7 @@ def test_decode_threads_share_a_pixel_budget(monkeypatch):
     results = {}
 
     def work(i):
-        results[i] = load_pixels(data, CFG)
+        results[i] = load_pixels(data, CFG.preprocess)
 
     threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
     for t in threads:
@@ -246,7 +246,7 @@ def test_decode_threads_share_a_pixel_budget(monkeypatch):
     assert len(results) == 3 and all(near(p, BLUE, 1) for p in results.values())
     assert max(peak) == 4_000_000 and budget.used == 0
     # an image larger than the whole budget still runs (alone): no deadlock
-    assert near(load_pixels(encode(solid(RED, (3000, 2000)), "PNG", compress_level=1), CFG), RED, 1)
+    assert near(load_pixels(encode(solid(RED, (3000, 2000)), "PNG", compress_level=1), CFG.preprocess), RED, 1)
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
@@ -254,7 +254,7 @@ def test_must_be_refused_with_the_reason(name):
     _, data, reason = BAD[name]
     t0 = time.perf_counter()
     with pytest.raises(ImageError, match=reason):
-        load_pixels(data, CFG)
+        load_pixels(data, CFG.preprocess)
     assert time.perf_counter() - t0 < 1.0  # bombs are refused from the header, nothing allocated
 
 
@@ -501,7 +501,7 @@ def test_loader_keeps_going_past_every_failure(corpus):
     """iter_items gives one Item per input, in order, whatever each one is."""
     root, good, bad = corpus
     uris = sorted(good) + sorted(bad) + ["gs://no-driver/x.jpg", str(root / "nope.png")]
-    items = list(iter_items(uris, CFG, workers=4))
+    items = list(iter_items(uris, CFG.preprocess, workers=4))
     assert [it.uri for it in items] == uris
     assert all(it.error is None and it.pixels is not None for it in items[: len(good)])
     assert all(it.error and it.pixels is None for it in items[len(good):])

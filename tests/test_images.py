@@ -25,7 +25,7 @@ def test_center_crop_keeps_the_middle():
     a[:, :300, 0] = 255
     a[:, 300:600, 1] = 255
     a[:, 600:, 2] = 255
-    px = load_pixels(encode(Image.fromarray(a)), CFG)
+    px = load_pixels(encode(Image.fromarray(a)), CFG.preprocess)
     assert px.shape == (224, 224, 3) and px.dtype == np.uint8
     assert px[..., 1].mean() > 250 and px[..., 0].mean() < 5
 
@@ -38,13 +38,13 @@ def test_modes_become_rgb(mode):
     else:
         img = img.convert(mode)
     fmt = "JPEG" if mode in ("L", "CMYK") else ("TIFF" if mode == "I;16" else "PNG")
-    px = load_pixels(encode(img, fmt), CFG)
+    px = load_pixels(encode(img, fmt), CFG.preprocess)
     assert px.shape == (224, 224, 3)
 
 
 def test_transparency_is_composited_on_white():
     img = Image.new("RGBA", (50, 50), (255, 0, 0, 0))
-    px = load_pixels(encode(img), CFG)
+    px = load_pixels(encode(img), CFG.preprocess)
     assert px.min() == 255
 
 
@@ -54,18 +54,18 @@ def test_exif_rotation_is_applied():
     img = Image.fromarray(a)
     exif = img.getexif()
     exif[0x0112] = 6  # "rotate 90 CW to display": shown as portrait, white on top
-    px = load_pixels(encode(img, "JPEG", exif=exif, quality=95), CFG)
+    px = load_pixels(encode(img, "JPEG", exif=exif, quality=95), CFG.preprocess)
     assert px[:40].mean() > 200 and px[-40:].mean() < 50
 
 
 def test_bad_bytes_are_image_errors():
     with pytest.raises(ImageError, match="empty file"):
-        load_pixels(b"", CFG)
+        load_pixels(b"", CFG.preprocess)
     with pytest.raises(ImageError, match="not an image"):
-        load_pixels(b"<html>nope</html>", CFG)
+        load_pixels(b"<html>nope</html>", CFG.preprocess)
     good = encode(Image.new("RGB", (300, 300), (10, 200, 10)), "JPEG")
     with pytest.raises(ImageError, match="truncated|corrupt|decode"):
-        load_pixels(good[: len(good) // 2], CFG)
+        load_pixels(good[: len(good) // 2], CFG.preprocess)
 
 
 def test_decompression_bomb_refused_from_header():
@@ -73,7 +73,7 @@ def test_decompression_bomb_refused_from_header():
     bomb = encode(Image.new("1", (20000, 20000)), "PNG", optimize=True)
     assert len(bomb) < 200_000
     with pytest.raises(ImageError, match="too large.*decompression bomb"):
-        load_pixels(bomb, CFG, max_pixels=50_000_000)
+        load_pixels(bomb, CFG.preprocess, max_pixels=50_000_000)
 
 
 def test_remote_reads_stop_at_the_byte_limit():

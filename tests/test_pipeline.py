@@ -40,7 +40,7 @@ def test_cache_hits_incremental_and_corrupt(tmp_path, dataset, cache_dir):
     from petal.onnx_graphs import backbone_onnx_path
     from petal.runtime import make_session
 
-    px = np.stack([load_pixels(open(u, "rb").read(), CFG) for u in uris[:4]])
+    px = np.stack([load_pixels(open(u, "rb").read(), CFG.preprocess) for u in uris[:4]])
     direct = make_session(backbone_onnx_path(CFG, own)).run(["features"], {"images": px})[0]
     cached = EmbeddingCache(own, CFG.name, CFG.feature_dim).get([second.keys[u] for u in uris[:4]])
     np.testing.assert_allclose(cached, direct, atol=1e-5)
@@ -79,7 +79,9 @@ def test_train_writes_a_complete_run(trained_run):
     assert bundle.stat().st_mode & 0o777 == 0o777 & ~umask  # not mkdtemp's 0700: others can serve it
     meta = json.loads((bundle / "petal.json").read_text())
     assert meta["labels"] == ["circles", "squares", "triangles"]
-    assert meta["backbone"]["input_size"] == 224 and "onnxruntime" in meta["versions"]
+    assert meta["format"] == 2 and meta["preprocess"]["input_size"] == 224 and "onnxruntime" in meta["versions"]
+    assert meta["backbone"] == {"name": "efficientnet_lite0", "feature_dim": 1280}  # no pip package names
+    assert meta["training"]["kind"] == "head" and meta["training"]["head"]["epochs"] == 20
 
 
 def test_tensorboard_has_train_and_eval_curves(trained_run):

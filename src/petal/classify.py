@@ -5,28 +5,26 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import numpy as np
-
 from petal.backbones import get_backbone, imagenet_classes
 from petal.loader import iter_items
+from petal.predictions import Prediction, prediction
 from petal.storage import default_cache_dir
 
 
 def classify_images(uris: list[str], backbone: str, cache_dir: Path | None = None, top_k: int = 5,
                     on_message: Callable[[str], None] | None = None
-                    ) -> Iterator[tuple[str, list[tuple[str, float]] | str]]:
-    """Yield (uri, [(class name, probability)...]) or (uri, error reason).
-    `on_message` hears about the one-off backbone export."""
+                    ) -> Iterator[Prediction]:
+    """Yield one Prediction per URI, in order, over the 1000 ImageNet classes (`.error`
+    set for an unreadable image). `on_message` hears about the one-off backbone export."""
     from petal.onnx_graphs import backbone_onnx_path
     from petal.runtime import make_session
 
     cfg = get_backbone(backbone)
     names = imagenet_classes()
     session = make_session(backbone_onnx_path(cfg, Path(cache_dir or default_cache_dir()), on_message))
-    for item in iter_items(uris, cfg):
+    for item in iter_items(uris, cfg.preprocess):
         if item.error is not None:
-            yield item.uri, item.error
+            yield Prediction(item.uri, error=item.error)
             continue
-        (probs,) = session.run(["imagenet_probs"], {"images": item.pixels[None]})
-        order = np.argsort(-probs[0])[:top_k]
-        yield item.uri, [(names[i], float(probs[0, i])) for i in order]
+        (probs,) = session.run(["imagenet_probs"], {"images": item.pixels[None]})  # (1, 1000)
+        yield prediction(names, item.uri, probs[0], top_k)

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 from rich.console import Console
 from rich.progress import (
@@ -23,12 +24,19 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from typer.core import TyperCommand
+
+try:
+    from typer._click.exceptions import NoSuchOption  # typer >= 0.29 carries its own click
+except ImportError:  # pragma: no cover - older typer uses click itself
+    from click.exceptions import NoSuchOption
 
 from petal.backbones import DEFAULT_BACKBONE
 from petal.errors import PetalError
 from petal.finetune.config import FinetuneConfig
 from petal.head import HeadClassifier
-from petal.storage import check_output
+from petal.progress import Reporter
+from petal.storage import atomic_write_csv, check_output
 
 HEAD = HeadClassifier()  # the defaults of the head options
 FTC = FinetuneConfig()  # the defaults of the fine-tuning options
@@ -44,7 +52,9 @@ Backbone = Annotated[str, typer.Option(help="Backbone from the registry.")]
 Workers = Annotated[Optional[int], typer.Option(min=1, help="Decode threads (default: all cores).")]
 
 
-class RichReporter:
+class RichReporter(Reporter):
+    """Progress as rich bars and messages on stderr; the data summary as a table."""
+
     def message(self, text: str) -> None:
         err.print(text, style="yellow" if text.startswith("warning") else None, markup=False)
 
@@ -106,17 +116,42 @@ def print_failures(failed: list[tuple[str, str]], limit: int = 20) -> None:
         err.print(f"... and {len(failed) - limit} more", style="yellow")
 
 
-FT = "fine-tuning (--finetune)"
+class Command(TyperCommand):
+    """A petal command. Given an option it lacks that another command has, it says so
+    by name, instead of only "No such option" (e.g. `petal train --unfreeze 3`)."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except NoSuchOption as e:
+            group = ctx.parent.command if ctx.parent else None
+            homes = [name for name, cmd in sorted(getattr(group, "commands", {}).items())
+                     if name != self.name and any(e.option_name in p.opts for p in cmd.params)]
+            if homes:
+                e.message = (f"{e.option_name} is an option of `petal {homes[0]}`, "
+                             f"not of `petal {self.name}`")
+                e.possibilities = None
+            raise
 
 
-@app.command()
+# Options that `train` and `finetune` share: the data, the split, the cache, the run folder.
+Data = Annotated[str, typer.Argument(help="Folder of class folders, or CSV of uri,label rows.")]
+RunOut = Annotated[Path, typer.Option("--out", help="Run folder to write.")]
+LabelsFile = Annotated[Optional[Path], typer.Option("--labels", help="dict.txt: one label per line, in id order.")]
+EvalData = Annotated[Optional[str], typer.Option("--eval", help="Explicit eval data.")]
+EvalPercent = Annotated[float, typer.Option(help="Percent of images in the eval split.")]
+Export = Annotated[bool, typer.Option(help="Write RUN/model at the end.")]
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished run already in --out.")]
+AUG = "augmentation"
+
+
+@app.command(cls=Command)
 def train(
-    ctx: typer.Context,
-    data: Annotated[str, typer.Argument(help="Folder of class folders, or CSV of uri,label rows.")],
-    out_dir: Annotated[Path, typer.Option("--out", help="Run folder to write.")],
-    labels: Annotated[Optional[Path], typer.Option(help="dict.txt: one label per line, in id order.")] = None,
-    eval_data: Annotated[Optional[str], typer.Option("--eval", help="Explicit eval data.")] = None,
-    eval_percent: Annotated[float, typer.Option(help="Percent of images in the eval split.")] = 10.0,
+    data: Data,
+    out_dir: RunOut,
+    labels: LabelsFile = None,
+    eval_data: EvalData = None,
+    eval_percent: EvalPercent = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
     cache: Cache = None,
     epochs: int = HEAD.epochs,
@@ -129,64 +164,12 @@ def train(
     class_weight: Annotated[Optional[str], typer.Option(help="'balanced' for imbalanced data.")] = None,
     seed: int = HEAD.seed,
     workers: Workers = None,
-    export: Annotated[bool, typer.Option(help="Write RUN/model at the end.")] = True,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run already in --out.")
-                         ] = False,
-    finetune: Annotated[bool, typer.Option("--finetune", rich_help_panel=FT, help=(
-        "Train backbone blocks with the head, on augmented images. Options you do not give take "
-        f"the fine-tuning defaults (epochs {FTC.epochs}, lr {FTC.lr}, batch size {FTC.batch_size}, dropout "
-        f"{FTC.dropout}, weight decay {FTC.weight_decay}; docs/finetune.md), not the ones shown here."))] = False,
-    unfreeze: Annotated[Optional[int], typer.Option(rich_help_panel=FT, help=(
-        f"Backbone blocks trained, from the top; 0: head only; -1: all "
-        f"(default {FTC.unfreeze}; from scratch -1)."))] = None,
-    backbone_lr_mult: Annotated[Optional[float], typer.Option(rich_help_panel=FT, help=(
-        f"Backbone learning rate = --lr times this (default {FTC.backbone_lr_mult})."))] = None,
-    warmup_epochs: Annotated[Optional[float], typer.Option(rich_help_panel=FT, help=(
-        f"Linear warmup, then cosine decay (default {FTC.warmup_epochs})."))] = None,
-    pretrained: Annotated[bool, typer.Option(rich_help_panel=FT, help=(
-        "Start from the ImageNet weights; --no-pretrained trains from scratch."))] = True,
-    augment: Annotated[bool, typer.Option(rich_help_panel=FT, help="Augment training images.")] = True,
-    flip: Annotated[Optional[bool], typer.Option(rich_help_panel=FT,
-                                                 help="Random left-right flips (default on).")] = None,
-    random_scale: Annotated[Optional[float], typer.Option(rich_help_panel=FT, help=(
-        f"Zoom in/out by up to this percent (default {FTC.augment.random_scale:g})."))] = None,
-    random_crop: Annotated[Optional[float], typer.Option(rich_help_panel=FT, help=(
-        f"Move the crop by up to this percent of the image (default {FTC.augment.random_crop:g})."))] = None,
-    random_brightness: Annotated[Optional[float], typer.Option(rich_help_panel=FT, help=(
-        f"Scale brightness by up to +-this percent (default {FTC.augment.random_brightness:g})."))] = None,
-    random_color: Annotated[Optional[float], typer.Option(rich_help_panel=FT, help=(
-        f"Scale saturation by up to +-this percent (default {FTC.augment.random_color:g})."))] = None,
-    loader_workers: Annotated[Optional[int], typer.Option(rich_help_panel=FT, help=(
-        "DataLoader worker processes for augmentation (default 1 on a CPU)."))] = None,
-    trunk_runtime: Annotated[Optional[str], typer.Option(rich_help_panel=FT, help=(
-        "Frozen layers in 'onnx' (fast on a CPU), 'torch', or 'auto'."))] = None,
-    resume: Annotated[bool, typer.Option(rich_help_panel=FT, help=(
-        "Continue the run in --out from its last checkpoint."))] = False,
-    stop_after: Annotated[Optional[int], typer.Option(rich_help_panel=FT, help=(
-        "End after this epoch; --resume continues."))] = None,
-    nproc: Annotated[int, typer.Option(rich_help_panel=FT, help=(
-        "Data-parallel processes on this machine, started through torchrun."))] = 1,
+    export: Export = True,
+    overwrite: Overwrite = False,
 ) -> None:
-    """Embed, train a head, evaluate and export: a folder of labeled images in, a model out."""
+    """Embed, train a head, evaluate and export: a folder of labeled images in, a model out.
+    (To train backbone layers too: `petal finetune`.)"""
     from petal.workflow import train as run_train
-
-    if finetune:
-        from petal.finetune.config import config_from_options
-        from petal.finetune.distributed import launch
-        from petal.finetune.train import finetune as run_finetune
-
-        if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet a worker: start the workers
-            sys.exit(launch(nproc, sys.argv[1:]))
-        options = {k: v for k, v in ctx.params.items() if ctx.get_parameter_source(k).name != "DEFAULT"}
-        r = run_finetune(data, out_dir, config=config_from_options(options), labels_file=labels,
-                         eval_data=eval_data, eval_percent=eval_percent, backbone=backbone, cache_dir=cache,
-                         resume=resume, export=export, stop_after=stop_after, reporter=RichReporter())
-        if r is not None and r.metrics.get("accuracy") is not None:
-            print_metrics(r.metrics)
-        if r is not None:
-            out.print(f"epochs {r.epochs_done}, best {r.best_epoch}, {r.seconds:.0f}s"
-                      + (f"; model: {r.model_dir}" if r.model_dir else ""))
-        return
 
     head = HeadClassifier(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
                           weight_decay=weight_decay, label_smoothing=label_smoothing,
@@ -203,6 +186,79 @@ def train(
         out.print(f"model: {r.model_dir}")
 
 
+@app.command(cls=Command)
+def finetune(
+    data: Data,
+    out_dir: RunOut,
+    labels: LabelsFile = None,
+    eval_data: EvalData = None,
+    eval_percent: EvalPercent = 10.0,
+    backbone: Backbone = DEFAULT_BACKBONE,
+    cache: Cache = None,
+    epochs: int = FTC.epochs,
+    lr: Annotated[float, typer.Option(help="The classifier's peak learning rate.")] = FTC.lr,
+    batch_size: Annotated[int, typer.Option(help="Global batch, split across --nproc.")] = FTC.batch_size,
+    dropout: float = FTC.dropout,
+    weight_decay: float = FTC.weight_decay,
+    label_smoothing: float = FTC.label_smoothing,
+    seed: int = FTC.seed,
+    unfreeze: Annotated[Optional[int], typer.Option(help=(
+        f"Backbone blocks trained, from the top; 0: head only; -1: all "
+        f"[default: {FTC.unfreeze}; with --no-pretrained: -1]"))] = None,
+    backbone_lr_mult: Annotated[float, typer.Option(help="Backbone learning rate = --lr times this.")
+                                ] = FTC.backbone_lr_mult,
+    warmup_epochs: Annotated[float, typer.Option(help="Linear warmup, then cosine decay.")] = FTC.warmup_epochs,
+    pretrained: Annotated[bool, typer.Option(help=(
+        "Start from the ImageNet weights; --no-pretrained trains from scratch."))] = FTC.pretrained,
+    augment: Annotated[bool, typer.Option(rich_help_panel=AUG, help="Augment training images.")] = True,
+    flip: Annotated[bool, typer.Option(rich_help_panel=AUG, help="Random left-right flips.")] = FTC.augment.flip,
+    random_scale: Annotated[float, typer.Option(rich_help_panel=AUG, help="Zoom in/out by up to this percent.")
+                            ] = FTC.augment.random_scale,
+    random_crop: Annotated[float, typer.Option(rich_help_panel=AUG, help=(
+        "Move the crop by up to this percent of the image."))] = FTC.augment.random_crop,
+    random_brightness: Annotated[float, typer.Option(rich_help_panel=AUG, help=(
+        "Scale brightness by up to +-this percent."))] = FTC.augment.random_brightness,
+    random_color: Annotated[float, typer.Option(rich_help_panel=AUG, help=(
+        "Scale saturation by up to +-this percent."))] = FTC.augment.random_color,
+    workers: Workers = None,
+    loader_workers: Annotated[Optional[int], typer.Option(help=(
+        "DataLoader worker processes for augmentation [default: 1 on a CPU]."))] = None,
+    trunk_runtime: Annotated[str, typer.Option(help=(
+        "Frozen layers in 'onnx' (fast on a CPU), 'torch', or 'auto'."))] = FTC.trunk_runtime,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    stop_after: Annotated[Optional[int], typer.Option(help="End after this epoch; --resume continues.")] = None,
+    nproc: Annotated[int, typer.Option(help=(
+        "Data-parallel processes on this machine, started through torchrun."))] = 1,
+    export: Export = True,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help=(
+        "Start afresh in an --out that holds a finished run or a checkpoint."))] = False,
+) -> None:
+    """Fine-tune: train the top backbone blocks and a new classifier on augmented images.
+    Slower than `petal train`, and usually more accurate (docs/finetune.md)."""
+    from petal.finetune.config import AugmentConfig, FinetuneConfig
+    from petal.finetune.distributed import launch
+    from petal.finetune.train import finetune as run_finetune
+
+    config = FinetuneConfig(
+        epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult,
+        warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing,
+        dropout=dropout, unfreeze=unfreeze, pretrained=pretrained, seed=seed, trunk_runtime=trunk_runtime,
+        workers=loader_workers, decode_workers=workers,
+        augment=AugmentConfig(enabled=augment, flip=flip, random_scale=random_scale, random_crop=random_crop,
+                              random_brightness=random_brightness, random_color=random_color))
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet a worker: start the workers
+        sys.exit(launch(nproc, sys.argv[1:]))
+    r = run_finetune(data, out_dir, config=config, labels_file=labels, eval_data=eval_data,
+                     eval_percent=eval_percent, backbone=backbone, cache_dir=cache, resume=resume,
+                     overwrite=overwrite, export=export, stop_after=stop_after, reporter=RichReporter())
+    if r is None:  # a worker process other than the first
+        return
+    if r.metrics.get("accuracy") is not None:
+        print_metrics(r.metrics)
+    out.print(f"epochs {r.epochs_done}, best {r.best_epoch}, {r.seconds:.0f}s"
+              + (f"; model: {r.model_dir}" if r.model_dir else ""))
+
+
 RUNNER_HELP = "'local', or 'beam' to run as an Apache Beam pipeline; extra --options go to Beam."
 BEAM_ARGS = {"allow_extra_args": True, "ignore_unknown_options": True}
 
@@ -214,7 +270,7 @@ def check_runner(runner: str, extra: list[str]) -> None:
         raise PetalError(f"unknown options {' '.join(extra)} (pipeline options need --runner beam)")
 
 
-@app.command(context_settings=BEAM_ARGS)
+@app.command(cls=Command, context_settings=BEAM_ARGS)
 def embed(
     ctx: typer.Context,
     data: Annotated[str, typer.Argument(help="Folder of class folders, or CSV of uri,label rows.")],
@@ -228,7 +284,6 @@ def embed(
 ) -> None:
     """Embed images into the cache (only those not cached yet)."""
     from petal.data import load_dataset
-    from petal.run_files import write_csv
     from petal.workflow import embed_dataset
 
     check_runner(runner, ctx.args)
@@ -245,7 +300,7 @@ def embed(
         result, cache_obj = embed_dataset(ds, backbone, cache, RichReporter(), workers)
     print_failures(result.failed)
     if errors:
-        write_csv(errors, ["uri", "reason"], ds.skipped + result.failed)
+        atomic_write_csv(errors, ["uri", "reason"], ds.skipped + result.failed)
     summary = {**result.summary(), "skipped": len(ds.skipped), "cache": str(cache_obj.dir)}
     if as_json:
         print(json.dumps(summary))
@@ -254,7 +309,7 @@ def embed(
                   f"in {summary['seconds']:.1f}s; cache {summary['cache']}")
 
 
-@app.command()
+@app.command(cls=Command)
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Exported model folder (RUN/model).")],
     data: Annotated[str, typer.Argument(help="Labeled folder or CSV.")],
@@ -269,7 +324,7 @@ def evaluate(
     out.print(f"report: {out_dir}")
 
 
-@app.command()
+@app.command(cls=Command)
 def export(
     run: Annotated[Path, typer.Argument(help="A run folder written by `petal train`.")],
     cache: Cache = None,
@@ -280,7 +335,7 @@ def export(
     out.print(f"model: {export_run(run, cache)}")
 
 
-@app.command(context_settings=BEAM_ARGS)
+@app.command(cls=Command, context_settings=BEAM_ARGS)
 def predict(
     ctx: typer.Context,
     model: Annotated[str, typer.Argument(help="Exported model folder (RUN/model); omit it with --url.")],
@@ -297,8 +352,7 @@ def predict(
 ) -> None:
     """Predict labels for images with an exported model (or a served one, with --url)."""
     from petal.data import expand_inputs
-    from petal.predict_io import write_predictions
-    from petal.run_files import write_csv
+    from petal.predictions import write_predictions
 
     check_runner(runner, ctx.args)
     if errors:
@@ -350,12 +404,12 @@ def predict(
                 t.add_row(p.uri, p.label, f"{p.score:.3f}", ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]))
         out.print(t)
     if errors:
-        write_csv(errors, ["uri", "reason"], failed)
+        atomic_write_csv(errors, ["uri", "reason"], failed)
     if not ok:
         raise PetalError("predict: no image could be read")
 
 
-@app.command()
+@app.command(cls=Command)
 def classify(
     images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
     backbone: Backbone = DEFAULT_BACKBONE,
@@ -370,19 +424,19 @@ def classify(
     for p in problems:
         err.print(f"warning: {p}", style="yellow", markup=False)
     ok = 0
-    for uri, result in classify_images(uris, backbone, cache, top_k, RichReporter().message):
-        if isinstance(result, str):
-            err.print(f"{uri}: error: {result}", style="red", markup=False)
+    for p in classify_images(uris, backbone, cache, top_k, RichReporter().message):
+        if p.error:
+            err.print(f"{p.uri}: error: {p.error}", style="red", markup=False)
             continue
         ok += 1
-        out.print(f"[bold]{uri}", highlight=False)
-        for name, p in result:
-            out.print(f"  {p:6.3f}  {name}", markup=False, highlight=False)
+        out.print(f"[bold]{p.uri}", highlight=False)
+        for name, score in p.top:
+            out.print(f"  {score:6.3f}  {name}", markup=False, highlight=False)
     if not ok:
         raise PetalError("classify: no image could be read")
 
 
-@app.command()
+@app.command(cls=Command)
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="Where to write the demo data and run.")] = Path("petal-demo"),
     cache: Cache = None,
@@ -415,10 +469,19 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     err.print(f"warning: {message}", style="yellow", markup=False, highlight=False)
 
 
+def finetune_alias(argv: list[str]) -> list[str]:
+    """`petal train --finetune ...` (petal 0.1) -> `petal finetune ...`, saying so."""
+    if len(argv) > 1 and argv[1] == "train" and "--finetune" in argv[2:]:
+        err.print("note: `petal train --finetune` is now `petal finetune`; running that", style="yellow")
+        return [argv[0], "finetune", *(a for a in argv[2:] if a != "--finetune")]
+    return argv
+
+
 def main() -> None:
     debug = "--debug" in sys.argv or os.environ.get("PETAL_DEBUG") == "1"
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
+    sys.argv = finetune_alias(sys.argv)
     _register_optional_commands()
     if not debug:  # a warning is a line for the user, not a source location
         warnings.showwarning = show_warning

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from petal.bundle import Prediction, prediction
 from petal.errors import PetalError
+from petal.predictions import Prediction, prediction
 from petal.serve.config import API_KEY_ENV
 from petal.serve.protocol import encode_request
 from petal.storage import read_bytes

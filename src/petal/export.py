@@ -8,21 +8,16 @@ top-1 must equal the trained model's and every probability be within `atol`.
 
 from __future__ import annotations
 
-import datetime as dt
-import json
-import platform
 from collections.abc import Callable
-from importlib import metadata
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from petal.backbones import BackboneConfig
-from petal.bundle import BUNDLE_FORMAT, Model
+from petal.bundle import BundleInfo, Model, write_bundle
 from petal.errors import PetalError
 from petal.loader import iter_items
-from petal.storage import atomic_dir
 
 if TYPE_CHECKING:
     import onnx
@@ -31,21 +26,10 @@ if TYPE_CHECKING:
 
 PARITY_ATOL = 1e-4
 
-
-def versions() -> dict:
-    out = {"python": platform.python_version()}
-    for pkg in ("petal", "onnxruntime", "onnx", "torch", "numpy", "pillow"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
 Reference = Callable[[np.ndarray], np.ndarray]  # (N, S, S, 3) uint8 -> (N, C) probabilities
 
 
-def write_bundle(
+def export_graph(
     out: Path,
     *,
     graph: onnx.ModelProto,
@@ -53,35 +37,22 @@ def write_bundle(
     classes: list[str],
     reference: Reference,
     parity_uris: list[str],
+    training: dict,
     metrics: dict | None = None,
     name: str | None = None,
-    extra: dict | None = None,
     atol: float = PARITY_ATOL,
 ) -> Path:
     """Write `graph` (an onnx ModelProto, uint8 images -> probabilities) as a bundle at `out`.
 
     `reference` is the trained model as trained; the bundle must agree with it on
-    `parity_uris`, or nothing is written.
+    `parity_uris`, or nothing is written. `training` says how it was trained
+    ({"kind": "head"|"finetune", ...}).
     """
-    meta = {
-        "format": BUNDLE_FORMAT,
-        "name": name or Path(out).parent.name,
-        "backbone": cfg.to_dict(),
-        "input": {"name": "images", "dtype": "uint8", "shape": ["batch", cfg.input_size, cfg.input_size, 3],
-                  "layout": "NHWC RGB, resized and center-cropped by petal.images.load_pixels"},
-        "output": {"name": "probabilities", "shape": ["batch", len(classes)]},
-        "labels": classes,
-        **(extra or {}),
-        "metrics": {k: v for k, v in (metrics or {}).items() if k != "confusion_matrix"},
-        "versions": versions(),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-    }
-    with atomic_dir(out) as tmp:
-        (tmp / "model.onnx").write_bytes(graph.SerializeToString())
-        (tmp / "labels.txt").write_text("".join(c + "\n" for c in classes), encoding="utf-8")
-        (tmp / "petal.json").write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-        check_parity(Model(tmp), reference, parity_uris, atol=atol)
-    return Path(out)
+    info = BundleInfo(name=name or Path(out).parent.name, backbone=cfg.identity(), preprocess=cfg.preprocess,
+                      labels=classes, training=training,
+                      metrics={k: v for k, v in (metrics or {}).items() if k != "confusion_matrix"})
+    return write_bundle(out, graph.SerializeToString(), info,
+                        check=lambda model: check_parity(model, reference, parity_uris, atol=atol))
 
 
 def export_bundle(
@@ -106,15 +77,15 @@ def export_bundle(
     def reference(pixels: np.ndarray) -> np.ndarray:  # the backbone graph, then the torch head
         return head.predict_proba(backbone.run(["features"], {"images": pixels})[0])
 
-    return write_bundle(out, graph=bundle_graph(backbone_path, head.to_onnx()), cfg=cfg, classes=classes,
+    return export_graph(out, graph=bundle_graph(backbone_path, head.to_onnx()), cfg=cfg, classes=classes,
                         reference=reference, parity_uris=parity_uris, metrics=metrics, name=name,
-                        extra={"head": head.get_params()}, atol=atol)
+                        training={"kind": "head", "head": head.get_params()}, atol=atol)
 
 
 def check_parity(model: Model, reference: Reference, uris: list[str], atol: float = PARITY_ATOL,
                  batch_size: int = 32) -> dict:
     """The bundle vs the trained model on `uris`: same top-1 everywhere, probabilities within atol."""
-    items = [it for it in iter_items(uris, model.config) if it.error is None]
+    items = [it for it in iter_items(uris, model.preprocess) if it.error is None]
     if len(items) != len(uris):
         raise PetalError(f"export parity check: {len(uris) - len(items)} image(s) could not be re-read")
     if not items:

@@ -30,8 +30,8 @@ from contextlib import contextmanager
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from petal.backbones import BackboneConfig
 from petal.errors import ImageError
+from petal.preprocess import Preprocess
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
@@ -129,33 +129,33 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
-def resize_crop(img: Image.Image, cfg: BackboneConfig) -> np.ndarray:
-    """RGB image -> (S, S, 3) uint8, S = cfg.input_size.
+def resize_crop(img: Image.Image, pre: Preprocess) -> np.ndarray:
+    """RGB image -> (S, S, 3) uint8, S = pre.input_size.
 
     Equivalent to "resize the short side to S / crop_pct, then center-crop S",
     done as one resample of the central square (no pixels outside it are touched).
     """
     w, h = img.size
-    side = min(w, h) * cfg.crop_pct  # the crop, in source pixels
+    side = min(w, h) * pre.crop_pct  # the crop, in source pixels
     left, top = (w - side) / 2, (h - side) / 2
     box = (left, top, left + side, top + side)
-    out = img.resize((cfg.input_size, cfg.input_size), RESAMPLE[cfg.resample], box=box)
+    out = img.resize((pre.input_size, pre.input_size), RESAMPLE[pre.resample], box=box)
     return np.asarray(out, dtype=np.uint8)
 
 
-def load_pixels(data: bytes, cfg: BackboneConfig, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> (S, S, 3) uint8 RGB. Raises ImageError with the reason."""
+def load_pixels(data: bytes, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> (S, S, 3) uint8 RGB as `pre` says. Raises ImageError with the reason."""
     img = open_image(data, max_pixels)
     try:
         if img.format == "JPEG":
             # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is far
             # larger than needed: much faster, and the result still has >= the
             # pixels the resize needs.
-            img.draft("RGB", (cfg.resize_size, cfg.resize_size))
+            img.draft("RGB", (pre.resize_size, pre.resize_size))
         w, h = img.size  # after draft: what will really be decoded
         with DECODE_BUDGET.hold(w * h):
             img.load()
-            return resize_crop(to_rgb(img), cfg)
+            return resize_crop(to_rgb(img), pre)
     except ImageError:
         raise
     except OSError as e:

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from petal.backbones import BackboneConfig
 from petal.errors import ImageError
 from petal.images import DEFAULT_MAX_PIXELS, load_pixels
+from petal.preprocess import Preprocess
 from petal.storage import read_bytes
 
 
@@ -36,7 +36,7 @@ def default_workers() -> int:
 
 def iter_items(
     uris: Iterable[str],
-    cfg: BackboneConfig,
+    pre: Preprocess,
     *,
     skip: Callable[[str], bool] = lambda key: False,
     workers: int | None = None,
@@ -51,7 +51,7 @@ def iter_items(
             data = read_bytes(uri)
             item.key = hashlib.sha256(data).hexdigest()
             if not skip(item.key):
-                item.pixels = load_pixels(data, cfg, max_pixels)
+                item.pixels = load_pixels(data, pre, max_pixels)
         except ImageError as e:
             item.error = str(e)
         return item

@@ -133,8 +133,8 @@ class Preprocess(nn.Module):
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(cfg.mean).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("inv_std", 1.0 / torch.tensor(cfg.std).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(cfg.preprocess.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("inv_std", 1.0 / torch.tensor(cfg.preprocess.std).view(1, 3, 1, 1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).float()

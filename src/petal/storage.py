@@ -9,14 +9,17 @@ so a reader never sees a half-written file, even after kill -9.
 from __future__ import annotations
 
 import contextlib
+import csv
 import functools
+import io
 import os
 import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 from petal.errors import ImageError, PetalError
 
@@ -188,6 +191,21 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     # surrogateescape: a file name that is not valid UTF-8 (os.fsdecode gives it
     # surrogates) is written as its original bytes instead of crashing the write
     atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
+
+
+def atomic_write_csv(path: str | os.PathLike, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
+    """A CSV with a header, as written by `atomic_write_csv`, as one dict per row."""
+    # surrogateescape: file names that are not UTF-8 come back as they were written
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        return list(csv.DictReader(f))
 
 
 @contextlib.contextmanager

@@ -1,53 +1,36 @@
 """The steps a user runs, as library functions: embed, train, evaluate, export.
 
 The CLI calls these and only formats what they return. Long work reports
-through a `Reporter` (progress bars, messages); the default reports nothing.
+through a `petal.progress.Reporter` (progress bars, messages); the default reports
+nothing. The files of a run are written and read through `petal.run.Run`.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 from collections import Counter
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from petal.backbones import DEFAULT_BACKBONE, get_backbone
+from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
 from petal.data import EVAL, TRAIN, Dataset, Example, load_dataset
 from petal.embed import embed
-from petal.errors import NothingUsableError, PetalError
+from petal.errors import NothingUsableError
 from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
-from petal.run_files import (
-    check_run_folder,
+from petal.progress import Reporter
+from petal.run import (
+    FINETUNE,
+    HEAD,
+    Run,
+    RunSettings,
     data_warnings,
     epoch_tag,
     parity_uris,
     require_training_images,
-    tensorboard,
-    write_csv,
-    write_metrics,
-    write_settings,
-    write_split_files,
 )
-from petal.storage import atomic_path, check_output, default_cache_dir
-
-
-class Reporter:
-    """Receives progress from long steps. Subclass it to show bars or log."""
-
-    def message(self, text: str) -> None:
-        pass
-
-    def dataset(self, ds: Dataset) -> None:
-        pass
-
-    @contextmanager
-    def progress(self, description: str, total: int):
-        yield lambda n: None
+from petal.storage import atomic_write_csv, check_output, default_cache_dir
 
 
 @dataclass
@@ -93,17 +76,16 @@ def train(
     A finished run already in `out` is replaced only with `overwrite=True`."""
     reporter = reporter or Reporter()
     head = head or HeadClassifier()
-    head._check_params()  # fail before any slow work
     cfg = get_backbone(backbone)
     cache_dir = Path(cache_dir or default_cache_dir())
-    run = check_run_folder(out, data, overwrite)
+    run = Run.create(out, data, overwrite)
 
     ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent)
     reporter.dataset(ds)
-    run.mkdir(parents=True, exist_ok=True)  # only once the data is known to be usable
+    run.make()  # only once the data is known to be usable
 
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
-    write_split_files(run, ds, result.keys, result.failed)
+    run.write_split(ds, result.keys, result.failed)
     warnings = data_warnings(ds, result.keys, reporter)
     usable = [e for e in ds.examples if e.uri in result.keys]
     tr = [e for e in usable if e.split == TRAIN]
@@ -115,61 +97,53 @@ def train(
                 np.array([ds.label_id(e.label) for e in examples], dtype=np.int64))
 
     (Xtr, ytr), (Xev, yev) = xy(tr), xy(ev)
-    write_settings(run, data=data, eval_data=eval_data, labels_file=labels_file, eval_percent=eval_percent,
-                   backbone=cfg.to_dict(), cache_dir=cache_dir, classes=ds.classes, head=head.get_params())
+    run.write_settings(RunSettings(
+        kind=HEAD, data=str(data), eval_data=str(eval_data) if eval_data else None,
+        labels_file=str(labels_file) if labels_file else None, eval_percent=eval_percent,
+        backbone=cfg.identity(), cache_dir=str(cache_dir), classes=ds.classes, params=head.get_params()))
+    fit_head(run, head, (Xtr, ytr), (Xev, yev), len(ds.classes), reporter)
+    metrics = run.write_metrics(ds.classes, [e.uri for e in ev], yev, lambda: head.predict_proba(Xev),
+                                {"num_train": len(tr), "embed": result.summary()}, reporter)
+    model_dir = None
+    if export:
+        parity = parity_uris([e.uri for e in ev], [e.uri for e in tr])
+        reporter.message(f"exporting and checking parity on {len(parity)} images")
+        model_dir = export_head(run, cfg, head, ds.classes, cache_dir, parity, metrics)
+    return TrainResult(run.path, model_dir, metrics, {**result.summary(), "skipped": len(ds.skipped)}, warnings)
 
-    with tensorboard(run / "tensorboard") as log, reporter.progress("training head", head.epochs) as advance:
+
+def fit_head(run: Run, head: HeadClassifier, train: tuple[np.ndarray, np.ndarray],
+             eval_: tuple[np.ndarray, np.ndarray], num_classes: int, reporter: Reporter) -> None:
+    """Train the head on (X (N, D), y (N,)) with TensorBoard curves, then save its weights."""
+    with run.tensorboard() as log, reporter.progress("training head", head.epochs) as advance:
         def on_epoch(epoch: int, logs: dict) -> None:
             for k, v in logs.items():
                 log(epoch_tag(k), v, epoch)
             advance(1)
 
-        head.fit(Xtr, ytr, num_classes=len(ds.classes),
-                 eval_set=(Xev, yev) if len(ev) else None, on_epoch=on_epoch)
-    with atomic_path(run / "head.npz") as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
-        np.savez(f, **head.state())
-
-    metrics = write_metrics(run, ds.classes, [e.uri for e in ev], yev, lambda: head.predict_proba(Xev),
-                            {"num_train": len(tr), "embed": result.summary()}, reporter)
-    model_dir = None
-    if export:
-        parity = parity_uris([e.uri for e in ev], [e.uri for e in tr])
-        reporter.message(f"exporting and checking parity on {len(parity)} images")
-        model_dir = export_run_bundle(run, cfg, head, ds.classes, cache_dir, parity, metrics)
-    return TrainResult(run, model_dir, metrics, {**result.summary(), "skipped": len(ds.skipped)}, warnings)
+        head.fit(*train, num_classes=num_classes, eval_set=eval_ if len(eval_[1]) else None, on_epoch=on_epoch)
+    run.write_head(head)
 
 
-def export_run_bundle(run: Path, cfg, head, classes, cache_dir, parity_uris, metrics):
+def export_head(run: Run, cfg: BackboneConfig, head: HeadClassifier, classes: list[str], cache_dir: Path,
+                parity: list[str], metrics: dict) -> Path:
     from petal.export import export_bundle
 
-    return export_bundle(run / "model", cfg=cfg, head=head, classes=classes, cache_dir=cache_dir,
-                         parity_uris=parity_uris, metrics=metrics, name=run.name)
+    return export_bundle(run.model_dir, cfg=cfg, head=head, classes=classes, cache_dir=cache_dir,
+                         parity_uris=parity, metrics=metrics, name=run.name)
 
 
 def export_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Re-export `RUN/model` from a finished run folder (head.npz, settings.json, split.csv)."""
-    from petal.bundle import config_from_dict
+    """Re-export RUN/model from a finished run folder, head or fine-tuned, with the parity check."""
+    run = Run.open(run_dir)
+    settings = run.settings()
+    cfg = get_backbone(settings.backbone["name"])
+    cache = Path(cache_dir or settings.cache_dir)
+    if settings.kind == FINETUNE:
+        from petal.finetune.train import export_finetuned
 
-    run = Path(run_dir)
-    if not run.is_dir():
-        raise PetalError(f"run: {run} is not a folder (expected a finished `petal train` run)")
-    try:
-        settings = json.loads((run / "settings.json").read_text(encoding="utf-8"))
-        state = dict(np.load(run / "head.npz"))
-        with open(run / "split.csv", encoding="utf-8", errors="surrogateescape", newline="") as f:
-            rows = list(csv.DictReader(f))  # surrogateescape: file names that are not UTF-8
-        metrics_path = run / "metrics.json"
-        metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.exists() else {}
-        cfg = config_from_dict(settings["backbone"])
-        head = HeadClassifier.from_state(settings["head"], state)
-        cache_dir = Path(cache_dir or settings["cache_dir"])
-        classes = settings["classes"]
-    except FileNotFoundError as e:
-        raise PetalError(f"run: {run} is not a finished petal run folder: {e.filename} is missing") from None
-    except (ValueError, KeyError, TypeError, OSError) as e:  # damaged JSON, npz or CSV
-        raise PetalError(f"run: {run} is damaged ({type(e).__name__}: {e}); train it again") from None
-    parity = parity_uris([r["uri"] for r in rows if r["split"] == EVAL], [r["uri"] for r in rows])
-    return export_run_bundle(run, cfg, head, classes, cache_dir, parity, metrics)
+        return export_finetuned(run, settings, cfg, cache)
+    return export_head(run, cfg, run.head(settings), settings.classes, cache, run.parity_uris(), run.metrics())
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
@@ -205,5 +179,5 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
     metrics = compute_metrics(y_arr, probs_arr, model.labels)
     metrics["failed"] = len(failed)
     write_report(out, metrics, model.labels, uris, y_arr, probs_arr)
-    write_csv(out / "errors.csv", ["uri", "reason"], ds.skipped + failed)
+    atomic_write_csv(out / "errors.csv", ["uri", "reason"], ds.skipped + failed)
     return metrics

@@ -45,7 +45,7 @@ class AugmentConfig:
 
 @dataclass
 class FinetuneConfig:
-    """What `petal train --finetune` trains, and how."""
+    """What `petal finetune` trains, and how."""
 
     epochs: int = 12
     batch_size: int = 32  # the global batch: split across data-parallel workers
@@ -86,31 +86,14 @@ class FinetuneConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> FinetuneConfig:
+        """The config as `to_dict` wrote it (in a run's settings.json); unknown keys are ignored."""
+        known = {f.name for f in fields(cls)}
+        aug = {f.name for f in fields(AugmentConfig)}
+        kw = {k: v for k, v in d.items() if k in known and k != "augment"}
+        return cls(**kw, augment=AugmentConfig(**{k: v for k, v in d.get("augment", {}).items() if k in aug}))
+
     def training_dict(self) -> dict:
         """The settings that decide the trained weights: a resumed run must have the same."""
         return {k: v for k, v in self.to_dict().items() if k not in RUNTIME_ONLY}
-
-
-# `petal train` option -> FinetuneConfig field (options not listed keep their names)
-OPTION_FIELDS = {"workers": "decode_workers", "loader_workers": "workers"}
-AUGMENT_OPTIONS = {"augment": "enabled", "flip": "flip", "random_scale": "random_scale",
-                   "random_crop": "random_crop", "random_brightness": "random_brightness",
-                   "random_color": "random_color"}
-HEAD_ONLY_OPTIONS = ("hidden", "class_weight")
-
-
-def config_from_options(options: dict) -> FinetuneConfig:
-    """The config for the `petal train --finetune` options a user gave; the rest keep
-    the fine-tuning defaults (not the frozen-head defaults of the same options)."""
-    for name in HEAD_ONLY_OPTIONS:
-        if name in options:
-            raise PetalError(f"{name}: applies to the head on frozen embeddings, not to --finetune "
-                             "(the fine-tuned classifier is linear)")
-    known = {f.name for f in fields(FinetuneConfig)}
-    aug, kw = {}, {}
-    for name, value in options.items():
-        if name in AUGMENT_OPTIONS:
-            aug[AUGMENT_OPTIONS[name]] = value
-        elif OPTION_FIELDS.get(name, name) in known:
-            kw[OPTION_FIELDS.get(name, name)] = value
-    return FinetuneConfig(**kw, augment=AugmentConfig(**aug))

@@ -28,23 +28,23 @@ import numpy as np
 import torch
 from PIL import Image, ImageEnhance
 
-from petal.backbones import BackboneConfig
 from petal.errors import PetalError
 from petal.finetune.config import AugmentConfig
 from petal.images import RESAMPLE
 from petal.loader import iter_items
+from petal.preprocess import Preprocess
 from petal.storage import atomic_path, atomic_write_text
 
 # --------------------------------------------------------------------------- decode-once cache
 
 
-def train_view(cfg: BackboneConfig, augment: bool) -> BackboneConfig:
-    """The config `load_pixels` is called with for training images.
+def train_view(pre: Preprocess, augment: bool) -> Preprocess:
+    """The preprocessing `load_pixels` is called with for training images.
 
     Augmented: the full central square at resize_size (crop_pct 1), for random crops.
     Not augmented: exactly the eval/serving view.
     """
-    return dataclasses.replace(cfg, input_size=cfg.resize_size, crop_pct=1.0) if augment else cfg
+    return dataclasses.replace(pre, input_size=pre.resize_size, crop_pct=1.0) if augment else pre
 
 
 @dataclass
@@ -82,24 +82,24 @@ def read_pixel_file(path: Path, uris: list[str], size: int) -> PixelFile | None:
 def build_pixel_file(
     path: Path,
     uris: list[str],
-    cfg: BackboneConfig,
+    pre: Preprocess,
     *,
     workers: int | None = None,
     on_progress: Callable[[int], None] = lambda n: None,
 ) -> PixelFile:
-    """Decode every URI once with `load_pixels(data, cfg)` into `path` (reused if already there).
+    """Decode every URI once with `load_pixels(data, pre)` into `path` (reused if already there).
 
     The .u8 file is written first and the JSON index last, both atomically: an
     index on disk always describes a complete pixel file.
     """
-    size = cfg.input_size
+    size = pre.input_size
     done = read_pixel_file(path, uris, size)
     if done is not None:
         on_progress(len(uris))
         return done
     ok, keys, failed = [], {}, []
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        for item in iter_items(uris, cfg, workers=workers):
+        for item in iter_items(uris, pre, workers=workers):
             on_progress(1)
             if item.error is not None:
                 failed.append((item.uri, item.error))
@@ -159,9 +159,10 @@ class TrainImages(torch.utils.data.Dataset):
     in each worker process, so the Dataset pickles small.
     """
 
-    def __init__(self, pixels: PixelFile, labels: np.ndarray, cfg: BackboneConfig,
+    def __init__(self, pixels: PixelFile, labels: np.ndarray, pre: Preprocess,
                  augment: AugmentConfig, seed: int):
-        self.pixels, self.labels, self.cfg, self.augment, self.seed = pixels, labels, cfg, augment, seed
+        # pre: the eval/serving view that augmented crops vary around
+        self.pixels, self.labels, self.pre, self.augment, self.seed = pixels, labels, pre, augment, seed
         self._map: np.ndarray | None = None
 
     def __len__(self) -> int:
@@ -175,10 +176,10 @@ class TrainImages(torch.utils.data.Dataset):
         if self._map is None:
             self._map = self.pixels.open()
         img = self._map[i]
-        s = self.cfg.input_size
+        s = self.pre.input_size
         if self.augment.enabled:
             rng = np.random.default_rng([self.seed, epoch, i])
-            img = augment_image(img, s, self.cfg.crop_pct, self.augment, rng)  # bilinear: half the cost
+            img = augment_image(img, s, self.pre.crop_pct, self.augment, rng)  # bilinear: half the cost
         else:
             img = center_view(img, s)
         return img, int(self.labels[i])

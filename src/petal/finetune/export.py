@@ -2,7 +2,7 @@
 
 The whole network (preprocessing, frozen trunk, trained top, softmax) is
 exported from PyTorch as one ONNX graph with the registry's input size, and
-`petal.export.write_bundle` checks it against the model as trained (the
+`petal.export.export_graph` checks it against the model as trained (the
 `Predictor`: the same trunk runtime and top that produced the reported
 metrics) before the bundle folder appears.
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from petal.export import write_bundle
+from petal.export import export_graph
 from petal.finetune.model import FineTuneNet, Probabilities, to_onnx
 
 PREDICT_BATCH = 64
@@ -34,8 +34,8 @@ class Predictor:
 
 
 def export_model(out: Path, model: FineTuneNet, reference: Predictor, classes: list[str],
-                 parity_uris: list[str], metrics: dict, extra: dict | None = None) -> Path:
+                 parity_uris: list[str], metrics: dict, training: dict) -> Path:
     """Export `model` (on the CPU, eval mode) as a bundle folder at `out`."""
     graph = to_onnx(Probabilities(model.eval()), model.cfg, "probabilities")
-    return write_bundle(out, graph=graph, cfg=model.cfg, classes=classes, reference=reference,
-                        parity_uris=parity_uris, metrics=metrics, name=Path(out).parent.name, extra=extra)
+    return export_graph(out, graph=graph, cfg=model.cfg, classes=classes, reference=reference,
+                        parity_uris=parity_uris, metrics=metrics, name=Path(out).parent.name, training=training)

@@ -46,24 +46,25 @@ from petal.finetune.data import (
 from petal.finetune.distributed import World, close_world, init_world
 from petal.finetune.model import FineTuneNet, OnnxTrunk, TorchTrunk, TrunkCollate, trunk_onnx_path
 from petal.params import Int, check_param, env_int
-from petal.run_files import (
-    check_run_folder,
+from petal.progress import Reporter
+from petal.run import (
+    FINETUNE,
+    Run,
+    RunSettings,
     data_warnings,
     epoch_tag,
     parity_uris,
     require_training_images,
-    tensorboard,
-    write_csv,
-    write_metrics,
-    write_settings,
-    write_split_files,
 )
 from petal.storage import atomic_path, default_cache_dir
-from petal.workflow import Reporter
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 64
 EVAL_CACHE_BYTES = 2 << 30  # eval activations kept in memory up to this size
+
+# Trainer.prepare's result: dataset, train/eval pixel files, their (N,) class ids,
+# data warnings, the run's fingerprint, the checkpoint to resume from (or None)
+Prepared = tuple[Dataset, PixelFile, PixelFile, np.ndarray, np.ndarray, list[str], dict, "dict | None"]
 
 
 @dataclass
@@ -89,6 +90,7 @@ def finetune(
     backbone: str = DEFAULT_BACKBONE,
     cache_dir: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     export: bool = True,
     stop_after: int | None = None,
     reporter: Reporter | None = None,
@@ -97,7 +99,8 @@ def finetune(
     the result comes back on rank 0, None elsewhere.
 
     `stop_after=N` ends after epoch N, as if killed there; `resume=True` goes on
-    from the last checkpoint.
+    from the last checkpoint; `overwrite=True` starts afresh in a folder that holds a
+    finished run or a checkpoint (without either, such a folder is refused).
     """
     config = config or FinetuneConfig()
     config.check()  # fail before any slow work
@@ -108,8 +111,9 @@ def finetune(
     try:
         trainer = Trainer(config, world, get_backbone(backbone), Path(cache_dir or default_cache_dir()),
                           reporter if world.main else None)
-        return trainer.run(data, Path(out), labels_file=labels_file, eval_data=eval_data,
-                           eval_percent=eval_percent, resume=resume, export=export, stop_after=stop_after)
+        run = Run.create(out, data, overwrite=overwrite or resume)  # resuming a finished run re-exports it
+        return trainer.run(data, run, labels_file=labels_file, eval_data=eval_data, eval_percent=eval_percent,
+                           resume=resume, overwrite=overwrite, export=export, stop_after=stop_after)
     finally:
         torch.set_num_threads(threads)
         close_world(world)
@@ -205,11 +209,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def pixel_files(self, run: Path, ds: Dataset) -> tuple[PixelFile, PixelFile]:
+    def pixel_files(self, run: Run, ds: Dataset) -> tuple[PixelFile, PixelFile]:
         """Decode every image once (one process per machine does it; the others wait)."""
         tr, ev = [e.uri for e in ds.split(TRAIN)], [e.uri for e in ds.split(EVAL)]
-        views = [(run / "pixels" / "train.u8", tr, train_view(self.cfg, self.c.augment.enabled)),
-                 (run / "pixels" / "eval.u8", ev, self.cfg)]
+        pre = self.cfg.preprocess
+        views = [(run.pixels_dir / "train.u8", tr, train_view(pre, self.c.augment.enabled)),
+                 (run.pixels_dir / "eval.u8", ev, pre)]
         if self.world.local_rank == 0:
             with self.reporter.progress("decoding images", len(tr) + len(ev)) as advance:
                 files = [build_pixel_file(p, uris, view, workers=self.c.decode_workers, on_progress=advance)
@@ -218,7 +223,7 @@ class Trainer:
         if self.world.local_rank != 0:
             files = [read_pixel_file(p, uris, view.input_size) for p, uris, view in views]
             if None in files:
-                raise PetalError(f"the decoded images in {run / 'pixels'} are missing on this machine")
+                raise PetalError(f"the decoded images in {run.pixels_dir} are missing on this machine")
         return files[0], files[1]
 
     def threads(self) -> tuple[int, int]:
@@ -253,6 +258,7 @@ class Trainer:
     # ------------------------------------------------------------------ model
 
     def build_model(self, num_classes: int) -> FineTuneNet:
+        """A fresh network to train."""
         torch.manual_seed(self.c.seed)  # the new classifier's (or, from scratch, every layer's) init
         return FineTuneNet(self.cfg, num_classes, unfreeze=self.c.unfreeze, dropout=self.c.dropout,
                            pretrained=self.c.pretrained)
@@ -280,12 +286,13 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
 
-    def run(self, data, run: Path, *, labels_file, eval_data, eval_percent: float, resume: bool,
+    def run(self, data, run: Run, *, labels_file, eval_data, eval_percent: float, resume: bool, overwrite: bool,
             export: bool, stop_after: int | None) -> FinetuneResult | None:
         start = time.perf_counter()
         c, world = self.c, self.world
         ds, tr_px, ev_px, y_tr, y_ev, warnings, fingerprint, ckpt = self.prepare(
-            data, run, labels_file=labels_file, eval_data=eval_data, eval_percent=eval_percent, resume=resume)
+            data, run, labels_file=labels_file, eval_data=eval_data, eval_percent=eval_percent, resume=resume,
+            overwrite=overwrite)
 
         # ---- model, frozen trunk, optimiser, schedule, data
         device = world.device
@@ -318,12 +325,12 @@ class Trainer:
         if world.size > 1:
             top = torch.nn.parallel.DistributedDataParallel(
                 model.top, device_ids=[device.index] if device.type == "cuda" else None)
-        loader = self.loader(TrainImages(tr_px, y_tr, self.cfg, c.augment, c.seed), sampler, workers)
+        loader = self.loader(TrainImages(tr_px, y_tr, self.cfg.preprocess, c.augment, c.seed), sampler, workers)
         evaluator = Evaluator(ev_px.open(), y_ev, trunk, device) if world.main and len(y_ev) else None
 
         # ---- epochs
         last = min(c.epochs, stop_after) if stop_after else c.epochs
-        log_ctx = tensorboard(run / "tensorboard") if world.main else contextlib.nullcontext(lambda *a: None)
+        log_ctx = run.tensorboard() if world.main else contextlib.nullcontext(lambda *a: None)
         with log_ctx as log:
             for epoch in range(len(history) + 1, last + 1):
                 t0 = time.perf_counter()
@@ -348,18 +355,18 @@ class Trainer:
 
         if not world.main:
             return None
-        result = FinetuneResult(run, None, {}, best["epoch"], len(history), history,
+        result = FinetuneResult(run.path, None, {}, best["epoch"], len(history), history,
                                 time.perf_counter() - start, warnings)
         if len(history) < c.epochs:  # stopped early: --resume goes on
             return result
-        write_csv(run / "history.csv", list(history[-1]), [list(h.values()) for h in history])
+        run.write_history(history)
         result.metrics, result.model_dir = self.finish(run, ds.classes, tr_px, ev_px, y_ev, best, trunk, export)
-        shutil.rmtree(run / "pixels", ignore_errors=True)  # decoded for this run only
+        shutil.rmtree(run.pixels_dir, ignore_errors=True)  # decoded for this run only
         result.seconds = time.perf_counter() - start
         return result
 
-    def prepare(self, data, run: Path, *, labels_file, eval_data, eval_percent: float, resume: bool
-                ) -> tuple[Dataset, PixelFile, PixelFile, np.ndarray, np.ndarray, list[str], dict, dict | None]:
+    def prepare(self, data, run: Run, *, labels_file, eval_data, eval_percent: float, resume: bool,
+                overwrite: bool) -> Prepared:
         """Load the data, find the checkpoint to resume from, decode every image once into
         the run's pixel files, and write the run files. Returns the dataset, the train and
         eval pixel files with their class ids ((N,) int64 each), the data warnings, the
@@ -370,9 +377,8 @@ class Trainer:
         fingerprint = {"format": CHECKPOINT_FORMAT, "finetune": c.training_dict(), "backbone": self.cfg.name,
                        "classes": ds.classes, "train": digest([e.uri for e in ds.split(TRAIN)]),
                        "eval": digest([e.uri for e in ds.split(EVAL)])}
-        ckpt = self.saved_checkpoint(run, resume, fingerprint)  # before any slow work
-        # a finished run here is replaced (checkpoints decide about resuming); never inside the data
-        check_run_folder(run, data, overwrite=True).mkdir(parents=True, exist_ok=True)
+        ckpt = self.saved_checkpoint(run, resume, overwrite, fingerprint)  # before any slow work
+        run.make()
         tr_px, ev_px = self.pixel_files(run, ds)
         label_of = {e.uri: ds.label_id(e.label) for e in ds.examples}
         y_tr = np.array([label_of[u] for u in tr_px.uris], np.int64)
@@ -381,22 +387,27 @@ class Trainer:
         keys = {**tr_px.keys, **ev_px.keys}
         warnings = data_warnings(ds, keys, self.reporter)
         if world.main:
-            write_split_files(run, ds, keys, tr_px.failed + ev_px.failed)
-            write_settings(run, data=data, eval_data=eval_data, labels_file=labels_file, eval_percent=eval_percent,
-                           backbone=self.cfg.to_dict(), cache_dir=self.cache_dir, classes=ds.classes,
-                           finetune=self.c.to_dict(), world_size=world.size)
+            run.write_split(ds, keys, tr_px.failed + ev_px.failed)
+            run.write_settings(RunSettings(
+                kind=FINETUNE, data=str(data), eval_data=str(eval_data) if eval_data else None,
+                labels_file=str(labels_file) if labels_file else None, eval_percent=eval_percent,
+                backbone=self.cfg.identity(), cache_dir=str(self.cache_dir), classes=ds.classes,
+                params=c.to_dict(), extra={"world_size": world.size}))
         return ds, tr_px, ev_px, y_tr, y_ev, warnings, fingerprint, ckpt
 
-    def saved_checkpoint(self, run: Path, resume: bool, fingerprint: dict) -> dict | None:
+    def saved_checkpoint(self, run: Run, resume: bool, overwrite: bool, fingerprint: dict) -> dict | None:
         """The checkpoint to resume from (same settings and data), or None to start afresh."""
-        path = run / "checkpoints" / "last.pt"
-        if not path.exists():
+        path = run.checkpoints / "last.pt"
+        if not path.exists() or (overwrite and not resume):
             if resume:
                 self.reporter.message(f"warning: no checkpoint in {path.parent}; starting from the beginning")
+            elif path.exists() and self.world.main:  # --overwrite: the old run's checkpoints must not mix in
+                shutil.rmtree(run.checkpoints)
+            self.world.barrier()
             return None
         if not resume:
-            raise PetalError(f"out: {run} already holds a fine-tuning checkpoint; pass --resume to continue "
-                             "it, or choose a new --out")
+            raise PetalError(f"out: {run.path} already holds a fine-tuning checkpoint; pass --resume to continue "
+                             "it, --overwrite to start again, or choose a new --out")
         ckpt = torch.load(path, map_location=self.world.device, weights_only=True)
         check_same_run(ckpt["settings"], fingerprint)
         return ckpt
@@ -438,12 +449,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ files
 
-    def checkpoint(self, run: Path, model, opt, sched, scaler, history, best, fingerprint) -> dict:
+    def checkpoint(self, run: Run, model, opt, sched, scaler, history, best, fingerprint) -> dict:
         """Write best.pt if this epoch is the best so far, then last.pt; both atomically.
 
         Best: higher eval accuracy, then lower eval loss; without an eval split, the last.
         """
-        logs, folder = history[-1], run / "checkpoints"
+        logs, folder = history[-1], run.checkpoints
         acc, loss = logs.get("eval_accuracy", 0.0), logs.get("eval_loss", 0.0)
         if "eval_accuracy" not in logs or (acc, -loss) > (best["accuracy"], -best["loss"]):
             best = {"epoch": logs["epoch"], "accuracy": acc, "loss": loss}
@@ -456,24 +467,48 @@ class Trainer:
             torch.save(state, tmp)
         return best
 
-    def finish(self, run: Path, classes: list[str], tr_px: PixelFile, ev_px: PixelFile, y_ev: np.ndarray,
+    def finish(self, run: Run, classes: list[str], tr_px: PixelFile, ev_px: PixelFile, y_ev: np.ndarray,
                best: dict, trunk, export: bool) -> tuple[dict, Path | None]:
         """Evaluate the best epoch on the CPU in float32, report it, export it."""
         from petal.finetune.export import Predictor, export_model
 
-        state = torch.load(run / "checkpoints" / "best.pt", map_location="cpu", weights_only=True)
-        model = self.build_model(len(classes))
-        model.load_state_dict(state["model"])
-        model.eval()
+        model = best_model(run, self.cfg, self.c, len(classes))
         cpu_trunk = trunk if self.runtime == "onnx" else TorchTrunk(model, torch.device("cpu"), contextlib.nullcontext)
         predictor = Predictor(model, cpu_trunk)
         extra = {"num_train": len(tr_px.uris), "best_epoch": best["epoch"]}
-        metrics = write_metrics(run, classes, ev_px.uris, y_ev, lambda: predictor(ev_px.open()), extra,
-                                self.reporter, no_eval_note=", the last epoch is exported")
+        metrics = run.write_metrics(classes, ev_px.uris, y_ev, lambda: predictor(ev_px.open()), extra,
+                                    self.reporter, no_eval_note=", the last epoch is exported")
         model_dir = None
         if export:
             parity = parity_uris(ev_px.uris, tr_px.uris)
             self.reporter.message(f"exporting epoch {best['epoch']} and checking parity on {len(parity)} images")
-            model_dir = export_model(run / "model", model, predictor, classes, parity, metrics,
-                                     extra={"finetune": self.c.to_dict(), "best_epoch": best["epoch"]})
+            model_dir = export_model(run.model_dir, model, predictor, classes, parity, metrics,
+                                     training=training_record(self.c, best["epoch"]))
         return metrics, model_dir
+
+
+def training_record(config: FinetuneConfig, best_epoch: int | None) -> dict:
+    """How a fine-tuned bundle was trained, for its petal.json."""
+    return {"kind": FINETUNE, FINETUNE: config.to_dict(), "best_epoch": best_epoch}
+
+
+def best_model(run: Run, cfg: BackboneConfig, config: FinetuneConfig, num_classes: int) -> FineTuneNet:
+    """The best epoch's weights (RUN/checkpoints/best.pt), on the CPU, in eval mode."""
+    state = run.read(lambda: torch.load(run.checkpoints / "best.pt", map_location="cpu", weights_only=True))
+    model = FineTuneNet(cfg, num_classes, unfreeze=config.unfreeze, dropout=config.dropout,
+                        pretrained=config.pretrained)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def export_finetuned(run: Run, settings: RunSettings, cfg: BackboneConfig, cache_dir: Path) -> Path:
+    """`petal export RUN` for a fine-tuning run: its best epoch, parity-checked against
+    the same network in PyTorch. (`cache_dir` is not needed: the whole network is exported.)"""
+    from petal.finetune.export import Predictor, export_model
+
+    config = run.read(lambda: FinetuneConfig.from_dict(settings.params))
+    model = best_model(run, cfg, config, len(settings.classes))
+    metrics = run.metrics()
+    predictor = Predictor(model, TorchTrunk(model, torch.device("cpu"), contextlib.nullcontext))
+    return export_model(run.model_dir, model, predictor, settings.classes, run.parity_uris(), metrics,
+                        training=training_record(config, metrics.get("best_epoch")))

@@ -5,7 +5,8 @@ Response: {"predictions": [{"key": ..., "prediction": <class id>, "label": "<nam
                             "scores": [<one per class, in id order>]}, ...]}
 A failed instance answers {"key": ..., "error": "<reason>"} in its slot.
 
-Standard library only: the client and `petal encode-request` need no server packages.
+No server packages: the client and `petal encode-request` use it too. Rows are built
+from `petal.predictions.Prediction`, the record every prediction path shares.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from petal.errors import PetalError
+from petal.predictions import Prediction
 
 
 class RequestError(PetalError):
@@ -89,12 +91,10 @@ def instance_bytes(instance: object) -> bytes:
     return b64decode(value["b64"])
 
 
-def prediction_row(key: tuple[bool, Any], probs: Sequence[float], labels: Sequence[str]) -> dict:
-    """One answered instance. probs: (C,) in label-id order."""
-    scores = [float(p) for p in probs]
-    best = max(range(len(scores)), key=scores.__getitem__)
+def prediction_row(key: tuple[bool, Any], p: Prediction) -> dict:
+    """One answered instance: the top-1 id and label, and every class's score in id order."""
     row = {"key": key[1]} if key[0] else {}
-    row.update(prediction=best, label=labels[best], scores=scores)
+    row.update(prediction=p.label_id, label=p.label, scores=[float(x) for x in p.probabilities])
     return row
 
 

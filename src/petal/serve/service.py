@@ -46,10 +46,10 @@ class ServedModel:
     version: str = "1"  # a bundle is immutable; TF Serving's shape wants a version
 
     def metadata(self) -> dict:
-        cfg = self.model.config
-        return {"labels": self.model.labels, "backbone": cfg.name, "input_size": cfg.input_size,
-                "created": self.model.meta.get("created"), "metrics": {
-                    k: self.model.meta.get("metrics", {}).get(k) for k in ("accuracy", "top5_accuracy")}}
+        info = self.model.info
+        return {"labels": self.model.labels, "backbone": info.backbone.get("name"),
+                "input_size": info.preprocess.input_size, "created": info.created,
+                "metrics": {k: info.metrics.get(k) for k in ("accuracy", "top5_accuracy")}}
 
 
 class Service:
@@ -112,7 +112,7 @@ class Service:
         del instances
         results = await self._infer(served, pixels)
         return {"predictions": [protocol.error_row(k, r) if isinstance(r, str) else
-                                protocol.prediction_row(k, r, served.model.labels)
+                                protocol.prediction_row(k, served.model.prediction("", r, top_k=1))
                                 for k, r in zip(keys, results, strict=True)]}
 
     async def predict_files(self, served: ServedModel, files: list[tuple[str, bytes]],

@@ -1,0 +1,86 @@
+"""Predictions: the record, its top-k, and the rows every writer emits.
+
+`petal predict`, `petal classify`, `petal.client`, the server and the Beam pipeline all
+build a `Prediction` with `prediction()` and write it with `csv_row()` or `to_dict()`,
+so a label, a score and a top-k list mean the same thing everywhere.
+
+    p = prediction(["daisy", "rose"], "a.jpg", np.array([0.2, 0.8]), top_k=1)
+    p.label, p.score, p.top            # "rose", 0.8, [("rose", 0.8)]
+    ranked(labels, probs, k)           # [(id, label, score)], best first
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from petal.errors import PetalError
+from petal.storage import atomic_path, check_output
+
+CSV_HEADER = ["uri", "label", "score", "top"]
+
+
+@dataclass
+class Prediction:
+    uri: str
+    label: str | None = None  # top-1 label
+    score: float | None = None  # its probability
+    top: list[tuple[str, float]] = field(default_factory=list)  # top-k (label, probability), best first
+    probabilities: np.ndarray | None = None  # (C,) in label-id order
+    error: str | None = None  # why this input could not be predicted
+    label_id: int | None = None  # the top-1 label's id (its line in labels.txt)
+
+    def to_dict(self) -> dict:
+        """The JSON row (`--output x.jsonl`, the upload endpoint, Beam)."""
+        d = {"uri": self.uri}
+        if self.error is not None:
+            d["error"] = self.error
+        else:
+            d.update(label=self.label, score=self.score, top=[{"label": k, "score": v} for k, v in self.top])
+        return d
+
+
+def ranked(labels: Sequence[str], probs: np.ndarray, k: int) -> list[tuple[int, str, float]]:
+    """(C,) scores -> the k best as (id, label, score), best first; ties keep id order."""
+    order = np.argsort(-np.asarray(probs), kind="stable")[:k]
+    return [(int(i), labels[i], float(probs[i])) for i in order]
+
+
+def prediction(labels: Sequence[str], uri: str, probs: np.ndarray, top_k: int = 5) -> Prediction:
+    """(C,) probabilities in label-id order -> a Prediction with the top-k labels."""
+    best = ranked(labels, probs, max(1, top_k))
+    return Prediction(uri, best[0][1], best[0][2], [(name, p) for _, name, p in best], probs, label_id=best[0][0])
+
+
+def csv_row(p: Prediction) -> list[str]:
+    """One prediction as the CSV row every writer (local or Beam) uses."""
+    return [p.uri, p.label, f"{p.score:.6f}", json.dumps(dict(p.top))]
+
+
+def write_predictions(path: Path, preds: Iterable[Prediction]) -> tuple[int, list[tuple[str, str]]]:
+    """Many predictions to .csv or .jsonl, atomically.
+    Returns (rows written, [(uri, reason) failed]); failed images are not rows."""
+    kind = Path(path).suffix.lower()
+    if kind not in (".csv", ".jsonl"):
+        raise PetalError(f"output: expected a .csv or .jsonl file name, got {str(path)!r}")
+    check_output(path, "output")
+    n, failed = 0, []
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        w = csv.writer(f) if kind == ".csv" else None
+        if w:
+            w.writerow(CSV_HEADER)
+        for p in preds:
+            if p.error:
+                failed.append((p.uri, p.error))
+                continue
+            n += 1
+            if w:
+                w.writerow(csv_row(p))
+            else:
+                f.write(json.dumps(p.to_dict()) + "\n")
+    return n, failed

@@ -1,0 +1,36 @@
+"""How long work reports progress: one interface for every step.
+
+Library functions take a `Reporter` and call it; the default reports nothing. The
+CLI passes one that draws rich progress bars (`petal.cli.RichReporter`); a script
+can subclass it to log.
+
+    with reporter.progress("embedding", total=len(uris)) as advance:
+        ...
+        advance(len(batch))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from petal.data import Dataset
+
+Advance = Callable[[int], None]  # advance(n): n more units of the task are done
+
+
+class Reporter:
+    """Receives progress from long steps. Every method may be overridden; none must be."""
+
+    def message(self, text: str) -> None:
+        """A line for the user; warnings start with "warning: "."""
+
+    def dataset(self, ds: Dataset) -> None:
+        """The data a step is about to work on (shown before the slow part starts)."""
+
+    @contextmanager
+    def progress(self, description: str, total: int) -> Iterator[Advance]:
+        """A task of `total` units; yields advance(n)."""
+        yield lambda n: None

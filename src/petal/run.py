@@ -1,0 +1,256 @@
+"""The run folder: every file of a training run, written and read in this one module.
+
+    RUN/
+      settings.json   what was asked: format, kind, data, split, backbone, training settings
+      split.csv       uri, label, split, key: every image the run used
+      errors.csv      uri, reason: every image skipped or failed
+      head.npz        the head's weights (kind "head")
+      checkpoints/    last.pt, best.pt (kind "finetune"; --resume goes on from last.pt)
+      history.csv     one row per epoch (kind "finetune")
+      metrics.json    + confusion_matrix.png, misclassified.csv (petal.metrics)
+      tensorboard/    training curves
+      model/          the exported bundle (petal.bundle)
+
+`petal train` (petal.workflow) and `petal finetune` (petal.finetune.train) both write
+through a `Run`, and `petal export RUN` reads through one. Every file but the
+TensorBoard logs is written atomically.
+
+Format history (`RUN_FORMAT`, the "format" of settings.json):
+  1  petal 0.1: no "format" or "kind"; "backbone" held the whole registry record.
+  2  "format" and "kind" ("head" or "finetune", whose settings sit under that key);
+     "backbone" is the identity {name, feature_dim}.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from petal.data import EVAL, Dataset, Example
+from petal.errors import NothingUsableError, PetalError
+from petal.metrics import compute_metrics, write_report
+from petal.progress import Reporter
+from petal.storage import atomic_path, atomic_write_csv, atomic_write_text, check_output, read_csv
+
+if TYPE_CHECKING:
+    from petal.head import HeadClassifier
+
+RUN_FORMAT = 2
+HEAD, FINETUNE = "head", "finetune"  # the kinds of run
+PARITY_LIMIT = 2000  # images checked at export: the eval split, up to this many
+PARITY_FALLBACK = 256  # train images checked instead when there is no eval split
+
+
+@dataclass
+class RunSettings:
+    """settings.json: enough to re-export the run and to see what it was."""
+
+    kind: str  # HEAD or FINETUNE
+    data: str
+    eval_data: str | None
+    labels_file: str | None
+    eval_percent: float
+    backbone: dict  # {"name", "feature_dim"}
+    cache_dir: str
+    classes: list[str]
+    params: dict  # the head's parameters, or the fine-tuning config
+    extra: dict = field(default_factory=dict)  # e.g. {"world_size": 2}
+
+    def to_dict(self) -> dict:
+        return {"format": RUN_FORMAT, "kind": self.kind, "data": self.data, "eval_data": self.eval_data,
+                "labels_file": self.labels_file, "eval_percent": self.eval_percent, "backbone": self.backbone,
+                "cache_dir": self.cache_dir, self.kind: self.params, **self.extra, "classes": self.classes}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunSettings:
+        """Format 1 or 2; keys this petal does not know are ignored."""
+        fmt = d.get("format", 1)
+        if not isinstance(fmt, int) or fmt > RUN_FORMAT:
+            raise PetalError(f"run format {fmt!r} is newer than this petal reads (format {RUN_FORMAT}); "
+                             "upgrade petal")
+        kind = d.get("kind") or (FINETUNE if FINETUNE in d else HEAD)
+        return cls(kind=kind, data=d["data"], eval_data=d.get("eval_data"), labels_file=d.get("labels_file"),
+                   eval_percent=d["eval_percent"],
+                   backbone={k: v for k, v in d["backbone"].items() if k in ("name", "feature_dim")},
+                   cache_dir=d["cache_dir"], classes=list(d["classes"]), params=d[kind],
+                   extra={k: d[k] for k in ("world_size",) if k in d})
+
+
+class Run:
+    """One run folder. Paths are attributes; each file has one writer and one reader here."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.settings_path = self.path / "settings.json"
+        self.split_path = self.path / "split.csv"
+        self.errors_path = self.path / "errors.csv"
+        self.head_path = self.path / "head.npz"
+        self.metrics_path = self.path / "metrics.json"
+        self.history_path = self.path / "history.csv"
+        self.checkpoints = self.path / "checkpoints"
+        self.tensorboard_dir = self.path / "tensorboard"
+        self.pixels_dir = self.path / "pixels"  # fine-tuning's decoded images, removed at the end
+        self.model_dir = self.path / "model"
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def finished(self) -> bool:
+        return self.metrics_path.exists() or self.model_dir.exists()
+
+    @classmethod
+    def create(cls, out: str | Path, data: str | Path, overwrite: bool) -> Run:
+        """A run to write at `out`. Refuses to replace a finished run without `overwrite`,
+        and a folder inside the data. Nothing is created yet: see `make()`."""
+        run = cls(check_output(out, "out", folder=True))
+        if not overwrite and run.finished:
+            raise PetalError(f"out: {run.path} already holds a finished run; pass --overwrite to replace it, "
+                             "or choose another --out")
+        data_dir = Path(data).resolve()
+        if data_dir.is_dir() and run.path.resolve().is_relative_to(data_dir):
+            raise PetalError(f"out: {run.path} is inside the data folder {data}; its files would be read as data")
+        return run
+
+    def make(self) -> Run:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    # ------------------------------------------------------------------ writing
+
+    def write_settings(self, settings: RunSettings) -> None:
+        atomic_write_text(self.settings_path, json.dumps(settings.to_dict(), indent=2) + "\n")
+
+    def write_split(self, ds: Dataset, keys: dict[str, str], failed: list[tuple[str, str]]) -> None:
+        """errors.csv (skipped rows and failed images) and split.csv (every image used)."""
+        atomic_write_csv(self.errors_path, ["uri", "reason"], ds.skipped + failed)
+        atomic_write_csv(self.split_path, ["uri", "label", "split", "key"],
+                         [(e.uri, e.label, e.split, keys[e.uri]) for e in ds.examples if e.uri in keys])
+
+    def write_head(self, head: HeadClassifier) -> None:
+        with atomic_path(self.head_path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
+            np.savez(f, **head.state())
+
+    def write_history(self, history: list[dict]) -> None:
+        atomic_write_csv(self.history_path, list(history[-1]), [list(h.values()) for h in history])
+
+    def write_metrics(self, classes: list[str], eval_uris: list[str], y_eval: np.ndarray,
+                      predict_proba: Callable[[], np.ndarray], extra: dict, reporter: Reporter,
+                      no_eval_note: str = "") -> dict:
+        """Evaluate on the eval split and write metrics.json and its report; with no eval
+        images, metrics.json says so (accuracy None) and nothing is predicted."""
+        if len(y_eval):
+            probs = predict_proba()  # (N, C)
+            metrics = {**compute_metrics(y_eval, probs, classes), **extra}
+            write_report(self.path, metrics, classes, eval_uris, y_eval, probs)
+        else:
+            reporter.message("warning: no eval images; metrics are not computed" + no_eval_note)
+            metrics = {"accuracy": None, "top5_accuracy": None, "num_eval": 0, **extra}
+            atomic_write_text(self.metrics_path, json.dumps(metrics, indent=2) + "\n")
+        return metrics
+
+    @contextmanager
+    def tensorboard(self) -> Iterator[Callable[[str, float, int], None]]:
+        """yield log(tag, value, step); TensorBoard event files in RUN/tensorboard (append-only)."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(self.tensorboard_dir))
+        try:
+            yield lambda tag, value, step: writer.add_scalar(tag, value, step)
+        finally:
+            writer.close()
+
+    # ------------------------------------------------------------------ reading
+
+    @classmethod
+    def open(cls, path: str | Path) -> Run:
+        """A finished run folder to read; refuses anything else by name."""
+        run = cls(path)
+        if not run.path.is_dir():
+            raise PetalError(f"run: {run.path} is not a folder (expected a finished `petal train` run)")
+        if not run.settings_path.is_file():
+            raise PetalError(f"run: {run.path} is not a petal run folder: {run.settings_path} is missing")
+        return run
+
+    def read(self, what: Callable[[], Any]) -> Any:
+        """what() with a missing or damaged file reported as the run's problem, by name."""
+        try:
+            return what()
+        except FileNotFoundError as e:
+            raise PetalError(f"run: {self.path} is not a finished petal run folder: {e.filename} is missing"
+                             ) from None
+        except (ValueError, KeyError, TypeError, OSError) as e:  # damaged JSON, npz or CSV
+            raise PetalError(f"run: {self.path} is damaged ({type(e).__name__}: {e}); train it again") from None
+
+    def settings(self) -> RunSettings:
+        return self.read(lambda: RunSettings.from_dict(json.loads(self.settings_path.read_text("utf-8"))))
+
+    def split_rows(self) -> list[dict[str, str]]:
+        return self.read(lambda: read_csv(self.split_path))
+
+    def metrics(self) -> dict:
+        return self.read(lambda: json.loads(self.metrics_path.read_text("utf-8"))) if self.metrics_path.exists() else {}
+
+    def head(self, settings: RunSettings) -> HeadClassifier:
+        from petal.head import HeadClassifier
+
+        return self.read(lambda: HeadClassifier.from_state(settings.params, dict(np.load(self.head_path))))
+
+    def parity_uris(self) -> list[str]:
+        """The images the export's parity check runs on, from split.csv."""
+        rows = self.split_rows()
+        return parity_uris([r["uri"] for r in rows if r["split"] == EVAL], [r["uri"] for r in rows])
+
+
+# --------------------------------------------------------------------------- what every run checks
+
+def parity_uris(eval_uris: list[str], train_uris: list[str]) -> list[str]:
+    """The images the export's parity check runs on: the eval split, else some train images."""
+    return (eval_uris or train_uris[:PARITY_FALLBACK])[:PARITY_LIMIT]
+
+
+def require_training_images(classes: list[str], train_labels: Iterable[str]) -> None:
+    """Every class still has a training image once unreadable ones are gone."""
+    missing = sorted(set(classes) - set(train_labels))
+    if missing:
+        raise NothingUsableError("after skipping unreadable images, these classes have no training "
+                                 "image: " + ", ".join(map(repr, missing)))
+
+
+def duplicate_warnings(examples: list[Example], keys: dict[str, str]) -> list[str]:
+    """The same bytes under two labels, or in both train and eval."""
+    by_key = defaultdict(list)
+    for e in examples:
+        if e.uri in keys:
+            by_key[keys[e.uri]].append(e)
+    out = []
+    for group in by_key.values():
+        if len({e.label for e in group}) > 1:
+            out.append("same image in classes " + ", ".join(f"{e.label!r} ({e.uri})" for e in group))
+        elif len({e.split for e in group}) > 1:
+            out.append("same image in both train and eval: " + ", ".join(e.uri for e in group))
+    return out
+
+
+def data_warnings(ds: Dataset, keys: dict[str, str], reporter: Reporter) -> list[str]:
+    """The data's own warnings (already shown with the data) plus duplicates, reported now."""
+    found = duplicate_warnings(ds.examples, keys)
+    for w in found:
+        reporter.message(f"warning: {w}")
+    return list(ds.warnings) + found
+
+
+def epoch_tag(key: str) -> str:
+    """history key -> TensorBoard tag: train_loss -> loss/train, lr_head -> lr/head."""
+    if "_" not in key:
+        return f"epoch/{key}"
+    first, rest = key.split("_", 1)
+    return f"{rest}/{first}" if first in ("train", "eval") else f"{first}/{rest}"
