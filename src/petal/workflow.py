@@ -93,7 +93,6 @@ def train(
     A finished run already in `out` is replaced only with `overwrite=True`."""
     reporter = reporter or Reporter()
     head = head or HeadClassifier()
-    head._check_params()  # fail before any slow work
     cfg = get_backbone(backbone)
     cache_dir = Path(cache_dir or default_cache_dir())
     run = check_run_folder(out, data, overwrite)

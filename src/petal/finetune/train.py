@@ -100,7 +100,6 @@ def finetune(
     from the last checkpoint.
     """
     config = config or FinetuneConfig()
-    config.check()  # fail before any slow work
     if stop_after is not None:
         check_param("stop_after", stop_after, Int(1, what="an epoch >= 1"))
     world = init_world()
