@@ -109,9 +109,9 @@ def test_processes_split_each_global_batch():
 
 def test_errors_name_the_parameter():
     with pytest.raises(PetalError, match=r"unfreeze: expected -1 \(all\) .* got -2"):
-        FinetuneConfig(unfreeze=-2).check()
+        FinetuneConfig(unfreeze=-2)
     with pytest.raises(PetalError, match="random_crop: expected a percentage"):
-        FinetuneConfig(augment=AugmentConfig(random_crop=150)).check()
+        AugmentConfig(random_crop=150)
     assert FinetuneConfig(pretrained=False).unfreeze == -1
 
 

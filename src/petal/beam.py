@@ -52,6 +52,7 @@ from petal.bundle import Model, prediction
 from petal.cache import EmbeddingCache, arrow_schema, shard_name
 from petal.embed import EmbedResult
 from petal.errors import NothingUsableError, PetalError
+from petal.images import quiet_pillow_warnings
 from petal.loader import iter_items
 from petal.predict_io import CSV_HEADER, csv_row
 from petal.runtime import make_session
@@ -123,6 +124,7 @@ class DecodeImages(beam.DoFn):
         self.cfg, self.known_uri, self.threads = cfg, known_uri, threads
 
     def setup(self) -> None:
+        quiet_pillow_warnings()  # a Beam worker is petal's process
         self.known = frozenset(_read_lines(self.known_uri)) if self.known_uri else frozenset()
 
     def process(self, uris: Sequence[str]) -> Iterator:

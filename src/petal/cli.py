@@ -478,6 +478,8 @@ def finetune_alias(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
+    from petal.images import quiet_pillow_warnings
+    quiet_pillow_warnings()  # here, not on import: petal owns this process
     debug = "--debug" in sys.argv or os.environ.get("PETAL_DEBUG") == "1"
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")

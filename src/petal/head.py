@@ -11,33 +11,33 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
 from petal.errors import PetalError
-from petal.params import Int, OneOf, Real, check_params
+from petal.params import Int, OneOf, Real, Rule, Validated
 
 if TYPE_CHECKING:
     import onnx
     from torch import nn
 
-HEAD_RULES = {
-    "hidden": Int(0),
-    "dropout": Real(0, 1, high_open=True),
-    "epochs": Int(1),
-    "lr": Real(0, low_open=True),
-    "batch_size": Int(1),
-    "weight_decay": Real(0),
-    "label_smoothing": Real(0, 1, high_open=True),
-    "class_weight": OneOf(None, "balanced"),
-    "seed": Int(0),
-}
-
 
 @dataclass
-class HeadClassifier:
-    """Dense head on embeddings: fit / predict / predict_proba, parameters checked by HEAD_RULES."""
+class HeadClassifier(Validated):
+    """Dense head on embeddings: fit / predict / predict_proba, parameters checked by PARAMS."""
+
+    PARAMS: ClassVar[dict[str, Rule]] = {
+        "hidden": Int(0),
+        "dropout": Real(0, 1, high_open=True),
+        "epochs": Int(1),
+        "lr": Real(0, low_open=True),
+        "batch_size": Int(1),
+        "weight_decay": Real(0),
+        "label_smoothing": Real(0, 1, high_open=True),
+        "class_weight": OneOf(None, "balanced"),
+        "seed": Int(0),
+    }
 
     hidden: int = 1024
     dropout: float = 0.5
@@ -51,9 +51,6 @@ class HeadClassifier:
 
     def get_params(self) -> dict:
         return asdict(self)
-
-    def _check_params(self) -> None:
-        check_params(self, HEAD_RULES)
 
     # ------------------------------------------------------------------ training
 
@@ -79,7 +76,7 @@ class HeadClassifier:
         """X: (N, D) float embeddings, y: (N,) int class ids. `on_epoch(epoch, logs)` per epoch."""
         import torch
 
-        self._check_params()
+        self.validate()  # attributes may have been set since construction
         # One thread: the head is small, results are reproducible, and torch's
         # spinning threads slow to a crawl when decode or serving share the cores.
         threads = torch.get_num_threads()

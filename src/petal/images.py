@@ -38,12 +38,21 @@ IMAGE_EXTENSIONS = frozenset(
 )
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: larger than any camera photo, far below a bomb
 
-# Pillow warns (UserWarning) about damaged metadata, e.g. corrupt EXIF, common in scraped
-# photos and harmless to the pixels; a file that cannot be decoded gets an ImageError instead.
-warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-# Pillow's own bomb guard stays on for the host program (Image.MAX_IMAGE_PIXELS, ~89 MP to
-# warn, twice that to refuse); petal refuses from `max_pixels` first and words it itself.
-warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+
+def quiet_pillow_warnings() -> None:
+    """Silence Pillow's warnings about image files, process-wide. Called only where petal
+    owns the process (the CLI, the server, Beam workers), never on import: a library's
+    host program owns its warnings filters. Calling it again changes nothing.
+
+    Process-wide because warnings.catch_warnings() around each decode would race between
+    the decode threads (it swaps the global filter list in and out).
+    """
+    # Pillow warns (UserWarning) about damaged metadata, e.g. corrupt EXIF, common in scraped
+    # photos and harmless to the pixels; a file that cannot be decoded gets an ImageError instead.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+    # Pillow's own bomb guard stays on for the host program (Image.MAX_IMAGE_PIXELS, ~89 MP to
+    # warn, twice that to refuse); petal refuses from `max_pixels` first and words it itself.
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
 
 
 class PixelBudget:
@@ -105,8 +114,9 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 def to_rgb(img: Image.Image) -> Image.Image:
     """Any Pillow mode -> upright 8-bit RGB. Decodes the pixels."""
     img.seek(0)  # first frame of animations
-    # (Pillow's UserWarnings, e.g. "Palette images with transparency...", are filtered
-    # once at import: warnings.catch_warnings() here would race between decode threads.)
+    # (Pillow's UserWarnings, e.g. "Palette images with transparency...", are filtered by
+    # quiet_pillow_warnings() where petal owns the process: warnings.catch_warnings() here
+    # would race between decode threads.)
     ImageOps.exif_transpose(img, in_place=True)  # in place: no full-size copy when upright
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         # 16/32-bit grey: scale the full range to 0..255 instead of clipping

@@ -52,14 +52,16 @@ def write_report(out: Path, metrics: dict, classes: list[str], uris: list[str],
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A Figure with its own Agg canvas: no pyplot, so the host program's matplotlib
+    # backend is neither chosen nor changed, and no figure is left open in pyplot.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
     n = len(classes)
     size = min(4 + 0.4 * n, 30)
-    fig, ax = plt.subplots(figsize=(size, size))
+    fig = Figure(figsize=(size, size))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 45, ha="right")
     ax.set_yticks(range(n), classes)
@@ -75,4 +77,3 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)

@@ -1,13 +1,18 @@
 """Declared parameter checks, after scikit-learn's `_parameter_constraints`.
 
-An estimator or config declares one rule per parameter:
+An estimator or config declares one rule per parameter, on itself, and is checked
+when it is built:
 
-    RULES = {"epochs": Int(1), "dropout": Real(0, 1, high_open=True), "class_weight": OneOf(None, "balanced")}
-    check_params(self, RULES)
+    @dataclass
+    class Head(Validated):
+        PARAMS: ClassVar[dict[str, Rule]] = {"epochs": Int(1), "dropout": Real(0, 1, high_open=True)}
+        epochs: int = 15
+        dropout: float = 0.5
 
-and a bad value raises `PetalError` (a `ValueError`) naming the parameter, what was
+A bad value raises `PetalError` (a `ValueError`) naming the parameter, what was
 expected and what was got: "dropout: expected a number in [0, 1), got 'x'". Wrong
 types are refused the same way, never as a stray `TypeError` from a comparison.
+Rules between parameters (warmup <= epochs) go in `check_together`.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from numbers import Integral
 from numbers import Real as RealNumber
-from typing import Any
+from typing import Any, ClassVar
 
 from petal.errors import PetalError
 
@@ -99,6 +104,20 @@ class Bool(Rule):
         return "True or False"
 
 
+@dataclass(frozen=True)
+class Instance(Rule):
+    """An instance of `cls`: a nested config, say."""
+
+    cls: type
+
+    def accepts(self, v: Any) -> bool:
+        return isinstance(v, self.cls)
+
+    def describe(self) -> str:
+        name = self.cls.__name__
+        return f"{'an' if name[:1] in 'AEIOU' else 'a'} {name}"
+
+
 @dataclass(frozen=True, init=False)
 class OneOf(Rule):
     values: tuple[Any, ...]
@@ -124,6 +143,27 @@ def check_params(obj: Any, rules: Mapping[str, Rule]) -> None:
     """Check each declared attribute of `obj` (a dataclass, usually) against its rule."""
     for name, rule in rules.items():
         check_param(name, getattr(obj, name), rule)
+
+
+class Validated:
+    """A dataclass that declares its parameter rules in `PARAMS` and is checked once built.
+
+    Subclasses that need their own `__post_init__` (to resolve a default, say) call
+    `super().__post_init__()` at its end.
+    """
+
+    PARAMS: ClassVar[Mapping[str, Rule]] = {}
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Every declared rule, then the rules between parameters."""
+        check_params(self, self.PARAMS)
+        self.check_together()
+
+    def check_together(self) -> None:
+        """Rules no single Rule states (between parameters, say); each parameter already passed its own."""
 
 
 def env_int(name: str, default: int, low: int = 1) -> int:

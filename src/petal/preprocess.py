@@ -12,26 +12,25 @@ model was trained on are the pixels it is served.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from petal.errors import PetalError
-from petal.params import Int, OneOf, Real, check_params
+from petal.params import Int, OneOf, Real, Rule, Validated
 
 RESAMPLING = ("bicubic", "bilinear")  # the Pillow filters petal.images knows
 
 
 @dataclass(frozen=True)
-class Preprocess:
+class Preprocess(Validated):
+    PARAMS: ClassVar[dict[str, Rule]] = {
+        "input_size": Int(1), "crop_pct": Real(0, 1, low_open=True), "resample": OneOf(*RESAMPLING)}
+
     input_size: int  # the square side the network sees, in pixels
     crop_pct: float  # resize the short side to input_size / crop_pct, then center-crop input_size
     resample: str = "bicubic"  # the Pillow filter of that resize
     # per RGB channel, on the 0..255 scale; applied inside the graph, whose input is uint8
     mean: tuple[float, float, float] = (127.0, 127.0, 127.0)
     std: tuple[float, float, float] = (128.0, 128.0, 128.0)
-
-    def __post_init__(self) -> None:
-        check_params(self, {"input_size": Int(1), "crop_pct": Real(0, 1, low_open=True),
-                            "resample": OneOf(*RESAMPLING)})
 
     @property
     def resize_size(self) -> int:

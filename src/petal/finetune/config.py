@@ -7,17 +7,19 @@ a run with different settings (that would not be the same run any more).
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, fields
+from typing import ClassVar
 
 from petal.errors import PetalError
-from petal.params import Bool, Int, OneOf, Real, check_params
+from petal.params import Bool, Instance, Int, OneOf, Real, Rule, Validated, check_param
 
 ALL_BLOCKS = -1  # --unfreeze -1: train every layer, the stem included
 DEFAULT_UNFREEZE = 3  # with pretrained weights; from scratch trains everything
 RUNTIME_ONLY = ("workers", "decode_workers")  # settings that do not change the result
+PERCENT = Real(0, 100, high_open=True, what="a percentage in [0, 100)")
 
 
 @dataclass
-class AugmentConfig:
+class AugmentConfig(Validated):
     """retrain.py-style augmentation of the training images (never of eval images).
 
     The eval view is the central `crop_pct` (87.5%) of the image's short side; a
@@ -30,6 +32,11 @@ class AugmentConfig:
     - random_color PCT: saturation times a factor in that range (0 = grey).
     """
 
+    PARAMS: ClassVar[dict[str, Rule]] = {
+        "enabled": Bool(), "flip": Bool(), "random_scale": PERCENT, "random_crop": PERCENT,
+        "random_brightness": PERCENT, "random_color": PERCENT,
+    }
+
     enabled: bool = True
     flip: bool = True
     random_scale: float = 50.0
@@ -37,15 +44,19 @@ class AugmentConfig:
     random_brightness: float = 20.0
     random_color: float = 20.0
 
-    def check(self) -> None:
-        percent = Real(0, 100, high_open=True, what="a percentage in [0, 100)")
-        check_params(self, {"enabled": Bool(), "flip": Bool(), "random_scale": percent, "random_crop": percent,
-                            "random_brightness": percent, "random_color": percent})
-
 
 @dataclass
-class FinetuneConfig:
+class FinetuneConfig(Validated):
     """What `petal finetune` trains, and how."""
+
+    PARAMS: ClassVar[dict[str, Rule]] = {
+        "epochs": Int(1), "batch_size": Int(1), "lr": Real(0, low_open=True), "backbone_lr_mult": Real(0),
+        "warmup_epochs": Real(0),  # and <= epochs: check_together
+        "weight_decay": Real(0), "label_smoothing": Real(0, 1, high_open=True), "dropout": Real(0, 1, high_open=True),
+        "unfreeze": Int(ALL_BLOCKS, what="-1 (all) or a number of blocks >= 0"), "pretrained": Bool(),
+        "seed": Int(0), "augment": Instance(AugmentConfig), "trunk_runtime": OneOf("auto", "onnx", "torch"),
+        "amp": Bool(), "workers": Int(0, none_ok=True), "decode_workers": Int(1, none_ok=True),
+    }
 
     epochs: int = 12
     batch_size: int = 32  # the global batch: split across data-parallel workers
@@ -68,20 +79,13 @@ class FinetuneConfig:
     def __post_init__(self) -> None:
         if self.unfreeze is None:
             self.unfreeze = DEFAULT_UNFREEZE if self.pretrained else ALL_BLOCKS
+        super().__post_init__()
 
-    def check(self) -> None:
-        check_params(self, {
-            "epochs": Int(1), "batch_size": Int(1), "lr": Real(0, low_open=True), "backbone_lr_mult": Real(0),
-            "warmup_epochs": Real(0, self.epochs), "weight_decay": Real(0),
-            "label_smoothing": Real(0, 1, high_open=True), "dropout": Real(0, 1, high_open=True),
-            "unfreeze": Int(ALL_BLOCKS, what="-1 (all) or a number of blocks >= 0"), "pretrained": Bool(),
-            "seed": Int(0), "trunk_runtime": OneOf("auto", "onnx", "torch"), "amp": Bool(),
-            "workers": Int(0, none_ok=True), "decode_workers": Int(1, none_ok=True),
-        })
+    def check_together(self) -> None:
+        check_param("warmup_epochs", self.warmup_epochs, Real(0, self.epochs))
         if not self.pretrained and self.unfreeze != ALL_BLOCKS:
             raise PetalError(f"unfreeze: training from scratch (--no-pretrained) trains every layer; "
                              f"expected -1, got {self.unfreeze!r}")
-        self.augment.check()
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -103,7 +103,6 @@ def finetune(
     finished run or a checkpoint (without either, such a folder is refused).
     """
     config = config or FinetuneConfig()
-    config.check()  # fail before any slow work
     if stop_after is not None:
         check_param("stop_after", stop_after, Int(1, what="an epoch >= 1"))
     world = init_world()

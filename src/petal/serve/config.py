@@ -6,39 +6,41 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from petal.errors import PetalError
-from petal.params import Int, Real, check_params
+from petal.params import Instance, Int, Real, Rule, Validated
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # no ':' or '/': names sit in URL paths
 API_KEY_ENV = "PETAL_API_KEY"
 
 
 @dataclass(frozen=True)
-class Limits:
+class Limits(Validated):
+    PARAMS: ClassVar[dict[str, Rule]] = {"max_body_bytes": Int(1024), "max_images": Int(1), "max_pixels": Int(1),
+                                         "timeout_s": Real(0, low_open=True)}
+
     max_body_bytes: int = 32 * 1024 * 1024  # whole request body; more -> 413
     max_images: int = 64  # instances or files per request; more -> 413
     max_pixels: int = 40_000_000  # per image, checked from the header before decoding
     timeout_s: float = 30.0  # per request, body upload included; -> 408 (upload) or 503
 
-    def __post_init__(self):
-        check_params(self, {"max_body_bytes": Int(1024), "max_images": Int(1), "max_pixels": Int(1),
-                            "timeout_s": Real(0, low_open=True)})
-
 
 @dataclass(frozen=True)
-class Batching:
+class Batching(Validated):
+    PARAMS: ClassVar[dict[str, Rule]] = {"max_batch": Int(1), "max_wait_ms": Real(0, 1000)}
+
     # Images per ONNX Runtime call. On a CPU, images/s hardly grows past 8, but ONNX Runtime's
     # memory arena keeps the peak: +75 MB at 8, +340 MB at 32 (EfficientNet-Lite0, 224 px).
     max_batch: int = 8
     max_wait_ms: float = 5.0  # how long a batch may wait to fill up, when under load
 
-    def __post_init__(self):
-        check_params(self, {"max_batch": Int(1), "max_wait_ms": Real(0, 1000)})
-
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(Validated):
+    PARAMS: ClassVar[dict[str, Rule]] = {"limits": Instance(Limits), "batching": Instance(Batching),
+                                         "threads": Int(1, none_ok=True), "decode_workers": Int(1, none_ok=True)}
+
     models: dict[str, Path]  # URL name -> bundle folder
     limits: Limits = field(default_factory=Limits)
     batching: Batching = field(default_factory=Batching)
@@ -46,10 +48,9 @@ class ServeConfig:
     threads: int | None = None  # ONNX Runtime intra-op threads [default: all cores, no spin-wait]
     decode_workers: int | None = None  # image decode threads [default: all cores]
 
-    def __post_init__(self):
+    def check_together(self) -> None:
         if not self.models:
             raise PetalError("serve: expected at least one model (a bundle path or --model NAME=PATH)")
-        check_params(self, {"threads": Int(1, none_ok=True), "decode_workers": Int(1, none_ok=True)})
 
 
 def check_bundle(name: str, path: Path) -> Path:

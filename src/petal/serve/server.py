@@ -33,6 +33,9 @@ def make_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, 
 
 
 def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, **kw: Any) -> None:
-    """Serve until interrupted (blocking)."""
+    """Serve until interrupted (blocking): this process is the server's."""
+    from petal.images import quiet_pillow_warnings
+
+    quiet_pillow_warnings()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     make_server(config, host, port, **kw).run()
