@@ -17,7 +17,7 @@ import numpy as np
 
 from petal.backbones import DEFAULT_BACKBONE, get_backbone
 from petal.data import EVAL, TRAIN, Dataset, Example, load_dataset
-from petal.embed import embed
+from petal.embed import embed, require_usable
 from petal.errors import NothingUsableError, PetalError
 from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
@@ -68,9 +68,7 @@ def embed_dataset(ds: Dataset, backbone: str = DEFAULT_BACKBONE, cache_dir: Path
     with reporter.progress("embedding", len(uris)) as advance:
         result, cache = embed(uris, cfg, Path(cache_dir or default_cache_dir()),
                               on_progress=advance, on_message=reporter.message, workers=workers)
-    if uris and not result.keys:
-        raise NothingUsableError(f"none of the {len(uris)} images could be read; first error: "
-                                 f"{result.failed[0][0]}: {result.failed[0][1]}")
+    require_usable(result, len(uris))
     return result, cache
 
 
