@@ -2,7 +2,7 @@
 
     python benchmarks/finetune_flowers.py [FOLDER] [--out RUN] [--cache DIR] [--epochs N] [--unfreeze N]
 
-Runs `petal.finetune.finetune` (the same as `petal train FOLDER --finetune`)
+Runs `petal.finetune.finetune` (the same as `petal finetune FOLDER`)
 from an empty run folder and, unless --cache is given, an empty cache: the
 wall time covers everything a first run does (decoding, the one-off export of
 the frozen trunk's ONNX graph, training, evaluation, export and its parity
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from petal.finetune import FinetuneConfig, finetune
-from petal.workflow import Reporter
+from petal.progress import Reporter
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flower_photos"
 

@@ -18,7 +18,8 @@ import pytest
 pytest.importorskip("apache_beam")
 
 from petal.backbones import DEFAULT_BACKBONE, get_backbone  # noqa: E402
-from petal.beam import _fix_uri, _output_kind, beam_embed, beam_predict  # noqa: E402
+from petal.beam import beam_embed, beam_predict, run  # noqa: E402
+from petal.beam.jobs import _fix_uri, _output_kind  # noqa: E402
 from petal.bundle import load  # noqa: E402
 from petal.cache import arrow_schema  # noqa: E402
 from petal.data import load_dataset  # noqa: E402
@@ -167,15 +168,29 @@ def test_predict_through_remote_style_work_dir(model_dir, images, tmp_path, monk
     Beam's FileSystems API is the same for gs:// and local paths, so treating a
     local folder as remote runs every line the remote case runs.
     """
-    import petal.beam
+    from petal.beam import jobs, transforms
 
-    monkeypatch.setattr(petal.beam, "is_local", lambda uri: False)
+    for module in (jobs, transforms):  # the launcher's WORK and the workers' model download
+        monkeypatch.setattr(module, "is_local", lambda uri: False)
     uris = predict_uris(images)
     summary = beam_predict(model_dir, uris, str(tmp_path / "out" / "preds"), ["--work_dir", str(tmp_path / "work")])
     assert (summary["predicted"], summary["failed"]) == (len(uris) - 2, 2)
     assert len(read_csv_shards(tmp_path / "out", "preds-*-of-*.csv")) == len(uris) - 2
     # this run's files are deleted (a local folder keeps its empty directories; object stores have none)
     assert not [f for f in (tmp_path / "work").rglob("*") if f.is_file()]
+
+
+def test_run_entry_point_with_test_pipeline(model_dir, images, tmp_path):
+    """`run(argv, test_pipeline)`, as in Beam's examples: the job runs on the pipeline it is given."""
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+    from apache_beam.testing.test_pipeline import TestPipeline
+
+    uris = predict_uris(images)
+    summary = run(["predict", str(model_dir), *uris, "--output", str(tmp_path / "preds.jsonl"), "--top_k", "2"],
+                  test_pipeline=TestPipeline(runner=FnApiRunner()))  # FnApiRunner: no Prism download
+    assert (summary["predicted"], summary["failed"], summary["total"]) == (len(uris) - 2, 2, len(uris))
+    lines = [json.loads(line) for f in tmp_path.glob("preds-*-of-*.jsonl") for line in f.read_text().splitlines()]
+    assert len(lines) == len(uris) - 2 and all(len(d["top"]) == 2 for d in lines)
 
 
 def test_cluster_runner_needs_shared_work_dir(model_dir, tmp_path):

@@ -1,5 +1,6 @@
-"""Fine-tuning (`petal train --finetune`) on tiny synthetic sets (14 to 36 training
-images, 1-2 epochs, small batches, one unfrozen block; the input stays 224 px).
+"""Fine-tuning (`petal finetune`; the two-process test goes through the old
+`petal train --finetune` alias) on tiny synthetic sets (14 to 36 training images,
+1-2 epochs, small batches, one unfrozen block; the input stays 224 px).
 Covers the trunk/top split against the ImageNet graph, augmentation, export with
 parity, resume after a stop, 2 data-parallel CPU processes vs 1, and training
 from scratch."""

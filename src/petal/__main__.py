@@ -1,5 +1,5 @@
 """`python -m petal ...`, the same as the `petal` command (and what torchrun runs:
-`torchrun --nproc-per-node N -m petal train DATA --out RUN --finetune`)."""
+`torchrun --nproc-per-node N -m petal finetune DATA --out RUN`)."""
 
 from petal.cli import main
 

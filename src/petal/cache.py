@@ -55,6 +55,24 @@ def arrow_schema(feature_dim: int) -> pa.Schema:
     return pa.schema([("key", pa.string()), ("embedding", pa.list_(pa.float32(), feature_dim))])
 
 
+def shard_table(keys: list[str], vecs: np.ndarray, dim: int) -> pa.Table:
+    """keys and (N, D) float32 -> a table in exactly the shard schema (ShardWriter, Beam's workers)."""
+    import pyarrow as pa
+
+    return pa.Table.from_arrays(
+        [pa.array(keys, pa.string()),
+         pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim)],
+        schema=arrow_schema(dim),
+    )
+
+
+def table_rows(table: pa.Table, dim: int) -> tuple[list[str], np.ndarray]:
+    """A shard's table -> (keys, (N, D) float32): what ShardWriter.add takes."""
+    keys = table.column("key").to_pylist()
+    flat = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
+    return keys, flat.reshape(len(keys), dim).astype(np.float32, copy=False)
+
+
 def shard_name(tag: str = "") -> str:
     """A shard file name no other writer will pick (time, pid, random)."""
     return f"shard-{time.time_ns():020d}-{tag or os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
@@ -104,9 +122,7 @@ class EmbeddingCache:
             table = self._read_shard(shard)
             if table is None:
                 continue
-            keys = table.column("key").to_pylist()
-            flat = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
-            vecs = flat.reshape(len(keys), self.feature_dim).astype(np.float32, copy=False)
+            keys, vecs = table_rows(table, self.feature_dim)
             index.update(zip(keys, vecs))
             seen.add(shard.name)
         self._index, self._seen, self._stored = index, seen, set(index)
@@ -144,17 +160,19 @@ class EmbeddingCache:
         index = self._index if self._index is not None else self.load()
         return np.stack([index[k] for k in keys]) if keys else np.zeros((0, self.feature_dim), np.float32)
 
-    def writer(self, rows_per_shard: int | None = None, seconds_per_shard: float = 30.0) -> ShardWriter:
+    def writer(self, rows_per_shard: int | None = None, seconds_per_shard: float = 30.0,
+               tag: str = "") -> ShardWriter:
         # $PETAL_SHARD_ROWS: small shards make a kill test land between them
         return ShardWriter(self, rows_per_shard or env_int("PETAL_SHARD_ROWS", DEFAULT_SHARD_ROWS),
-                           seconds_per_shard)
+                           seconds_per_shard, tag)
 
 
 class ShardWriter:
     """Buffers new embeddings and writes a shard every N rows or T seconds."""
 
-    def __init__(self, cache: EmbeddingCache, rows: int, seconds: float) -> None:
+    def __init__(self, cache: EmbeddingCache, rows: int, seconds: float, tag: str = "") -> None:
         self.cache, self.rows, self.seconds = cache, rows, seconds
+        self.tag = tag  # in the shard names (shard_name): "beam" marks what a Beam run added
         self.keys: list[str] = []
         self.vecs: list[np.ndarray] = []
         self.last = time.monotonic()
@@ -172,7 +190,6 @@ class ShardWriter:
         self.last = time.monotonic()
         if not self.keys:
             return
-        import pyarrow as pa
         import pyarrow.parquet as pq
 
         keys, vecs = self.keys, np.concatenate(self.vecs)
@@ -188,12 +205,8 @@ class ShardWriter:
                     new.add(k)
                     rows.append(i)
             if rows:
-                table = pa.Table.from_arrays(
-                    [pa.array([keys[i] for i in rows], pa.string()),
-                     pa.FixedSizeListArray.from_arrays(pa.array(vecs[rows].reshape(-1), pa.float32()), dim)],
-                    schema=arrow_schema(dim),
-                )
-                name = shard_name()
+                table = shard_table([keys[i] for i in rows], vecs[rows], dim)
+                name = shard_name(self.tag)
                 with atomic_path(self.cache.dir / name) as tmp:
                     pq.write_table(table, tmp)
                 self.cache._seen.add(name)

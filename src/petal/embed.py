@@ -15,6 +15,7 @@ import numpy as np
 
 from petal.backbones import BackboneConfig
 from petal.cache import EmbeddingCache
+from petal.errors import NothingUsableError
 from petal.loader import Item, batches, iter_items
 from petal.params import env_int
 
@@ -39,6 +40,13 @@ class EmbedResult:
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.embedded / self.seconds, 1) if self.seconds else None,
         }
+
+
+def require_usable(result: EmbedResult, total: int) -> None:
+    """Raise if `total` images went in and none could be read: the local and the Beam path say it alike."""
+    if total and not result.keys:
+        raise NothingUsableError(f"none of the {total} images could be read; first error: "
+                                 f"{result.failed[0][0]}: {result.failed[0][1]}")
 
 
 def embed(

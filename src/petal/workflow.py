@@ -15,7 +15,7 @@ import numpy as np
 
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
 from petal.data import EVAL, TRAIN, Dataset, Example, load_dataset
-from petal.embed import embed
+from petal.embed import embed, require_usable
 from petal.errors import NothingUsableError
 from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
@@ -51,9 +51,7 @@ def embed_dataset(ds: Dataset, backbone: str = DEFAULT_BACKBONE, cache_dir: Path
     with reporter.progress("embedding", len(uris)) as advance:
         result, cache = embed(uris, cfg, Path(cache_dir or default_cache_dir()),
                               on_progress=advance, on_message=reporter.message, workers=workers)
-    if uris and not result.keys:
-        raise NothingUsableError(f"none of the {len(uris)} images could be read; first error: "
-                                 f"{result.failed[0][0]}: {result.failed[0][1]}")
+    require_usable(result, len(uris))
     return result, cache
 
 

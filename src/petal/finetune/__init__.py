@@ -1,4 +1,4 @@
-"""Fine-tuning the backbone with its head: `petal train DATA --finetune`.
+"""Fine-tuning the backbone with its head: `petal finetune DATA`.
 
     from petal.finetune import FinetuneConfig, finetune
     result = finetune("flower_photos", "runs/flowers-ft", config=FinetuneConfig(epochs=12))

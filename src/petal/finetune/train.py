@@ -1,4 +1,4 @@
-"""`petal train --finetune`: train backbone blocks and a new head together.
+"""`petal finetune`: train backbone blocks and a new head together.
 
     finetune(data, out, config=FinetuneConfig(unfreeze=3)) -> FinetuneResult
 
@@ -25,6 +25,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -192,6 +193,31 @@ class Evaluator:
                 "eval_accuracy": float((logits.argmax(1) == y).float().mean())}
 
 
+@dataclass
+class TrainState:
+    """Everything one fine-tuning run changes as it trains, in one record."""
+
+    model: FineTuneNet
+    top: torch.nn.Module  # model.top, wrapped for data-parallel training when there are several processes
+    trunk: Any  # the frozen layers: OnnxTrunk or TorchTrunk
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    sampler: EpochBatches
+    loader: Any = None  # torch DataLoader of (activations or images, labels)
+    evaluator: Evaluator | None = None
+    history: list[dict] = field(default_factory=list)  # one dict per finished epoch
+    best: dict = field(default_factory=lambda: {"epoch": 0, "accuracy": -1.0, "loss": math.inf})
+
+    def load(self, ckpt: dict) -> None:
+        """Continue from a last.pt checkpoint."""
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        self.history, self.best = ckpt["history"], ckpt["best"]
+
+
 class Trainer:
     def __init__(self, config: FinetuneConfig, world: World, cfg: BackboneConfig, cache_dir: Path,
                  reporter: Reporter | None):
@@ -292,10 +318,27 @@ class Trainer:
         ds, tr_px, ev_px, y_tr, y_ev, warnings, fingerprint, ckpt = self.prepare(
             data, run, labels_file=labels_file, eval_data=eval_data, eval_percent=eval_percent, resume=resume,
             overwrite=overwrite)
+        st = self.setup(len(ds.classes), tr_px, y_tr, ev_px, y_ev, ckpt)
+        self.train_epochs(run, st, min(c.epochs, stop_after) if stop_after else c.epochs, fingerprint)
+        if not world.main:
+            return None
+        result = FinetuneResult(run.path, None, {}, st.best["epoch"], len(st.history), st.history,
+                                time.perf_counter() - start, warnings)
+        if len(st.history) < c.epochs:  # stopped early: --resume goes on
+            return result
+        run.write_history(st.history)
+        result.metrics, result.model_dir = self.finish(run, ds.classes, tr_px, ev_px, y_ev, st.best, st.trunk,
+                                                       export)
+        shutil.rmtree(run.pixels_dir, ignore_errors=True)  # decoded for this run only
+        result.seconds = time.perf_counter() - start
+        return result
 
-        # ---- model, frozen trunk, optimiser, schedule, data
-        device = world.device
-        model = self.build_model(len(ds.classes)).to(device)
+    def setup(self, num_classes: int, tr_px: PixelFile, y_tr: np.ndarray, ev_px: PixelFile, y_ev: np.ndarray,
+              ckpt: dict | None) -> TrainState:
+        """Model, frozen trunk, optimiser, schedule and data, resumed from `ckpt` if given.
+        (The order matters: each step may draw from the seeded global RNG.)"""
+        c, world, device = self.c, self.world, self.world.device
+        model = self.build_model(num_classes).to(device)
         if world.size > 1 and device.type == "cuda" and not c.pretrained:
             model.top = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model.top)  # statistics over all GPUs
         self.choose_runtime(model)
@@ -303,66 +346,48 @@ class Trainer:
         torch.set_num_threads(threads)
         trunk = self.main_trunk(model, device)
         sampler = EpochBatches(len(tr_px.uris), c.batch_size, c.seed, world.rank, world.size)
-        steps = len(sampler)
-        total, warmup = c.epochs * steps, round(c.warmup_epochs * steps)
+        total, warmup = c.epochs * len(sampler), round(c.warmup_epochs * len(sampler))
         opt = torch.optim.AdamW(model.param_groups(c.lr, c.lr * c.backbone_lr_mult, c.weight_decay))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total))
-        scaler = torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16)
-        history: list[dict] = []
-        best = {"epoch": 0, "accuracy": -1.0, "loss": math.inf}
+        st = TrainState(model, model.top, trunk, opt,
+                        torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total)),
+                        torch.amp.GradScaler(device.type, enabled=self.amp_dtype == torch.float16), sampler)
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-            scaler.load_state_dict(ckpt["scaler"])
-            history, best = ckpt["history"], ckpt["best"]
+            st.load(ckpt)
             self.reporter.message(f"resuming after epoch {ckpt['epoch']} of {c.epochs}")
-        if world.all_sum([len(history)])[0] != len(history) * world.size:
+        if world.all_sum([len(st.history)])[0] != len(st.history) * world.size:
             raise PetalError("resume: not every process found the same checkpoint; on several machines "
                              "--out must be a folder they all share")
-        top = model.top
         if world.size > 1:
-            top = torch.nn.parallel.DistributedDataParallel(
+            st.top = torch.nn.parallel.DistributedDataParallel(
                 model.top, device_ids=[device.index] if device.type == "cuda" else None)
-        loader = self.loader(TrainImages(tr_px, y_tr, self.cfg.preprocess, c.augment, c.seed), sampler, workers)
-        evaluator = Evaluator(ev_px.open(), y_ev, trunk, device) if world.main and len(y_ev) else None
+        st.loader = self.loader(TrainImages(tr_px, y_tr, self.cfg.preprocess, c.augment, c.seed), sampler, workers)
+        st.evaluator = Evaluator(ev_px.open(), y_ev, trunk, device) if world.main and len(y_ev) else None
+        return st
 
-        # ---- epochs
-        last = min(c.epochs, stop_after) if stop_after else c.epochs
+    def train_epochs(self, run: Run, st: TrainState, last: int, fingerprint: dict) -> None:
+        """Epochs len(history) + 1 .. last: train, score, log, checkpoint (on the main process)."""
+        c, world, steps = self.c, self.world, len(st.sampler)
         log_ctx = run.tensorboard() if world.main else contextlib.nullcontext(lambda *a: None)
         with log_ctx as log:
-            for epoch in range(len(history) + 1, last + 1):
+            for epoch in range(len(st.history) + 1, last + 1):
                 t0 = time.perf_counter()
-                sampler.set_epoch(epoch)
-                batches = iter(loader)  # (starting workers draws from the global RNG: before seeding)
+                st.sampler.set_epoch(epoch)
+                batches = iter(st.loader)  # (starting workers draws from the global RNG: before seeding)
                 torch.manual_seed(c.seed * 1_000_003 + epoch * 1009 + world.rank)  # dropout masks
-                model.train()
+                st.model.train()
                 with self.reporter.progress(f"epoch {epoch}/{c.epochs}", steps) as advance:
-                    logs = self.train_epoch(top, trunk, batches, opt, sched, scaler, sampler, log,
-                                            (epoch - 1) * steps, advance)
-                if evaluator is not None:
-                    logs.update(evaluator.scores(model, self.autocast))
+                    logs = self.train_epoch(st, batches, log, (epoch - 1) * steps, advance)
+                if st.evaluator is not None:
+                    logs.update(st.evaluator.scores(st.model, self.autocast))
                 logs = {"epoch": epoch, **logs, "seconds": time.perf_counter() - t0}
-                history.append(logs)
+                st.history.append(logs)
                 if world.main:
                     for k, v in logs.items():
                         if k != "epoch":
                             log(epoch_tag(k), v, epoch)
-                    best = self.checkpoint(run, model, opt, sched, scaler, history, best, fingerprint)
-                    self.reporter.message(epoch_line(logs, c.epochs, best["epoch"]))
+                    st.best = self.checkpoint(run, st, fingerprint)
+                    self.reporter.message(epoch_line(logs, c.epochs, st.best["epoch"]))
                 world.barrier()
-
-        if not world.main:
-            return None
-        result = FinetuneResult(run.path, None, {}, best["epoch"], len(history), history,
-                                time.perf_counter() - start, warnings)
-        if len(history) < c.epochs:  # stopped early: --resume goes on
-            return result
-        run.write_history(history)
-        result.metrics, result.model_dir = self.finish(run, ds.classes, tr_px, ev_px, y_ev, best, trunk, export)
-        shutil.rmtree(run.pixels_dir, ignore_errors=True)  # decoded for this run only
-        result.seconds = time.perf_counter() - start
-        return result
 
     def prepare(self, data, run: Run, *, labels_file, eval_data, eval_percent: float, resume: bool,
                 overwrite: bool) -> Prepared:
@@ -411,10 +436,10 @@ class Trainer:
         check_same_run(ckpt["settings"], fingerprint)
         return ckpt
 
-    def train_epoch(self, top, trunk, batches, opt, sched, scaler, sampler: EpochBatches, log,
-                    step: int, advance) -> dict:
+    def train_epoch(self, st: TrainState, batches, log, step: int, advance) -> dict:
         """One pass over this process's batches; returns the epoch's train loss/accuracy
         (over all processes) and learning rates."""
+        top, trunk, opt, sched, scaler, sampler = st.top, st.trunk, st.opt, st.sched, st.scaler, st.sampler
         ls = self.c.label_smoothing
         # Each process sums its samples' losses; scaled so that DDP's mean over the
         # processes is the mean over the whole global batch, however it was split.
@@ -448,11 +473,12 @@ class Trainer:
 
     # ------------------------------------------------------------------ files
 
-    def checkpoint(self, run: Run, model, opt, sched, scaler, history, best, fingerprint) -> dict:
+    def checkpoint(self, run: Run, st: TrainState, fingerprint: dict) -> dict:
         """Write best.pt if this epoch is the best so far, then last.pt; both atomically.
 
         Best: higher eval accuracy, then lower eval loss; without an eval split, the last.
         """
+        model, history, best = st.model, st.history, st.best
         logs, folder = history[-1], run.checkpoints
         acc, loss = logs.get("eval_accuracy", 0.0), logs.get("eval_loss", 0.0)
         if "eval_accuracy" not in logs or (acc, -loss) > (best["accuracy"], -best["loss"]):
@@ -460,8 +486,8 @@ class Trainer:
             with atomic_path(folder / "best.pt") as tmp:
                 torch.save({"epoch": logs["epoch"], "model": model.state_dict()}, tmp)
         state = {"format": CHECKPOINT_FORMAT, "settings": fingerprint, "epoch": logs["epoch"],
-                 "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "scaler": scaler.state_dict(), "history": history, "best": best}
+                 "model": model.state_dict(), "optimizer": st.opt.state_dict(), "scheduler": st.sched.state_dict(),
+                 "scaler": st.scaler.state_dict(), "history": history, "best": best}
         with atomic_path(folder / "last.pt") as tmp:
             torch.save(state, tmp)
         return best

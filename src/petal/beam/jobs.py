@@ -1,11 +1,10 @@
-"""Embedding and batch prediction as Apache Beam pipelines (`--runner beam`).
+"""The launcher side of petal's Beam pipelines: `beam_embed`, `beam_predict`, `run`.
 
 The same steps as the local path, for when one machine is not enough: locally
-on the DirectRunner, at scale on Dataflow, Flink or Spark. Nothing here
-re-implements a step: images are read, hashed and decoded by
-`petal.loader.iter_items` (so `petal.storage.read_bytes` and
-`petal.images.load_pixels`), the ONNX graphs are the local ones, loaded by
-`petal.runtime.make_session` inside Beam's RunInference ONNX handler.
+on the DirectRunner, at scale on Dataflow, Flink or Spark. This module parses
+the options, prepares a work folder, assembles the pipeline from the DoFns of
+`petal.beam.transforms` (the worker side), runs it and collects the results;
+the new embeddings reach the cache through the cache's own `ShardWriter`.
 
     launcher                               workers
     --------                               -------
@@ -15,8 +14,8 @@ re-implements a step: images are read, hashed and decoded by
                                            RunInference (ONNX, batches of 32)
                                            dedupe by content key
                                            -> WORK/embeddings/*.parquet, index, dead letter
-    copy the shards into the cache,
-    atomically, named shard_name("beam")
+    add the new rows to the cache with
+    its ShardWriter, tag "beam"
 
 WORK is a fresh folder under `--work_dir`, else `--temp_location`, else a
 local temp folder; it is deleted at the end. Workers write only there, so a
@@ -24,15 +23,15 @@ cluster runner needs it on storage every worker reaches (gs://, s3://,
 hdfs://). The launcher then pulls the shards into its own cache, where a local
 `petal embed`/`petal train` finds them. See docs/beam.md.
 
-Apache Beam is an optional dependency (`pip install 'petal[beam]'`); only
-this module imports it.
+As in Beam's examples, `run(argv)` is the entry point of both jobs
+(`python -m petal.beam.jobs embed DATA ...` or `... predict MODEL INPUT...
+--output PREFIX`), and a test can hand it a TestPipeline.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
-import functools
-import io
 import json
 import logging
 import re
@@ -41,45 +40,43 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-import numpy as np
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
 
-from petal.backbones import BackboneConfig, get_backbone
-from petal.bundle import Model, prediction
-from petal.cache import EmbeddingCache, arrow_schema, shard_name
-from petal.embed import EmbedResult
-from petal.errors import NothingUsableError, PetalError
-from petal.images import quiet_pillow_warnings
-from petal.loader import iter_items
-from petal.predict_io import CSV_HEADER, csv_row
-from petal.runtime import make_session
-from petal.storage import atomic_write_bytes, default_cache_dir, is_local, local_path
-
-try:
-    import apache_beam as beam
-    from apache_beam.io.filesystems import FileSystems
-    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
-    from apache_beam.ml.inference.onnx_inference import OnnxModelHandlerNumpy
-    from apache_beam.options.pipeline_options import GoogleCloudOptions, PipelineOptions, StandardOptions
-except ImportError:  # the CLI prints this as a one-line error
-    raise PetalError("--runner beam needs Apache Beam: pip install 'petal[beam]'") from None
+from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
+from petal.beam.transforms import (
+    METRICS,
+    DecodeImages,
+    FormatPrediction,
+    KeepOnePerKey,
+    PetalOnnxHandler,
+    csv_line,
+    matching,
+    read_lines,
+    rows_to_table,
+)
+from petal.bundle import Model
+from petal.cache import EmbeddingCache, arrow_schema, table_rows
+from petal.embed import EmbedResult, require_usable
+from petal.errors import PetalError
+from petal.predictions import CSV_HEADER
+from petal.preprocess import Preprocess
+from petal.storage import default_cache_dir, is_local, local_path
 
 if TYPE_CHECKING:
-    import argparse
-
-    import onnxruntime as ort
-    import pyarrow as pa
     from apache_beam.runners.runner import PipelineResult
 
     from petal.data import Dataset
 
 _LOG = logging.getLogger(__name__)
-METRICS = "petal"  # namespace of the Beam counters below
 DEAD_LETTER_HEADER = "uri,reason"
-PREDICTION_HEADER = ",".join(CSV_HEADER)  # the columns of petal.predict_io's CSV
+PREDICTION_HEADER = ",".join(CSV_HEADER)  # the columns of petal.predictions' CSV
 LOCAL_RUNNERS = (None, "DirectRunner", "FnApiRunner", "PrismRunner", "InteractiveRunner")
 
 
@@ -106,124 +103,10 @@ class PetalOptions(PipelineOptions):
                             help="Read/decode threads per worker process (0: petal's default).")
 
 
-# --------------------------------------------------------------------------- worker side
-
-def _count(name: str, n: int = 1) -> None:
-    beam.metrics.Metrics.counter(METRICS, name).inc(n)
-
-
-class DecodeImages(beam.DoFn):
-    """A batch of URIs -> ((content key, uri), (S, S, 3) uint8 pixels) per image to run.
-
-    Side outputs: "cached" (uri, key) for keys in `known_uri`'s list, "failed"
-    (uri, reason) for anything read_bytes/load_pixels refused. Decoding is
-    petal.loader.iter_items on a thread pool: the exact local code path.
-    """
-
-    def __init__(self, cfg: BackboneConfig, known_uri: str | None, threads: int) -> None:
-        self.cfg, self.known_uri, self.threads = cfg, known_uri, threads
-
-    def setup(self) -> None:
-        quiet_pillow_warnings()  # a Beam worker is petal's process
-        self.known = frozenset(_read_lines(self.known_uri)) if self.known_uri else frozenset()
-
-    def process(self, uris: Sequence[str]) -> Iterator:
-        for item in iter_items(uris, self.cfg, skip=self.known.__contains__, workers=self.threads or None):
-            if item.error is not None:
-                _count("images_failed")
-                yield beam.pvalue.TaggedOutput("failed", (item.uri, item.error))
-            elif item.pixels is None:  # skipped: its key is in the cache already
-                _count("images_cached")
-                yield beam.pvalue.TaggedOutput("cached", (item.uri, item.key))
-            else:
-                yield (item.key, item.uri), item.pixels
-
-
-def _run_output(session: ort.InferenceSession, batch: Sequence[np.ndarray],
-                inference_args: dict[str, Any] | None = None, *, output: str) -> np.ndarray:
-    """RunInference's inference_fn: B x (S, S, 3) uint8 -> (B, D) of the named output."""
-    (out,) = session.run([output], {"images": np.stack(batch)})
-    return out
-
-
-class PetalOnnxHandler(OnnxModelHandlerNumpy):
-    """Beam's ONNX model handler, with the session built as every petal caller builds it.
-
-    `model_uri` may be remote (gs://...): each worker process then copies it to
-    a temp file once and loads it from there (ONNX Runtime reads local files).
-    """
-
-    def __init__(self, model_uri: str, output: str, batch_size: int, threads: int) -> None:
-        super().__init__(model_uri, inference_fn=functools.partial(_run_output, output=output),
-                         max_batch_size=batch_size)
-        self._threads = threads
-
-    def load_model(self) -> ort.InferenceSession:
-        threads = self._threads or None
-        if is_local(self._model_uri):
-            return make_session(local_path(self._model_uri), threads)
-        with tempfile.TemporaryDirectory() as tmp:  # the session keeps the graph in memory
-            path = Path(tmp) / "model.onnx"
-            with FileSystems.open(self._model_uri) as src, open(path, "wb") as out:
-                shutil.copyfileobj(src, out)
-            return make_session(path, threads)
-
-
-class KeepOnePerKey(beam.DoFn):
-    """(content key, [(uri, features), ...]) -> one (key, features) row for the cache.
-
-    Byte-identical images under several URIs were all embedded, on whichever
-    workers; one row is kept and the other URIs count as cached, as in the local
-    path. Every URI goes to the "index" output as (uri, key, status).
-    """
-
-    def process(self, element: tuple[str, Iterable[tuple[str, np.ndarray]]]) -> Iterator:
-        key, hits = element
-        hits = sorted(hits, key=lambda h: h[0])  # deterministic: the first URI "embedded" it
-        _count("images_embedded")
-        _count("images_cached", len(hits) - 1)
-        for i, (uri, _) in enumerate(hits):
-            yield beam.pvalue.TaggedOutput("index", (uri, key, "cached" if i else "embedded"))
-        yield key, hits[0][1]
-
-
-def _to_table(rows: Sequence[tuple[str, np.ndarray]], dim: int) -> pa.Table:
-    """[(key, (D,) float32)] -> a pyarrow Table with exactly the cache's shard schema."""
-    import pyarrow as pa
-
-    vecs = np.stack([v for _, v in rows]).astype(np.float32, copy=False)  # (N, D)
-    return pa.Table.from_arrays(
-        [pa.array([k for k, _ in rows], pa.string()),
-         pa.FixedSizeListArray.from_arrays(pa.array(vecs.reshape(-1), pa.float32()), dim)],
-        schema=arrow_schema(dim),
-    )
-
-
-class FormatPrediction(beam.DoFn):
-    """((key, uri), PredictionResult) -> one output line, as `petal predict --output` writes it."""
-
-    def __init__(self, labels: list[str], top_k: int, kind: str) -> None:
-        self.labels, self.top_k, self.kind = labels, top_k, kind
-
-    def process(self, element: tuple[tuple[str, str], Any]) -> Iterator[str]:
-        (_, uri), result = element
-        p = prediction(self.labels, uri, result.inference, self.top_k)  # (C,) probabilities -> top-k
-        _count("images_predicted")
-        if self.kind == ".jsonl":
-            yield json.dumps(p.to_dict())
-        else:  # the row petal.predict_io.write_predictions writes
-            yield _csv_line(csv_row(p))
-
-
-def _csv_line(cells: list[str]) -> str:
-    buf = io.StringIO()
-    csv.writer(buf, lineterminator="").writerow(cells)
-    return buf.getvalue()
-
-
 # --------------------------------------------------------------------------- pipeline pieces
+# (built here on the launcher; the DoFns they wrap run on the workers)
 
-def _read_images(p: beam.Pipeline, uris_file: str, cfg: BackboneConfig, known_file: str | None,
+def _read_images(p: beam.Pipeline, uris_file: str, pre: Preprocess, known_file: str | None,
                  threads: int) -> beam.pvalue.DoOutputsTuple:
     """URIs file -> DecodeImages outputs (main, "cached", "failed")."""
     return (
@@ -232,7 +115,7 @@ def _read_images(p: beam.Pipeline, uris_file: str, cfg: BackboneConfig, known_fi
         | "ParseURIs" >> beam.Map(json.loads)
         | "Spread" >> beam.Reshuffle()  # a small file is one split: spread the work over workers
         | "DecodeBatches" >> beam.BatchElements(min_batch_size=8, max_batch_size=64)
-        | "Decode" >> beam.ParDo(DecodeImages(cfg, known_file, threads)).with_outputs("cached", "failed",
+        | "Decode" >> beam.ParDo(DecodeImages(pre, known_file, threads)).with_outputs("cached", "failed",
                                                                                    main="pixels")
     )
 
@@ -240,7 +123,7 @@ def _read_images(p: beam.Pipeline, uris_file: str, cfg: BackboneConfig, known_fi
 def _write_dead_letter(failed: beam.PCollection, prefix: str, label: str = "DeadLetter") -> None:
     """(uri, reason) -> PREFIX-SSSSS-of-NNNNN.csv with a header in each shard."""
     _ = (failed
-         | f"{label}CSV" >> beam.Map(_csv_line)
+         | f"{label}CSV" >> beam.Map(csv_line)
          | f"Write{label}" >> beam.io.WriteToText(prefix, ".csv", header=DEAD_LETTER_HEADER))
 
 
@@ -322,41 +205,29 @@ class _WorkDir:
             _LOG.warning("could not delete %s: %s", self.uri, e)
 
 
-def _matching(pattern: str) -> list[str]:
-    (match,) = FileSystems.match([pattern])
-    return sorted(m.path for m in match.metadata_list)
-
-
-def _read_lines(pattern: str, header: bool = False) -> Iterator[str]:
-    """The lines of every file matching `pattern` (local or remote), less each file's header."""
-    for path in _matching(pattern):
-        with FileSystems.open(path) as f:
-            lines = io.TextIOWrapper(f, encoding="utf-8", newline="")
-            if header:
-                next(lines, None)
-            for raw in lines:
-                if raw := raw.rstrip("\r\n"):
-                    yield raw
-
-
 def _read_dead_letter(prefix: str) -> list[tuple[str, str]]:
-    return [(uri, reason) for uri, reason in csv.reader(_read_lines(f"{prefix}-*.csv", header=True))]
+    return [(uri, reason) for uri, reason in csv.reader(read_lines(f"{prefix}-*.csv", header=True))]
 
 
 def _copy_into_cache(pattern: str, cache: EmbeddingCache) -> int:
-    """Shards written by the workers -> the cache folder, each atomically (temp + rename)."""
+    """Shards written by the workers -> rows added to the cache; returns how many were read.
+
+    Written by the cache's own ShardWriter, as the local path writes them:
+    under the cache's lock, less any key another run stored meanwhile, each
+    shard whole and renamed into place, named shard_name("beam").
+    """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    copied = 0
-    with cache.lock():  # as local writers do: concurrent runs never interleave shard writes
-        for src in _matching(pattern):
+    rows = 0
+    with cache.writer(tag="beam") as writer:
+        for src in matching(pattern):
             with FileSystems.open(src) as f:
-                data = f.read()  # at most 512 rows: a few MB
-            if pq.read_metadata(pa.BufferReader(data)).num_rows:  # Beam writes an empty one if nothing is new
-                atomic_write_bytes(cache.dir / shard_name("beam"), data)
-                copied += 1
-    return copied
+                table = pq.read_table(pa.BufferReader(f.read()))
+            if table.num_rows:  # Beam writes an empty file if nothing is new
+                writer.add(*table_rows(table, cache.feature_dim))
+                rows += table.num_rows
+    return rows
 
 
 def _counters(result: PipelineResult) -> dict[str, int]:
@@ -373,7 +244,7 @@ def _counters(result: PipelineResult) -> dict[str, int]:
 def _add_embed_steps(p: beam.Pipeline, work: _WorkDir, cfg: BackboneConfig, known_file: str | None, model_uri: str,
                      ours: PetalOptions) -> None:
     """URIs in WORK -> WORK/embeddings/part-*.parquet, WORK/index-*.jsonl, WORK/dead-letter-*.csv."""
-    images = _read_images(p, work.path("uris.jsonl"), cfg, known_file, ours.decode_threads)
+    images = _read_images(p, work.path("uris.jsonl"), cfg.preprocess, known_file, ours.decode_threads)
     handler = PetalOnnxHandler(model_uri, "features", ours.inference_batch_size, ours.ort_threads)
     kept = (
         images.pixels
@@ -385,7 +256,7 @@ def _add_embed_steps(p: beam.Pipeline, work: _WorkDir, cfg: BackboneConfig, know
     _ = (
         kept.rows
         | "ShardRows" >> beam.BatchElements(min_batch_size=64, max_batch_size=512)  # rows per shard
-        | "ToArrow" >> beam.Map(_to_table, cfg.feature_dim)
+        | "ToArrow" >> beam.Map(rows_to_table, cfg.feature_dim)
         | "WriteShards" >> beam.io.WriteToParquetBatched(work.path("embeddings/part"),
                                                          schema=arrow_schema(cfg.feature_dim),
                                                          file_name_suffix=".parquet")
@@ -406,7 +277,7 @@ def _collect_embed(work: _WorkDir, uris: list[str], cache: EmbeddingCache) -> Em
     _copy_into_cache(work.path("embeddings/part*.parquet"), cache)
     result = EmbedResult()
     found, status = {}, Counter()
-    for line in _read_lines(work.path("index*.jsonl")):
+    for line in read_lines(work.path("index*.jsonl")):
         uri, key, what = json.loads(line)  # what: "embedded" or "cached"
         found[uri] = key
         status[what] += 1
@@ -417,12 +288,13 @@ def _collect_embed(work: _WorkDir, uris: list[str], cache: EmbeddingCache) -> Em
     return result
 
 
-def beam_embed(ds: Dataset, backbone: str, cache_dir: Path | None, pipeline_args: list[str]
-               ) -> tuple[EmbedResult, EmbeddingCache]:
+def beam_embed(ds: Dataset, backbone: str, cache_dir: Path | None, pipeline_args: list[str], *,
+               pipeline: beam.Pipeline | None = None) -> tuple[EmbedResult, EmbeddingCache]:
     """`petal embed --runner beam`: embed every image of `ds` not cached yet, on Beam.
 
     Returns what the local `petal.embed.embed` returns, with the same counts;
-    the new shards are in the cache folder when it returns.
+    the new shards are in the cache folder when it returns. `pipeline` (e.g. a
+    TestPipeline) replaces the one built from `pipeline_args`.
     """
     from petal.onnx_graphs import backbone_onnx_path
 
@@ -440,16 +312,14 @@ def beam_embed(ds: Dataset, backbone: str, cache_dir: Path | None, pipeline_args
         work.write_lines("uris.jsonl", map(json.dumps, uris))
         known_file = work.write_lines("known.txt", known) if known else None
         model_uri = work.stage(model_file, "backbone.onnx")
-        p = _pipeline(options)
+        p = pipeline if pipeline is not None else _pipeline(options)
         _add_embed_steps(p, work, cfg, known_file, model_uri, options.view_as(PetalOptions))
         _run(p)
         result = _collect_embed(work, uris, cache)
     finally:
         work.delete()
     result.seconds = time.perf_counter() - start
-    if uris and not result.keys:  # as petal.workflow.embed_dataset
-        raise NothingUsableError(f"none of the {len(uris)} images could be read; first error: "
-                                 f"{result.failed[0][0]}: {result.failed[0][1]}")
+    require_usable(result, len(uris))  # as petal.workflow.embed_dataset
     return result, cache
 
 
@@ -464,7 +334,7 @@ def _output_kind(prefix: str) -> tuple[str, str]:
 def _add_predict_steps(p: beam.Pipeline, work: _WorkDir, model: Model, model_uri: str, top_k: int, prefix: str,
                        kind: str, dead_letter: str, ours: PetalOptions) -> None:
     """URIs in WORK -> PREFIX-SSSSS-of-NNNNN.csv|.jsonl, and the dead letter."""
-    images = _read_images(p, work.path("uris.jsonl"), model.config, None, ours.decode_threads)
+    images = _read_images(p, work.path("uris.jsonl"), model.preprocess, None, ours.decode_threads)
     handler = PetalOnnxHandler(model_uri, "probabilities", ours.inference_batch_size, ours.ort_threads)
     _ = (
         images.pixels
@@ -477,11 +347,12 @@ def _add_predict_steps(p: beam.Pipeline, work: _WorkDir, model: Model, model_uri
 
 
 def beam_predict(model_dir: Path, uris: list[str], output_prefix: str, pipeline_args: list[str],
-                 top_k: int = 5) -> dict:
+                 top_k: int = 5, *, pipeline: beam.Pipeline | None = None) -> dict:
     """`petal predict --runner beam`: predictions into sharded PREFIX-SSSSS-of-NNNNN.csv|.jsonl.
 
     Rows are those `petal predict --output x.csv|x.jsonl` writes (each CSV shard
     has the header); unreadable images go to the dead-letter CSV instead.
+    `pipeline` (e.g. a TestPipeline) replaces the one built from `pipeline_args`.
     """
     start = time.perf_counter()
     model = Model(model_dir)  # checks the bundle; labels and preprocessing come from it
@@ -496,7 +367,7 @@ def beam_predict(model_dir: Path, uris: list[str], output_prefix: str, pipeline_
     try:
         work.write_lines("uris.jsonl", map(json.dumps, uris))
         model_uri = work.stage(model.path / "model.onnx", "model.onnx")
-        p = _pipeline(options)
+        p = pipeline if pipeline is not None else _pipeline(options)
         _add_predict_steps(p, work, model, model_uri, top_k, prefix, kind, dead_letter, ours)
         counts = _counters(_run(p))
     finally:
@@ -512,3 +383,52 @@ def beam_predict(model_dir: Path, uris: list[str], output_prefix: str, pipeline_
         "output": f"{prefix}-*-of-*{kind}",
         "dead_letter": f"{dead_letter}-*-of-*.csv",
     }
+
+
+# --------------------------------------------------------------------------- entry point, as in Beam's examples
+
+def _job_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    """argv -> (the job and its arguments, everything else: Beam's and petal's pipeline options)."""
+    # allow_abbrev=False: an unknown --option is Beam's, never an abbreviation of ours
+    parser = argparse.ArgumentParser(prog="python -m petal.beam.jobs", allow_abbrev=False,
+                                     description="petal's Beam jobs; options after the job's own go to Beam.")
+    jobs = parser.add_subparsers(dest="job", required=True)
+    embed = jobs.add_parser("embed", allow_abbrev=False, help="Embed the images of DATA not cached yet.")
+    embed.add_argument("data", help="Folder of class folders, or CSV of uri,label rows.")
+    embed.add_argument("--labels", default=None, help="dict.txt for a CSV.")
+    embed.add_argument("--backbone", default=DEFAULT_BACKBONE)
+    embed.add_argument("--cache", type=Path, default=None,
+                       help="Embedding cache [default: $PETAL_CACHE_DIR, else the user cache folder].")
+    predict = jobs.add_parser("predict", allow_abbrev=False, help="Batch prediction into sharded files.")
+    predict.add_argument("model", type=Path, help="Exported model folder (RUN/model).")
+    predict.add_argument("inputs", nargs="+", help="Image files, folders, CSVs or globs.")
+    predict.add_argument("--output", required=True, help="Sharded output prefix; ends in .jsonl for JSON lines.")
+    predict.add_argument("--top_k", "--top-k", type=int, default=5)
+    return parser.parse_known_args(argv)
+
+
+def run(argv: list[str] | None = None, test_pipeline: beam.Pipeline | None = None) -> dict:
+    """`embed DATA [options]` or `predict MODEL INPUT... --output PREFIX [options]`, on Beam.
+
+    Returns the job's summary: `EmbedResult.summary()`, or beam_predict's.
+    `test_pipeline` (a TestPipeline) runs the job instead of a pipeline built
+    from argv; petal's options (--work_dir, ...) still come from argv.
+    """
+    from petal.data import expand_inputs, load_dataset
+
+    args, pipeline_args = _job_args(argv)
+    if args.job == "embed":
+        ds = load_dataset(args.data, labels_file=args.labels, eval_percent=0.0, require_train=False)
+        result, _ = beam_embed(ds, args.backbone, args.cache, pipeline_args, pipeline=test_pipeline)
+        return result.summary()
+    uris, problems = expand_inputs(args.inputs)
+    for problem in problems:
+        _LOG.warning("%s", problem)
+    if not uris:
+        raise PetalError("predict: no input images")
+    return beam_predict(args.model, uris, args.output, pipeline_args, top_k=args.top_k, pipeline=test_pipeline)
+
+
+if __name__ == "__main__":
+    logging.getLogger().setLevel(logging.INFO)  # as Beam's examples: show the runner's progress
+    print(json.dumps(run()))
