@@ -141,19 +141,21 @@ def test_predict_matches_local(suffix, args, model_dir, images, tmp_path):
 
     if suffix == ".csv":
         def parse(rows):
-            return {r["uri"]: (r["label"], float(r["score"]), json.loads(r["top"])) for r in rows}
+            return {r["uri"]: (r["label"], float(r["score"]), json.loads(r["top"]), r["unknown"] == "true",
+                               float(r["ood_score"])) for r in rows}
         want = parse(read_csv_shards(tmp_path, local_file.name))
         got = parse(read_csv_shards(tmp_path / "beam", "preds-*-of-*.csv"))
     else:
         def parse(lines):
-            return {d["uri"]: (d["label"], d["score"], {t["label"]: t["score"] for t in d["top"]})
-                    for d in map(json.loads, lines)}
+            return {d["uri"]: (d["label"], d["score"], {t["label"]: t["score"] for t in d["top"]}, d["unknown"],
+                               d["ood_score"]) for d in map(json.loads, lines)}
         want = parse(local_file.read_text().splitlines())
         got = parse(line for f in sorted((tmp_path / "beam").glob("preds-*-of-*.jsonl"))
                     for line in f.read_text().splitlines())
     assert got.keys() == want.keys() and len(got) == n
-    for uri, (label, score, top) in want.items():
-        assert got[uri][0] == label
+    for uri, (label, score, top, unknown, ood) in want.items():
+        assert got[uri][0] == label and got[uri][3] == unknown  # the unknown answer, as local
+        assert got[uri][4] == pytest.approx(ood, abs=1e-4)
         assert got[uri][1] == pytest.approx(score, abs=1e-5)
         assert list(got[uri][2]) == list(top)  # same labels, same order
         assert list(got[uri][2].values()) == pytest.approx(list(top.values()), abs=1e-5)

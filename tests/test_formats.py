@@ -79,7 +79,8 @@ def test_bundle_info_round_trips_and_has_places_for_later_stages(model_dir):
     info = load(model_dir).info
     d = info.to_dict()
     assert list(d)[0] == "format" and d["format"] == 2
-    assert {"calibration", "unknown", "quantization"} <= set(d) and d["calibration"] is None
+    assert {"calibration", "unknown", "quantization"} <= set(d) and d["quantization"] is None
+    assert d["calibration"]["method"] == "temperature" and d["unknown"]["threshold"] == info.unknown["threshold"]
     assert "weights_package" not in json.dumps(d)  # the serving contract names no pip package
     assert BundleInfo.from_dict(json.loads(json.dumps(d))) == info
 
@@ -122,7 +123,8 @@ def test_predictions_rank_and_rows_agree():
     p = prediction(labels, "x.jpg", probs, top_k=2)
     assert (p.label, p.label_id, [k for k, _ in p.top]) == ("b", 1, ["b", "c"])
     row = prediction_row((True, 7), p)
-    assert row == {"key": 7, "prediction": 1, "label": "b", "scores": pytest.approx([0.2, 0.5, 0.3])}
+    assert row == {"key": 7, "prediction": 1, "label": "b", "scores": pytest.approx([0.2, 0.5, 0.3]),
+                   "unknown": False, "ood_score": None}
     tie = prediction(labels, "t.jpg", np.array([0.4, 0.4, 0.2]), top_k=1)
     assert tie.label == "a"  # ties go to the lower id, every time
 

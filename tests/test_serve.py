@@ -160,6 +160,23 @@ def test_predict_matches_the_local_model(url, images, local):
     assert [r["label"] for r in rows] == [p.parent.name for p in images]  # and the model is right
 
 
+def test_served_predictions_say_unknown_and_the_flag_turns_it_off(url, images, local, tmp_path):
+    from petal.synthetic import foreign_photos
+
+    cat = foreign_photos(tmp_path, ("chelsea",))[0]
+    files = [str(images[0]), cat]
+    body = {"instances": [{"image_bytes": {"b64": b64(Path(f).read_bytes())}, "key": i} for i, f in enumerate(files)]}
+    rows = predict(url, body).json()["predictions"]
+    want = local.predict(files)
+    assert [r["unknown"] for r in rows] == [p.unknown for p in want] == [False, True]
+    np.testing.assert_allclose([r["ood_score"] for r in rows], [p.ood_score for p in want], atol=1e-4)
+    off = httpx.post(f"{url}/v1/models/shapes:predict?unknown=false", content=json.dumps(body), timeout=60)
+    assert [r["unknown"] for r in off.json()["predictions"]] == [False, False]
+    with open(cat, "rb") as f:
+        up = httpx.post(f"{url}/v1/models/shapes:upload", files=[("file", ("cat.png", f, "image/png"))], timeout=60)
+    assert up.json()["predictions"][0]["unknown"] is True
+
+
 def test_a_bad_instance_gets_an_error_in_its_slot(url, images, local):
     good = images[0].read_bytes()
     instances = [

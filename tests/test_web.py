@@ -91,6 +91,16 @@ def test_page_predicts_chosen_and_dropped_images_offline(browser, model_dir, dat
                                "!document.querySelector('#results .pending')", timeout=60_000)
         dropped = cards(page)[0]  # the newest batch comes first
         assert dropped["name"] == "dropped.png" and dropped["bars"][0][0] == images[0].parent.name
+        assert page.eval_on_selector_all("#results .unknown", "els => els.length") == 0
+
+        # a photo of none of the classes: "not one of: ..." above the nearest classes
+        from petal.synthetic import foreign_photos
+
+        page.set_input_files("#files", foreign_photos(tmp_path, ("chelsea",)))
+        page.wait_for_function("document.querySelectorAll('#results .card').length === 6 && "
+                               "!document.querySelector('#results .pending')", timeout=60_000)
+        note = page.eval_on_selector("#results .card .unknown", "e => e.textContent")
+        assert note.startswith("not one of: " + ", ".join(local.labels)) and "(nearest: " in note
 
         # everything came from this server (or the page's own blob: images): it works offline
         assert requested and all(u.startswith((url, "blob:")) for u in requested), requested

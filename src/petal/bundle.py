@@ -36,12 +36,13 @@ import numpy as np
 from petal.errors import PetalError
 from petal.images import DEFAULT_MAX_PIXELS, load_pixels
 from petal.loader import batches, iter_items
-from petal.predictions import Prediction, prediction
+from petal.predictions import Prediction, Scores, scored_prediction
 from petal.preprocess import Preprocess
 from petal.storage import atomic_dir
 
 BUNDLE_FORMAT = 2
-INPUT, OUTPUT = "images", "probabilities"  # the graph's input and output names
+INPUT = "images"  # the graph's input: uint8 (N, S, S, 3)
+OUTPUTS = ("probabilities", "ood_score", "unknown")  # (N, C); (N,) and (N,) bool where unknown detection is in
 
 
 def versions() -> dict:
@@ -80,7 +81,7 @@ class BundleInfo:
         d.update(format=self.format, preprocess=self.preprocess.to_dict(),
                  input={"name": INPUT, "dtype": "uint8", "shape": ["batch", s, s, 3],
                         "layout": "NHWC RGB, resized and center-cropped as 'preprocess' says"},
-                 output={"name": OUTPUT, "shape": ["batch", len(self.labels)]})
+                 output={"name": OUTPUTS[0], "shape": ["batch", len(self.labels)]})
         return {"format": d.pop("format"), **d}
 
     @classmethod
@@ -152,18 +153,23 @@ def damaged(path: Path, e: Exception) -> PetalError:
 
 
 class Model:
-    """An exported bundle, ready to predict."""
+    """An exported bundle, ready to predict. `reject_unknown=False` never calls an image
+    unknown (its ood_score is still reported)."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = True) -> None:
+    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = True,
+                 reject_unknown: bool = True) -> None:
         from petal.runtime import make_session
 
         self.path = Path(path)
+        self.reject_unknown = reject_unknown
         self.info = read_info(self.path)
         try:
             self.labels: list[str] = (self.path / "labels.txt").read_text(encoding="utf-8").splitlines()
             self.session = make_session(self.path / "model.onnx", threads, spin)
         except Exception as e:  # noqa: BLE001 - OS and ONNX Runtime errors alike
             raise damaged(self.path, e) from e
+        names = {o.name for o in self.session.get_outputs()}
+        self.outputs = [n for n in OUTPUTS if n in names]  # bundles before format 2 have probabilities only
         outputs = self.session.get_outputs()[0].shape[-1]
         if isinstance(outputs, int) and outputs != len(self.labels):
             raise PetalError(f"model: {self.path} is a damaged bundle: labels.txt has {len(self.labels)} "
@@ -177,30 +183,35 @@ class Model:
     def preprocess(self) -> Preprocess:
         return self.info.preprocess
 
+    def scores(self, pixels: np.ndarray, batch_size: int = 32) -> Scores:
+        """(N, S, S, 3) uint8 -> Scores: probabilities, and ood_score/unknown if the bundle has them."""
+        parts = [Scores(*self.session.run(self.outputs, {INPUT: pixels[i:i + batch_size]}))
+                 for i in range(0, len(pixels), batch_size)]
+        return Scores.concat(parts, len(self.labels))
+
     def predict_pixels(self, pixels: np.ndarray, batch_size: int = 32) -> np.ndarray:
         """(N, S, S, 3) uint8 -> (N, C) probabilities."""
-        out = [self.session.run([OUTPUT], {INPUT: pixels[i:i + batch_size]})[0]
-               for i in range(0, len(pixels), batch_size)]
-        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), np.float32)
+        return self.scores(pixels, batch_size).probabilities
 
     def pixels_from_bytes(self, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
         return load_pixels(data, self.preprocess, max_pixels)
 
-    def prediction(self, uri: str, probs: np.ndarray, top_k: int = 5) -> Prediction:
-        return prediction(self.labels, uri, probs, top_k)
+    def prediction(self, uri: str, scores: Scores, top_k: int = 5) -> Prediction:
+        """One image's Scores (`scores(...)[i]`) -> its Prediction."""
+        return scored_prediction(self.labels, uri, scores, top_k, self.reject_unknown)
 
     def iter_predict(self, uris: Iterable[str], top_k: int = 5, batch_size: int = 32,
                      workers: int | None = None) -> Iterator[Prediction]:
         """Predictions in input order; unreadable images come back with `.error` set."""
         for batch in batches(iter_items(uris, self.preprocess, workers=workers), batch_size):
             good = [it for it in batch if it.error is None]
-            probs = self.predict_pixels(np.stack([it.pixels for it in good])) if good else []
-            by_uri = dict(zip((id(it) for it in good), probs))
+            scores = self.scores(np.stack([it.pixels for it in good])) if good else None
+            row = {id(it): i for i, it in enumerate(good)}
             for it in batch:
                 if it.error is not None:
                     yield Prediction(it.uri, error=it.error)
                 else:
-                    yield self.prediction(it.uri, by_uri[id(it)], top_k)
+                    yield self.prediction(it.uri, scores[row[id(it)]], top_k)
 
     def predict(self, uris: Iterable[str], top_k: int = 5, **kw: Any) -> list[Prediction]:
         if isinstance(uris, str | Path):
@@ -208,6 +219,6 @@ class Model:
         return list(self.iter_predict([str(u) for u in uris], top_k, **kw))
 
 
-def load(path: str | Path) -> Model:
+def load(path: str | Path, reject_unknown: bool = True) -> Model:
     """Load an exported bundle folder (e.g. `runs/flowers/model`)."""
-    return Model(path)
+    return Model(path, reject_unknown=reject_unknown)

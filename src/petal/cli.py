@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -37,6 +38,7 @@ from petal.finetune.config import FinetuneConfig
 from petal.head import HeadClassifier
 from petal.progress import Reporter
 from petal.storage import atomic_write_csv, check_output
+from petal.unknown import DEFAULT_KEEP
 
 HEAD = HeadClassifier()  # the defaults of the head options
 FTC = FinetuneConfig()  # the defaults of the fine-tuning options
@@ -109,6 +111,43 @@ def print_metrics(metrics: dict) -> None:
                                                       if "num_train" in metrics else ""))
 
 
+def print_trust(metrics: dict) -> None:
+    """Calibration and unknown-detection figures, where the metrics have them."""
+    parts = []
+    if metrics.get("ece") is not None:
+        parts.append(f"calibration error (ECE) {metrics['ece']:.3f}"
+                     + (f" (uncalibrated {metrics['ece_uncalibrated']:.3f})" if "ece_uncalibrated" in metrics else ""))
+    u = metrics.get("unknown") or {}
+    kept = u.get("kept", u.get("kept_eval"))
+    if kept is not None and u.get("accuracy_kept") is not None:
+        parts.append(f"kept as known {kept:.1%}, accuracy on those {u['accuracy_kept']:.4f}")
+    d = metrics.get("unknown_data")
+    if d:
+        parts.append(f"unknown images rejected {d['rejected_unknown']:.1%} (AUROC {d['auroc']:.3f})")
+    if parts:
+        out.print("   ".join(parts))
+
+
+def print_predictions(preds) -> tuple[bool, list[tuple[str, str]]]:
+    """A table of predictions as they come; returns (any predicted, [(uri, reason) failed])."""
+    t = Table()
+    t.add_column("image", overflow="fold")  # a path is never cut short
+    t.add_column("label")
+    t.add_column("score", justify="right")
+    t.add_column("runners-up")
+    ok, failed = False, []
+    for p in preds:
+        if p.error:
+            failed.append((p.uri, p.error))
+            t.add_row(p.uri, "[red]error", "", p.error)
+            continue
+        ok = True
+        label = f"[yellow]unknown[/] (nearest: {escape(p.label)} {p.score:.2f})" if p.unknown else escape(p.label)
+        t.add_row(p.uri, label, f"{p.score:.3f}", ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]))
+    out.print(t)
+    return ok, failed
+
+
 def print_failures(failed: list[tuple[str, str]], limit: int = 20) -> None:
     for uri, reason in failed[:limit]:
         err.print(f"skipped {uri}: {reason}", style="yellow", markup=False)
@@ -164,11 +203,15 @@ def train(
     class_weight: Annotated[Optional[str], typer.Option(help="'balanced' for imbalanced data.")] = None,
     seed: int = HEAD.seed,
     workers: Workers = None,
+    keep: Annotated[float, typer.Option(help=(
+        "Share of known images the 'unknown' threshold keeps; the rest of the threshold's "
+        "side is rejected as unknown."))] = DEFAULT_KEEP,
     export: Export = True,
     overwrite: Overwrite = False,
 ) -> None:
-    """Embed, train a head, evaluate and export: a folder of labeled images in, a model out.
-    (To train backbone layers too: `petal finetune`.)"""
+    """Embed, train a head, calibrate it, evaluate and export: a folder of labeled images in,
+    a model out that says "unknown" for images unlike every class. (To train backbone layers
+    too: `petal finetune`.)"""
     from petal.workflow import train as run_train
 
     head = HeadClassifier(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -176,12 +219,13 @@ def train(
                           class_weight=class_weight, seed=seed)
     r = run_train(data, out_dir, labels_file=labels, eval_data=eval_data, eval_percent=eval_percent,
                   backbone=backbone, cache_dir=cache, head=head, workers=workers, export=export,
-                  overwrite=overwrite, reporter=RichReporter())
+                  overwrite=overwrite, keep=keep, reporter=RichReporter())
     e = r.embed
     out.print(f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed"
               + (f" (see {r.run_dir / 'errors.csv'})" if e["failed"] or e["skipped"] else ""))
     if r.metrics.get("accuracy") is not None:
         print_metrics(r.metrics)
+        print_trust(r.metrics)
     if r.model_dir:
         out.print(f"model: {r.model_dir}")
 
@@ -315,12 +359,18 @@ def evaluate(
     data: Annotated[str, typer.Argument(help="Labeled folder or CSV.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("petal-eval"),
     labels: Optional[Path] = None,
+    unknown_data: Annotated[Optional[str], typer.Option("--unknown", help=(
+        "Images of none of the classes (folder, CSV or glob): how well they are told apart "
+        "(unknown.json, coverage.png)."))] = None,
+    unknown: Annotated[bool, typer.Option(help="--no-unknown: never call an image unknown.")] = True,
 ) -> None:
     """Evaluate an exported model on labeled data: metrics.json, confusion matrix, misclassified.csv."""
     from petal.workflow import evaluate_model
 
-    metrics = evaluate_model(model, data, out_dir, labels_file=labels, reporter=RichReporter())
+    metrics = evaluate_model(model, data, out_dir, labels_file=labels, unknown_data=unknown_data,
+                             reject_unknown=unknown, reporter=RichReporter())
     print_metrics(metrics)
+    print_trust(metrics)
     out.print(f"report: {out_dir}")
 
 
@@ -349,6 +399,8 @@ def predict(
     runner: Annotated[str, typer.Option(help=RUNNER_HELP)] = "local",
     errors: Annotated[Optional[Path], typer.Option(help="Write images that failed (uri, reason) to this CSV.")
                       ] = None,
+    unknown: Annotated[bool, typer.Option(help=(
+        "Call an image unlike every class 'unknown'; --no-unknown always names the nearest class."))] = True,
 ) -> None:
     """Predict labels for images with an exported model (or a served one, with --url)."""
     from petal.data import expand_inputs
@@ -372,37 +424,24 @@ def predict(
 
         if output is None:
             raise PetalError("output: --runner beam needs --output PREFIX (e.g. gs://bucket/preds)")
-        summary = beam_predict(Path(model), uris, output, ctx.args, top_k=top_k)
+        summary = beam_predict(Path(model), uris, output, ctx.args, top_k=top_k, reject_unknown=unknown)
         print(json.dumps(summary))
         return
     if url:
         from petal.client import RemoteModel
 
-        preds = RemoteModel(url).iter_predict(uris, top_k=top_k)
+        preds = RemoteModel(url, reject_unknown=unknown).iter_predict(uris, top_k=top_k)
     else:
         from petal.bundle import load
 
-        preds = load(model).iter_predict(uris, top_k=top_k, workers=workers)
+        preds = load(model, reject_unknown=unknown).iter_predict(uris, top_k=top_k, workers=workers)
     if output:
         n, failed = write_predictions(Path(output), preds)
         out.print(f"{n} predictions written to {output}, {len(failed)} failed")
         print_failures(failed)
         ok = n > 0
     else:
-        t = Table()
-        t.add_column("image", overflow="fold")  # a path is never cut short
-        t.add_column("label")
-        t.add_column("score", justify="right")
-        t.add_column("runners-up")
-        ok, failed = False, []
-        for p in preds:
-            if p.error:
-                failed.append((p.uri, p.error))
-                t.add_row(p.uri, "[red]error", "", p.error)
-            else:
-                ok = True
-                t.add_row(p.uri, p.label, f"{p.score:.3f}", ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]))
-        out.print(t)
+        ok, failed = print_predictions(preds)
     if errors:
         atomic_write_csv(errors, ["uri", "reason"], failed)
     if not ok:

@@ -30,7 +30,8 @@ _MODEL_URL = re.compile(r"^(?P<root>.*?)/v1/models/(?P<name>[^/:]+)(?::predict)?
 
 class RemoteModel:
     def __init__(self, url: str, api_key: str | None = None, batch_size: int = 16,
-                 max_request_bytes: int = 8 * 1024 * 1024, timeout: float = 120.0) -> None:
+                 max_request_bytes: int = 8 * 1024 * 1024, timeout: float = 120.0,
+                 reject_unknown: bool = True) -> None:
         try:
             import httpx
         except ImportError:
@@ -41,7 +42,7 @@ class RemoteModel:
         self.batch_size = batch_size
         self.max_request_bytes = max_request_bytes
         self.root, self.name = self._resolve(url.strip())
-        self.predict_url = f"{self.root}/v1/models/{self.name}:predict"
+        self.predict_url = f"{self.root}/v1/models/{self.name}:predict" + ("" if reject_unknown else "?unknown=false")
         self._labels: list[str] | None = None
 
     def _resolve(self, url: str) -> tuple[str, str]:
@@ -152,4 +153,6 @@ def prediction_from_row(uri: str, row: object, labels: list[str], top_k: int) ->
     probs = np.asarray(row["scores"], dtype=np.float32)
     if len(probs) != len(labels):
         return Prediction(uri, error=f"server: expected {len(labels)} scores, got {len(probs)}")
-    return prediction(labels, uri, probs, top_k)
+    p = prediction(labels, uri, probs, top_k)
+    p.unknown, p.ood_score = bool(row.get("unknown", False)), row.get("ood_score")
+    return p

@@ -18,15 +18,18 @@ from petal.backbones import BackboneConfig
 from petal.bundle import BundleInfo, Model, write_bundle
 from petal.errors import PetalError
 from petal.loader import iter_items
+from petal.predictions import Scores
 
 if TYPE_CHECKING:
     import onnx
 
     from petal.head import HeadClassifier
+    from petal.unknown import KnnUnknown
 
 PARITY_ATOL = 1e-4
 
-Reference = Callable[[np.ndarray], np.ndarray]  # (N, S, S, 3) uint8 -> (N, C) probabilities
+OOD_ATOL = 1e-3  # ood scores are in standard deviations of known images; float32 sums differ by ~1e-5
+Reference = Callable[[np.ndarray], Scores]  # (N, S, S, 3) uint8 -> probabilities (and ood scores)
 
 
 def export_graph(
@@ -40,16 +43,19 @@ def export_graph(
     training: dict,
     metrics: dict | None = None,
     name: str | None = None,
+    calibration: dict | None = None,
+    unknown: dict | None = None,
     atol: float = PARITY_ATOL,
 ) -> Path:
-    """Write `graph` (an onnx ModelProto, uint8 images -> probabilities) as a bundle at `out`.
+    """Write `graph` (an onnx ModelProto, uint8 images -> probabilities, and ood_score and
+    unknown when `unknown` describes them) as a bundle at `out`.
 
     `reference` is the trained model as trained; the bundle must agree with it on
     `parity_uris`, or nothing is written. `training` says how it was trained
-    ({"kind": "head"|"finetune", ...}).
+    ({"kind": "head"|"finetune", ...}); `calibration` and `unknown` go into petal.json.
     """
     info = BundleInfo(name=name or Path(out).parent.name, backbone=cfg.identity(), preprocess=cfg.preprocess,
-                      labels=classes, training=training,
+                      labels=classes, training=training, calibration=calibration, unknown=unknown,
                       metrics={k: v for k, v in (metrics or {}).items() if k != "confusion_matrix"})
     return write_bundle(out, graph.SerializeToString(), info,
                         check=lambda model: check_parity(model, reference, parity_uris, atol=atol))
@@ -65,21 +71,31 @@ def export_bundle(
     parity_uris: list[str],
     metrics: dict | None = None,
     name: str | None = None,
+    unknown: KnnUnknown | None = None,
     atol: float = PARITY_ATOL,
 ) -> Path:
-    """The head-on-embeddings bundle: the cached backbone graph merged with the head."""
+    """The head-on-embeddings bundle: the cached backbone graph merged with the head (its
+    temperature included) and, with `unknown`, the unknown detector."""
     from petal.onnx_graphs import backbone_onnx_path, bundle_graph
     from petal.runtime import make_session
 
     backbone_path = backbone_onnx_path(cfg, cache_dir)
     backbone = make_session(backbone_path)
 
-    def reference(pixels: np.ndarray) -> np.ndarray:  # the backbone graph, then the torch head
-        return head.predict_proba(backbone.run(["features"], {"images": pixels})[0])
+    def reference(pixels: np.ndarray) -> Scores:  # the backbone graph, then the torch head and numpy kNN
+        features = backbone.run(["features"], {"images": pixels})[0]
+        probs = head.predict_proba(features)
+        if unknown is None:
+            return Scores(probs)
+        ood = unknown.score(features, probs)
+        return Scores(probs, ood, ood > unknown.threshold)
 
-    return export_graph(out, graph=bundle_graph(backbone_path, head.to_onnx()), cfg=cfg, classes=classes,
+    calibration = {"method": "temperature", "temperature": head.temperature_,
+                   "fitted_on": "out-of-fold logits of the training split"}
+    return export_graph(out, graph=bundle_graph(backbone_path, head.to_onnx(unknown)), cfg=cfg, classes=classes,
                         reference=reference, parity_uris=parity_uris, metrics=metrics, name=name,
-                        training={"kind": "head", "head": head.get_params()}, atol=atol)
+                        training={"kind": "head", "head": head.get_params()}, calibration=calibration,
+                        unknown=unknown.to_dict() if unknown else None, atol=atol)
 
 
 def check_parity(model: Model, reference: Reference, uris: list[str], atol: float = PARITY_ATOL,
@@ -91,13 +107,21 @@ def check_parity(model: Model, reference: Reference, uris: list[str], atol: floa
     if not items:
         return {"checked": 0, "max_abs_diff": 0.0}
     pixels = np.stack([it.pixels for it in items])  # (N, S, S, 3) uint8
-    expected = np.concatenate([reference(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
-    got = model.predict_pixels(pixels)
-    diff = float(np.abs(got - expected).max())
-    mismatched = int((got.argmax(1) != expected.argmax(1)).sum())
-    if mismatched or diff > atol:
+    expected = Scores.concat([reference(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)],
+                             len(model.labels))
+    got = model.scores(pixels)
+    diff = float(np.abs(got.probabilities - expected.probabilities).max())
+    mismatched = int((got.probabilities.argmax(1) != expected.probabilities.argmax(1)).sum())
+    ood_diff = 0.0
+    if (got.ood_score is None) != (expected.ood_score is None):
+        raise PetalError("export parity check failed: the bundle and the trained model disagree on whether "
+                         "there is an unknown detector; the bundle was not written")
+    if got.ood_score is not None:
+        ood_diff = float(np.abs(got.ood_score - expected.ood_score).max())
+    if mismatched or diff > atol or ood_diff > OOD_ATOL:
         raise PetalError(
             f"export parity check failed on {len(items)} eval images: {mismatched} top-1 mismatches, "
-            f"max probability difference {diff:.2e} (allowed {atol:.0e}); the bundle was not written"
+            f"max probability difference {diff:.2e} (allowed {atol:.0e}), max ood_score difference "
+            f"{ood_diff:.2e} (allowed {OOD_ATOL:.0e}); the bundle was not written"
         )
-    return {"checked": len(items), "max_abs_diff": diff}
+    return {"checked": len(items), "max_abs_diff": diff, "max_ood_diff": ood_diff}

@@ -10,7 +10,7 @@ flowers head); `hidden=0` is a linear head. Deterministic for a fixed seed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -21,6 +21,8 @@ from petal.params import Int, OneOf, Real, Rule, Validated
 if TYPE_CHECKING:
     import onnx
     from torch import nn
+
+    from petal.unknown import KnnUnknown
 
 
 @dataclass
@@ -48,9 +50,10 @@ class HeadClassifier(Validated):
     label_smoothing: float = 0.1
     class_weight: str | None = None  # None or "balanced"
     seed: int = 0
+    temperature_: float = field(default=1.0, init=False, repr=False)  # fitted by calibrate()
 
     def get_params(self) -> dict:
-        return asdict(self)
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
 
     # ------------------------------------------------------------------ training
 
@@ -110,8 +113,11 @@ class HeadClassifier(Validated):
             weight = torch.from_numpy(len(y) / (self.num_classes_ * np.maximum(counts, 1)))
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         steps_per_epoch = -(-len(X) // self.batch_size)
+        total = self.epochs * steps_per_epoch
+        # warm up over 10% of the steps; torch's OneCycleLR divides by zero when that is exactly
+        # one step (10 steps in all: e.g. 10 epochs of one batch, as in a small fold)
         sched = torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=self.lr, total_steps=self.epochs * steps_per_epoch, pct_start=0.1
+            opt, max_lr=self.lr, total_steps=total, pct_start=0.2 if total == 10 else 0.1
         )
         Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
         self.history_ = []
@@ -152,12 +158,36 @@ class HeadClassifier(Validated):
         if not hasattr(self, "net_"):
             raise PetalError("this HeadClassifier is not fitted yet: call fit() or from_state()")
 
-    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+    def decision_function(self, X: np.ndarray) -> np.ndarray:
+        """(N, D) embeddings -> (N, C) logits, before any temperature."""
         import torch
 
         self._check_fitted()
         with torch.no_grad():
-            return self.net_(torch.from_numpy(np.asarray(X, np.float32))).softmax(-1).numpy()
+            return self.net_(torch.from_numpy(np.asarray(X, np.float32))).numpy()
+
+    def predict_proba(self, X: np.ndarray) -> np.ndarray:
+        """(N, D) embeddings -> (N, C) probabilities, calibrated once `calibrate` has run."""
+        from petal.calibration import softmax
+
+        return softmax(self.decision_function(X), self.temperature_)
+
+    def calibrate(self, X: np.ndarray, y: np.ndarray, folds: int = 5) -> HeadClassifier:
+        """Fit `temperature_` on out-of-fold logits of heads with these parameters, trained
+        on the other folds of (X, y): held-out predictions without touching any eval data."""
+        from petal.calibration import fit_temperature, out_of_fold_logits, softmax
+
+        self._check_fitted()
+        params, c = self.get_params(), self.num_classes_
+
+        def fit_logits(X_fit: np.ndarray, y_fit: np.ndarray, X_held: np.ndarray) -> np.ndarray:
+            return HeadClassifier(**params).fit(X_fit, y_fit, num_classes=c).decision_function(X_held)
+
+        y = np.asarray(y)
+        oof = out_of_fold_logits(fit_logits, X, y, folds, self.seed)  # (N, C)
+        self.temperature_ = fit_temperature(oof, y)
+        self.oof_proba_ = softmax(oof, self.temperature_)  # held-out probabilities of the training images
+        return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
         return self.predict_proba(X).argmax(1)
@@ -172,13 +202,14 @@ class HeadClassifier(Validated):
         return [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
                 for m in self.net_ if isinstance(m, nn.Linear)]
 
-    def to_onnx(self) -> onnx.ModelProto:
+    def to_onnx(self, unknown: KnnUnknown | None = None) -> onnx.ModelProto:
+        """features -> calibrated probabilities (and ood_score, unknown when `unknown` is given)."""
         from petal.onnx_graphs import head_graph
 
-        return head_graph(self.layers(), self.feature_dim_)
+        return head_graph(self.layers(), self.feature_dim_, self.temperature_, unknown)
 
     def state(self) -> dict[str, np.ndarray]:
-        out = {}
+        out = {"temperature": np.float64(self.temperature_)}
         for i, (w, b) in enumerate(self.layers()):
             out[f"w{i}"], out[f"b{i}"] = w, b
         return out
@@ -188,8 +219,10 @@ class HeadClassifier(Validated):
         import torch
 
         head = cls(**params)
+        head.temperature_ = float(state.get("temperature", 1.0))  # head.npz of petal 0.1 has none
+        layers = sum(1 for k in state if k.startswith("w"))
         w0 = state["w0"]
-        last = state[f"w{len(state) // 2 - 1}"]
+        last = state[f"w{layers - 1}"]
         head.feature_dim_, head.num_classes_ = w0.shape[0], last.shape[1]
         net = head._module(head.feature_dim_, head.num_classes_)
         linears = [m for m in net if isinstance(m, torch.nn.Linear)]

@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     import onnx
     import torch
 
+    from petal.unknown import KnnUnknown
+
 GRAPH_VERSION = 1  # bump when the exported backbone graph changes
 OPSET = 18
 INPUT = "images"
@@ -90,8 +92,11 @@ def images_module_to_onnx(module: torch.nn.Module, cfg: BackboneConfig, outputs:
     return program.model_proto
 
 
-def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], feature_dim: int) -> onnx.ModelProto:
-    """Dense layers (W: (in, out), b: (out,)) with ReLU between them, then softmax."""
+def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], feature_dim: int, temperature: float = 1.0,
+               unknown: KnnUnknown | None = None) -> onnx.ModelProto:
+    """features (N, D) -> probabilities (N, C): dense layers (W: (in, out), b: (out,)) with
+    ReLU between them, then softmax(logits / temperature). With `unknown`, also
+    ood_score (N,) and unknown (N,) bool (see petal.unknown)."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits = [], []
@@ -105,34 +110,81 @@ def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], feature_dim: int) ->
             nodes.append(helper.make_node("Relu", [y], [f"head_a{i}"]))
             y = f"head_a{i}"
         x = y
-    nodes.append(helper.make_node("Softmax", [x], ["probabilities"], axis=-1))
-    num_classes = layers[-1][0].shape[1]
+    inits.append(numpy_helper.from_array(np.array(1.0 / temperature, np.float32), "head_inv_t"))
+    nodes += [helper.make_node("Mul", [x, "head_inv_t"], ["head_scaled"]),
+              helper.make_node("Softmax", ["head_scaled"], ["probabilities"], axis=-1)]
+    outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", layers[-1][0].shape[1]])]
+    if unknown is not None:
+        more_nodes, more_inits = unknown_nodes(unknown)
+        nodes, inits = nodes + more_nodes, inits + more_inits
+        outputs += [helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["batch"]),
+                    helper.make_tensor_value_info("unknown", TensorProto.BOOL, ["batch"])]
     graph = helper.make_graph(
-        nodes,
-        "petal_head",
+        nodes, "petal_head",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", feature_dim])],
-        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", num_classes])],
-        initializer=inits,
+        outputs, initializer=inits,
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
 
 
+def unknown_nodes(u: KnnUnknown) -> tuple[list, list]:
+    """features (N, D), probabilities (N, C) -> ood_score (N,) and unknown (N,) bool, as
+    `KnnUnknown.score` computes them (see petal.unknown)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    def const(name: str, value, dtype=np.float32):
+        return numpy_helper.from_array(np.array(value, dtype), name)
+
+    k = min(u.k, len(u.bank))
+    inits = [numpy_helper.from_array(u.bank.T.astype(np.float16), "ood_bank_t"),  # (D, M), float16 on disk
+             const("ood_axis", [1], np.int64), const("ood_k", [k], np.int64), const("ood_last", k - 1, np.int64),
+             const("ood_eps", 1e-12), const("ood_one", 1.0), const("ood_knn_mu", u.knn_stats[0]),
+             const("ood_knn_sd", u.knn_stats[1]), const("ood_threshold", u.threshold)]
+    node = helper.make_node
+    nodes = [node("ReduceL2", ["features", "ood_axis"], ["ood_norm"], keepdims=1),
+             node("Max", ["ood_norm", "ood_eps"], ["ood_norm_safe"]),
+             node("Div", ["features", "ood_norm_safe"], ["ood_unit"]),
+             node("Cast", ["ood_bank_t"], ["ood_bank_f"], to=TensorProto.FLOAT),
+             node("MatMul", ["ood_unit", "ood_bank_f"], ["ood_sims"]),  # (N, M) cosines
+             node("TopK", ["ood_sims", "ood_k"], ["ood_top", "ood_top_idx"], axis=-1, largest=1),
+             node("Gather", ["ood_top", "ood_last"], ["ood_kth"], axis=1),  # (N,)
+             node("Sub", ["ood_one", "ood_kth"], ["ood_knn"]),
+             node("Sub", ["ood_knn", "ood_knn_mu"], ["ood_knn_c"]),
+             node("Div", ["ood_knn_c", "ood_knn_sd"], ["ood_knn_z"])]
+    score = "ood_knn_z"
+    if u.msp_weight:
+        inits += [const("ood_msp_mu", u.msp_stats[0]), const("ood_msp_w", u.msp_weight / u.msp_stats[1])]
+        nodes += [node("ReduceMax", ["probabilities", "ood_axis"], ["ood_pmax"], keepdims=0),
+                  node("Sub", ["ood_one", "ood_pmax"], ["ood_msp"]),
+                  node("Sub", ["ood_msp", "ood_msp_mu"], ["ood_msp_c"]),
+                  node("Mul", ["ood_msp_c", "ood_msp_w"], ["ood_msp_z"]),
+                  node("Add", ["ood_knn_z", "ood_msp_z"], ["ood_sum"])]
+        score = "ood_sum"
+    nodes += [node("Identity", [score], ["ood_score"]),
+              node("Greater", ["ood_score", "ood_threshold"], ["unknown"])]
+    return nodes, inits
+
+
 def bundle_graph(backbone_path: Path, head: onnx.ModelProto) -> onnx.ModelProto:
-    """One graph: uint8 images -> probabilities. Unused backbone outputs are pruned."""
+    """One graph: uint8 images -> the head's outputs (probabilities, and ood_score and
+    unknown where the head has them). Unused backbone outputs are pruned."""
     import onnx
     from onnx import compose
 
     backbone = onnx.load(str(backbone_path))
+    names = [o.name for o in head.graph.output]
     head = compose.add_prefix(head, "head/")
     if backbone.ir_version != head.ir_version:
         head.ir_version = backbone.ir_version
-    merged = compose.merge_models(
-        backbone, head, io_map=[("features", "head/features")], outputs=["head/probabilities"]
-    )
-    # rename the output back to the plain name the runtime and servers use
+    merged = compose.merge_models(backbone, head, io_map=[("features", "head/features")],
+                                  outputs=[f"head/{n}" for n in names])
+    # rename the outputs back to the plain names the runtime and servers use
+    plain = {f"head/{n}": n for n in names}
     for node in merged.graph.node:
-        node.output[:] = ["probabilities" if o == "head/probabilities" else o for o in node.output]
-    merged.graph.output[0].name = "probabilities"
-    merged = onnx.utils.Extractor(merged).extract_model([INPUT], ["probabilities"])
+        node.input[:] = [plain.get(i, i) for i in node.input]
+        node.output[:] = [plain.get(o, o) for o in node.output]
+    for out in merged.graph.output:
+        out.name = plain.get(out.name, out.name)
+    merged = onnx.utils.Extractor(merged).extract_model([INPUT], names)
     onnx.checker.check_model(merged)
     return merged

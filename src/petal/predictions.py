@@ -22,7 +22,33 @@ import numpy as np
 from petal.errors import PetalError
 from petal.storage import atomic_path, check_output
 
-CSV_HEADER = ["uri", "label", "score", "top"]
+CSV_HEADER = ["uri", "label", "score", "top", "unknown", "ood_score"]
+
+
+@dataclass(frozen=True)
+class Scores:
+    """What a bundle's graph gives for N images (or, indexed, for one)."""
+
+    probabilities: np.ndarray  # (N, C), calibrated, in label-id order
+    ood_score: np.ndarray | None = None  # (N,); None: the bundle has no unknown detection
+    unknown: np.ndarray | None = None  # (N,) bool: ood_score above the bundle's threshold
+
+    def __len__(self) -> int:
+        return len(self.probabilities)
+
+    def __getitem__(self, i: int | slice) -> Scores:
+        if self.ood_score is None:
+            return Scores(self.probabilities[i])
+        return Scores(self.probabilities[i], self.ood_score[i], self.unknown[i])
+
+    @staticmethod
+    def concat(parts: Sequence[Scores], num_classes: int) -> Scores:
+        if not parts:
+            return Scores(np.zeros((0, num_classes), np.float32))
+        has_ood = parts[0].ood_score is not None
+        return Scores(np.concatenate([p.probabilities for p in parts]),
+                      np.concatenate([p.ood_score for p in parts]) if has_ood else None,
+                      np.concatenate([p.unknown for p in parts]) if has_ood else None)
 
 
 @dataclass
@@ -34,6 +60,8 @@ class Prediction:
     probabilities: np.ndarray | None = None  # (C,) in label-id order
     error: str | None = None  # why this input could not be predicted
     label_id: int | None = None  # the top-1 label's id (its line in labels.txt)
+    unknown: bool = False  # like none of the training images: `label` is only the nearest class
+    ood_score: float | None = None  # how unlike the known images (petal.unknown); None: not computed
 
     def to_dict(self) -> dict:
         """The JSON row (`--output x.jsonl`, the upload endpoint, Beam)."""
@@ -41,7 +69,8 @@ class Prediction:
         if self.error is not None:
             d["error"] = self.error
         else:
-            d.update(label=self.label, score=self.score, top=[{"label": k, "score": v} for k, v in self.top])
+            d.update(label=self.label, score=self.score, top=[{"label": k, "score": v} for k, v in self.top],
+                     unknown=self.unknown, ood_score=self.ood_score)
         return d
 
 
@@ -57,9 +86,20 @@ def prediction(labels: Sequence[str], uri: str, probs: np.ndarray, top_k: int = 
     return Prediction(uri, best[0][1], best[0][2], [(name, p) for _, name, p in best], probs, label_id=best[0][0])
 
 
+def scored_prediction(labels: Sequence[str], uri: str, s: Scores, top_k: int = 5,
+                      reject_unknown: bool = True) -> Prediction:
+    """One image's Scores -> a Prediction; `reject_unknown=False` never calls it unknown."""
+    p = prediction(labels, uri, s.probabilities, top_k)
+    if s.ood_score is not None:
+        p.ood_score = float(s.ood_score)
+        p.unknown = bool(s.unknown) and reject_unknown
+    return p
+
+
 def csv_row(p: Prediction) -> list[str]:
     """One prediction as the CSV row every writer (local or Beam) uses."""
-    return [p.uri, p.label, f"{p.score:.6f}", json.dumps(dict(p.top))]
+    ood = "" if p.ood_score is None else f"{p.ood_score:.6f}"
+    return [p.uri, p.label, f"{p.score:.6f}", json.dumps(dict(p.top)), str(p.unknown).lower(), ood]
 
 
 def write_predictions(path: Path, preds: Iterable[Prediction]) -> tuple[int, list[tuple[str, str]]]:

@@ -4,10 +4,11 @@
       settings.json   what was asked: format, kind, data, split, backbone, training settings
       split.csv       uri, label, split, key: every image the run used
       errors.csv      uri, reason: every image skipped or failed
-      head.npz        the head's weights (kind "head")
+      head.npz        the head's weights and calibration temperature (kind "head")
+      unknown.npz     the unknown detector: training-embedding bank, statistics, threshold (kind "head")
       checkpoints/    last.pt, best.pt (kind "finetune"; --resume goes on from last.pt)
       history.csv     one row per epoch (kind "finetune")
-      metrics.json    + confusion_matrix.png, misclassified.csv (petal.metrics)
+      metrics.json    + confusion_matrix.png, misclassified.csv (petal.metrics), reliability.png
       tensorboard/    training curves
       model/          the exported bundle (petal.bundle)
 
@@ -41,6 +42,7 @@ from petal.storage import atomic_path, atomic_write_csv, atomic_write_text, chec
 
 if TYPE_CHECKING:
     from petal.head import HeadClassifier
+    from petal.unknown import KnnUnknown
 
 RUN_FORMAT = 2
 HEAD, FINETUNE = "head", "finetune"  # the kinds of run
@@ -80,7 +82,7 @@ class RunSettings:
                    eval_percent=d["eval_percent"],
                    backbone={k: v for k, v in d["backbone"].items() if k in ("name", "feature_dim")},
                    cache_dir=d["cache_dir"], classes=list(d["classes"]), params=d[kind],
-                   extra={k: d[k] for k in ("world_size",) if k in d})
+                   extra={k: d[k] for k in ("world_size", "keep") if k in d})
 
 
 class Run:
@@ -92,6 +94,8 @@ class Run:
         self.split_path = self.path / "split.csv"
         self.errors_path = self.path / "errors.csv"
         self.head_path = self.path / "head.npz"
+        self.unknown_path = self.path / "unknown.npz"
+        self.reliability_path = self.path / "reliability.png"
         self.metrics_path = self.path / "metrics.json"
         self.history_path = self.path / "history.csv"
         self.checkpoints = self.path / "checkpoints"
@@ -138,6 +142,10 @@ class Run:
     def write_head(self, head: HeadClassifier) -> None:
         with atomic_path(self.head_path) as tmp, open(tmp, "wb") as f:  # a file object: savez adds no suffix
             np.savez(f, **head.state())
+
+    def write_unknown(self, unknown: KnnUnknown) -> None:
+        with atomic_path(self.unknown_path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **unknown.state())
 
     def write_history(self, history: list[dict]) -> None:
         atomic_write_csv(self.history_path, list(history[-1]), [list(h.values()) for h in history])
@@ -203,6 +211,14 @@ class Run:
         from petal.head import HeadClassifier
 
         return self.read(lambda: HeadClassifier.from_state(settings.params, dict(np.load(self.head_path))))
+
+    def unknown(self) -> KnnUnknown | None:
+        """The unknown detector, or None for a run made before petal had one."""
+        from petal.unknown import KnnUnknown
+
+        if not self.unknown_path.exists():
+            return None
+        return self.read(lambda: KnnUnknown.from_state(dict(np.load(self.unknown_path))))
 
     def parity_uris(self) -> list[str]:
         """The images the export's parity check runs on, from split.csv."""

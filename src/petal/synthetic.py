@@ -55,3 +55,28 @@ def make_dataset(root: str | Path, per_class: int = 20, size: int = 96, seed: in
             ext = "png" if i % 3 == 0 else "jpg"
             img.save(root / name / f"{name}_{i:03d}.{ext}", quality=90)
     return root
+
+
+# scikit-image's sample pictures that ship inside its wheel (no download): everyday photos,
+# astronomy, microscopy, textures, text and drawings. None is a flower or a shape of ours.
+FOREIGN = ("astronaut", "camera", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
+           "moon", "retina", "stereo_motorcycle", "coins", "page", "text", "brick", "grass", "gravel", "cell",
+           "horse", "clock", "colorwheel", "logo", "checkerboard", "binary_blobs", "shepp_logan_phantom")
+
+
+def foreign_photos(folder: Path, names: tuple[str, ...] = FOREIGN) -> list[str]:
+    """Write scikit-image's sample pictures as PNGs into `folder` (needs scikit-image,
+    the test extra); returns their paths. Images from no class of any petal dataset."""
+    import skimage.data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name in names:
+        a = getattr(skimage.data, name)()
+        a = a[0] if isinstance(a, tuple) else a  # stereo_motorcycle: (left, right, disparity)
+        if a.dtype == bool or a.max() <= 1:
+            a = a.astype(np.float32) * 255
+        path = folder / f"{name}.png"
+        Image.fromarray(np.asarray(a).astype(np.uint8)).save(path)
+        paths.append(str(path))
+    return paths

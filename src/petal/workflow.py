@@ -7,6 +7,7 @@ nothing. The files of a run are written and read through `petal.run.Run`.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,15 @@ from pathlib import Path
 import numpy as np
 
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
+from petal.cache import EmbeddingCache
+from petal.calibration import FOLDS, expected_calibration_error, reliability_diagram, softmax
 from petal.data import EVAL, TRAIN, Dataset, Example, load_dataset
 from petal.embed import embed, require_usable
-from petal.errors import NothingUsableError
+from petal.errors import NothingUsableError, PetalError
 from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
+from petal.params import Real, check_param
+from petal.predictions import Scores
 from petal.progress import Reporter
 from petal.run import (
     FINETUNE,
@@ -30,7 +35,8 @@ from petal.run import (
     parity_uris,
     require_training_images,
 )
-from petal.storage import atomic_write_csv, check_output, default_cache_dir
+from petal.storage import atomic_write_csv, atomic_write_text, check_output, default_cache_dir
+from petal.unknown import DEFAULT_KEEP, KnnUnknown
 
 
 @dataclass
@@ -68,10 +74,13 @@ def train(
     workers: int | None = None,
     export: bool = True,
     overwrite: bool = False,
+    keep: float = DEFAULT_KEEP,
     reporter: Reporter | None = None,
 ) -> TrainResult:
-    """embed -> train the head -> evaluate -> export, into the run folder `out`.
+    """embed -> train the head -> calibrate it, fit the unknown detector -> evaluate -> export,
+    into the run folder `out`. `keep`: the share of known images the unknown threshold keeps.
     A finished run already in `out` is replaced only with `overwrite=True`."""
+    check_param("keep", keep, Real(0.5, 1, high_open=True, what="a share in [0.5, 1)"))
     reporter = reporter or Reporter()
     head = head or HeadClassifier()
     cfg = get_backbone(backbone)
@@ -85,29 +94,65 @@ def train(
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
     run.write_split(ds, result.keys, result.failed)
     warnings = data_warnings(ds, result.keys, reporter)
-    usable = [e for e in ds.examples if e.uri in result.keys]
-    tr = [e for e in usable if e.split == TRAIN]
-    ev = [e for e in usable if e.split == EVAL]
-    require_training_images(ds.classes, (e.label for e in tr))
-
-    def xy(examples: list[Example]) -> tuple[np.ndarray, np.ndarray]:  # (N, D) embeddings, (N,) class ids
-        return (cache.get([result.keys[e.uri] for e in examples]),
-                np.array([ds.label_id(e.label) for e in examples], dtype=np.int64))
-
-    (Xtr, ytr), (Xev, yev) = xy(tr), xy(ev)
+    (tr, Xtr, ytr), (ev, Xev, yev) = split_arrays(ds, result.keys, cache)
     run.write_settings(RunSettings(
         kind=HEAD, data=str(data), eval_data=str(eval_data) if eval_data else None,
         labels_file=str(labels_file) if labels_file else None, eval_percent=eval_percent,
-        backbone=cfg.identity(), cache_dir=str(cache_dir), classes=ds.classes, params=head.get_params()))
+        backbone=cfg.identity(), cache_dir=str(cache_dir), classes=ds.classes, params=head.get_params(),
+        extra={"keep": keep}))
     fit_head(run, head, (Xtr, ytr), (Xev, yev), len(ds.classes), reporter)
-    metrics = run.write_metrics(ds.classes, [e.uri for e in ev], yev, lambda: head.predict_proba(Xev),
-                                {"num_train": len(tr), "embed": result.summary()}, reporter)
+    unknown = fit_trust(run, head, Xtr, ytr, keep, reporter)
+    extra = {"num_train": len(tr), "embed": result.summary(), **eval_trust(run, head, unknown, Xev, yev)}
+    metrics = run.write_metrics(ds.classes, [e.uri for e in ev], yev, lambda: head.predict_proba(Xev), extra,
+                                reporter)
     model_dir = None
     if export:
         parity = parity_uris([e.uri for e in ev], [e.uri for e in tr])
         reporter.message(f"exporting and checking parity on {len(parity)} images")
-        model_dir = export_head(run, cfg, head, ds.classes, cache_dir, parity, metrics)
+        model_dir = export_head(run, cfg, head, ds.classes, cache_dir, parity, metrics, unknown)
     return TrainResult(run.path, model_dir, metrics, {**result.summary(), "skipped": len(ds.skipped)}, warnings)
+
+
+def split_arrays(ds: Dataset, keys: dict[str, str], cache: EmbeddingCache
+                 ) -> tuple[tuple[list[Example], np.ndarray, np.ndarray], ...]:
+    """(examples, (N, D) embeddings, (N,) class ids) of the train split, then of the eval split,
+    for the images that were embedded. Every class must keep a training image."""
+    usable = [e for e in ds.examples if e.uri in keys]
+    out = []
+    for split in (TRAIN, EVAL):
+        ex = [e for e in usable if e.split == split]
+        out.append((ex, cache.get([keys[e.uri] for e in ex]),
+                    np.array([ds.label_id(e.label) for e in ex], dtype=np.int64)))
+    require_training_images(ds.classes, (e.label for e in out[0][0]))
+    return tuple(out)
+
+
+def fit_trust(run: Run, head: HeadClassifier, X: np.ndarray, y: np.ndarray, keep: float,
+              reporter: Reporter) -> KnnUnknown:
+    """Calibrate the head's temperature out of fold, then fit the unknown detector on the
+    training embeddings X (N, D) with those held-out probabilities; both saved in the run."""
+    with reporter.progress(f"calibrating ({FOLDS} out-of-fold heads)", 1) as advance:
+        head.calibrate(X, y, folds=FOLDS)
+        advance(1)
+    unknown = KnnUnknown.fit(X, y, head.oof_proba_, keep=keep, seed=head.seed)
+    run.write_head(head)  # now with its temperature
+    run.write_unknown(unknown)
+    return unknown
+
+
+def eval_trust(run: Run, head: HeadClassifier, unknown: KnnUnknown, X: np.ndarray, y: np.ndarray) -> dict:
+    """On the eval split: ECE before and after calibration (with a reliability diagram), and
+    the share of images the unknown threshold keeps, with the accuracy on those."""
+    if not len(y):
+        return {}
+    uncalibrated, probs = softmax(head.decision_function(X)), head.predict_proba(X)
+    reliability_diagram(run.reliability_path, y, {"uncalibrated": uncalibrated, "calibrated": probs})
+    kept = unknown.score(X, probs) <= unknown.threshold
+    right = probs.argmax(1) == y
+    return {"ece": expected_calibration_error(probs, y),
+            "ece_uncalibrated": expected_calibration_error(uncalibrated, y), "temperature": head.temperature_,
+            "unknown": {"keep": unknown.keep, "kept_eval": float(kept.mean()),
+                        "accuracy_kept": float(right[kept].mean()) if kept.any() else None}}
 
 
 def fit_head(run: Run, head: HeadClassifier, train: tuple[np.ndarray, np.ndarray],
@@ -124,11 +169,11 @@ def fit_head(run: Run, head: HeadClassifier, train: tuple[np.ndarray, np.ndarray
 
 
 def export_head(run: Run, cfg: BackboneConfig, head: HeadClassifier, classes: list[str], cache_dir: Path,
-                parity: list[str], metrics: dict) -> Path:
+                parity: list[str], metrics: dict, unknown: KnnUnknown | None) -> Path:
     from petal.export import export_bundle
 
     return export_bundle(run.model_dir, cfg=cfg, head=head, classes=classes, cache_dir=cache_dir,
-                         parity_uris=parity, metrics=metrics, name=run.name)
+                         parity_uris=parity, metrics=metrics, name=run.name, unknown=unknown)
 
 
 def export_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
@@ -141,41 +186,88 @@ def export_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Path
         from petal.finetune.train import export_finetuned
 
         return export_finetuned(run, settings, cfg, cache)
-    return export_head(run, cfg, run.head(settings), settings.classes, cache, run.parity_uris(), run.metrics())
+    return export_head(run, cfg, run.head(settings), settings.classes, cache, run.parity_uris(), run.metrics(),
+                       run.unknown())
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
-                   labels_file: str | Path | None = None, reporter: Reporter | None = None) -> dict:
-    """Evaluate an exported bundle on every image of a labeled folder or CSV."""
+                   labels_file: str | Path | None = None, unknown_data: str | None = None,
+                   reject_unknown: bool = True, reporter: Reporter | None = None) -> dict:
+    """Evaluate an exported bundle on every image of a labeled folder or CSV: metrics.json
+    (with calibration and the share kept as known), confusion matrix, misclassified.csv.
+    With `unknown_data` (images of none of the classes) also unknown.json and coverage.png."""
     from petal.bundle import Model
 
     reporter = reporter or Reporter()
     check_output(out, "out", folder=True)
-    model = Model(model_dir)
+    model = Model(model_dir, reject_unknown=reject_unknown)
+    if unknown_data and "ood_score" not in model.outputs:
+        raise PetalError(f"unknown: {model_dir} has no unknown detector (exported before petal had one); "
+                         "export it again with `petal export RUN`")
     ds = load_dataset(data, labels_file=labels_file, eval_percent=0.0, require_train=False)
     known = {c: i for i, c in enumerate(model.labels)}
     examples = [e for e in ds.examples if e.label in known]
     if len(examples) < len(ds.examples):
-        unknown = Counter(e.label for e in ds.examples if e.label not in known)
+        other = Counter(e.label for e in ds.examples if e.label not in known)
         reporter.message(f"warning: {len(ds.examples) - len(examples)} image(s) have labels the model "
-                         "does not know; skipped: " + ", ".join(f"{k!r} ({n})" for k, n in unknown.most_common()))
-    uris, y, probs, failed = [], [], [], []
-    with reporter.progress("evaluating", len(examples)) as advance:
-        label_of = {e.uri: e.label for e in examples}
-        for p in model.iter_predict([e.uri for e in examples]):
+                         "does not know; skipped: " + ", ".join(f"{k!r} ({n})" for k, n in other.most_common()))
+    uris, scores, failed = score_images(model, [e.uri for e in examples], "evaluating", reporter)
+    if not uris:
+        raise NothingUsableError("no image could be evaluated")
+    label_of = {e.uri: e.label for e in examples}
+    y = np.array([known[label_of[u]] for u in uris])
+    metrics = {**compute_metrics(y, scores.probabilities, model.labels), "failed": len(failed),
+               "ece": expected_calibration_error(scores.probabilities, y), **kept_metrics(scores, y)}
+    out = Path(out)
+    write_report(out, metrics, model.labels, uris, y, scores.probabilities)
+    if unknown_data:
+        metrics["unknown_data"] = evaluate_unknown(model, scores, y, unknown_data, out, reporter)
+    atomic_write_csv(out / "errors.csv", ["uri", "reason"], ds.skipped + failed)
+    return metrics
+
+
+def score_images(model, uris: list[str], what: str, reporter: Reporter
+                 ) -> tuple[list[str], Scores, list[tuple[str, str]]]:
+    """The bundle's Scores for every readable image: (uris, Scores in their order, [(uri, reason)])."""
+    ok, rows, failed = [], [], []
+    with reporter.progress(what, len(uris)) as advance:
+        for p in model.iter_predict(uris, top_k=1):
             advance(1)
             if p.error:
                 failed.append((p.uri, p.error))
                 continue
-            uris.append(p.uri)
-            y.append(known[label_of[p.uri]])
-            probs.append(p.probabilities)
-    if not uris:
-        raise NothingUsableError("no image could be evaluated")
-    out = Path(out)
-    y_arr, probs_arr = np.array(y), np.stack(probs)
-    metrics = compute_metrics(y_arr, probs_arr, model.labels)
-    metrics["failed"] = len(failed)
-    write_report(out, metrics, model.labels, uris, y_arr, probs_arr)
-    atomic_write_csv(out / "errors.csv", ["uri", "reason"], ds.skipped + failed)
-    return metrics
+            ok.append(p.uri)
+            rows.append(Scores(p.probabilities[None], None if p.ood_score is None else np.array([p.ood_score]),
+                               None if p.ood_score is None else np.array([p.unknown])))
+    return ok, Scores.concat(rows, len(model.labels)), failed
+
+
+def kept_metrics(scores: Scores, y: np.ndarray) -> dict:
+    """The share of known images kept (not called unknown), and the accuracy on those."""
+    if scores.ood_score is None:
+        return {}
+    kept = ~scores.unknown
+    right = scores.probabilities.argmax(1) == y
+    return {"unknown": {"kept": float(kept.mean()), "accuracy_kept": float(right[kept].mean()) if kept.any() else None}}
+
+
+def evaluate_unknown(model, scores: Scores, y: np.ndarray, unknown_data: str, out: Path, reporter: Reporter) -> dict:
+    """Known images (scores, y) against `unknown_data`: unknown.json and coverage.png in `out`."""
+    from petal.data import expand_inputs
+    from petal.unknown import auroc, coverage_curve, fpr_at_tpr
+
+    uris, problems = expand_inputs([unknown_data])
+    for problem in problems:
+        reporter.message(f"warning: {problem}")
+    _, other, failed = score_images(model, uris, "scoring unknown images", reporter)
+    if not len(other):
+        raise NothingUsableError(f"unknown: none of the images in {unknown_data} could be read")
+    threshold = model.info.unknown["threshold"]
+    report = {"auroc": auroc(scores.ood_score, other.ood_score),
+              "fpr_at_95_tpr": fpr_at_tpr(scores.ood_score, other.ood_score, 0.95),
+              "kept_known": float((scores.ood_score <= threshold).mean()),
+              "rejected_unknown": float((other.ood_score > threshold).mean()),
+              "threshold": threshold, "known_images": len(y), "unknown_images": len(other), "failed": len(failed)}
+    atomic_write_text(out / "unknown.json", json.dumps(report, indent=2) + "\n")
+    coverage_curve(out / "coverage.png", scores.ood_score, scores.probabilities.argmax(1) == y, threshold)
+    return report

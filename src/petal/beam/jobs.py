@@ -335,11 +335,11 @@ def _add_predict_steps(p: beam.Pipeline, work: _WorkDir, model: Model, model_uri
                        kind: str, dead_letter: str, ours: PetalOptions) -> None:
     """URIs in WORK -> PREFIX-SSSSS-of-NNNNN.csv|.jsonl, and the dead letter."""
     images = _read_images(p, work.path("uris.jsonl"), model.preprocess, None, ours.decode_threads)
-    handler = PetalOnnxHandler(model_uri, "probabilities", ours.inference_batch_size, ours.ort_threads)
+    handler = PetalOnnxHandler(model_uri, "scores", ours.inference_batch_size, ours.ort_threads)
     _ = (
         images.pixels
         | "Predict" >> RunInference(KeyedModelHandler(handler))  # ((key, uri), PredictionResult)
-        | "Format" >> beam.ParDo(FormatPrediction(model.labels, top_k, kind))
+        | "Format" >> beam.ParDo(FormatPrediction(model.labels, top_k, kind, model.reject_unknown))
         | "WritePredictions" >> beam.io.WriteToText(prefix, kind,
                                                     header=PREDICTION_HEADER if kind == ".csv" else None)
     )
@@ -347,7 +347,7 @@ def _add_predict_steps(p: beam.Pipeline, work: _WorkDir, model: Model, model_uri
 
 
 def beam_predict(model_dir: Path, uris: list[str], output_prefix: str, pipeline_args: list[str],
-                 top_k: int = 5, *, pipeline: beam.Pipeline | None = None) -> dict:
+                 top_k: int = 5, *, reject_unknown: bool = True, pipeline: beam.Pipeline | None = None) -> dict:
     """`petal predict --runner beam`: predictions into sharded PREFIX-SSSSS-of-NNNNN.csv|.jsonl.
 
     Rows are those `petal predict --output x.csv|x.jsonl` writes (each CSV shard
@@ -355,7 +355,7 @@ def beam_predict(model_dir: Path, uris: list[str], output_prefix: str, pipeline_
     `pipeline` (e.g. a TestPipeline) replaces the one built from `pipeline_args`.
     """
     start = time.perf_counter()
-    model = Model(model_dir)  # checks the bundle; labels and preprocessing come from it
+    model = Model(model_dir, reject_unknown=reject_unknown)  # checks the bundle; labels, preprocessing
     options = _options(pipeline_args)
     ours = options.view_as(PetalOptions)
     prefix, kind = _output_kind(_fix_uri(output_prefix))

@@ -4,7 +4,7 @@ Everything here runs on Beam's workers (pickled by the launcher, unpickled in
 each worker process); nothing here builds or launches a pipeline, that is
 `petal.beam.jobs`. Nothing re-implements a local step: images are read,
 hashed and decoded by `petal.loader.iter_items`, the ONNX sessions are built
-by `petal.runtime.make_session`, prediction rows by `petal.bundle.prediction`
+by `petal.runtime.make_session`, prediction rows by `petal.predictions.scored_prediction`
 and `petal.predictions.csv_row`, and shard tables by `petal.cache.shard_table`.
 """
 
@@ -25,10 +25,11 @@ import numpy as np
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.onnx_inference import OnnxModelHandlerNumpy
 
+from petal.bundle import OUTPUTS
 from petal.cache import shard_table
 from petal.images import quiet_pillow_warnings
 from petal.loader import iter_items
-from petal.predictions import csv_row, prediction
+from petal.predictions import Scores, csv_row, scored_prediction
 from petal.preprocess import Preprocess
 from petal.runtime import make_session
 from petal.storage import is_local, local_path
@@ -72,10 +73,15 @@ class DecodeImages(beam.DoFn):
 
 
 def _run_output(session: ort.InferenceSession, batch: Sequence[np.ndarray],
-                inference_args: dict[str, Any] | None = None, *, output: str) -> np.ndarray:
-    """RunInference's inference_fn: B x (S, S, 3) uint8 -> (B, D) of the named output."""
-    (out,) = session.run([output], {"images": np.stack(batch)})
-    return out
+                inference_args: dict[str, Any] | None = None, *, output: str) -> np.ndarray | list[Scores]:
+    """RunInference's inference_fn: B x (S, S, 3) uint8 -> (B, D) of the named output, or for
+    "scores" each image's Scores (probabilities, and ood_score/unknown where the bundle has them)."""
+    if output != "scores":
+        (out,) = session.run([output], {"images": np.stack(batch)})
+        return out
+    names = {o.name for o in session.get_outputs()}
+    scores = Scores(*session.run([n for n in OUTPUTS if n in names], {"images": np.stack(batch)}))
+    return [scores[i] for i in range(len(scores))]
 
 
 class PetalOnnxHandler(OnnxModelHandlerNumpy):
@@ -128,12 +134,12 @@ def rows_to_table(rows: Sequence[tuple[str, np.ndarray]], dim: int) -> pa.Table:
 class FormatPrediction(beam.DoFn):
     """((key, uri), PredictionResult) -> one output line, as `petal predict --output` writes it."""
 
-    def __init__(self, labels: list[str], top_k: int, kind: str) -> None:
-        self.labels, self.top_k, self.kind = labels, top_k, kind
+    def __init__(self, labels: list[str], top_k: int, kind: str, reject_unknown: bool = True) -> None:
+        self.labels, self.top_k, self.kind, self.reject_unknown = labels, top_k, kind, reject_unknown
 
     def process(self, element: tuple[tuple[str, str], Any]) -> Iterator[str]:
-        (_, uri), result = element
-        p = prediction(self.labels, uri, result.inference, self.top_k)  # (C,) probabilities -> top-k
+        (_, uri), result = element  # result.inference: this image's Scores
+        p = scored_prediction(self.labels, uri, result.inference, self.top_k, self.reject_unknown)
         _count("images_predicted")
         if self.kind == ".jsonl":
             yield json.dumps(p.to_dict())

@@ -16,6 +16,7 @@ import torch
 
 from petal.export import export_graph
 from petal.finetune.model import FineTuneNet, Probabilities, to_onnx
+from petal.predictions import Scores
 
 PREDICT_BATCH = 64
 
@@ -37,5 +38,5 @@ def export_model(out: Path, model: FineTuneNet, reference: Predictor, classes: l
                  parity_uris: list[str], metrics: dict, training: dict) -> Path:
     """Export `model` (on the CPU, eval mode) as a bundle folder at `out`."""
     graph = to_onnx(Probabilities(model.eval()), model.cfg, "probabilities")
-    return export_graph(out, graph=graph, cfg=model.cfg, classes=classes, reference=reference,
+    return export_graph(out, graph=graph, cfg=model.cfg, classes=classes, reference=lambda px: Scores(reference(px)),
                         parity_uris=parity_uris, metrics=metrics, name=Path(out).parent.name, training=training)

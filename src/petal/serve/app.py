@@ -140,17 +140,20 @@ def model_api(service: Service, limits: Limits, auth: list) -> APIRouter:
 
     @router.post("/v1/models/{name}:predict", openapi_extra=PREDICT_DOC,
                  summary="Predict, Cloud ML / TF Serving row format")
-    async def predict(name: str, request: Request) -> JSONResponse:
+    async def predict(name: str, request: Request, unknown: bool = Query(
+            True, description="false: never answer unknown (ood_score is still given)")) -> JSONResponse:
         served = service.get(name)
-        doc = await within_limit(request.body(), lambda body: service.predict_json(served, body), limits.timeout_s)
+        doc = await within_limit(request.body(), lambda body: service.predict_json(served, body, unknown),
+                                 limits.timeout_s)
         return JSONResponse(doc)  # plain JSON already: skip FastAPI's slow recursive encoder
 
     @router.post("/v1/models/{name}:upload", openapi_extra=UPLOAD_DOC,
                  summary="Upload image files (multipart), get top-k labels")
-    async def upload(name: str, request: Request, top_k: int = Query(5, ge=1, le=1000)) -> JSONResponse:
+    async def upload(name: str, request: Request, top_k: int = Query(5, ge=1, le=1000),
+                     unknown: bool = Query(True, description="false: never answer unknown")) -> JSONResponse:
         served = service.get(name)
         rows = await within_limit(read_files(request, limits.max_images),
-                                  lambda files: service.predict_files(served, files, top_k), limits.timeout_s)
+                                  lambda files: service.predict_files(served, files, top_k, unknown), limits.timeout_s)
         return JSONResponse({"model": name, "predictions": rows})
 
     @router.get("/v1/models/{name}", summary="Model status, TF Serving shape")

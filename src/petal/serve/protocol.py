@@ -2,7 +2,10 @@
 
 Request:  {"instances": [{"image_bytes": {"b64": "<base64>"}, "key": "<any>"}, ...]}
 Response: {"predictions": [{"key": ..., "prediction": <class id>, "label": "<name>",
-                            "scores": [<one per class, in id order>]}, ...]}
+                            "scores": [<one per class, in id order>],
+                            "unknown": <bool>, "ood_score": <number or null>}, ...]}
+("unknown": true means the image is like none of the classes; "label" is then only the
+nearest class. `?unknown=false` on the URL turns that off.)
 A failed instance answers {"key": ..., "error": "<reason>"} in its slot.
 
 No server packages: the client and `petal encode-request` use it too. Rows are built
@@ -92,9 +95,11 @@ def instance_bytes(instance: object) -> bytes:
 
 
 def prediction_row(key: tuple[bool, Any], p: Prediction) -> dict:
-    """One answered instance: the top-1 id and label, and every class's score in id order."""
+    """One answered instance: the top-1 id and label, every class's score in id order, and
+    whether it is unknown."""
     row = {"key": key[1]} if key[0] else {}
-    row.update(prediction=p.label_id, label=p.label, scores=[float(x) for x in p.probabilities])
+    row.update(prediction=p.label_id, label=p.label, scores=[float(x) for x in p.probabilities],
+               unknown=p.unknown, ood_score=p.ood_score)
     return row
 
 

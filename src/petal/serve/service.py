@@ -22,6 +22,7 @@ import numpy as np
 
 from petal.bundle import Model
 from petal.errors import ImageError, PetalError
+from petal.predictions import Prediction, Scores
 from petal.serve import protocol
 from petal.serve.batcher import Batcher
 from petal.serve.config import ServeConfig
@@ -44,6 +45,11 @@ class ServedModel:
     model: Model
     batcher: Batcher
     version: str = "1"  # a bundle is immutable; TF Serving's shape wants a version
+
+    def prediction(self, uri: str, scores: Scores, top_k: int, reject_unknown: bool) -> Prediction:
+        p = self.model.prediction(uri, scores, top_k)
+        p.unknown = p.unknown and reject_unknown  # ?unknown=false: never unknown, ood_score still given
+        return p
 
     def metadata(self) -> dict:
         info = self.model.info
@@ -76,7 +82,7 @@ class Service:
             model = Model(path, threads=self.config.threads, spin=False)
             on_batch = self.metrics.batch_callback(name) if self.metrics else None
             max_batch = self.config.batching.max_batch
-            predict = partial(model.predict_pixels, batch_size=max_batch)  # a big request: in chunks
+            predict = partial(model.scores, batch_size=max_batch)  # a big request: in chunks
             batcher = Batcher(predict, max_batch, self.config.batching.max_wait_ms, on_batch, name)
             self.models[name] = ServedModel(name, path, model, batcher)
             log.info("model %s loaded from %s: %d classes", name, path, len(model.labels))
@@ -97,7 +103,7 @@ class Service:
 
     # -- prediction --
 
-    async def predict_json(self, served: ServedModel, body: bytes) -> dict:
+    async def predict_json(self, served: ServedModel, body: bytes, reject_unknown: bool = True) -> dict:
         """A row-format request body -> {"predictions": [...]}. Raises RequestError if malformed."""
         loop = asyncio.get_running_loop()
         if len(body) <= INLINE_PARSE_BYTES:  # well under a millisecond: not worth a thread hop
@@ -112,11 +118,11 @@ class Service:
         del instances
         results = await self._infer(served, pixels)
         return {"predictions": [protocol.error_row(k, r) if isinstance(r, str) else
-                                protocol.prediction_row(k, served.model.prediction("", r, top_k=1))
+                                protocol.prediction_row(k, served.prediction("", r, 1, reject_unknown))
                                 for k, r in zip(keys, results, strict=True)]}
 
     async def predict_files(self, served: ServedModel, files: list[tuple[str, bytes]],
-                            top_k: int) -> list[dict]:
+                            top_k: int, reject_unknown: bool = True) -> list[dict]:
         """[(filename, encoded bytes)] -> [{"filename", "label", "score", "top"} or {"filename", "error"}]."""
         loop = asyncio.get_running_loop()
         pixels = await asyncio.gather(*(loop.run_in_executor(self.pool, self._decode_bytes, data, served)
@@ -125,7 +131,7 @@ class Service:
         rows = []
         for (filename, _), r in zip(files, results, strict=True):
             d = ({"uri": filename, "error": r} if isinstance(r, str) else
-                 served.model.prediction(filename, r, top_k).to_dict())
+                 served.prediction(filename, r, top_k, reject_unknown).to_dict())
             rows.append({"filename": d.pop("uri"), **d})
         return rows
 
@@ -143,14 +149,14 @@ class Service:
             return str(e)
         return self._decode_bytes(data, served)
 
-    async def _infer(self, served: ServedModel, pixels: list[np.ndarray | str]) -> list[np.ndarray | str]:
-        """Decoded images (or error strings) -> (C,) probabilities (or the same error strings)."""
+    async def _infer(self, served: ServedModel, pixels: list[np.ndarray | str]) -> list[Scores | str]:
+        """Decoded images (or error strings) -> each image's Scores (or the same error strings)."""
         good = [i for i, p in enumerate(pixels) if not isinstance(p, str)]
-        out: list[np.ndarray | str] = list(pixels)
+        out: list[Scores | str] = list(pixels)
         if good:
-            probs = await served.batcher.run(np.stack([pixels[i] for i in good]))
-            for i, p in zip(good, probs, strict=True):
-                out[i] = p
+            scores = await served.batcher.run(np.stack([pixels[i] for i in good]))
+            for j, i in enumerate(good):
+                out[i] = scores[j]
         if self.metrics:
             self.metrics.images(served.name, len(good), len(pixels) - len(good))
         return out
