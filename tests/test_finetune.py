@@ -123,15 +123,19 @@ def test_finetune_exports_a_bundle_that_matches(tmp_path, dataset, ft_cache):
     import petal
 
     run = tmp_path / "run"
-    r = finetune(dataset, run, config=FinetuneConfig(**{**TINY, "epochs": 2, "batch_size": 8, "dropout": 0.2}),
-                 eval_percent=25, cache_dir=ft_cache)
+    config = FinetuneConfig(**{**TINY, "epochs": 2, "batch_size": 8, "dropout": 0.2, "calibration_percent": 40})
+    r = finetune(dataset, run, config=config, eval_percent=25, cache_dir=ft_cache)
     assert r.epochs_done == 2 and r.best_epoch in (1, 2) and len(r.history) == 2
     assert r.metrics["accuracy"] >= 0.75 and r.metrics["num_eval"] == 12
+    assert 0 <= r.metrics["ece"] <= 1 and r.metrics["unknown"]["kept_eval"] > 0  # calibrated on the set-aside images
+    split = (run / "split.csv").read_text()
+    assert split.count(",calibration,") >= 10 and split.count(",train,") + split.count(",calibration,") == 36
     meta = json.loads((run / "model" / "petal.json").read_text())
     assert meta["input"]["shape"] == ["batch", 224, 224, 3] and meta["training"]["best_epoch"] == r.best_epoch
     assert meta["training"]["kind"] == "finetune" and meta["training"]["finetune"]["unfreeze"] == 1
+    assert meta["calibration"]["temperature"] > 0 and meta["unknown"]["threshold"] is not None
     preds = petal.load(run / "model").predict([str(p) for p in sorted(dataset.glob("squares/*"))[:4]])
-    assert all(p.label == "squares" for p in preds)
+    assert all(p.label == "squares" for p in preds) and all(p.ood_score is not None for p in preds)
     assert {"metrics.json", "confusion_matrix.png", "history.csv", "split.csv", "settings.json"} <= {
         p.name for p in run.iterdir()}
     assert (run / "checkpoints" / "best.pt").exists() and not (run / "pixels").exists()
@@ -148,6 +152,7 @@ def test_finetune_exports_a_bundle_that_matches(tmp_path, dataset, ft_cache):
             ] == [p.label for p in preds]
     with pytest.raises(PetalError, match=r"finetune\.lr"):  # other settings: refused before any work
         finetune(dataset, run, config=FinetuneConfig(**{**TINY, "epochs": 2, "batch_size": 8, "dropout": 0.2,
+                                                        "calibration_percent": 40,
                                                         "lr": 1.0}), eval_percent=25, cache_dir=ft_cache,
                  resume=True)
 

@@ -54,12 +54,13 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
 
 
 def out_of_fold_logits(fit_logits: Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray],
-                       X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = 0) -> np.ndarray:
+                       X: np.ndarray, y: np.ndarray, folds: int = FOLDS, seed: int = 0,
+                       on_fold: Callable[[int], None] = lambda n: None) -> np.ndarray:
     """(N, C) logits where row i comes from a model that never saw example i.
 
     `fit_logits(X_train, y_train, X_held_out)` trains a fresh model and returns its
     logits on X_held_out. Folds are stratified; a class with fewer examples than
-    folds is spread over as many folds as it has."""
+    folds is spread over as many folds as it has. `on_fold(1)` after each fold."""
     from sklearn.model_selection import StratifiedKFold
 
     y = np.asarray(y)
@@ -73,6 +74,7 @@ def out_of_fold_logits(fit_logits: Callable[[np.ndarray, np.ndarray, np.ndarray]
         if out is None:
             out = np.zeros((len(X), z.shape[1]), np.float32)
         out[held_idx] = z
+        on_fold(1)
     return out
 
 

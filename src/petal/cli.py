@@ -83,14 +83,14 @@ def print_dataset(ds, splits: bool = True) -> None:
     """Images per class (per split when `splits`), then what was skipped and why."""
     t = Table(title="data", title_justify="left")
     t.add_column("class")
-    columns = ["train", "eval"] if splits else ["images"]
-    for col in columns:
+    names = ["train", "eval"] + (["calibration"] if ds.split("calibration") else [])
+    for col in names if splits else ["images"]:
         t.add_column(col, justify="right")
     counts = ds.counts()
     for c in ds.classes:
-        n = [counts[c]["train"], counts[c]["eval"]]
+        n = [counts[c][k] for k in names]
         t.add_row(c, *map(str, n if splits else [sum(n)]))
-    totals = [len(ds.split("train")), len(ds.split("eval"))]
+    totals = [len(ds.split(k)) for k in names]
     t.add_row("[bold]total", *map(str, totals if splits else [sum(totals)]))
     out.print(t)
     for reason, n in ds.skipped_reasons().most_common():
@@ -273,6 +273,10 @@ def finetune(
     stop_after: Annotated[Optional[int], typer.Option(help="End after this epoch; --resume continues.")] = None,
     nproc: Annotated[int, typer.Option(help=(
         "Data-parallel processes on this machine, started through torchrun."))] = 1,
+    calibration_percent: Annotated[float, typer.Option(help=(
+        "Percent of the training images set aside, never trained on, to calibrate confidences "
+        "and the 'unknown' threshold; 0: neither."))] = FTC.calibration_percent,
+    keep: Annotated[float, typer.Option(help="Share of known images the 'unknown' threshold keeps.")] = FTC.keep,
     export: Export = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(
         "Start afresh in an --out that holds a finished run or a checkpoint."))] = False,
@@ -287,7 +291,7 @@ def finetune(
         epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult,
         warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing,
         dropout=dropout, unfreeze=unfreeze, pretrained=pretrained, seed=seed, trunk_runtime=trunk_runtime,
-        workers=loader_workers, decode_workers=workers,
+        workers=loader_workers, decode_workers=workers, calibration_percent=calibration_percent, keep=keep,
         augment=AugmentConfig(enabled=augment, flip=flip, random_scale=random_scale, random_crop=random_crop,
                               random_brightness=random_brightness, random_color=random_color))
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet a worker: start the workers
@@ -299,6 +303,7 @@ def finetune(
         return
     if r.metrics.get("accuracy") is not None:
         print_metrics(r.metrics)
+        print_trust(r.metrics)
     out.print(f"epochs {r.epochs_done}, best {r.best_epoch}, {r.seconds:.0f}s"
               + (f"; model: {r.model_dir}" if r.model_dir else ""))
 

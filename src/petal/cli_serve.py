@@ -40,6 +40,8 @@ def serve(
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads (default: all cores).")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decode threads (default: all cores).")] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
+    unknown: Annotated[bool, typer.Option(help=(
+        "Answer unknown for images unlike every class; --no-unknown always names the nearest class."))] = True,
 ) -> None:
     """Serve models over HTTP (Cloud ML / TF Serving JSON API, upload endpoint, web page at /)."""
     from petal.serve.config import ServeConfig, api_key_from_env, model_specs
@@ -55,7 +57,7 @@ def serve(
         models=model_specs(model, name, models or []),
         limits=Limits(int(max_body_mb * 1024 * 1024), max_images, max_pixels, timeout),
         batching=Batching(max_batch, batch_wait_ms),
-        api_key=api_key_from_env(api_key), threads=threads, decode_workers=workers)
+        api_key=api_key_from_env(api_key), threads=threads, decode_workers=workers, reject_unknown=unknown)
     run_server(config, host, port, max_concurrency=max_concurrency, access_log=access_log)
 
 

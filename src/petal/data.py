@@ -23,6 +23,8 @@ from petal.params import Real, check_param
 from petal.storage import check_scheme, is_local, local_path, scheme_of
 
 TRAIN, EVAL = "train", "eval"
+CALIBRATION = "calibration"  # set aside from train by `petal finetune`: held out, never trained on
+MIN_CALIBRATION = 10  # fewer images than this calibrate nothing
 HEADER_WORDS = {"uri", "url", "path", "image", "image_uri", "image_path", "file", "filename"}
 
 
@@ -44,8 +46,8 @@ class Dataset:
         return [e for e in self.examples if e.split == name]
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """class -> {"train": n, "eval": n}"""
-        out = {c: {TRAIN: 0, EVAL: 0} for c in self.classes}
+        """class -> {"train": n, "eval": n, "calibration": n}"""
+        out = {c: {TRAIN: 0, EVAL: 0, CALIBRATION: 0} for c in self.classes}
         for e in self.examples:
             out[e.label][e.split] += 1
         return out
@@ -59,13 +61,14 @@ class Dataset:
 
 # --------------------------------------------------------------------------- split
 
-def eval_hash_percent(uri: str) -> float:
+def eval_hash_percent(uri: str, salt: str = "") -> float:
     """A stable number in [0, 100) from the file name, as in TF's retrain.py.
 
     Only the base name counts (with any `_nohash_` suffix removed), so moving the
-    folder or adding images never moves an image across the split.
+    folder or adding images never moves an image across the split. Another `salt`
+    gives an independent number (for a second split).
     """
-    name = re.sub(r"_nohash_.*$", "", os.path.basename(uri.rstrip("/")))
+    name = salt + re.sub(r"_nohash_.*$", "", os.path.basename(uri.rstrip("/")))
     # surrogateescape: a file name that is not valid UTF-8 hashes as its raw bytes
     h = int(hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest(), 16)
     return (h % 10_000) / 100.0
@@ -73,6 +76,21 @@ def eval_hash_percent(uri: str) -> float:
 
 def assign_split(uri: str, eval_percent: float) -> str:
     return EVAL if eval_hash_percent(uri) < eval_percent else TRAIN
+
+
+def set_aside(ds: Dataset, percent: float) -> Dataset:
+    """A copy of `ds` with about `percent`% of its training images moved to the CALIBRATION
+    split, by a stable hash independent of the eval split. A class keeps at least one
+    training image; with fewer than MIN_CALIBRATION images to set aside, none are."""
+    picked = {e.uri for e in ds.split(TRAIN) if eval_hash_percent(e.uri, "calibration:") < percent}
+    for c in ds.classes:
+        train = [e.uri for e in ds.split(TRAIN) if e.label == c]
+        if train and all(u in picked for u in train):
+            picked.discard(train[0])
+    if len(picked) < MIN_CALIBRATION:
+        return ds
+    examples = [Example(e.uri, e.label, CALIBRATION) if e.uri in picked else e for e in ds.examples]
+    return Dataset(examples, ds.classes, ds.skipped, ds.warnings)
 
 
 # --------------------------------------------------------------------------- labels

@@ -92,7 +92,7 @@ def export_bundle(
 
     calibration = {"method": "temperature", "temperature": head.temperature_,
                    "fitted_on": "out-of-fold logits of the training split"}
-    return export_graph(out, graph=bundle_graph(backbone_path, head.to_onnx(unknown)), cfg=cfg, classes=classes,
+    return export_graph(out, graph=bundle_graph(backbone_path, head.to_onnx(), unknown), cfg=cfg, classes=classes,
                         reference=reference, parity_uris=parity_uris, metrics=metrics, name=name,
                         training={"kind": "head", "head": head.get_params()}, calibration=calibration,
                         unknown=unknown.to_dict() if unknown else None, atol=atol)

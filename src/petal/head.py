@@ -22,8 +22,6 @@ if TYPE_CHECKING:
     import onnx
     from torch import nn
 
-    from petal.unknown import KnnUnknown
-
 
 @dataclass
 class HeadClassifier(Validated):
@@ -172,7 +170,8 @@ class HeadClassifier(Validated):
 
         return softmax(self.decision_function(X), self.temperature_)
 
-    def calibrate(self, X: np.ndarray, y: np.ndarray, folds: int = 5) -> HeadClassifier:
+    def calibrate(self, X: np.ndarray, y: np.ndarray, folds: int = 5,
+                  on_fold: Callable[[int], None] = lambda n: None) -> HeadClassifier:
         """Fit `temperature_` on out-of-fold logits of heads with these parameters, trained
         on the other folds of (X, y): held-out predictions without touching any eval data."""
         from petal.calibration import fit_temperature, out_of_fold_logits, softmax
@@ -184,7 +183,7 @@ class HeadClassifier(Validated):
             return HeadClassifier(**params).fit(X_fit, y_fit, num_classes=c).decision_function(X_held)
 
         y = np.asarray(y)
-        oof = out_of_fold_logits(fit_logits, X, y, folds, self.seed)  # (N, C)
+        oof = out_of_fold_logits(fit_logits, X, y, folds, self.seed, on_fold)  # (N, C)
         self.temperature_ = fit_temperature(oof, y)
         self.oof_proba_ = softmax(oof, self.temperature_)  # held-out probabilities of the training images
         return self
@@ -202,11 +201,11 @@ class HeadClassifier(Validated):
         return [(m.weight.detach().numpy().T.copy(), m.bias.detach().numpy().copy())
                 for m in self.net_ if isinstance(m, nn.Linear)]
 
-    def to_onnx(self, unknown: KnnUnknown | None = None) -> onnx.ModelProto:
-        """features -> calibrated probabilities (and ood_score, unknown when `unknown` is given)."""
+    def to_onnx(self) -> onnx.ModelProto:
+        """features (N, D) -> calibrated probabilities (N, C)."""
         from petal.onnx_graphs import head_graph
 
-        return head_graph(self.layers(), self.feature_dim_, self.temperature_, unknown)
+        return head_graph(self.layers(), self.feature_dim_, self.temperature_)
 
     def state(self) -> dict[str, np.ndarray]:
         out = {"temperature": np.float64(self.temperature_)}

@@ -92,11 +92,10 @@ def images_module_to_onnx(module: torch.nn.Module, cfg: BackboneConfig, outputs:
     return program.model_proto
 
 
-def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], feature_dim: int, temperature: float = 1.0,
-               unknown: KnnUnknown | None = None) -> onnx.ModelProto:
+def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], feature_dim: int,
+               temperature: float = 1.0) -> onnx.ModelProto:
     """features (N, D) -> probabilities (N, C): dense layers (W: (in, out), b: (out,)) with
-    ReLU between them, then softmax(logits / temperature). With `unknown`, also
-    ood_score (N,) and unknown (N,) bool (see petal.unknown)."""
+    ReLU between them, then softmax(logits / temperature)."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes, inits = [], []
@@ -114,11 +113,6 @@ def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], feature_dim: int, te
     nodes += [helper.make_node("Mul", [x, "head_inv_t"], ["head_scaled"]),
               helper.make_node("Softmax", ["head_scaled"], ["probabilities"], axis=-1)]
     outputs = [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["batch", layers[-1][0].shape[1]])]
-    if unknown is not None:
-        more_nodes, more_inits = unknown_nodes(unknown)
-        nodes, inits = nodes + more_nodes, inits + more_inits
-        outputs += [helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["batch"]),
-                    helper.make_tensor_value_info("unknown", TensorProto.BOOL, ["batch"])]
     graph = helper.make_graph(
         nodes, "petal_head",
         [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", feature_dim])],
@@ -127,9 +121,28 @@ def head_graph(layers: list[tuple[np.ndarray, np.ndarray]], feature_dim: int, te
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=10)
 
 
+def with_unknown(model: onnx.ModelProto, u: KnnUnknown | None) -> onnx.ModelProto:
+    """A graph images -> probabilities (and, inside, `features`) -> the same with ood_score
+    (N,) and unknown (N,) bool outputs, as `KnnUnknown.score` computes them; every output but
+    these is dropped. With `u` None: just images -> probabilities."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    names = ["probabilities"]
+    if u is not None:
+        nodes, inits = unknown_nodes(u)
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(inits)
+        model.graph.output.extend([helper.make_tensor_value_info("ood_score", TensorProto.FLOAT, ["batch"]),
+                                   helper.make_tensor_value_info("unknown", TensorProto.BOOL, ["batch"])])
+        names += ["ood_score", "unknown"]
+    model = onnx.utils.Extractor(model).extract_model([INPUT], names)
+    onnx.checker.check_model(model)
+    return model
+
+
 def unknown_nodes(u: KnnUnknown) -> tuple[list, list]:
-    """features (N, D), probabilities (N, C) -> ood_score (N,) and unknown (N,) bool, as
-    `KnnUnknown.score` computes them (see petal.unknown)."""
+    """features (N, D), probabilities (N, C) -> ood_score (N,) and unknown (N,) bool."""
     from onnx import TensorProto, helper, numpy_helper
 
     def const(name: str, value, dtype=np.float32):
@@ -165,26 +178,22 @@ def unknown_nodes(u: KnnUnknown) -> tuple[list, list]:
     return nodes, inits
 
 
-def bundle_graph(backbone_path: Path, head: onnx.ModelProto) -> onnx.ModelProto:
-    """One graph: uint8 images -> the head's outputs (probabilities, and ood_score and
-    unknown where the head has them). Unused backbone outputs are pruned."""
+def bundle_graph(backbone_path: Path, head: onnx.ModelProto, unknown: KnnUnknown | None = None
+                 ) -> onnx.ModelProto:
+    """One graph: uint8 images -> probabilities, and ood_score and unknown with `unknown`.
+    Unused backbone outputs are pruned."""
     import onnx
     from onnx import compose
 
     backbone = onnx.load(str(backbone_path))
-    names = [o.name for o in head.graph.output]
     head = compose.add_prefix(head, "head/")
     if backbone.ir_version != head.ir_version:
         head.ir_version = backbone.ir_version
     merged = compose.merge_models(backbone, head, io_map=[("features", "head/features")],
-                                  outputs=[f"head/{n}" for n in names])
-    # rename the outputs back to the plain names the runtime and servers use
-    plain = {f"head/{n}": n for n in names}
+                                  outputs=["head/probabilities", "features"])
+    # rename the output back to the plain name the runtime and servers use
     for node in merged.graph.node:
-        node.input[:] = [plain.get(i, i) for i in node.input]
-        node.output[:] = [plain.get(o, o) for o in node.output]
+        node.output[:] = ["probabilities" if o == "head/probabilities" else o for o in node.output]
     for out in merged.graph.output:
-        out.name = plain.get(out.name, out.name)
-    merged = onnx.utils.Extractor(merged).extract_model([INPUT], names)
-    onnx.checker.check_model(merged)
-    return merged
+        out.name = "probabilities" if out.name == "head/probabilities" else out.name
+    return with_unknown(merged, unknown)

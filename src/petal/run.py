@@ -5,7 +5,8 @@
       split.csv       uri, label, split, key: every image the run used
       errors.csv      uri, reason: every image skipped or failed
       head.npz        the head's weights and calibration temperature (kind "head")
-      unknown.npz     the unknown detector: training-embedding bank, statistics, threshold (kind "head")
+      unknown.npz     the unknown detector: training-embedding bank, statistics, threshold
+      calibration.json  the fine-tuned model's temperature (kind "finetune"; a head keeps it in head.npz)
       checkpoints/    last.pt, best.pt (kind "finetune"; --resume goes on from last.pt)
       history.csv     one row per epoch (kind "finetune")
       metrics.json    + confusion_matrix.png, misclassified.csv (petal.metrics), reliability.png
@@ -95,6 +96,7 @@ class Run:
         self.errors_path = self.path / "errors.csv"
         self.head_path = self.path / "head.npz"
         self.unknown_path = self.path / "unknown.npz"
+        self.calibration_path = self.path / "calibration.json"
         self.reliability_path = self.path / "reliability.png"
         self.metrics_path = self.path / "metrics.json"
         self.history_path = self.path / "history.csv"
@@ -146,6 +148,9 @@ class Run:
     def write_unknown(self, unknown: KnnUnknown) -> None:
         with atomic_path(self.unknown_path) as tmp, open(tmp, "wb") as f:
             np.savez(f, **unknown.state())
+
+    def write_calibration(self, temperature: float) -> None:
+        atomic_write_text(self.calibration_path, json.dumps({"temperature": temperature}, indent=2) + "\n")
 
     def write_history(self, history: list[dict]) -> None:
         atomic_write_csv(self.history_path, list(history[-1]), [list(h.values()) for h in history])
@@ -219,6 +224,12 @@ class Run:
         if not self.unknown_path.exists():
             return None
         return self.read(lambda: KnnUnknown.from_state(dict(np.load(self.unknown_path))))
+
+    def temperature(self) -> float:
+        """The fine-tuned model's temperature; 1.0 when it was not calibrated."""
+        if not self.calibration_path.exists():
+            return 1.0
+        return self.read(lambda: float(json.loads(self.calibration_path.read_text("utf-8"))["temperature"]))
 
     def parity_uris(self) -> list[str]:
         """The images the export's parity check runs on, from split.csv."""

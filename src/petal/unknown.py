@@ -85,7 +85,7 @@ class KnnUnknown:
             keep: float = DEFAULT_KEEP, k: int = K, msp_weight: float = MSP_WEIGHT, cap: int = BANK_CAP,
             seed: int = 0) -> KnnUnknown:
         """From training embeddings X (N, D), class ids y (N,) and, optionally, held-out
-        (out-of-fold) probabilities (N, C) of the same images."""
+        (out-of-fold) probabilities (N, C) of the same images; kNN held out by leave-one-out."""
         Xn = normalize(X)
         rows = capped_sample(y, cap, seed)
         bank = Xn[rows].astype(np.float16).astype(np.float32)
@@ -94,10 +94,26 @@ class KnnUnknown:
         knn = np.empty(len(Xn), np.float32)  # bank rows: their (k+1)-th neighbour is the k-th among the others
         knn[rows] = 1 - kth_similarity(Xn[rows], bank, k + 1)
         knn[held] = 1 - kth_similarity(Xn[held], bank, k)
+        return cls.from_held_out(bank, knn, held_out_probs, keep, k, msp_weight)
+
+    @classmethod
+    def fit_held_out(cls, X: np.ndarray, y: np.ndarray, X_held: np.ndarray, held_probs: np.ndarray,
+                     keep: float = DEFAULT_KEEP, k: int = K, msp_weight: float = MSP_WEIGHT,
+                     cap: int = BANK_CAP, seed: int = 0) -> KnnUnknown:
+        """The bank from training embeddings X (N, D) with ids y; statistics and threshold
+        from other images of the known classes, X_held (M, D) with their probabilities (M, C)."""
+        bank = normalize(X)[capped_sample(y, cap, seed)].astype(np.float16).astype(np.float32)
+        knn = 1 - kth_similarity(normalize(X_held), bank, k)
+        return cls.from_held_out(bank, knn, held_probs, keep, k, msp_weight)
+
+    @classmethod
+    def from_held_out(cls, bank: np.ndarray, knn: np.ndarray, probs: np.ndarray | None, keep: float, k: int,
+                      msp_weight: float) -> KnnUnknown:
+        """Statistics and the `keep` threshold from held-out kNN distances (N,) and probabilities (N, C)."""
         u = cls(bank, 0.0, spread(knn), k=k, keep=keep)
-        if held_out_probs is not None and msp_weight > 0:
-            u.msp_stats, u.msp_weight = spread(1 - held_out_probs.max(1)), msp_weight
-        u.threshold = float(np.quantile(u.combine(knn, held_out_probs), keep))
+        if probs is not None and msp_weight > 0:
+            u.msp_stats, u.msp_weight = spread(1 - probs.max(1)), msp_weight
+        u.threshold = float(np.quantile(u.combine(knn, probs), keep))
         return u
 
     def combine(self, knn: np.ndarray, probs: np.ndarray | None) -> np.ndarray:

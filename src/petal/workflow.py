@@ -131,9 +131,8 @@ def fit_trust(run: Run, head: HeadClassifier, X: np.ndarray, y: np.ndarray, keep
               reporter: Reporter) -> KnnUnknown:
     """Calibrate the head's temperature out of fold, then fit the unknown detector on the
     training embeddings X (N, D) with those held-out probabilities; both saved in the run."""
-    with reporter.progress(f"calibrating ({FOLDS} out-of-fold heads)", 1) as advance:
-        head.calibrate(X, y, folds=FOLDS)
-        advance(1)
+    with reporter.progress("calibrating (out-of-fold heads)", FOLDS) as advance:
+        head.calibrate(X, y, folds=FOLDS, on_fold=advance)
     unknown = KnnUnknown.fit(X, y, head.oof_proba_, keep=keep, seed=head.seed)
     run.write_head(head)  # now with its temperature
     run.write_unknown(unknown)
@@ -141,18 +140,29 @@ def fit_trust(run: Run, head: HeadClassifier, X: np.ndarray, y: np.ndarray, keep
 
 
 def eval_trust(run: Run, head: HeadClassifier, unknown: KnnUnknown, X: np.ndarray, y: np.ndarray) -> dict:
-    """On the eval split: ECE before and after calibration (with a reliability diagram), and
-    the share of images the unknown threshold keeps, with the accuracy on those."""
+    """trust_metrics of the head on the eval split's embeddings X (N, D)."""
+    logits = head.decision_function(X)
+    probs = softmax(logits, head.temperature_)
+    ood = unknown.score(X, probs)
+    return trust_metrics(run, y, logits, Scores(probs, ood, ood > unknown.threshold), head.temperature_, unknown.keep)
+
+
+def trust_metrics(run: Run, y: np.ndarray, logits: np.ndarray, scores: Scores, temperature: float,
+                  keep: float | None) -> dict:
+    """On the eval split (y: (N,) ids, logits before calibration, the calibrated Scores): ECE
+    before and after calibration, with a reliability diagram in the run, and the share of
+    images kept as known, with the accuracy on those."""
     if not len(y):
         return {}
-    uncalibrated, probs = softmax(head.decision_function(X)), head.predict_proba(X)
-    reliability_diagram(run.reliability_path, y, {"uncalibrated": uncalibrated, "calibrated": probs})
-    kept = unknown.score(X, probs) <= unknown.threshold
-    right = probs.argmax(1) == y
-    return {"ece": expected_calibration_error(probs, y),
-            "ece_uncalibrated": expected_calibration_error(uncalibrated, y), "temperature": head.temperature_,
-            "unknown": {"keep": unknown.keep, "kept_eval": float(kept.mean()),
-                        "accuracy_kept": float(right[kept].mean()) if kept.any() else None}}
+    uncalibrated = softmax(logits)
+    reliability_diagram(run.reliability_path, y, {"uncalibrated": uncalibrated, "calibrated": scores.probabilities})
+    out = {"ece": expected_calibration_error(scores.probabilities, y),
+           "ece_uncalibrated": expected_calibration_error(uncalibrated, y), "temperature": temperature}
+    if scores.unknown is not None:
+        kept, right = ~scores.unknown, scores.probabilities.argmax(1) == y
+        out["unknown"] = {"keep": keep, "kept_eval": float(kept.mean()),
+                          "accuracy_kept": float(right[kept].mean()) if kept.any() else None}
+    return out
 
 
 def fit_head(run: Run, head: HeadClassifier, train: tuple[np.ndarray, np.ndarray],

@@ -11,6 +11,7 @@ from typing import ClassVar
 
 from petal.errors import PetalError
 from petal.params import Bool, Instance, Int, OneOf, Real, Rule, Validated, check_param
+from petal.unknown import DEFAULT_KEEP
 
 ALL_BLOCKS = -1  # --unfreeze -1: train every layer, the stem included
 DEFAULT_UNFREEZE = 3  # with pretrained weights; from scratch trains everything
@@ -56,6 +57,8 @@ class FinetuneConfig(Validated):
         "unfreeze": Int(ALL_BLOCKS, what="-1 (all) or a number of blocks >= 0"), "pretrained": Bool(),
         "seed": Int(0), "augment": Instance(AugmentConfig), "trunk_runtime": OneOf("auto", "onnx", "torch"),
         "amp": Bool(), "workers": Int(0, none_ok=True), "decode_workers": Int(1, none_ok=True),
+        "calibration_percent": Real(0, 50, what="a percentage in [0, 50]"),
+        "keep": Real(0.5, 1, high_open=True, what="a share in [0.5, 1)"),
     }
 
     epochs: int = 12
@@ -75,6 +78,10 @@ class FinetuneConfig(Validated):
     amp: bool = True  # mixed precision on a GPU (ignored on a CPU)
     workers: int | None = None  # DataLoader worker processes [default: min(2, cores)]
     decode_workers: int | None = None  # threads decoding images into the pixel cache
+    # set aside from the training split, never trained on: fits the temperature and the
+    # unknown threshold (0: neither; too few images to set aside: neither, with a warning)
+    calibration_percent: float = 5.0
+    keep: float = DEFAULT_KEEP  # the share of known images the unknown threshold keeps
 
     def __post_init__(self) -> None:
         if self.unfreeze is None:

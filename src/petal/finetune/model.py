@@ -114,17 +114,6 @@ class FineTuneNet(nn.Module):
         return [g for g in groups if g["params"]]
 
 
-class Probabilities(nn.Module):
-    """What the bundle runs: uint8 images -> softmax probabilities."""
-
-    def __init__(self, model: FineTuneNet):
-        super().__init__()
-        self.model = model
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images).softmax(-1)
-
-
 class TrunkInput(nn.Module):
     """Preprocess + the frozen units: uint8 (N, S, S, 3) -> float activations."""
 

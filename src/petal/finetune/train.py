@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
-from petal.data import EVAL, TRAIN, Dataset, load_dataset
+from petal.calibration import fit_temperature, softmax
+from petal.data import CALIBRATION, EVAL, MIN_CALIBRATION, TRAIN, Dataset, load_dataset, set_aside
 from petal.errors import PetalError
 from petal.finetune.config import FinetuneConfig
 from petal.finetune.data import (
@@ -45,6 +46,7 @@ from petal.finetune.data import (
     train_view,
 )
 from petal.finetune.distributed import World, close_world, init_world
+from petal.finetune.export import Predictor, export_model
 from petal.finetune.model import FineTuneNet, OnnxTrunk, TorchTrunk, TrunkCollate, trunk_onnx_path
 from petal.params import Int, check_param, env_int
 from petal.progress import Reporter
@@ -58,14 +60,27 @@ from petal.run import (
     require_training_images,
 )
 from petal.storage import atomic_path, default_cache_dir
+from petal.unknown import KnnUnknown
+from petal.workflow import trust_metrics
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 64
 EVAL_CACHE_BYTES = 2 << 30  # eval activations kept in memory up to this size
 
-# Trainer.prepare's result: dataset, train/eval pixel files, their (N,) class ids,
-# data warnings, the run's fingerprint, the checkpoint to resume from (or None)
-Prepared = tuple[Dataset, PixelFile, PixelFile, np.ndarray, np.ndarray, list[str], dict, "dict | None"]
+SPLITS = (TRAIN, EVAL, CALIBRATION)
+
+
+@dataclass
+class Prepared:
+    """What Trainer.prepare found and decoded: the data, each split's pixel file and its
+    (N,) int64 class ids, the data warnings, the run's fingerprint, the checkpoint to resume."""
+
+    ds: Dataset
+    pixels: dict[str, PixelFile]  # split name -> its decoded images
+    labels: dict[str, np.ndarray]  # split name -> (N,) class ids, in the pixel file's order
+    warnings: list[str]
+    fingerprint: dict
+    checkpoint: dict | None
 
 
 @dataclass
@@ -234,22 +249,22 @@ class Trainer:
 
     # ------------------------------------------------------------------ data
 
-    def pixel_files(self, run: Run, ds: Dataset) -> tuple[PixelFile, PixelFile]:
-        """Decode every image once (one process per machine does it; the others wait)."""
-        tr, ev = [e.uri for e in ds.split(TRAIN)], [e.uri for e in ds.split(EVAL)]
+    def pixel_files(self, run: Run, ds: Dataset) -> dict[str, PixelFile]:
+        """Decode every image once (one process per machine does it; the others wait).
+        Training images in the augmentation view, the others as served."""
         pre = self.cfg.preprocess
-        views = [(run.pixels_dir / "train.u8", tr, train_view(pre, self.c.augment.enabled)),
-                 (run.pixels_dir / "eval.u8", ev, pre)]
+        views = [(split, run.pixels_dir / f"{split}.u8", [e.uri for e in ds.split(split)],
+                  train_view(pre, self.c.augment.enabled) if split == TRAIN else pre) for split in SPLITS]
         if self.world.local_rank == 0:
-            with self.reporter.progress("decoding images", len(tr) + len(ev)) as advance:
-                files = [build_pixel_file(p, uris, view, workers=self.c.decode_workers, on_progress=advance)
-                         for p, uris, view in views]
+            with self.reporter.progress("decoding images", len(ds.examples)) as advance:
+                files = {split: build_pixel_file(p, uris, view, workers=self.c.decode_workers, on_progress=advance)
+                         for split, p, uris, view in views}
         self.world.barrier()
         if self.world.local_rank != 0:
-            files = [read_pixel_file(p, uris, view.input_size) for p, uris, view in views]
-            if None in files:
+            files = {split: read_pixel_file(p, uris, view.input_size) for split, p, uris, view in views}
+            if None in files.values():
                 raise PetalError(f"the decoded images in {run.pixels_dir} are missing on this machine")
-        return files[0], files[1]
+        return files
 
     def threads(self) -> tuple[int, int]:
         """(DataLoader workers, PyTorch threads) for this process.
@@ -315,20 +330,19 @@ class Trainer:
             export: bool, stop_after: int | None) -> FinetuneResult | None:
         start = time.perf_counter()
         c, world = self.c, self.world
-        ds, tr_px, ev_px, y_tr, y_ev, warnings, fingerprint, ckpt = self.prepare(
-            data, run, labels_file=labels_file, eval_data=eval_data, eval_percent=eval_percent, resume=resume,
-            overwrite=overwrite)
-        st = self.setup(len(ds.classes), tr_px, y_tr, ev_px, y_ev, ckpt)
-        self.train_epochs(run, st, min(c.epochs, stop_after) if stop_after else c.epochs, fingerprint)
+        pr = self.prepare(data, run, labels_file=labels_file, eval_data=eval_data, eval_percent=eval_percent,
+                          resume=resume, overwrite=overwrite)
+        st = self.setup(len(pr.ds.classes), pr.pixels[TRAIN], pr.labels[TRAIN], pr.pixels[EVAL], pr.labels[EVAL],
+                        pr.checkpoint)
+        self.train_epochs(run, st, min(c.epochs, stop_after) if stop_after else c.epochs, pr.fingerprint)
         if not world.main:
             return None
         result = FinetuneResult(run.path, None, {}, st.best["epoch"], len(st.history), st.history,
-                                time.perf_counter() - start, warnings)
+                                time.perf_counter() - start, pr.warnings)
         if len(st.history) < c.epochs:  # stopped early: --resume goes on
             return result
         run.write_history(st.history)
-        result.metrics, result.model_dir = self.finish(run, ds.classes, tr_px, ev_px, y_ev, st.best, st.trunk,
-                                                       export)
+        result.metrics, result.model_dir = self.finish(run, pr, st.best, st.trunk, export)
         shutil.rmtree(run.pixels_dir, ignore_errors=True)  # decoded for this run only
         result.seconds = time.perf_counter() - start
         return result
@@ -391,33 +405,31 @@ class Trainer:
 
     def prepare(self, data, run: Run, *, labels_file, eval_data, eval_percent: float, resume: bool,
                 overwrite: bool) -> Prepared:
-        """Load the data, find the checkpoint to resume from, decode every image once into
-        the run's pixel files, and write the run files. Returns the dataset, the train and
-        eval pixel files with their class ids ((N,) int64 each), the data warnings, the
-        run's fingerprint and the checkpoint (or None)."""
+        """Load the data (setting the calibration images aside), find the checkpoint to resume
+        from, decode every image once into the run's pixel files, and write the run files."""
         c, world = self.c, self.world
         ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent)
+        ds = set_aside(ds, c.calibration_percent)
         self.reporter.dataset(ds)
         fingerprint = {"format": CHECKPOINT_FORMAT, "finetune": c.training_dict(), "backbone": self.cfg.name,
                        "classes": ds.classes, "train": digest([e.uri for e in ds.split(TRAIN)]),
                        "eval": digest([e.uri for e in ds.split(EVAL)])}
         ckpt = self.saved_checkpoint(run, resume, overwrite, fingerprint)  # before any slow work
         run.make()
-        tr_px, ev_px = self.pixel_files(run, ds)
+        pixels = self.pixel_files(run, ds)
         label_of = {e.uri: ds.label_id(e.label) for e in ds.examples}
-        y_tr = np.array([label_of[u] for u in tr_px.uris], np.int64)
-        y_ev = np.array([label_of[u] for u in ev_px.uris], np.int64)
-        require_training_images(ds.classes, (ds.classes[i] for i in y_tr))
-        keys = {**tr_px.keys, **ev_px.keys}
+        labels = {k: np.array([label_of[u] for u in px.uris], np.int64) for k, px in pixels.items()}
+        require_training_images(ds.classes, (ds.classes[i] for i in labels[TRAIN]))
+        keys = {u: key for px in pixels.values() for u, key in px.keys.items()}
         warnings = data_warnings(ds, keys, self.reporter)
         if world.main:
-            run.write_split(ds, keys, tr_px.failed + ev_px.failed)
+            run.write_split(ds, keys, [f for px in pixels.values() for f in px.failed])
             run.write_settings(RunSettings(
                 kind=FINETUNE, data=str(data), eval_data=str(eval_data) if eval_data else None,
                 labels_file=str(labels_file) if labels_file else None, eval_percent=eval_percent,
                 backbone=self.cfg.identity(), cache_dir=str(self.cache_dir), classes=ds.classes,
                 params=c.to_dict(), extra={"world_size": world.size}))
-        return ds, tr_px, ev_px, y_tr, y_ev, warnings, fingerprint, ckpt
+        return Prepared(ds, pixels, labels, warnings, fingerprint, ckpt)
 
     def saved_checkpoint(self, run: Run, resume: bool, overwrite: bool, fingerprint: dict) -> dict | None:
         """The checkpoint to resume from (same settings and data), or None to start afresh."""
@@ -492,24 +504,47 @@ class Trainer:
             torch.save(state, tmp)
         return best
 
-    def finish(self, run: Run, classes: list[str], tr_px: PixelFile, ev_px: PixelFile, y_ev: np.ndarray,
-               best: dict, trunk, export: bool) -> tuple[dict, Path | None]:
-        """Evaluate the best epoch on the CPU in float32, report it, export it."""
-        from petal.finetune.export import Predictor, export_model
-
+    def finish(self, run: Run, pr: Prepared, best: dict, trunk, export: bool) -> tuple[dict, Path | None]:
+        """Evaluate the best epoch on the CPU in float32, calibrated, report it, export it."""
+        classes, ev_px, y_ev = pr.ds.classes, pr.pixels[EVAL], pr.labels[EVAL]
         model = best_model(run, self.cfg, self.c, len(classes))
         cpu_trunk = trunk if self.runtime == "onnx" else TorchTrunk(model, torch.device("cpu"), contextlib.nullcontext)
-        predictor = Predictor(model, cpu_trunk)
-        extra = {"num_train": len(tr_px.uris), "best_epoch": best["epoch"]}
-        metrics = run.write_metrics(classes, ev_px.uris, y_ev, lambda: predictor(ev_px.open()), extra,
+        predictor = self.calibrate(run, Predictor(model, cpu_trunk), pr)
+        ev = ev_px.open()
+        extra = {"num_train": len(pr.pixels[TRAIN].uris), "best_epoch": best["epoch"],
+                 **trust_metrics(run, y_ev, predictor.features_logits(ev)[1], predictor(ev), predictor.temperature,
+                                 self.c.keep if predictor.unknown else None)}
+        metrics = run.write_metrics(classes, ev_px.uris, y_ev, lambda: predictor(ev).probabilities, extra,
                                     self.reporter, no_eval_note=", the last epoch is exported")
         model_dir = None
         if export:
-            parity = parity_uris(ev_px.uris, tr_px.uris)
+            parity = parity_uris(ev_px.uris, pr.pixels[TRAIN].uris)
             self.reporter.message(f"exporting epoch {best['epoch']} and checking parity on {len(parity)} images")
-            model_dir = export_model(run.model_dir, model, predictor, classes, parity, metrics,
+            model_dir = export_model(run.model_dir, predictor, classes, parity, metrics,
                                      training=training_record(self.c, best["epoch"]))
         return metrics, model_dir
+
+    def calibrate(self, run: Run, predictor: Predictor, pr: Prepared) -> Predictor:
+        """The temperature and the unknown detector from the calibration images, the detector's
+        bank from the training images; both saved in the run."""
+        cal, y_cal = pr.pixels[CALIBRATION], pr.labels[CALIBRATION]
+        if len(y_cal) < MIN_CALIBRATION:
+            self.reporter.message(f"warning: fewer than {MIN_CALIBRATION} calibration images (--calibration-percent "
+                                  f"{self.c.calibration_percent:g}): confidences are not calibrated and nothing is "
+                                  "called unknown")
+            return predictor
+        with self.reporter.progress("calibrating", 2) as advance:
+            cal_features, cal_logits = predictor.features_logits(cal.open())
+            predictor.temperature = fit_temperature(cal_logits, y_cal)
+            advance(1)
+            bank = predictor.features_logits(pr.pixels[TRAIN].open())[0]  # (N, D) on the served view
+            predictor.unknown = KnnUnknown.fit_held_out(bank, pr.labels[TRAIN], cal_features,
+                                                        softmax(cal_logits, predictor.temperature),
+                                                        keep=self.c.keep, seed=self.c.seed)
+            advance(1)
+        run.write_calibration(predictor.temperature)
+        run.write_unknown(predictor.unknown)
+        return predictor
 
 
 def training_record(config: FinetuneConfig, best_epoch: int | None) -> dict:
@@ -529,11 +564,10 @@ def best_model(run: Run, cfg: BackboneConfig, config: FinetuneConfig, num_classe
 def export_finetuned(run: Run, settings: RunSettings, cfg: BackboneConfig, cache_dir: Path) -> Path:
     """`petal export RUN` for a fine-tuning run: its best epoch, parity-checked against
     the same network in PyTorch. (`cache_dir` is not needed: the whole network is exported.)"""
-    from petal.finetune.export import Predictor, export_model
-
     config = run.read(lambda: FinetuneConfig.from_dict(settings.params))
     model = best_model(run, cfg, config, len(settings.classes))
     metrics = run.metrics()
-    predictor = Predictor(model, TorchTrunk(model, torch.device("cpu"), contextlib.nullcontext))
-    return export_model(run.model_dir, model, predictor, settings.classes, run.parity_uris(), metrics,
+    predictor = Predictor(model, TorchTrunk(model, torch.device("cpu"), contextlib.nullcontext),
+                          run.temperature(), run.unknown())
+    return export_model(run.model_dir, predictor, settings.classes, run.parity_uris(), metrics,
                         training=training_record(config, metrics.get("best_epoch")))

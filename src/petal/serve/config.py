@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from petal.errors import PetalError
-from petal.params import Instance, Int, Real, Rule, Validated
+from petal.params import Bool, Instance, Int, Real, Rule, Validated
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # no ':' or '/': names sit in URL paths
 API_KEY_ENV = "PETAL_API_KEY"
@@ -39,7 +39,8 @@ class Batching(Validated):
 @dataclass(frozen=True)
 class ServeConfig(Validated):
     PARAMS: ClassVar[dict[str, Rule]] = {"limits": Instance(Limits), "batching": Instance(Batching),
-                                         "threads": Int(1, none_ok=True), "decode_workers": Int(1, none_ok=True)}
+                                         "threads": Int(1, none_ok=True), "decode_workers": Int(1, none_ok=True),
+                                         "reject_unknown": Bool()}
 
     models: dict[str, Path]  # URL name -> bundle folder
     limits: Limits = field(default_factory=Limits)
@@ -47,6 +48,7 @@ class ServeConfig(Validated):
     api_key: str | None = None  # None or "": no auth
     threads: int | None = None  # ONNX Runtime intra-op threads [default: all cores, no spin-wait]
     decode_workers: int | None = None  # image decode threads [default: all cores]
+    reject_unknown: bool = True  # False: never answer "unknown" (a request can also say ?unknown=false)
 
     def check_together(self) -> None:
         if not self.models:
