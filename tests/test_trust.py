@@ -135,6 +135,10 @@ def test_evaluate_with_unknown_images(tmp_path, model_dir, dataset, foreign):
     assert 0 <= report["fpr_at_95_tpr"] <= 1
     assert (tmp_path / "report" / "coverage.png").read_bytes()[:4] == b"\x89PNG"
     assert 0 <= m["ece"] <= 1 and m["unknown"]["kept"] == report["kept_known"]
+    r = petal("evaluate", model_dir, dataset, "--out", tmp_path / "cli", "--unknown", Path(foreign[0]).parent)
+    assert "unknown images rejected" in r.stdout and (tmp_path / "cli" / "unknown.json").exists()
+    r = petal("evaluate", model_dir, dataset, "--out", tmp_path / "off", "--no-unknown")
+    assert json.loads((tmp_path / "off" / "metrics.json").read_text())["unknown"]["kept"] == 1.0
 
 
 def test_head_trains_with_exactly_ten_steps():

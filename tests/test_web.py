@@ -134,3 +134,30 @@ def test_api_docs_render_offline(browser, model_dir):
         assert "/v1/models/{name}:predict" in [p.replace("\u200b", "") for p in paths]
         assert outside == []
         page.close()
+
+
+def test_run_report_opens_offline_and_reveals_cell_images(browser, trained_run, tmp_path):
+    """RUN/report.html from file://: figures match metrics.json, a confusion cell shows its images."""
+    import json
+
+    report = trained_run.run_dir / "report.html"
+    metrics = json.loads((trained_run.run_dir / "metrics.json").read_text())
+    page = browser.new_page()
+    requested = []
+    page.on("request", lambda r: requested.append(r.url))
+    page.goto(report.as_uri())
+    assert page.inner_text("#accuracy") == f"{metrics['accuracy']:.4f}"
+    assert int(page.inner_text("#num-eval")) == metrics["num_eval"]
+    cells = page.eval_on_selector_all("td[data-cell]", "tds => tds.map(t => [t.dataset.cell, +t.textContent])")
+    assert sum(n for _, n in cells) == metrics["num_eval"]
+    assert [[n for c, n in cells if c.startswith(f"{i},")] for i in range(3)] == metrics["confusion_matrix"]
+    cell, count = max(cells, key=lambda c: c[1])
+    page.click(f"td[data-cell='{cell}']")
+    shown = page.eval_on_selector_all("#cell-images img", "imgs => imgs.map(i => i.naturalWidth)")
+    assert len(shown) == min(count, 12) and all(w > 0 for w in shown)  # thumbnails decoded, not broken
+    assert "likely label errors" in page.inner_text("#audit-line")
+    assert all(u.startswith(("file:", "data:")) for u in requested), requested
+    page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+    if os.environ.get("PETAL_SCREENSHOTS"):  # keep it, e.g. for a PR description
+        shutil.copy(tmp_path / "report.png", os.environ["PETAL_SCREENSHOTS"])
+    page.close()

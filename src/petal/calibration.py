@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-from petal.storage import atomic_path
-
 ECE_BINS = 15
 FOLDS = 5
 T_RANGE = (0.2, 10.0)  # on separable data the NLL falls without end as T -> 0; stop before one-hot
@@ -95,12 +93,9 @@ def expected_calibration_error(probs: np.ndarray, y: np.ndarray, bins: int = ECE
 
 def reliability_diagram(path: Path, y: np.ndarray, curves: dict[str, np.ndarray], bins: int = ECE_BINS) -> None:
     """A PNG of accuracy against confidence per bin, one line per {name: (N, C) probs}."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from petal.metrics import new_axes, save_png
 
-    fig = Figure(figsize=(5, 5))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    fig, ax = new_axes(5, 5)
     ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="perfect")
     for name, probs in curves.items():
         conf, right = probs.max(1), probs.argmax(1) == y
@@ -114,6 +109,4 @@ def reliability_diagram(path: Path, y: np.ndarray, curves: dict[str, np.ndarray]
     ax.set_ylim(0, 1)
     ax.legend(loc="upper left")
     ax.set_title("reliability (eval)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_png(fig, path)

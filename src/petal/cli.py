@@ -180,6 +180,10 @@ LabelsFile = Annotated[Optional[Path], typer.Option("--labels", help="dict.txt: 
 EvalData = Annotated[Optional[str], typer.Option("--eval", help="Explicit eval data.")]
 EvalPercent = Annotated[float, typer.Option(help="Percent of images in the eval split.")]
 Export = Annotated[bool, typer.Option(help="Write RUN/model at the end.")]
+Exclude = Annotated[Optional[Path], typer.Option(help=(
+    "Leave out the images listed in this CSV (a 'uri' column, e.g. a reviewed suspects.csv)."))]
+Relabel = Annotated[Optional[Path], typer.Option(help=(
+    "Give the images in this CSV its 'suggested' (or 'label') column as their label."))]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished run already in --out.")]
 AUG = "augmentation"
 
@@ -206,6 +210,8 @@ def train(
     keep: Annotated[float, typer.Option(help=(
         "Share of known images the 'unknown' threshold keeps; the rest of the threshold's "
         "side is rejected as unknown."))] = DEFAULT_KEEP,
+    exclude: Exclude = None,
+    relabel: Relabel = None,
     export: Export = True,
     overwrite: Overwrite = False,
 ) -> None:
@@ -219,7 +225,7 @@ def train(
                           class_weight=class_weight, seed=seed)
     r = run_train(data, out_dir, labels_file=labels, eval_data=eval_data, eval_percent=eval_percent,
                   backbone=backbone, cache_dir=cache, head=head, workers=workers, export=export,
-                  overwrite=overwrite, keep=keep, reporter=RichReporter())
+                  overwrite=overwrite, keep=keep, exclude=exclude, relabel=relabel, reporter=RichReporter())
     e = r.embed
     out.print(f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed"
               + (f" (see {r.run_dir / 'errors.csv'})" if e["failed"] or e["skipped"] else ""))
@@ -277,6 +283,8 @@ def finetune(
         "Percent of the training images set aside, never trained on, to calibrate confidences "
         "and the 'unknown' threshold; 0: neither."))] = FTC.calibration_percent,
     keep: Annotated[float, typer.Option(help="Share of known images the 'unknown' threshold keeps.")] = FTC.keep,
+    exclude: Exclude = None,
+    relabel: Relabel = None,
     export: Export = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(
         "Start afresh in an --out that holds a finished run or a checkpoint."))] = False,
@@ -298,7 +306,8 @@ def finetune(
         sys.exit(launch(nproc, sys.argv[1:]))
     r = run_finetune(data, out_dir, config=config, labels_file=labels, eval_data=eval_data,
                      eval_percent=eval_percent, backbone=backbone, cache_dir=cache, resume=resume,
-                     overwrite=overwrite, export=export, stop_after=stop_after, reporter=RichReporter())
+                     overwrite=overwrite, export=export, stop_after=stop_after, exclude=exclude, relabel=relabel,
+                     reporter=RichReporter())
     if r is None:  # a worker process other than the first
         return
     if r.metrics.get("accuracy") is not None:
@@ -359,6 +368,36 @@ def embed(
 
 
 @app.command(cls=Command)
+def audit(
+    data: Data,
+    out_dir: Annotated[Path, typer.Option("--out", help="Folder for the findings.")] = Path("petal-audit"),
+    labels: LabelsFile = None,
+    eval_data: EvalData = None,
+    eval_percent: EvalPercent = 10.0,
+    backbone: Backbone = DEFAULT_BACKBONE,
+    cache: Cache = None,
+    workers: Workers = None,
+    exclude: Exclude = None,
+    relabel: Relabel = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on the last line.")] = False,
+) -> None:
+    """Find likely label errors, duplicates, train/eval leakage, outliers and class imbalance
+    (suspects.csv, duplicates.csv, report.html in --out). Files are never moved."""
+    from petal.workflow import audit_data
+
+    found = audit_data(data, out_dir, labels_file=labels, eval_data=eval_data, eval_percent=eval_percent,
+                       backbone=backbone, cache_dir=cache, workers=workers, exclude=exclude, relabel=relabel,
+                       reporter=RichReporter() if not as_json else None)
+    if as_json:
+        print(json.dumps({**found.summary(), "out": str(out_dir)}))
+        return
+    out.print(found.line())
+    for advice in found.advice:
+        err.print(f"advice: {advice}", style="yellow", markup=False)
+    out.print(f"findings: {out_dir / 'suspects.csv'}, {out_dir / 'duplicates.csv'}")
+
+
+@app.command(cls=Command)
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Exported model folder (RUN/model).")],
     data: Annotated[str, typer.Argument(help="Labeled folder or CSV.")],
@@ -367,13 +406,13 @@ def evaluate(
     unknown_data: Annotated[Optional[str], typer.Option("--unknown", help=(
         "Images of none of the classes (folder, CSV or glob): how well they are told apart "
         "(unknown.json, coverage.png)."))] = None,
-    unknown: Annotated[bool, typer.Option(help="--no-unknown: never call an image unknown.")] = True,
+    no_unknown: Annotated[bool, typer.Option("--no-unknown", help="Never call an image unknown.")] = False,
 ) -> None:
     """Evaluate an exported model on labeled data: metrics.json, confusion matrix, misclassified.csv."""
     from petal.workflow import evaluate_model
 
     metrics = evaluate_model(model, data, out_dir, labels_file=labels, unknown_data=unknown_data,
-                             reject_unknown=unknown, reporter=RichReporter())
+                             reject_unknown=not no_unknown, reporter=RichReporter())
     print_metrics(metrics)
     print_trust(metrics)
     out.print(f"report: {out_dir}")

@@ -51,17 +51,27 @@ def write_report(out: Path, metrics: dict, classes: list[str], uris: list[str],
     atomic_write_text(out / "misclassified.csv", buf.getvalue())
 
 
-def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
-    # A Figure with its own Agg canvas: no pyplot, so the host program's matplotlib
-    # backend is neither chosen nor changed, and no figure is left open in pyplot.
+def new_axes(width: float, height: float):
+    """(figure, axes) for one plot. A Figure with its own Agg canvas: no pyplot, so the host
+    program's matplotlib backend is neither chosen nor changed, and no figure is left open."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots()
+
+
+def save_png(fig, path: Path) -> None:
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+
+
+def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
     n = len(classes)
     size = min(4 + 0.4 * n, 30)
-    fig = Figure(figsize=(size, size))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    fig, ax = new_axes(size, size)
     ax.imshow(cm, cmap="Blues")
     ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 45, ha="right")
     ax.set_yticks(range(n), classes)
@@ -74,6 +84,4 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
                 ax.text(j, i, int(cm[i, j]), ha="center", va="center",
                         color="white" if cm[i, j] > thresh else "black", fontsize=8)
     ax.set_title("confusion matrix (eval)")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_png(fig, path)

@@ -9,7 +9,9 @@
       calibration.json  the fine-tuned model's temperature (kind "finetune"; a head keeps it in head.npz)
       checkpoints/    last.pt, best.pt (kind "finetune"; --resume goes on from last.pt)
       history.csv     one row per epoch (kind "finetune")
-      metrics.json    + confusion_matrix.png, misclassified.csv (petal.metrics), reliability.png
+      metrics.json    + confusion_matrix.png, misclassified.csv (petal.metrics), reliability.png, coverage.png
+      suspects.csv    the data audit (petal.audit): likely label errors and outliers; duplicates.csv, audit.json
+      report.html     everything above in one offline page (petal.report)
       tensorboard/    training curves
       model/          the exported bundle (petal.bundle)
 
@@ -98,6 +100,8 @@ class Run:
         self.unknown_path = self.path / "unknown.npz"
         self.calibration_path = self.path / "calibration.json"
         self.reliability_path = self.path / "reliability.png"
+        self.coverage_path = self.path / "coverage.png"
+        self.report_path = self.path / "report.html"
         self.metrics_path = self.path / "metrics.json"
         self.history_path = self.path / "history.csv"
         self.checkpoints = self.path / "checkpoints"

@@ -168,17 +168,12 @@ def coverage_curve(path: Path, ood: np.ndarray, right: np.ndarray, threshold: fl
     """A PNG of accuracy on the images kept against the share kept, as the threshold moves
     over the known images' (N,) ood scores; `right`: (N,) top-1 correct; the shipped
     threshold is marked."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    from petal.storage import atomic_path
+    from petal.metrics import new_axes, save_png
 
     order = np.argsort(ood, kind="stable")  # most known-like first: keeping the first n of them
     n = np.arange(1, len(ood) + 1)
     coverage, accuracy = n / len(ood), np.cumsum(right[order]) / n
-    fig = Figure(figsize=(5, 4))
-    FigureCanvasAgg(fig)
-    ax = fig.subplots()
+    fig, ax = new_axes(5, 4)
     ax.plot(coverage, accuracy, label="accuracy on kept images")
     kept = ood <= threshold
     if kept.any():
@@ -189,6 +184,4 @@ def coverage_curve(path: Path, ood: np.ndarray, right: np.ndarray, threshold: fl
     ax.set_xlim(0, 1)
     ax.legend(loc="lower left")
     ax.set_title("coverage vs accuracy")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+    save_png(fig, path)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from petal.audit import Audit, audit, write_audit
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
 from petal.cache import EmbeddingCache
 from petal.calibration import FOLDS, expected_calibration_error, reliability_diagram, softmax
@@ -25,6 +26,8 @@ from petal.metrics import compute_metrics, write_report
 from petal.params import Real, check_param
 from petal.predictions import Scores
 from petal.progress import Reporter
+from petal.report import write_html_report
+from petal.review import apply_review
 from petal.run import (
     FINETUNE,
     HEAD,
@@ -36,7 +39,7 @@ from petal.run import (
     require_training_images,
 )
 from petal.storage import atomic_write_csv, atomic_write_text, check_output, default_cache_dir
-from petal.unknown import DEFAULT_KEEP, KnnUnknown
+from petal.unknown import DEFAULT_KEEP, KnnUnknown, coverage_curve
 
 
 @dataclass
@@ -75,10 +78,13 @@ def train(
     export: bool = True,
     overwrite: bool = False,
     keep: float = DEFAULT_KEEP,
+    exclude: str | Path | None = None,
+    relabel: str | Path | None = None,
     reporter: Reporter | None = None,
 ) -> TrainResult:
-    """embed -> train the head -> calibrate it, fit the unknown detector -> evaluate -> export,
-    into the run folder `out`. `keep`: the share of known images the unknown threshold keeps.
+    """embed -> audit the data -> train the head -> calibrate it, fit the unknown detector ->
+    evaluate -> export, into the run folder `out`. `keep`: the share of known images the
+    unknown threshold keeps; `exclude`/`relabel`: reviewed audit findings (petal.review).
     A finished run already in `out` is replaced only with `overwrite=True`."""
     check_param("keep", keep, Real(0.5, 1, high_open=True, what="a share in [0.5, 1)"))
     reporter = reporter or Reporter()
@@ -87,7 +93,8 @@ def train(
     cache_dir = Path(cache_dir or default_cache_dir())
     run = Run.create(out, data, overwrite)
 
-    ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent)
+    ds = apply_review(load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent),
+                      exclude, relabel, reporter)
     reporter.dataset(ds)
     run.make()  # only once the data is known to be usable
 
@@ -95,6 +102,8 @@ def train(
     run.write_split(ds, result.keys, result.failed)
     warnings = data_warnings(ds, result.keys, reporter)
     (tr, Xtr, ytr), (ev, Xev, yev) = split_arrays(ds, result.keys, cache)
+    write_audit(run.path, findings := audit_examples(ds, result.keys, cache))
+    reporter.message(findings.line() + f" (see {run.report_path})")
     run.write_settings(RunSettings(
         kind=HEAD, data=str(data), eval_data=str(eval_data) if eval_data else None,
         labels_file=str(labels_file) if labels_file else None, eval_percent=eval_percent,
@@ -103,14 +112,46 @@ def train(
     fit_head(run, head, (Xtr, ytr), (Xev, yev), len(ds.classes), reporter)
     unknown = fit_trust(run, head, Xtr, ytr, keep, reporter)
     extra = {"num_train": len(tr), "embed": result.summary(), **eval_trust(run, head, unknown, Xev, yev)}
-    metrics = run.write_metrics(ds.classes, [e.uri for e in ev], yev, lambda: head.predict_proba(Xev), extra,
-                                reporter)
+    probs_ev = head.predict_proba(Xev)  # (N, C) calibrated
+    metrics = run.write_metrics(ds.classes, [e.uri for e in ev], yev, lambda: probs_ev, extra, reporter)
+    write_run_report(run, metrics, ds.classes, ([e.uri for e in ev], yev, probs_ev), findings)
     model_dir = None
     if export:
         parity = parity_uris([e.uri for e in ev], [e.uri for e in tr])
         reporter.message(f"exporting and checking parity on {len(parity)} images")
         model_dir = export_head(run, cfg, head, ds.classes, cache_dir, parity, metrics, unknown)
     return TrainResult(run.path, model_dir, metrics, {**result.summary(), "skipped": len(ds.skipped)}, warnings)
+
+
+def write_run_report(run: Run, metrics: dict, classes: list[str],
+                     eval_set: tuple[list[str], np.ndarray, np.ndarray], findings: Audit | None) -> Path:
+    """RUN/report.html: metrics, confusion matrix with its images, top losses, plots, audit."""
+    return write_html_report(run.report_path, f"petal run {run.name}", metrics=metrics, classes=classes,
+                             eval_set=eval_set, audit=findings, plots=[run.reliability_path, run.coverage_path])
+
+
+def audit_examples(ds: Dataset, keys: dict[str, str], cache: EmbeddingCache) -> Audit:
+    """The audit of every embedded image of `ds`, train and eval alike."""
+    usable = [e for e in ds.examples if e.uri in keys]
+    return audit(cache.get([keys[e.uri] for e in usable]), [e.label for e in usable], ds.classes,
+                 [e.uri for e in usable], [e.split for e in usable], [keys[e.uri] for e in usable])
+
+
+def audit_data(data: str | Path, out: str | Path, *, labels_file: str | Path | None = None,
+               eval_data: str | Path | None = None, eval_percent: float = 10.0, backbone: str = DEFAULT_BACKBONE,
+               cache_dir: str | Path | None = None, workers: int | None = None, exclude: str | Path | None = None,
+               relabel: str | Path | None = None, reporter: Reporter | None = None) -> Audit:
+    """`petal audit`: embed (from the cache where it can), audit, and write the findings into `out`."""
+    reporter = reporter or Reporter()
+    out = check_output(out, "out", folder=True)
+    ds = apply_review(load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent),
+                      exclude, relabel, reporter)
+    reporter.dataset(ds)
+    result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
+    findings = audit_examples(ds, result.keys, cache)
+    write_audit(out, findings)
+    write_html_report(out / "report.html", f"petal audit of {data}", audit=findings)
+    return findings
 
 
 def split_arrays(ds: Dataset, keys: dict[str, str], cache: EmbeddingCache
@@ -144,11 +185,12 @@ def eval_trust(run: Run, head: HeadClassifier, unknown: KnnUnknown, X: np.ndarra
     logits = head.decision_function(X)
     probs = softmax(logits, head.temperature_)
     ood = unknown.score(X, probs)
-    return trust_metrics(run, y, logits, Scores(probs, ood, ood > unknown.threshold), head.temperature_, unknown.keep)
+    return trust_metrics(run, y, logits, Scores(probs, ood, ood > unknown.threshold), head.temperature_, unknown.keep,
+                         unknown.threshold)
 
 
 def trust_metrics(run: Run, y: np.ndarray, logits: np.ndarray, scores: Scores, temperature: float,
-                  keep: float | None) -> dict:
+                  keep: float | None, threshold: float | None = None) -> dict:
     """On the eval split (y: (N,) ids, logits before calibration, the calibrated Scores): ECE
     before and after calibration, with a reliability diagram in the run, and the share of
     images kept as known, with the accuracy on those."""
@@ -160,6 +202,7 @@ def trust_metrics(run: Run, y: np.ndarray, logits: np.ndarray, scores: Scores, t
            "ece_uncalibrated": expected_calibration_error(uncalibrated, y), "temperature": temperature}
     if scores.unknown is not None:
         kept, right = ~scores.unknown, scores.probabilities.argmax(1) == y
+        coverage_curve(run.coverage_path, scores.ood_score, right, threshold)
         out["unknown"] = {"keep": keep, "kept_eval": float(kept.mean()),
                           "accuracy_kept": float(right[kept].mean()) if kept.any() else None}
     return out

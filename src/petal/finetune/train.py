@@ -50,6 +50,7 @@ from petal.finetune.export import Predictor, export_model
 from petal.finetune.model import FineTuneNet, OnnxTrunk, TorchTrunk, TrunkCollate, trunk_onnx_path
 from petal.params import Int, check_param, env_int
 from petal.progress import Reporter
+from petal.review import apply_review
 from petal.run import (
     FINETUNE,
     Run,
@@ -61,7 +62,7 @@ from petal.run import (
 )
 from petal.storage import atomic_path, default_cache_dir
 from petal.unknown import KnnUnknown
-from petal.workflow import trust_metrics
+from petal.workflow import trust_metrics, write_run_report
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 64
@@ -109,6 +110,8 @@ def finetune(
     overwrite: bool = False,
     export: bool = True,
     stop_after: int | None = None,
+    exclude: str | Path | None = None,
+    relabel: str | Path | None = None,
     reporter: Reporter | None = None,
 ) -> FinetuneResult | None:
     """Fine-tune into the run folder `out`. Under torchrun every process calls this;
@@ -125,7 +128,7 @@ def finetune(
     threads = torch.get_num_threads()
     try:
         trainer = Trainer(config, world, get_backbone(backbone), Path(cache_dir or default_cache_dir()),
-                          reporter if world.main else None)
+                          reporter if world.main else None, review=(exclude, relabel))
         run = Run.create(out, data, overwrite=overwrite or resume)  # resuming a finished run re-exports it
         return trainer.run(data, run, labels_file=labels_file, eval_data=eval_data, eval_percent=eval_percent,
                            resume=resume, overwrite=overwrite, export=export, stop_after=stop_after)
@@ -235,9 +238,10 @@ class TrainState:
 
 class Trainer:
     def __init__(self, config: FinetuneConfig, world: World, cfg: BackboneConfig, cache_dir: Path,
-                 reporter: Reporter | None):
+                 reporter: Reporter | None, review: tuple = (None, None)):
         self.c, self.world, self.cfg, self.cache_dir = config, world, cfg, cache_dir
         self.reporter = reporter or Reporter()
+        self.review = review  # (exclude CSV, relabel CSV) or Nones: see petal.review
         self.amp_dtype = None
         if world.device.type == "cuda" and config.amp:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -409,7 +413,7 @@ class Trainer:
         from, decode every image once into the run's pixel files, and write the run files."""
         c, world = self.c, self.world
         ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent)
-        ds = set_aside(ds, c.calibration_percent)
+        ds = set_aside(apply_review(ds, *self.review, self.reporter), c.calibration_percent)
         self.reporter.dataset(ds)
         fingerprint = {"format": CHECKPOINT_FORMAT, "finetune": c.training_dict(), "backbone": self.cfg.name,
                        "classes": ds.classes, "train": digest([e.uri for e in ds.split(TRAIN)]),
@@ -512,10 +516,12 @@ class Trainer:
         predictor = self.calibrate(run, Predictor(model, cpu_trunk), pr)
         ev = ev_px.open()
         extra = {"num_train": len(pr.pixels[TRAIN].uris), "best_epoch": best["epoch"],
-                 **trust_metrics(run, y_ev, predictor.features_logits(ev)[1], predictor(ev), predictor.temperature,
-                                 self.c.keep if predictor.unknown else None)}
-        metrics = run.write_metrics(classes, ev_px.uris, y_ev, lambda: predictor(ev).probabilities, extra,
+                 **trust_metrics(run, y_ev, predictor.features_logits(ev)[1], scores := predictor(ev),
+                                 predictor.temperature, self.c.keep if predictor.unknown else None,
+                                 predictor.unknown.threshold if predictor.unknown else None)}
+        metrics = run.write_metrics(classes, ev_px.uris, y_ev, lambda: scores.probabilities, extra,
                                     self.reporter, no_eval_note=", the last epoch is exported")
+        write_run_report(run, metrics, classes, (ev_px.uris, y_ev, scores.probabilities), None)
         model_dir = None
         if export:
             parity = parity_uris(ev_px.uris, pr.pixels[TRAIN].uris)

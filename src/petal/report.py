@@ -1,0 +1,168 @@
+"""One self-contained HTML report per run (RUN/report.html) and per audit.
+
+It opens from file:// with no network: the thumbnails (JPEG, THUMB px) and the plots are
+embedded as data: URIs, the script is inline. For large datasets it caps what it embeds:
+at most CELL_CAP images behind each confusion-matrix cell, the MAX_CLASSES classes with
+the most errors in the matrix, and the top TOP items of each list, so a 100k-image run
+still gives a report of a few MB.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+
+from petal.audit import Audit
+from petal.storage import atomic_write_text
+
+THUMB, CELL_CAP, MAX_CLASSES, TOP = 96, 12, 30, 40
+
+CSS = """body{font:14px system-ui,sans-serif;margin:1.5rem;color:#222}h1{font-size:1.4rem}h2{font-size:1.1rem;
+margin-top:2rem}table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:right}
+th:first-child,td:first-child{text-align:left}.cm td[data-cell]{cursor:pointer}.cm td.off{background:#fde2e2}
+.cm td.diag{background:#e2f0e2}.thumbs{display:flex;flex-wrap:wrap;gap:.4rem}.thumbs figure{margin:0;width:110px;
+font-size:11px;overflow-wrap:anywhere}.thumbs img{width:96px;height:96px;object-fit:cover;display:block}
+.figures img{max-width:420px;margin-right:1rem}.muted{color:#666}"""
+
+SCRIPT = """const data = document.getElementById('cells');
+const cells = data ? JSON.parse(data.textContent) : {};
+for (const td of document.querySelectorAll('td[data-cell]')) {
+  td.addEventListener('click', () => {
+    const out = document.getElementById('cell-images');
+    out.replaceChildren();
+    const head = document.getElementById('cell-title');
+    head.textContent = td.dataset.title;
+    for (const [src, caption] of cells[td.dataset.cell] || []) {
+      const f = document.createElement('figure');
+      const img = document.createElement('img');
+      img.src = src; img.alt = caption;
+      const c = document.createElement('figcaption');
+      c.textContent = caption;  // captions are file names: text, never HTML
+      f.append(img, c); out.append(f);
+    }
+  });
+}"""
+
+
+def thumbnail(uri: str) -> str:
+    """A small JPEG of the image as a data: URI; an empty string if it cannot be read."""
+    from PIL import Image
+
+    from petal.images import open_image, to_rgb
+    from petal.storage import read_bytes
+
+    try:
+        img = to_rgb(open_image(read_bytes(uri)))
+        img.thumbnail((THUMB, THUMB), Image.Resampling.BILINEAR)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=70)
+    except Exception:  # noqa: BLE001 - a thumbnail that fails leaves a blank, never a broken report
+        return ""
+    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def png_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def figures(items: list[tuple[str, str]]) -> str:
+    """[(uri, caption)] -> a row of thumbnails."""
+    if not items:
+        return '<p class="muted">none</p>'
+    cells = "".join(f'<figure><img src="{thumbnail(u)}" alt=""><figcaption>{html.escape(c)}</figcaption></figure>'
+                    for u, c in items)
+    return f'<div class="thumbs">{cells}</div>'
+
+
+def metrics_section(metrics: dict) -> str:
+    rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
+                   f"<td>{m['f1']:.3f}</td><td>{m['support']}</td></tr>" for c, m in metrics["per_class"].items())
+    extra = "".join(f" &middot; {k} <b>{metrics[k]:.3f}</b>" for k in ("ece", "ece_uncalibrated") if k in metrics)
+    return (f'<h2>Metrics</h2><p>accuracy <b id="accuracy">{metrics["accuracy"]:.4f}</b> &middot; top-5 '
+            f'{metrics["top5_accuracy"]:.4f} &middot; eval images <b id="num-eval">{metrics["num_eval"]}</b>{extra}</p>'
+            "<table><tr><th>class</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr>"
+            f"{rows}</table>")
+
+
+def confusion_section(classes: list[str], uris: list[str], y: np.ndarray, probs: np.ndarray) -> str:
+    """The confusion matrix; a click on a cell shows (up to CELL_CAP of) the images behind it."""
+    pred = probs.argmax(1)
+    c = len(classes)
+    cm = np.zeros((c, c), int)
+    np.add.at(cm, (y, pred), 1)
+    errors = cm.sum(1) - np.diag(cm) + cm.sum(0) - np.diag(cm)
+    shown = sorted(np.argsort(-errors)[:MAX_CLASSES].tolist())
+    cells, body = {}, []
+    for i in shown:
+        row = [f"<td>{html.escape(classes[i])}</td>"]
+        for j in shown:
+            members = np.flatnonzero((y == i) & (pred == j))[:CELL_CAP]
+            cells[f"{i},{j}"] = [(thumbnail(uris[k]), f"{Path(uris[k]).name} ({probs[k, j]:.2f})") for k in members]
+            title = html.escape(f"true {classes[i]}, predicted {classes[j]}: {cm[i, j]} image(s)", quote=True)
+            kind = "diag" if i == j else ("off" if cm[i, j] else "")
+            row.append(f'<td class="{kind}" data-cell="{i},{j}" data-title="{title}">{cm[i, j]}</td>')
+        body.append("<tr>" + "".join(row) + "</tr>")
+    head = "".join(f"<th>{html.escape(classes[j])}</th>" for j in shown)
+    note = f" ({len(shown)} of {c} classes: those with the most errors)" if len(shown) < c else ""
+    data = json.dumps(cells).replace("</", "<\\/")  # no "</script>" inside the JSON
+    return (f"<h2>Confusion matrix{note}</h2><p class=muted>rows: true class, columns: predicted; "
+            f'click a cell for its images</p><table class="cm"><tr><th>true \\ predicted</th>{head}</tr>'
+            f'{"".join(body)}</table><h3 id="cell-title"></h3><div class="thumbs" id="cell-images"></div>'
+            f'<script type="application/json" id="cells">{data}</script>')
+
+
+def errors_section(classes: list[str], uris: list[str], y: np.ndarray, probs: np.ndarray) -> str:
+    """Top losses and the most confused pairs."""
+    pred = probs.argmax(1)
+    own = probs[np.arange(len(y)), y]
+    worst = [i for i in np.argsort(own)[:TOP] if pred[i] != y[i]]
+    losses = figures([(uris[i], f"{Path(uris[i]).name}: {classes[y[i]]} -> {classes[pred[i]]} "
+                                f"{probs[i, pred[i]]:.2f}") for i in worst])
+    pairs = {}
+    for i in np.flatnonzero(pred != y):
+        pairs[(y[i], pred[i])] = pairs.get((y[i], pred[i]), 0) + 1
+    top_pairs = sorted(pairs.items(), key=lambda kv: -kv[1])[:10]
+    rows = "".join(f"<tr><td>{html.escape(classes[a])} &rarr; {html.escape(classes[b])}</td><td>{n}</td></tr>"
+                   for (a, b), n in top_pairs)
+    return (f"<h2>Top losses</h2>{losses}<h2>Most confused pairs</h2>"
+            f"<table><tr><th>true &rarr; predicted</th><th>images</th></tr>{rows}</table>")
+
+
+def audit_section(a: Audit) -> str:
+    s = a.summary()
+    advice = "".join(f"<p><b>advice:</b> {html.escape(x)}</p>" for x in a.advice)
+    suspects = figures([(x.uri, f"{Path(x.uri).name}: {x.label}" + (f" -> {x.suggested}" if x.suggested else "")
+                         + f" ({x.reason} {x.score:.2f})") for x in a.suspects[:TOP]])
+    dups = [d for d in a.duplicates if d.crosses][:TOP // 2] or a.duplicates[:TOP // 2]
+    pairs = figures([(u, f"{Path(u).name} ({d.kind} {d.similarity:.3f}{', ' + d.crosses if d.crosses else ''})")
+                     for d in dups for u in (d.uri_a, d.uri_b)])
+    return (f'<h2>Audit</h2><p id="audit-line">{html.escape(a.line())}</p>{advice}'
+            f'<h3>Most suspicious ({s["label_suspects"]} likely label errors, {s["outliers"]} outliers)</h3>'
+            f"{suspects}<h3>Duplicates (pairs)</h3>{pairs}")
+
+
+def write_html_report(path: Path, title: str, *, metrics: dict | None = None, classes: list[str] | None = None,
+                      eval_set: tuple[list[str], np.ndarray, np.ndarray] | None = None, audit: Audit | None = None,
+                      plots: list[Path] = ()) -> Path:
+    """report.html at `path`: metrics and the per-class table, the confusion matrix with its
+    images, top losses, the plots that exist, and the audit's findings."""
+    parts = [f"<h1>{html.escape(title)}</h1>"]
+    if metrics and metrics.get("accuracy") is not None:
+        parts.append(metrics_section(metrics))
+    if eval_set is not None and classes and len(eval_set[1]):
+        parts += [confusion_section(classes, *eval_set), errors_section(classes, *eval_set)]
+    existing = [p for p in plots if p.exists()]
+    if existing:
+        imgs = "".join(f'<img src="{png_uri(p)}" alt="{html.escape(p.stem)}">' for p in existing)
+        parts.append(f'<h2>Plots</h2><div class="figures">{imgs}</div>')
+    if audit is not None:
+        parts.append(audit_section(audit))
+    doc = (f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+           f"<style>{CSS}</style></head><body>{''.join(parts)}<script>{SCRIPT}</script></body></html>")
+    atomic_write_text(path, doc)
+    return path

@@ -1,0 +1,89 @@
+"""The data audit (petal.audit), acting on it (petal.review) and the HTML report
+(petal.report), on synthetic shapes with planted problems and the real Lite0."""
+
+import csv
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+from petal.audit import audit, nearest
+from petal.synthetic import foreign_photos, make_dataset
+from petal.workflow import audit_data, train
+from test_cli import petal
+
+
+@pytest.fixture(scope="module")
+def dirty(tmp_path_factory):
+    """4 classes x 20 shapes with planted problems: 3 flipped labels (files moved to another
+    class), one file copied into another class, one photo that is no shape at all."""
+    root = make_dataset(tmp_path_factory.mktemp("dirty") / "shapes", per_class=20, seed=7, classes=4)
+    moves = {"circles/circles_005.jpg": "squares", "squares/squares_007.jpg": "triangles",
+             "triangles/triangles_009.png": "circles"}
+    flipped = []
+    for rel, to in moves.items():
+        dest = root / to / rel.split("/")[1]
+        shutil.move(root / rel, dest)
+        flipped.append(str(dest))
+    shutil.copy(root / "stripes" / "stripes_001.jpg", root / "circles" / "copy_of_stripes_001.jpg")
+    cat = foreign_photos(root / "squares", ("chelsea",))[0]
+    return {"root": root, "flipped": flipped, "cat": cat}
+
+
+def test_nearest_excludes_itself_and_orders_by_similarity():
+    X = np.eye(4, dtype=np.float32)[[0, 0, 1, 2]] + 0.01 * np.arange(4)[:, None]
+    ids, sims = nearest(X / np.linalg.norm(X, axis=1, keepdims=True), 2)
+    assert ids[0, 0] == 1 and ids[1, 0] == 0 and all(ids[i, 0] != i for i in range(4))
+    assert (sims[:, 0] >= sims[:, 1]).all()
+
+
+def test_audit_finds_planted_problems(dirty, tmp_path, cache_dir):
+    found = audit_data(dirty["root"], tmp_path / "audit", cache_dir=cache_dir)
+    labels = [s.uri for s in found.suspects if s.reason == "label"]
+    assert set(dirty["flipped"]) <= set(labels[:6]), labels[:6]  # the flips are at the very top
+    moved = {s.uri: s for s in found.suspects if s.uri in dirty["flipped"]}
+    assert all(s.suggested == s.uri.split("/")[-1].split("_")[0] for s in moved.values())  # their true class
+    assert any(s.uri == dirty["cat"] for s in found.suspects)  # a cat among shapes: suspect or outlier
+    cross = [d for d in found.duplicates if d.kind == "exact"]
+    assert len(cross) == 1 and cross[0].crosses.startswith("classes") and cross[0].similarity == 1.0
+    with open(tmp_path / "audit" / "suspects.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["uri", "label", "suggested", "score", "reason"]
+    assert [float(r["score"]) for r in rows] == sorted((float(r["score"]) for r in rows), reverse=True)
+    assert (tmp_path / "audit" / "duplicates.csv").read_text().startswith("uri_a,uri_b,similarity,kind,crosses")
+    assert (tmp_path / "audit" / "report.html").stat().st_size > 1000
+
+
+def test_imbalance_gets_advice():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(44, 8)).astype(np.float32)
+    labels = ["a"] * 40 + ["b"] * 4
+    a = audit(X, labels, ["a", "b"], [f"{i}.jpg" for i in range(44)], ["train"] * 44, [str(i) for i in range(44)])
+    assert a.advice and "--class-weight balanced" in a.advice[0] and a.counts == {"a": 40, "b": 4}
+
+
+def test_cli_audit_json_and_acting_on_it(dirty, tmp_path, cache_dir):
+    r = petal("audit", dirty["root"], "--out", tmp_path / "a", "--json")
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["label_suspects"] >= 3 and summary["cross_class_duplicates"] == 1
+    # review: drop the cat, relabel the flips to what the audit suggests; files stay where they are
+    with open(tmp_path / "a" / "suspects.csv") as f:
+        rows = list(csv.DictReader(f))
+    (tmp_path / "drop.csv").write_text(f"uri\n{dirty['cat']}\n")
+    with open(tmp_path / "fix.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, ["uri", "label", "suggested", "score", "reason"])
+        w.writeheader()
+        w.writerows(r for r in rows if r["uri"] in dirty["flipped"])
+    r = train(dirty["root"], tmp_path / "run", cache_dir=cache_dir, eval_percent=25.0, exclude=tmp_path / "drop.csv",
+              relabel=tmp_path / "fix.csv")
+    with open(tmp_path / "run" / "split.csv") as f:
+        split = {row["uri"]: row["label"] for row in csv.DictReader(f)}
+    assert dirty["cat"] not in split and os.path.exists(dirty["cat"])
+    assert all(split[u] == u.split("/")[-1].split("_")[0] for u in dirty["flipped"])
+    assert {"suspects.csv", "duplicates.csv", "audit.json", "report.html"} <= {p.name for p in r.run_dir.iterdir()}
+    bad = tmp_path / "bad.csv"
+    bad.write_text("uri,suggested\nx.jpg,hexagons\n")
+    r = petal("train", dirty["root"], "--out", tmp_path / "r2", "--relabel", bad, check=False)
+    assert r.returncode == 2 and "'hexagons' is not one of the classes" in r.stderr
