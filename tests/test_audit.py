@@ -87,3 +87,17 @@ def test_cli_audit_json_and_acting_on_it(dirty, tmp_path, cache_dir):
     bad.write_text("uri,suggested\nx.jpg,hexagons\n")
     r = petal("train", dirty["root"], "--out", tmp_path / "r2", "--relabel", bad, check=False)
     assert r.returncode == 2 and "'hexagons' is not one of the classes" in r.stderr
+
+
+def test_split_folders_train_with_a_test_split_and_leaks_are_named(tmp_path, cache_dir):
+    root = tmp_path / "layout"
+    for split, seed in (("train", 1), ("val", 2), ("test", 3)):
+        make_dataset(root / split, per_class=12 if split == "train" else 4, seed=seed)
+    leak = root / "test" / "circles" / "leaked.jpg"
+    shutil.copy(root / "train" / "circles" / "circles_001.jpg", leak)
+    r = train(root, tmp_path / "run", cache_dir=cache_dir)
+    assert r.metrics["num_eval"] == 12 and r.metrics["test"]["num_eval"] == 13
+    assert json.loads((r.run_dir / "test" / "metrics.json").read_text())["num_eval"] == 13
+    with open(r.run_dir / "duplicates.csv") as f:
+        leaks = [row for row in csv.DictReader(f) if row["kind"] == "exact"]
+    assert len(leaks) == 1 and leaks[0]["crosses"] == "train/test"

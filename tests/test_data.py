@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from petal.data import EVAL, TRAIN, assign_split, expand_inputs, load_dataset, read_labels_file
+from petal.data import EVAL, TEST, TRAIN, assign_split, expand_inputs, load_dataset, read_labels_file
 from petal.errors import DataError, PetalError
 
 
@@ -95,3 +95,43 @@ def test_expand_inputs(tmp_path):
                                     str(tmp_path / "f" / "*.jpg"), str(tmp_path / "nothing*.jpg")])
     assert [Path(u).name for u in uris] == ["a.jpg", "b.PNG", "a.jpg", "a.jpg"]
     assert problems == [f"{tmp_path / 'nothing*.jpg'}: the pattern matched no file"]
+
+
+def test_split_folders_are_the_split_not_classes(tmp_path):
+    for split, n in (("train", 6), ("valid", 2), ("test", 3)):
+        for c in ("cats", "dogs"):
+            for i in range(n):
+                touch(tmp_path / split / c / f"{split}_{c}_{i}.jpg")
+    ds = load_dataset(tmp_path, eval_percent=50)  # the given split wins over the hash
+    assert ds.classes == ["cats", "dogs"]  # not "train", "valid", "test"
+    counts = ds.counts()
+    assert [counts["cats"][k] for k in (TRAIN, EVAL, TEST)] == [6, 2, 3]
+    assert any("split folders" in w for w in ds.warnings)
+
+
+def test_csv_split_column(tmp_path):
+    for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg"):
+        touch(tmp_path / name)
+    (tmp_path / "data.csv").write_text("uri,label,split\na.jpg,x,train\nb.jpg,y,train\nc.jpg,x,val\n"
+                                       "d.jpg,y,test\ne.jpg,x,holdout\n")
+    ds = load_dataset(tmp_path / "data.csv")
+    assert {Path(e.uri).name: e.split for e in ds.examples} == {"a.jpg": TRAIN, "b.jpg": TRAIN, "c.jpg": EVAL,
+                                                                "d.jpg": TEST}
+    assert any("'holdout' is not one of" in reason for _, reason in ds.skipped)
+
+
+def test_group_keeps_a_burst_on_one_side(tmp_path):
+    for shoot in range(40):
+        for frame in range(3):
+            touch(tmp_path / ("a" if shoot % 2 else "b") / f"shoot{shoot}_{frame}.jpg")
+    plain = load_dataset(tmp_path, eval_percent=30)
+    grouped = load_dataset(tmp_path, eval_percent=30, group=r"^(shoot\d+)_")
+    def sides(ds):
+        by_shoot = {}
+        for e in ds.examples:
+            by_shoot.setdefault(Path(e.uri).name.split("_")[0], set()).add(e.split)
+        return by_shoot
+    assert all(len(s) == 1 for s in sides(grouped).values())
+    assert any(len(s) == 2 for s in sides(plain).values())  # without it, bursts straddle the split
+    with pytest.raises(DataError, match="group: expected a regular expression"):
+        load_dataset(tmp_path, group="(unclosed")

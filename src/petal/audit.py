@@ -53,7 +53,7 @@ class Duplicate:
     uri_b: str
     similarity: float
     kind: str  # "exact" (same bytes) or "near"
-    crosses: str  # "" or "classes", "train/eval" or both: the problem it makes
+    crosses: str  # "" or "classes", "train/eval" (or another pair of splits), or both: the problem it makes
 
 
 @dataclass
@@ -71,7 +71,7 @@ class Audit:
                 "exact_duplicates": sum(x.kind == "exact" for x in d),
                 "near_duplicates": sum(x.kind == "near" for x in d),
                 "cross_class_duplicates": sum("classes" in x.crosses for x in d),
-                "train_eval_leaks": sum("train/eval" in x.crosses for x in d),
+                "train_eval_leaks": sum("/" in x.crosses for x in d),  # the same photo on both sides of a split
                 "advice": self.advice}
 
     def line(self) -> str:
@@ -173,7 +173,8 @@ def duplicates(Xn: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, labels:
         pairs.setdefault((i, j), (float(sims[a, b]), "near"))
     out = []
     for (i, j), (sim, kind) in pairs.items():
-        crosses = [w for w, bad in (("classes", labels[i] != labels[j]), ("train/eval", splits[i] != splits[j])) if bad]
+        sides = "/".join(sorted({splits[i], splits[j]}, key=lambda x: (x != "train", x)))  # e.g. "train/eval"
+        crosses = [w for w, bad in (("classes", labels[i] != labels[j]), (sides, splits[i] != splits[j])) if bad]
         out.append(Duplicate(uris[i], uris[j], round(sim, 6), kind, ", ".join(crosses)))
     return sorted(out, key=lambda d: (not d.crosses, d.kind != "exact", -d.similarity))
 

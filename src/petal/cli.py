@@ -83,7 +83,7 @@ def print_dataset(ds, splits: bool = True) -> None:
     """Images per class (per split when `splits`), then what was skipped and why."""
     t = Table(title="data", title_justify="left")
     t.add_column("class")
-    names = ["train", "eval"] + (["calibration"] if ds.split("calibration") else [])
+    names = ["train", "eval"] + [k for k in ("calibration", "test") if ds.split(k)]
     for col in names if splits else ["images"]:
         t.add_column(col, justify="right")
     counts = ds.counts()
@@ -184,6 +184,9 @@ Exclude = Annotated[Optional[Path], typer.Option(help=(
     "Leave out the images listed in this CSV (a 'uri' column, e.g. a reviewed suspects.csv)."))]
 Relabel = Annotated[Optional[Path], typer.Option(help=(
     "Give the images in this CSV its 'suggested' (or 'label') column as their label."))]
+Group = Annotated[Optional[str], typer.Option(help=(
+    "Regex on file names; images sharing its capture (e.g. one shoot: '^(.*)_\\d+') stay on one side "
+    "of the eval split."))]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished run already in --out.")]
 AUG = "augmentation"
 
@@ -212,6 +215,7 @@ def train(
         "side is rejected as unknown."))] = DEFAULT_KEEP,
     exclude: Exclude = None,
     relabel: Relabel = None,
+    group: Group = None,
     export: Export = True,
     overwrite: Overwrite = False,
 ) -> None:
@@ -225,7 +229,8 @@ def train(
                           class_weight=class_weight, seed=seed)
     r = run_train(data, out_dir, labels_file=labels, eval_data=eval_data, eval_percent=eval_percent,
                   backbone=backbone, cache_dir=cache, head=head, workers=workers, export=export,
-                  overwrite=overwrite, keep=keep, exclude=exclude, relabel=relabel, reporter=RichReporter())
+                  overwrite=overwrite, keep=keep, exclude=exclude, relabel=relabel, group=group,
+                  reporter=RichReporter())
     e = r.embed
     out.print(f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed"
               + (f" (see {r.run_dir / 'errors.csv'})" if e["failed"] or e["skipped"] else ""))
@@ -285,6 +290,7 @@ def finetune(
     keep: Annotated[float, typer.Option(help="Share of known images the 'unknown' threshold keeps.")] = FTC.keep,
     exclude: Exclude = None,
     relabel: Relabel = None,
+    group: Group = None,
     export: Export = True,
     overwrite: Annotated[bool, typer.Option("--overwrite", help=(
         "Start afresh in an --out that holds a finished run or a checkpoint."))] = False,
@@ -307,7 +313,7 @@ def finetune(
     r = run_finetune(data, out_dir, config=config, labels_file=labels, eval_data=eval_data,
                      eval_percent=eval_percent, backbone=backbone, cache_dir=cache, resume=resume,
                      overwrite=overwrite, export=export, stop_after=stop_after, exclude=exclude, relabel=relabel,
-                     reporter=RichReporter())
+                     group=group, reporter=RichReporter())
     if r is None:  # a worker process other than the first
         return
     if r.metrics.get("accuracy") is not None:
@@ -379,6 +385,7 @@ def audit(
     workers: Workers = None,
     exclude: Exclude = None,
     relabel: Relabel = None,
+    group: Group = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on the last line.")] = False,
 ) -> None:
     """Find likely label errors, duplicates, train/eval leakage, outliers and class imbalance
@@ -387,7 +394,7 @@ def audit(
 
     found = audit_data(data, out_dir, labels_file=labels, eval_data=eval_data, eval_percent=eval_percent,
                        backbone=backbone, cache_dir=cache, workers=workers, exclude=exclude, relabel=relabel,
-                       reporter=RichReporter() if not as_json else None)
+                       group=group, reporter=RichReporter() if not as_json else None)
     if as_json:
         print(json.dumps({**found.summary(), "out": str(out_dir)}))
         return

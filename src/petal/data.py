@@ -24,6 +24,8 @@ from petal.storage import check_scheme, is_local, local_path, scheme_of
 
 TRAIN, EVAL = "train", "eval"
 CALIBRATION = "calibration"  # set aside from train by `petal finetune`: held out, never trained on
+TEST = "test"  # given by the data (a test/ folder, a CSV split column): evaluated on its own
+SPLIT_NAMES = {"train": TRAIN, "val": EVAL, "valid": EVAL, "validation": EVAL, "eval": EVAL, "test": TEST}
 MIN_CALIBRATION = 10  # fewer images than this calibrate nothing
 HEADER_WORDS = {"uri", "url", "path", "image", "image_uri", "image_path", "file", "filename"}
 
@@ -46,8 +48,8 @@ class Dataset:
         return [e for e in self.examples if e.split == name]
 
     def counts(self) -> dict[str, dict[str, int]]:
-        """class -> {"train": n, "eval": n, "calibration": n}"""
-        out = {c: {TRAIN: 0, EVAL: 0, CALIBRATION: 0} for c in self.classes}
+        """class -> {"train": n, "eval": n, "calibration": n, "test": n}"""
+        out = {c: {TRAIN: 0, EVAL: 0, CALIBRATION: 0, TEST: 0} for c in self.classes}
         for e in self.examples:
             out[e.label][e.split] += 1
         return out
@@ -61,21 +63,26 @@ class Dataset:
 
 # --------------------------------------------------------------------------- split
 
-def eval_hash_percent(uri: str, salt: str = "") -> float:
+def eval_hash_percent(uri: str, salt: str = "", group: re.Pattern | None = None) -> float:
     """A stable number in [0, 100) from the file name, as in TF's retrain.py.
 
     Only the base name counts (with any `_nohash_` suffix removed), so moving the
     folder or adding images never moves an image across the split. Another `salt`
-    gives an independent number (for a second split).
+    gives an independent number (for a second split). With `group`, names it matches
+    hash by its first captured group (or whole match): a burst of photos from one shoot
+    stays on one side.
     """
-    name = salt + re.sub(r"_nohash_.*$", "", os.path.basename(uri.rstrip("/")))
+    name = re.sub(r"_nohash_.*$", "", os.path.basename(uri.rstrip("/")))
+    if group is not None and (m := group.search(name)):
+        name = m.group(1) if m.groups() else m.group(0)
+    name = salt + name
     # surrogateescape: a file name that is not valid UTF-8 hashes as its raw bytes
     h = int(hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest(), 16)
     return (h % 10_000) / 100.0
 
 
-def assign_split(uri: str, eval_percent: float) -> str:
-    return EVAL if eval_hash_percent(uri) < eval_percent else TRAIN
+def assign_split(uri: str, eval_percent: float, group: re.Pattern | None = None) -> str:
+    return EVAL if eval_hash_percent(uri, group=group) < eval_percent else TRAIN
 
 
 def set_aside(ds: Dataset, percent: float) -> Dataset:
@@ -219,9 +226,10 @@ def _read_text(uri: str) -> str:
         raise DataError(f"{uri}: not UTF-8 text ({e})") from None
 
 
-def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list]:
+def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list, dict[str, str]]:
+    """(uri, label) rows, skipped rows, warnings, and {uri: split} where a third column gives it."""
     text = _read_text(uri)
-    rows, skipped, warnings = [], [], []
+    rows, skipped, warnings, given = [], [], [], {}
     seen: dict[str, tuple[str, int]] = {}
     duplicates: list[str] = []  # "line N repeats line M"
     reader = csv.reader(io.StringIO(text, newline=""))
@@ -246,6 +254,10 @@ def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list]:
             skipped.append((where, "row has no label column"))
             continue
         path, label = cells[0], cells[1]
+        split = cells[2].lower() if len(cells) > 2 and cells[2] else None
+        if split is not None and split not in SPLIT_NAMES:
+            skipped.append((where, f"split {cells[2]!r} is not one of {', '.join(SPLIT_NAMES)}"))
+            continue
         if not path:
             skipped.append((where, "empty uri"))
             continue
@@ -266,11 +278,13 @@ def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list]:
             continue
         seen[full] = (label, lineno)
         rows.append((full, label))
+        if split:
+            given[full] = SPLIT_NAMES[split]
     if duplicates:
         more = f" and {len(duplicates) - 3} more" if len(duplicates) > 3 else ""
         warnings.append(f"{uri}: {len(duplicates)} duplicate row(s) ignored: "
                         + ", ".join(duplicates[:3]) + more)
-    return rows, skipped, warnings
+    return rows, skipped, warnings, given
 
 
 def _check_schemes(source: str, rows: list[tuple[str, str]]) -> None:
@@ -285,14 +299,42 @@ def _check_schemes(source: str, rows: list[tuple[str, str]]) -> None:
                 raise DataError(f"{source}: {n} row(s) use {scheme}:// URIs: {e}") from None
 
 
-def _read_source(source: str, what: str = "data") -> tuple[list[tuple[str, str]], list, list]:
+def _split_folders(root: Path) -> dict[str, Path]:
+    """train/ and val/ (or valid/, validation/), maybe test/: the Ultralytics and Hugging Face
+    imagefolder layout, each holding class folders. {} when `root` is not laid out so."""
+    subs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
+    if "train" not in subs or not {"val", "valid", "validation"} & subs.keys():
+        return {}
+    return {name: path for name, path in subs.items() if name in SPLIT_NAMES}
+
+
+def _read_source(source: str, what: str = "data") -> tuple[list[tuple[str, str]], list, list, dict[str, str]]:
+    """(uri, label) rows, skipped rows, warnings, and {uri: split} for splits the data gives."""
     if is_local(source) and Path(local_path(source)).is_dir():
-        return _from_folder(Path(local_path(source)))
+        root = Path(local_path(source))
+        parts = _split_folders(root)
+        if not parts:
+            return (*_from_folder(root), {})
+        rows, skipped, warnings, given = [], [], [f"split folders in {root}: {', '.join(sorted(parts))}"], {}
+        for name, path in sorted(parts.items()):
+            r, s, w = _from_folder(path)
+            rows, skipped, warnings = rows + r, skipped + s, warnings + w
+            given.update((u, SPLIT_NAMES[name]) for u, _ in r)
+        return rows, skipped, warnings, given
     if is_local(source) and not Path(local_path(source)).exists():
         raise DataError(f"{what}: no such folder or CSV file: {source}")
-    rows, skipped, warnings = _from_csv(source)
+    rows, skipped, warnings, given = _from_csv(source)
     _check_schemes(source, rows)
-    return rows, skipped, warnings
+    return rows, skipped, warnings, given
+
+
+def compile_group(group: str | None) -> re.Pattern | None:
+    if group is None:
+        return None
+    try:
+        return re.compile(group)
+    except re.error as e:
+        raise DataError(f"group: expected a regular expression, got {group!r} ({e})") from None
 
 
 def load_dataset(
@@ -302,18 +344,23 @@ def load_dataset(
     eval_source: str | Path | None = None,
     eval_percent: float = 10.0,
     require_train: bool = True,
+    group: str | None = None,
 ) -> Dataset:
-    """Find the labeled examples and assign each to train or eval.
+    """Find the labeled examples and assign each to train, eval (or test).
 
-    With `eval_source`, that data is the eval split and `source` is all train;
-    otherwise a stable hash of each file name puts `eval_percent`% in eval.
+    A split the data gives (train/ val/ test/ folders, a CSV split column) is kept. With
+    `eval_source`, that data is the eval split and `source` is all train; otherwise a
+    stable hash of each file name (or of its `group` regex capture) puts `eval_percent`%
+    in eval.
     """
     check_param("eval_percent", eval_percent, Real(0, 100, high_open=True))
-    rows, skipped, warnings = _read_source(str(source))
-    tagged = [(u, lab, assign_split(u, eval_percent)) for u, lab in rows]
+    pattern = compile_group(group)
+    rows, skipped, warnings, given = _read_source(str(source))
+    tagged = [(u, lab, given.get(u) or assign_split(u, eval_percent, pattern)) for u, lab in rows]
     if eval_source is not None:
-        erows, eskipped, ewarnings = _read_source(str(eval_source), "eval")
-        tagged = [(u, lab, TRAIN) for u, lab in rows] + [(u, lab, EVAL) for u, lab in erows]
+        erows, eskipped, ewarnings, _ = _read_source(str(eval_source), "eval")
+        tagged = ([(u, lab, TEST if given.get(u) == TEST else TRAIN) for u, lab in rows]
+                  + [(u, lab, EVAL) for u, lab in erows])
         skipped += eskipped
         warnings += ewarnings
 

@@ -18,7 +18,7 @@ from petal.audit import Audit, audit, write_audit
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
 from petal.cache import EmbeddingCache
 from petal.calibration import FOLDS, expected_calibration_error, reliability_diagram, softmax
-from petal.data import EVAL, TRAIN, Dataset, Example, load_dataset
+from petal.data import EVAL, TEST, TRAIN, Dataset, Example, load_dataset
 from petal.embed import embed, require_usable
 from petal.errors import NothingUsableError, PetalError
 from petal.head import HeadClassifier
@@ -80,11 +80,13 @@ def train(
     keep: float = DEFAULT_KEEP,
     exclude: str | Path | None = None,
     relabel: str | Path | None = None,
+    group: str | None = None,
     reporter: Reporter | None = None,
 ) -> TrainResult:
     """embed -> audit the data -> train the head -> calibrate it, fit the unknown detector ->
     evaluate -> export, into the run folder `out`. `keep`: the share of known images the
-    unknown threshold keeps; `exclude`/`relabel`: reviewed audit findings (petal.review).
+    unknown threshold keeps; `exclude`/`relabel`: reviewed audit findings (petal.review);
+    `group`: a regex whose capture keeps related images on one side of the split.
     A finished run already in `out` is replaced only with `overwrite=True`."""
     check_param("keep", keep, Real(0.5, 1, high_open=True, what="a share in [0.5, 1)"))
     reporter = reporter or Reporter()
@@ -93,8 +95,8 @@ def train(
     cache_dir = Path(cache_dir or default_cache_dir())
     run = Run.create(out, data, overwrite)
 
-    ds = apply_review(load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent),
-                      exclude, relabel, reporter)
+    ds = apply_review(load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent,
+                                   group=group), exclude, relabel, reporter)
     reporter.dataset(ds)
     run.make()  # only once the data is known to be usable
 
@@ -111,7 +113,8 @@ def train(
         extra={"keep": keep}))
     fit_head(run, head, (Xtr, ytr), (Xev, yev), len(ds.classes), reporter)
     unknown = fit_trust(run, head, Xtr, ytr, keep, reporter)
-    extra = {"num_train": len(tr), "embed": result.summary(), **eval_trust(run, head, unknown, Xev, yev)}
+    extra = {"num_train": len(tr), "embed": result.summary(), **eval_trust(run, head, unknown, Xev, yev),
+             **test_metrics(run, ds, result.keys, cache, head)}
     probs_ev = head.predict_proba(Xev)  # (N, C) calibrated
     metrics = run.write_metrics(ds.classes, [e.uri for e in ev], yev, lambda: probs_ev, extra, reporter)
     write_run_report(run, metrics, ds.classes, ([e.uri for e in ev], yev, probs_ev), findings)
@@ -130,6 +133,19 @@ def write_run_report(run: Run, metrics: dict, classes: list[str],
                              eval_set=eval_set, audit=findings, plots=[run.reliability_path, run.coverage_path])
 
 
+def test_metrics(run: Run, ds: Dataset, keys: dict[str, str], cache: EmbeddingCache, head: HeadClassifier) -> dict:
+    """The test split the data gave (a test/ folder, a CSV split column), evaluated on its own
+    into RUN/test/; {"test": summary} for metrics.json, or {} without one."""
+    test = [e for e in ds.split(TEST) if e.uri in keys]
+    if not test:
+        return {}
+    y = np.array([ds.label_id(e.label) for e in test])
+    probs = head.predict_proba(cache.get([keys[e.uri] for e in test]))
+    m = compute_metrics(y, probs, ds.classes)
+    write_report(run.path / "test", m, ds.classes, [e.uri for e in test], y, probs)
+    return {"test": {k: m[k] for k in ("accuracy", "top5_accuracy", "num_eval", "macro_f1")}}
+
+
 def audit_examples(ds: Dataset, keys: dict[str, str], cache: EmbeddingCache) -> Audit:
     """The audit of every embedded image of `ds`, train and eval alike."""
     usable = [e for e in ds.examples if e.uri in keys]
@@ -140,12 +156,13 @@ def audit_examples(ds: Dataset, keys: dict[str, str], cache: EmbeddingCache) -> 
 def audit_data(data: str | Path, out: str | Path, *, labels_file: str | Path | None = None,
                eval_data: str | Path | None = None, eval_percent: float = 10.0, backbone: str = DEFAULT_BACKBONE,
                cache_dir: str | Path | None = None, workers: int | None = None, exclude: str | Path | None = None,
-               relabel: str | Path | None = None, reporter: Reporter | None = None) -> Audit:
+               relabel: str | Path | None = None, group: str | None = None,
+               reporter: Reporter | None = None) -> Audit:
     """`petal audit`: embed (from the cache where it can), audit, and write the findings into `out`."""
     reporter = reporter or Reporter()
     out = check_output(out, "out", folder=True)
-    ds = apply_review(load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent),
-                      exclude, relabel, reporter)
+    ds = apply_review(load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent,
+                                   group=group), exclude, relabel, reporter)
     reporter.dataset(ds)
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
     findings = audit_examples(ds, result.keys, cache)

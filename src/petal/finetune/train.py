@@ -112,6 +112,7 @@ def finetune(
     stop_after: int | None = None,
     exclude: str | Path | None = None,
     relabel: str | Path | None = None,
+    group: str | None = None,
     reporter: Reporter | None = None,
 ) -> FinetuneResult | None:
     """Fine-tune into the run folder `out`. Under torchrun every process calls this;
@@ -128,7 +129,7 @@ def finetune(
     threads = torch.get_num_threads()
     try:
         trainer = Trainer(config, world, get_backbone(backbone), Path(cache_dir or default_cache_dir()),
-                          reporter if world.main else None, review=(exclude, relabel))
+                          reporter if world.main else None, review=(exclude, relabel), group=group)
         run = Run.create(out, data, overwrite=overwrite or resume)  # resuming a finished run re-exports it
         return trainer.run(data, run, labels_file=labels_file, eval_data=eval_data, eval_percent=eval_percent,
                            resume=resume, overwrite=overwrite, export=export, stop_after=stop_after)
@@ -238,10 +239,11 @@ class TrainState:
 
 class Trainer:
     def __init__(self, config: FinetuneConfig, world: World, cfg: BackboneConfig, cache_dir: Path,
-                 reporter: Reporter | None, review: tuple = (None, None)):
+                 reporter: Reporter | None, review: tuple = (None, None), group: str | None = None):
         self.c, self.world, self.cfg, self.cache_dir = config, world, cfg, cache_dir
         self.reporter = reporter or Reporter()
         self.review = review  # (exclude CSV, relabel CSV) or Nones: see petal.review
+        self.group = group  # a regex: images whose names share its capture stay on one side of the split
         self.amp_dtype = None
         if world.device.type == "cuda" and config.amp:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -412,7 +414,8 @@ class Trainer:
         """Load the data (setting the calibration images aside), find the checkpoint to resume
         from, decode every image once into the run's pixel files, and write the run files."""
         c, world = self.c, self.world
-        ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent)
+        ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent,
+                          group=self.group)
         ds = set_aside(apply_review(ds, *self.review, self.reporter), c.calibration_percent)
         self.reporter.dataset(ds)
         fingerprint = {"format": CHECKPOINT_FORMAT, "finetune": c.training_dict(), "backbone": self.cfg.name,
