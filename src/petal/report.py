@@ -2,9 +2,9 @@
 
 It opens from file:// with no network: the thumbnails (JPEG, THUMB px) and the plots are
 embedded as data: URIs, the script is inline. For large datasets it caps what it embeds:
-at most CELL_CAP images behind each confusion-matrix cell, the MAX_CLASSES classes with
-the most errors in the matrix, and the top TOP items of each list, so a 100k-image run
-still gives a report of a few MB.
+the MAX_CLASSES classes with the most errors in the matrix, at most CELL_CAP images behind
+an off-diagonal cell (DIAGONAL_CAP behind a correct one) and CELL_BUDGET in all, and the
+top TOP items of each list, so a 100k-image run still gives a report of a few MB.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ import numpy as np
 from petal.audit import Audit
 from petal.storage import atomic_write_text
 
-THUMB, CELL_CAP, MAX_CLASSES, TOP = 96, 12, 30, 40
+THUMB, CELL_CAP, DIAGONAL_CAP, MAX_CLASSES, TOP = 96, 12, 4, 30, 40
+CELL_BUDGET = 1200  # thumbnails behind all confusion cells together (about 3 KB each)
 
 CSS = """body{font:14px system-ui,sans-serif;margin:1.5rem;color:#222}h1{font-size:1.4rem}h2{font-size:1.1rem;
 margin-top:2rem}table{border-collapse:collapse}td,th{border:1px solid #ddd;padding:.25rem .5rem;text-align:right}
@@ -97,11 +98,12 @@ def confusion_section(classes: list[str], uris: list[str], y: np.ndarray, probs:
     np.add.at(cm, (y, pred), 1)
     errors = cm.sum(1) - np.diag(cm) + cm.sum(0) - np.diag(cm)
     shown = sorted(np.argsort(-errors)[:MAX_CLASSES].tolist())
-    cells, body = {}, []
+    cells, body, budget = {}, [], CELL_BUDGET
     for i in shown:
         row = [f"<td>{html.escape(classes[i])}</td>"]
         for j in shown:
-            members = np.flatnonzero((y == i) & (pred == j))[:CELL_CAP]
+            members = np.flatnonzero((y == i) & (pred == j))[:min(DIAGONAL_CAP if i == j else CELL_CAP, budget)]
+            budget -= len(members)
             cells[f"{i},{j}"] = [(thumbnail(uris[k]), f"{Path(uris[k]).name} ({probs[k, j]:.2f})") for k in members]
             title = html.escape(f"true {classes[i]}, predicted {classes[j]}: {cm[i, j]} image(s)", quote=True)
             kind = "diag" if i == j else ("off" if cm[i, j] else "")
