@@ -190,6 +190,31 @@ Group = Annotated[Optional[str], typer.Option(help=(
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished run already in --out.")]
 AUG = "augmentation"
 
+# `petal finetune`'s own options, declared here so that its signature reads as a list
+Unfreeze = Annotated[Optional[int], typer.Option(help=(
+    f"Backbone blocks trained, from the top; 0: head only; -1: all (default {FTC.unfreeze}; "
+    "with --no-pretrained: -1)."))]
+BackboneLrMult = Annotated[float, typer.Option(help="Backbone learning rate = --lr times this.")]
+WarmupEpochs = Annotated[float, typer.Option(help="Linear warmup, then cosine decay.")]
+Pretrained = Annotated[bool, typer.Option(help="Start from the ImageNet weights; --no-pretrained trains from scratch.")]
+Augment = Annotated[bool, typer.Option(rich_help_panel=AUG, help="Augment training images.")]
+Flip = Annotated[bool, typer.Option(rich_help_panel=AUG, help="Random left-right flips.")]
+RandomScale = Annotated[float, typer.Option(rich_help_panel=AUG, help="Zoom in/out by up to this percent.")]
+RandomCrop = Annotated[float, typer.Option(rich_help_panel=AUG, help="Move the crop up to this percent of the image.")]
+RandomBrightness = Annotated[float, typer.Option(rich_help_panel=AUG, help="Scale brightness by up to +-this percent.")]
+RandomColor = Annotated[float, typer.Option(rich_help_panel=AUG, help="Scale saturation by up to +-this percent.")]
+LoaderWorkers = Annotated[Optional[int], typer.Option(help=(
+    "DataLoader worker processes for augmentation (default 1 on a CPU)."))]
+TrunkRuntime = Annotated[str, typer.Option(help="Frozen layers in 'onnx' (fast on a CPU), 'torch', or 'auto'.")]
+Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")]
+StopAfter = Annotated[Optional[int], typer.Option(help="End after this epoch; --resume continues.")]
+Nproc = Annotated[int, typer.Option(help="Data-parallel processes on this machine, started through torchrun.")]
+CalibrationPercent = Annotated[float, typer.Option(help=(
+    "Percent of the training images set aside, never trained on, to calibrate confidences and the "
+    "'unknown' threshold; 0: neither."))]
+FinetuneOverwrite = Annotated[bool, typer.Option("--overwrite", help=(
+    "Start afresh in an --out that holds a finished run or a checkpoint."))]
+
 
 @app.command(cls=Command)
 def train(
@@ -257,43 +282,29 @@ def finetune(
     weight_decay: float = FTC.weight_decay,
     label_smoothing: float = FTC.label_smoothing,
     seed: int = FTC.seed,
-    unfreeze: Annotated[Optional[int], typer.Option(help=(
-        f"Backbone blocks trained, from the top; 0: head only; -1: all "
-        f"[default: {FTC.unfreeze}; with --no-pretrained: -1]"))] = None,
-    backbone_lr_mult: Annotated[float, typer.Option(help="Backbone learning rate = --lr times this.")
-                                ] = FTC.backbone_lr_mult,
-    warmup_epochs: Annotated[float, typer.Option(help="Linear warmup, then cosine decay.")] = FTC.warmup_epochs,
-    pretrained: Annotated[bool, typer.Option(help=(
-        "Start from the ImageNet weights; --no-pretrained trains from scratch."))] = FTC.pretrained,
-    augment: Annotated[bool, typer.Option(rich_help_panel=AUG, help="Augment training images.")] = True,
-    flip: Annotated[bool, typer.Option(rich_help_panel=AUG, help="Random left-right flips.")] = FTC.augment.flip,
-    random_scale: Annotated[float, typer.Option(rich_help_panel=AUG, help="Zoom in/out by up to this percent.")
-                            ] = FTC.augment.random_scale,
-    random_crop: Annotated[float, typer.Option(rich_help_panel=AUG, help=(
-        "Move the crop by up to this percent of the image."))] = FTC.augment.random_crop,
-    random_brightness: Annotated[float, typer.Option(rich_help_panel=AUG, help=(
-        "Scale brightness by up to +-this percent."))] = FTC.augment.random_brightness,
-    random_color: Annotated[float, typer.Option(rich_help_panel=AUG, help=(
-        "Scale saturation by up to +-this percent."))] = FTC.augment.random_color,
+    unfreeze: Unfreeze = None,
+    backbone_lr_mult: BackboneLrMult = FTC.backbone_lr_mult,
+    warmup_epochs: WarmupEpochs = FTC.warmup_epochs,
+    pretrained: Pretrained = FTC.pretrained,
+    augment: Augment = True,
+    flip: Flip = FTC.augment.flip,
+    random_scale: RandomScale = FTC.augment.random_scale,
+    random_crop: RandomCrop = FTC.augment.random_crop,
+    random_brightness: RandomBrightness = FTC.augment.random_brightness,
+    random_color: RandomColor = FTC.augment.random_color,
     workers: Workers = None,
-    loader_workers: Annotated[Optional[int], typer.Option(help=(
-        "DataLoader worker processes for augmentation [default: 1 on a CPU]."))] = None,
-    trunk_runtime: Annotated[str, typer.Option(help=(
-        "Frozen layers in 'onnx' (fast on a CPU), 'torch', or 'auto'."))] = FTC.trunk_runtime,
-    resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
-    stop_after: Annotated[Optional[int], typer.Option(help="End after this epoch; --resume continues.")] = None,
-    nproc: Annotated[int, typer.Option(help=(
-        "Data-parallel processes on this machine, started through torchrun."))] = 1,
-    calibration_percent: Annotated[float, typer.Option(help=(
-        "Percent of the training images set aside, never trained on, to calibrate confidences "
-        "and the 'unknown' threshold; 0: neither."))] = FTC.calibration_percent,
+    loader_workers: LoaderWorkers = None,
+    trunk_runtime: TrunkRuntime = FTC.trunk_runtime,
+    resume: Resume = False,
+    stop_after: StopAfter = None,
+    nproc: Nproc = 1,
+    calibration_percent: CalibrationPercent = FTC.calibration_percent,
     keep: Annotated[float, typer.Option(help="Share of known images the 'unknown' threshold keeps.")] = FTC.keep,
     exclude: Exclude = None,
     relabel: Relabel = None,
     group: Group = None,
     export: Export = True,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help=(
-        "Start afresh in an --out that holds a finished run or a checkpoint."))] = False,
+    overwrite: FinetuneOverwrite = False,
 ) -> None:
     """Fine-tune: train the top backbone blocks and a new classifier on augmented images.
     Slower than `petal train`, and usually more accurate (docs/finetune.md)."""
@@ -314,8 +325,11 @@ def finetune(
                      eval_percent=eval_percent, backbone=backbone, cache_dir=cache, resume=resume,
                      overwrite=overwrite, export=export, stop_after=stop_after, exclude=exclude, relabel=relabel,
                      group=group, reporter=RichReporter())
-    if r is None:  # a worker process other than the first
-        return
+    if r is not None:  # None: a worker process other than the first
+        print_finetune_result(r)
+
+
+def print_finetune_result(r) -> None:
     if r.metrics.get("accuracy") is not None:
         print_metrics(r.metrics)
         print_trust(r.metrics)
