@@ -101,3 +101,17 @@ def test_split_folders_train_with_a_test_split_and_leaks_are_named(tmp_path, cac
     with open(r.run_dir / "duplicates.csv") as f:
         leaks = [row for row in csv.DictReader(f) if row["kind"] == "exact"]
     assert len(leaks) == 1 and leaks[0]["crosses"] == "train/test"
+
+
+def test_audit_of_a_single_image_and_clearing_a_run(tmp_path):
+    a = audit(np.ones((1, 4), np.float32), ["a"], ["a"], ["one.jpg"], ["train"], ["k"])
+    assert a.suspects == [] and a.duplicates == []
+    from petal.run import Run
+
+    run = Run(tmp_path / "run").make()
+    for name in ("metrics.json", "coverage.png", "unknown.npz", "calibration.json", "report.html"):
+        (run.path / name).write_text("old")
+    (run.path / "test").mkdir()
+    (run.model_dir).mkdir()
+    run.clear()
+    assert sorted(p.name for p in run.path.iterdir()) == ["model"]  # the bundle is replaced at export only

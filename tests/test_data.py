@@ -135,3 +135,21 @@ def test_group_keeps_a_burst_on_one_side(tmp_path):
     assert any(len(s) == 2 for s in sides(plain).values())  # without it, bursts straddle the split
     with pytest.raises(DataError, match="group: expected a regular expression"):
         load_dataset(tmp_path, group="(unclosed")
+
+
+def test_a_third_csv_column_is_a_split_only_under_a_split_header(tmp_path):
+    for name in ("a.jpg", "b.jpg"):
+        touch(tmp_path / name)
+    (tmp_path / "extra.csv").write_text("uri,label,width\na.jpg,x,640\nb.jpg,y,480\n")
+    ds = load_dataset(tmp_path / "extra.csv", eval_percent=0)
+    assert len(ds.examples) == 2 and not ds.skipped  # petal 0.1 ignored extra columns; so does this
+    (tmp_path / "run_split.csv").write_text("uri,label,split,key\na.jpg,x,calibration,k1\nb.jpg,y,eval,k2\n")
+    ds = load_dataset(tmp_path / "run_split.csv", require_train=False)
+    assert {Path(e.uri).name: e.split for e in ds.examples} == {"a.jpg": TRAIN, "b.jpg": EVAL}
+
+
+def test_group_with_an_optional_or_empty_capture_does_not_crash(tmp_path):
+    for i in range(4):
+        touch(tmp_path / ("a" if i % 2 else "b") / f"img{i}.jpg")
+    for pattern in (r"(\d\d)?img", r"x*"):
+        assert len(load_dataset(tmp_path, eval_percent=0, group=pattern).examples) == 4

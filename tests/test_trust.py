@@ -146,3 +146,14 @@ def test_head_trains_with_exactly_ten_steps():
     rng = np.random.default_rng(3)
     X, y = rng.normal(size=(12, 8)).astype(np.float32), np.arange(12) % 2
     assert HeadClassifier(hidden=4, epochs=10, batch_size=64).fit(X, y).predict_proba(X).shape == (12, 2)
+
+
+def test_tiny_data_calibrates_and_scores_without_crashing():
+    rng = np.random.default_rng(4)
+    X, y = rng.normal(size=(3, 8)).astype(np.float32), np.arange(3)
+    head = HeadClassifier(hidden=4, epochs=2).fit(X, y).calibrate(X, y)  # one image per class: nothing to fit
+    assert head.temperature_ == 1.0 and head.oof_proba_ is None
+    centres = rng.normal(size=(2, 16)) * 5
+    X = np.concatenate([c + rng.normal(size=(3, 16)) for c in centres])  # a bank of 6 rows, k = 5
+    u = KnnUnknown.fit(X, np.repeat([0, 1], 3))
+    assert u.k == 5 and (u.score(X) <= u.threshold).mean() >= 0.8  # not a fifth called unknown by construction

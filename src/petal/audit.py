@@ -118,6 +118,8 @@ def ridge_oof(Xn: np.ndarray, y: np.ndarray, num_classes: int, folds: int = 5) -
     The Gram matrix is built once; each fold subtracts its own rows."""
     from sklearn.model_selection import KFold
 
+    if len(y) < 2:  # nothing to hold out
+        return np.full((len(y), num_classes), 1 / num_classes)
     Xb = np.hstack([Xn, np.ones((len(Xn), 1), np.float32)]).astype(np.float64)  # + a bias column
     Y = np.eye(num_classes)[y]
     G, XtY = Xb.T @ Xb, Xb.T @ Y

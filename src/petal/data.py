@@ -25,7 +25,9 @@ from petal.storage import check_scheme, is_local, local_path, scheme_of
 TRAIN, EVAL = "train", "eval"
 CALIBRATION = "calibration"  # set aside from train by `petal finetune`: held out, never trained on
 TEST = "test"  # given by the data (a test/ folder, a CSV split column): evaluated on its own
-SPLIT_NAMES = {"train": TRAIN, "val": EVAL, "valid": EVAL, "validation": EVAL, "eval": EVAL, "test": TEST}
+# a split a dataset gives -> petal's; "calibration" (a run's own split.csv as data) is training data again
+SPLIT_NAMES = {"train": TRAIN, "val": EVAL, "valid": EVAL, "validation": EVAL, "eval": EVAL, "test": TEST,
+               "calibration": TRAIN}
 MIN_CALIBRATION = 10  # fewer images than this calibrate nothing
 HEADER_WORDS = {"uri", "url", "path", "image", "image_uri", "image_path", "file", "filename"}
 
@@ -74,7 +76,7 @@ def eval_hash_percent(uri: str, salt: str = "", group: re.Pattern | None = None)
     """
     name = re.sub(r"_nohash_.*$", "", os.path.basename(uri.rstrip("/")))
     if group is not None and (m := group.search(name)):
-        name = m.group(1) if m.groups() else m.group(0)
+        name = (m.group(1) if m.groups() else None) or m.group(0) or name  # an empty capture: the name itself
     name = salt + name
     # surrogateescape: a file name that is not valid UTF-8 hashes as its raw bytes
     h = int(hashlib.sha1(name.encode("utf-8", "surrogateescape")).hexdigest(), 16)
@@ -233,7 +235,7 @@ def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list, dict[str, st
     seen: dict[str, tuple[str, int]] = {}
     duplicates: list[str] = []  # "line N repeats line M"
     reader = csv.reader(io.StringIO(text, newline=""))
-    first = True
+    first, split_column = True, False  # a third column is the split only under a "split" header
     while True:
         lineno = reader.line_num + 1  # the physical line this row starts on (quoted fields may span lines)
         try:
@@ -249,12 +251,13 @@ def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list, dict[str, st
         if first:
             first = False
             if cells[0].lower() in HEADER_WORDS or (len(cells) > 1 and cells[1].lower() in {"label", "class"}):
+                split_column = len(cells) > 2 and cells[2].lower() == "split"
                 continue  # header
         if len(cells) < 2:
             skipped.append((where, "row has no label column"))
             continue
         path, label = cells[0], cells[1]
-        split = cells[2].lower() if len(cells) > 2 and cells[2] else None
+        split = cells[2].lower() if split_column and len(cells) > 2 and cells[2] else None
         if split is not None and split not in SPLIT_NAMES:
             skipped.append((where, f"split {cells[2]!r} is not one of {', '.join(SPLIT_NAMES)}"))
             continue

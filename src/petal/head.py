@@ -183,6 +183,9 @@ class HeadClassifier(Validated):
             return HeadClassifier(**params).fit(X_fit, y_fit, num_classes=c).decision_function(X_held)
 
         y = np.asarray(y)
+        if np.bincount(y).max() < 2:  # one image per class: no fold can hold one out; nothing to fit on
+            self.temperature_, self.oof_proba_ = 1.0, None
+            return self
         oof = out_of_fold_logits(fit_logits, X, y, folds, self.seed, on_fold)  # (N, C)
         self.temperature_ = fit_temperature(oof, y)
         self.oof_proba_ = softmax(oof, self.temperature_)  # held-out probabilities of the training images

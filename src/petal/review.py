@@ -50,12 +50,13 @@ def apply_review(ds: Dataset, exclude: str | Path | None = None, relabel: str | 
         if exclude else set()
     new_label: dict[str, str] = {}
     for r in _rows(relabel, "relabel", ("uri",)) if relabel else []:
-        label = (r.get("suggested") or r.get("label") or "").strip()
+        # suspects.csv: "suggested" is the new label ("" for an outlier: nothing to relabel to)
+        label = (r["suggested"] if "suggested" in r else r.get("label") or "").strip()
         if label and label not in ds.classes:
             raise DataError(f"relabel: {r['uri']}: {label!r} is not one of the classes {ds.classes}")
         if label:
             new_label[_same(r["uri"])] = label
-    kept, found = [], set()
+    kept, found, changed = [], set(), 0
     for e in ds.examples:
         key = _same(e.uri)
         if key in drop:
@@ -63,10 +64,11 @@ def apply_review(ds: Dataset, exclude: str | Path | None = None, relabel: str | 
             continue
         if key in new_label:
             found.add(key)
+            changed += new_label[key] != e.label
             e = Example(e.uri, new_label[key], e.split)
         kept.append(e)
     missing = (drop | set(new_label)) - found
     reporter.message(f"review: {len(ds.examples) - len(kept)} image(s) excluded, "
-                     f"{len(set(new_label) & found)} relabelled"
+                     f"{changed} relabelled"
                      + (f"; warning: {len(missing)} listed image(s) are not in the data" if missing else ""))
     return Dataset(kept, ds.classes, ds.skipped, ds.warnings)

@@ -28,6 +28,7 @@ Format history (`RUN_FORMAT`, the "format" of settings.json):
 from __future__ import annotations
 
 import json
+import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -133,6 +134,16 @@ class Run:
     def make(self) -> Run:
         self.path.mkdir(parents=True, exist_ok=True)
         return self
+
+    def clear(self) -> None:
+        """Remove what an earlier run here derived (metrics, reports, detectors, test/), so that
+        nothing of it mixes into a new one (--overwrite). model/ is replaced at export."""
+        for path in (self.metrics_path, self.path / "confusion_matrix.png", self.path / "misclassified.csv",
+                     self.reliability_path, self.coverage_path, self.report_path, self.path / "suspects.csv",
+                     self.path / "duplicates.csv", self.path / "audit.json", self.calibration_path,
+                     self.unknown_path, self.head_path, self.history_path):
+            path.unlink(missing_ok=True)
+        shutil.rmtree(self.path / "test", ignore_errors=True)
 
     # ------------------------------------------------------------------ writing
 

@@ -89,6 +89,7 @@ class KnnUnknown:
         Xn = normalize(X)
         rows = capped_sample(y, cap, seed)
         bank = Xn[rows].astype(np.float16).astype(np.float32)
+        k = max(1, min(k, len(bank) - 1))  # a tiny bank: the k-th of the others must exist
         held = np.ones(len(Xn), bool)
         held[rows] = False
         knn = np.empty(len(Xn), np.float32)  # bank rows: their (k+1)-th neighbour is the k-th among the others
@@ -103,6 +104,7 @@ class KnnUnknown:
         """The bank from training embeddings X (N, D) with ids y; statistics and threshold
         from other images of the known classes, X_held (M, D) with their probabilities (M, C)."""
         bank = normalize(X)[capped_sample(y, cap, seed)].astype(np.float16).astype(np.float32)
+        k = min(k, len(bank))
         knn = 1 - kth_similarity(normalize(X_held), bank, k)
         return cls.from_held_out(bank, knn, held_probs, keep, k, msp_weight)
 

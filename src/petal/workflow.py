@@ -99,6 +99,8 @@ def train(
                                    group=group), exclude, relabel, reporter)
     reporter.dataset(ds)
     run.make()  # only once the data is known to be usable
+    if overwrite:
+        run.clear()
 
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
     run.write_split(ds, result.keys, result.failed)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
 from petal.calibration import fit_temperature, softmax
-from petal.data import CALIBRATION, EVAL, MIN_CALIBRATION, TRAIN, Dataset, load_dataset, set_aside
+from petal.data import CALIBRATION, EVAL, MIN_CALIBRATION, TEST, TRAIN, Dataset, load_dataset, set_aside
 from petal.errors import PetalError
 from petal.finetune.config import FinetuneConfig
 from petal.finetune.data import (
@@ -418,6 +418,9 @@ class Trainer:
                           group=self.group)
         ds = set_aside(apply_review(ds, *self.review, self.reporter), c.calibration_percent)
         self.reporter.dataset(ds)
+        if ds.split(TEST):
+            self.reporter.message(f"warning: the {len(ds.split(TEST))} test image(s) are not used by petal "
+                                  "finetune; evaluate the exported model on them with `petal evaluate`")
         fingerprint = {"format": CHECKPOINT_FORMAT, "finetune": c.training_dict(), "backbone": self.cfg.name,
                        "classes": ds.classes, "train": digest([e.uri for e in ds.split(TRAIN)]),
                        "eval": digest([e.uri for e in ds.split(EVAL)])}
@@ -444,8 +447,9 @@ class Trainer:
         if not path.exists() or (overwrite and not resume):
             if resume:
                 self.reporter.message(f"warning: no checkpoint in {path.parent}; starting from the beginning")
-            elif path.exists() and self.world.main:  # --overwrite: the old run's checkpoints must not mix in
-                shutil.rmtree(run.checkpoints)
+            elif overwrite and self.world.main:  # --overwrite: nothing of the old run may mix in
+                shutil.rmtree(run.checkpoints, ignore_errors=True)
+                run.clear()
             self.world.barrier()
             return None
         if not resume:
