@@ -18,7 +18,9 @@ from petal.serve.config import Batching, Limits
 
 LIM, BAT = Limits(), Batching()  # the serving defaults, shown in --help
 
-ModelPath = Annotated[Optional[Path], typer.Argument(help="Exported model folder (RUN/model).")]
+ModelPath = Annotated[Optional[str], typer.Argument(help=(
+    "Exported model folder (RUN/model), or its URI (gs://..., file://...); under Vertex AI, "
+    "AIP_STORAGE_URI gives it."))]
 
 
 def serve(
@@ -26,7 +28,8 @@ def serve(
     name: Annotated[Optional[str], typer.Option(help="URL name of MODEL (default: its run folder).")] = None,
     models: Annotated[Optional[list[str]], typer.Option("--model", help="More models: NAME=PATH (repeat).")
                       ] = None,
-    host: Annotated[str, typer.Option(help="Interface to listen on; 0.0.0.0 for all.")] = "127.0.0.1",
+    host: Annotated[Optional[str], typer.Option(help=(
+        "Interface to listen on; 0.0.0.0 for all [default: 127.0.0.1; under Vertex AI: 0.0.0.0]."))] = None,
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8080,
     api_key: Annotated[Optional[str], typer.Option(envvar="PETAL_API_KEY", show_envvar=True,
                                                    help="Require 'Authorization: Bearer KEY'.")] = None,
@@ -44,7 +47,7 @@ def serve(
         "Answer unknown for images unlike every class; --no-unknown always names the nearest class."))] = True,
 ) -> None:
     """Serve models over HTTP (Cloud ML / TF Serving JSON API, upload endpoint, web page at /)."""
-    from petal.serve.config import ServeConfig, api_key_from_env, model_specs
+    from petal.serve.config import ServeConfig, VertexEnv, api_key_from_env, apply_vertex, model_specs
     from petal.serve.server import serve as run_server
 
     try:
@@ -53,11 +56,14 @@ def serve(
     except ImportError as e:
         raise PetalError(f"serve: needs the serving packages ({e.name} is missing); "
                          "install them with: pip install 'petal[serve]'") from None
+    vertex = VertexEnv.from_env()
+    model_path, host, port = apply_vertex(model, host, port, vertex)
     config = ServeConfig(
-        models=model_specs(model, name, models or []),
+        models=model_specs(model_path, name, models or []),
         limits=Limits(int(max_body_mb * 1024 * 1024), max_images, max_pixels, timeout),
         batching=Batching(max_batch, batch_wait_ms),
-        api_key=api_key_from_env(api_key), threads=threads, decode_workers=workers, reject_unknown=unknown)
+        api_key=api_key_from_env(api_key), threads=threads, decode_workers=workers, reject_unknown=unknown,
+        vertex=vertex)
     run_server(config, host, port, max_concurrency=max_concurrency, access_log=access_log)
 
 

@@ -42,6 +42,16 @@ class Scores:
         return Scores(self.probabilities[i], self.ood_score[i], self.unknown[i])
 
     @staticmethod
+    def stack(rows: Sequence[Scores], num_classes: int) -> Scores:
+        """One image's Scores each (`scores[i]`) -> the Scores of all of them."""
+        if not rows:
+            return Scores(np.zeros((0, num_classes), np.float32))
+        if rows[0].ood_score is None:
+            return Scores(np.stack([r.probabilities for r in rows]))
+        return Scores(np.stack([r.probabilities for r in rows]), np.array([r.ood_score for r in rows], np.float32),
+                      np.array([r.unknown for r in rows], bool))
+
+    @staticmethod
     def concat(parts: Sequence[Scores], num_classes: int) -> Scores:
         if not parts:
             return Scores(np.zeros((0, num_classes), np.float32))

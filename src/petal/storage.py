@@ -114,6 +114,24 @@ def read_bytes(uri: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
         raise ImageError(f"cannot read: {type(e).__name__}: {e}") from None
 
 
+def copy_folder(uri: str, dest: Path) -> Path:
+    """Copy the files of a remote folder (gs://, s3://, http(s)://...) into `dest` through fsspec."""
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(uri)
+    try:
+        files = [f for f in fs.find(root) if not fs.isdir(f)]
+    except Exception as e:  # noqa: BLE001 - each fsspec driver raises its own types
+        raise PetalError(f"model: cannot list {uri} ({type(e).__name__}: {e})") from None
+    if not files:
+        raise PetalError(f"model: no files at {uri}")
+    for f in files:
+        target = dest / os.path.relpath(f, root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fs.get(f, str(target))
+    return dest
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temp path beside `path`; on success it is fsynced and renamed onto it."""

@@ -309,9 +309,8 @@ def score_images(model, uris: list[str], what: str, reporter: Reporter
                 failed.append((p.uri, p.error))
                 continue
             ok.append(p.uri)
-            rows.append(Scores(p.probabilities[None], None if p.ood_score is None else np.array([p.ood_score]),
-                               None if p.ood_score is None else np.array([p.unknown])))
-    return ok, Scores.concat(rows, len(model.labels)), failed
+            rows.append(Scores(p.probabilities, p.ood_score, p.unknown))
+    return ok, Scores.stack(rows, len(model.labels)), failed
 
 
 def kept_metrics(scores: Scores, y: np.ndarray) -> dict:

@@ -20,7 +20,8 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 
 from petal import __version__
-from petal.serve.config import Limits, ServeConfig
+from petal.serve import v2
+from petal.serve.config import Limits, ServeConfig, VertexEnv
 from petal.serve.limits import BodySizeLimit, bearer_ok, within_limit
 from petal.serve.metrics import Metrics, MetricsMiddleware
 from petal.serve.protocol import RequestError
@@ -100,6 +101,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     auth = [Depends(require_key)]
     app.include_router(operations(service, metrics, auth))
     app.include_router(model_api(service, config.limits, auth))
+    app.include_router(v2_api(service, config.limits, auth))
+    if config.vertex is not None:
+        app.include_router(vertex_api(service, config.limits, auth, config.vertex))
     return app
 
 
@@ -166,6 +170,61 @@ def model_api(service: Service, limits: Limits, auth: list) -> APIRouter:
     async def model_metadata(name: str) -> dict:
         m = service.get(name)
         return {"model_spec": {"name": m.name, "version": m.version}, "metadata": m.metadata()}
+
+    return router
+
+
+def vertex_api(service: Service, limits: Limits, auth: list, vertex: VertexEnv) -> APIRouter:
+    """The routes Vertex AI names (AIP_HEALTH_ROUTE, AIP_PREDICT_ROUTE), for the first model."""
+    router = APIRouter(tags=["Vertex AI"])
+
+    @router.get(vertex.health_route, summary="Vertex AI health: 200 once the model is loaded")
+    async def health():  # noqa: ANN202
+        return {"status": "ready"} if service.ready else error(503, "not ready: the model is loading")
+
+    @router.post(vertex.predict_route, dependencies=auth, summary="Vertex AI predict: {instances} -> {predictions}")
+    async def predict(request: Request) -> JSONResponse:
+        if not service.models:
+            return error(503, "not ready: the model is loading")
+        served = service.get(next(iter(service.models)))
+        return JSONResponse(await within_limit(request.body(), lambda b: service.predict_json(served, b),
+                                               limits.timeout_s))
+
+    return router
+
+
+def v2_api(service: Service, limits: Limits, auth: list) -> APIRouter:
+    """The Open Inference Protocol (KServe v2) REST routes (petal.serve.v2)."""
+    router = APIRouter(prefix="/v2", tags=["Open Inference Protocol (KServe v2)"])
+
+    @router.get("/health/live", summary="Liveness")
+    async def live() -> dict:
+        return {"live": True}
+
+    @router.get("/health/ready", summary="Readiness: every model is loaded")
+    async def ready():  # noqa: ANN202
+        return {"ready": True} if service.ready else error(503, "not ready: models are loading")
+
+    @router.get("/models/{name}", dependencies=auth, summary="Model metadata: input and output tensors")
+    async def metadata(name: str) -> dict:
+        m = service.get(name)
+        return v2.model_metadata(m.name, m.version, m.model.preprocess.input_size, len(m.model.labels),
+                                 "ood_score" in m.model.outputs)
+
+    @router.get("/models/{name}/ready", dependencies=auth, summary="Model readiness")
+    async def model_ready(name: str) -> dict:
+        return {"name": service.get(name).name, "ready": service.ready}
+
+    @router.post("/models/{name}/infer", dependencies=auth, summary="Inference: images in, probabilities out")
+    async def infer(name: str, request: Request) -> JSONResponse:
+        served = service.get(name)
+
+        async def run(body: bytes) -> dict:
+            doc, images = v2.parse_infer(body, request.headers.get(v2.HEADER_LENGTH), limits.max_images)
+            scores = await service.infer_v2(served, images)
+            return v2.infer_response(served.name, served.version, doc, scores, served.model.labels)
+
+        return JSONResponse(await within_limit(request.body(), run, limits.timeout_s))
 
     return router
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from petal.errors import PetalError
-from petal.params import Bool, Instance, Int, Real, Rule, Validated
+from petal.params import Bool, Instance, Int, Real, Rule, Validated, env_int
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # no ':' or '/': names sit in URL paths
 API_KEY_ENV = "PETAL_API_KEY"
@@ -49,10 +49,51 @@ class ServeConfig(Validated):
     threads: int | None = None  # ONNX Runtime intra-op threads [default: all cores, no spin-wait]
     decode_workers: int | None = None  # image decode threads [default: all cores]
     reject_unknown: bool = True  # False: never answer "unknown" (a request can also say ?unknown=false)
+    vertex: VertexEnv | None = None  # Vertex AI's health and predict routes, when it sets them
 
     def check_together(self) -> None:
         if not self.models:
             raise PetalError("serve: expected at least one model (a bundle path or --model NAME=PATH)")
+
+
+@dataclass(frozen=True)
+class VertexEnv:
+    """The Vertex AI custom-container contract, from the variables Vertex sets."""
+
+    port: int  # AIP_HTTP_PORT
+    health_route: str  # AIP_HEALTH_ROUTE: 200 once the model is loaded
+    predict_route: str  # AIP_PREDICT_ROUTE: {"instances": [...]} in, {"predictions": [...]} out
+    storage_uri: str | None  # AIP_STORAGE_URI: the model folder, local or gs:// (copied at start-up)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> VertexEnv | None:
+        env = os.environ if env is None else env
+        if not env.get("AIP_HTTP_PORT"):
+            return None
+        port = env_int("AIP_HTTP_PORT", 8080)
+        return cls(port, env.get("AIP_HEALTH_ROUTE") or "/healthz",
+                   env.get("AIP_PREDICT_ROUTE") or "/predict", env.get("AIP_STORAGE_URI") or None)
+
+
+def apply_vertex(model: str | None, host: str | None, port: int, vertex: VertexEnv | None
+                 ) -> tuple[Path | None, str, int]:
+    """(model, host, port) as `petal serve` uses them: under Vertex AI, the model from
+    AIP_STORAGE_URI unless given, all interfaces unless --host says otherwise, AIP_HTTP_PORT.
+    A model URI (gs://, s3://, file://) is copied into a local folder first."""
+    if vertex is not None:
+        model, port, host = model or vertex.storage_uri, vertex.port, host or "0.0.0.0"
+    return (local_model(model) if model else None), host or "127.0.0.1", port
+
+
+def local_model(uri: str) -> Path:
+    """A bundle folder given by path or URI, as a local folder (remote ones are copied once)."""
+    import tempfile
+
+    from petal.storage import copy_folder, is_local, local_path
+
+    if is_local(uri):
+        return Path(local_path(uri))
+    return copy_folder(uri, Path(tempfile.mkdtemp(prefix="petal-model-")))
 
 
 def check_bundle(name: str, path: Path) -> Path:

@@ -26,6 +26,7 @@ from petal.predictions import Prediction, Scores
 from petal.serve import protocol
 from petal.serve.batcher import Batcher
 from petal.serve.config import ServeConfig
+from petal.serve.v2 import ImagesInput
 
 if TYPE_CHECKING:
     from petal.serve.metrics import Metrics
@@ -134,6 +135,25 @@ class Service:
                  served.prediction(filename, r, top_k, reject_unknown).to_dict())
             rows.append({"filename": d.pop("uri"), **d})
         return rows
+
+    async def infer_v2(self, served: ServedModel, images: ImagesInput) -> Scores:
+        """An Open Inference Protocol "images" input -> the model's Scores for it.
+        Raises RequestError naming the first image that cannot be used."""
+        size = served.model.preprocess.input_size
+        if images.pixels is not None:
+            if images.pixels.shape[1:] != (size, size, 3):
+                raise protocol.RequestError(f"images: this model takes UINT8 [N, {size}, {size}, 3] pixels, "
+                                            f"got {list(images.pixels.shape)}")
+            pixels: list[np.ndarray | str] = list(images.pixels)
+        else:
+            loop = asyncio.get_running_loop()
+            pixels = await asyncio.gather(*(loop.run_in_executor(self.pool, self._decode_bytes, data, served)
+                                            for data in images.files))
+        for i, p in enumerate(pixels):
+            if isinstance(p, str):
+                raise protocol.RequestError(f"images[{i}]: {p}")
+        results = await self._infer(served, pixels)
+        return Scores.stack(results, len(served.model.labels))
 
     def _decode_bytes(self, data: bytes, served: ServedModel) -> np.ndarray | str:
         """Encoded image -> (S, S, 3) uint8, or the reason it cannot be used."""
