@@ -152,3 +152,17 @@ def test_an_option_of_the_other_command_is_refused_by_name(tmp_path, dataset):
     assert not (tmp_path / "r").exists()
     r = petal("train", dataset, "--out", tmp_path / "r", "--epochz", "3", check=False)
     assert r.returncode == 2 and "No such option: --epochz" in r.stderr  # click's own hint is kept
+
+
+def test_petal_json_fields_are_range_checked(tmp_path, model_dir, dataset):
+    meta = json.loads((model_dir / "petal.json").read_text())
+    bad = {"a huge input": {**meta, "preprocess": {**meta["preprocess"], "input_size": 100_000}},
+           "labels not a list": {**meta, "labels": "circles"},
+           "a label with a line break": {**meta, "labels": ["a\nb", "c", "d"]},
+           "a threshold that is text": {**meta, "unknown": {**meta["unknown"], "threshold": "high"}}}
+    for what, doc in bad.items():
+        broken = tmp_path / what.replace(" ", "_")
+        shutil.copytree(model_dir, broken)
+        (broken / "petal.json").write_text(json.dumps(doc))
+        with pytest.raises(PetalError, match="damaged bundle"):
+            load(broken)

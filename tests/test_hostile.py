@@ -505,3 +505,27 @@ def test_loader_keeps_going_past_every_failure(corpus):
     assert [it.uri for it in items] == uris
     assert all(it.error is None and it.pixels is not None for it in items[: len(good)])
     assert all(it.error and it.pixels is None for it in items[len(good):])
+
+
+def test_io_errors_do_not_set_good_shards_aside(tmp_path, monkeypatch):
+    """EIO or too many open files is the machine's trouble: the shard stays, the error is raised."""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from petal.cache import EmbeddingCache
+
+    cache = EmbeddingCache(tmp_path, "b", 4)
+    with cache.writer() as w:
+        w.add(["k1", "k2"], np.ones((2, 4), np.float32))
+    shard = cache.shards()[0]
+    for exc in (OSError(errno.EIO, "Input/output error"), OSError(errno.EMFILE, "Too many open files"),
+                MemoryError()):
+        def fail(*a, exc=exc, **kw):
+            raise exc
+        monkeypatch.setattr(pq, "read_table", fail)
+        with pytest.raises(type(exc)):
+            cache.load()
+        assert shard.exists() and not list(tmp_path.rglob("*.corrupt"))
+    monkeypatch.undo()
+    assert set(EmbeddingCache(tmp_path, "b", 4).load()) == {"k1", "k2"}

@@ -116,6 +116,38 @@ def test_api_key_from_env(monkeypatch):
     assert api_key_from_env(None) is None
 
 
+def test_api_key_from_a_file_and_the_exposure_warning(monkeypatch, tmp_path):
+    from petal.serve.config import exposure_warning
+
+    key = tmp_path / "key"
+    key.write_text("s3cret\n")
+    assert api_key_from_env(None, key) == "s3cret"
+    monkeypatch.setenv("PETAL_API_KEY_FILE", str(key))
+    assert api_key_from_env(None) == "s3cret" and api_key_from_env("given") == "given"
+    (tmp_path / "empty").write_text("")
+    with pytest.raises(PetalError, match="is empty"):
+        api_key_from_env(None, tmp_path / "empty")
+    with pytest.raises(PetalError, match="cannot read"):
+        api_key_from_env(None, tmp_path / "missing")
+    assert exposure_warning("127.0.0.1", None) is None and exposure_warning("0.0.0.0", "k") is None
+    assert "without an API key" in exposure_warning("0.0.0.0", None)
+
+
+def test_a_batch_that_fails_outside_the_model_fails_its_requests_not_the_worker():
+    calls = []
+
+    def on_batch(images, seconds):  # a broken metrics callback, once
+        calls.append(images)
+        if len(calls) == 1:
+            raise RuntimeError("metrics exploded")
+
+    b = Batcher(lambda px: px.astype(np.float32), max_batch=4, max_wait_ms=0, on_batch=on_batch)
+    with pytest.raises(RuntimeError, match="metrics exploded"):
+        b.submit(np.array([[1]])).result(timeout=10)
+    assert b.submit(np.array([[2]])).result(timeout=10).tolist() == [[2.0]] and b.alive
+    b.close()
+
+
 # -- the batcher, with a fake model --
 
 def test_batcher_merges_queued_requests_and_drains_on_close():

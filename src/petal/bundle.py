@@ -98,10 +98,30 @@ class BundleInfo:
                              "upgrade petal to load it")
         d = upgrade_v1(d) if fmt == 1 else d
         known = {f.name: d[f.name] for f in fields(cls) if f.name in d}
-        known["preprocess"] = Preprocess.from_dict(d["preprocess"])
-        if not isinstance(known["labels"], list) or not isinstance(known["backbone"], dict):
-            raise TypeError("labels: expected a list, backbone: expected an object")
+        try:
+            known["preprocess"] = Preprocess.from_dict(d["preprocess"])
+        except PetalError as e:  # a rule broken: a damaged document, like any other bad field
+            raise ValueError(f"preprocess: {e}") from None
+        check_fields(known)
         return cls(**{**known, "format": BUNDLE_FORMAT})
+
+
+MAX_LABELS, MAX_TEXT = 100_000, 1_000
+
+
+def check_fields(d: dict) -> None:
+    """Range-check what petal.json says before anything relies on it (a bundle may come from
+    anyone). Raises ValueError or TypeError naming the field."""
+    labels = d.get("labels")
+    if not isinstance(labels, list) or not 1 <= len(labels) <= MAX_LABELS:
+        raise TypeError(f"labels: expected a list of 1 to {MAX_LABELS:,} names")
+    if not all(isinstance(x, str) and 0 < len(x) <= MAX_TEXT and "\n" not in x for x in labels):
+        raise ValueError(f"labels: expected names of 1 to {MAX_TEXT} characters on one line")
+    if not isinstance(d.get("backbone"), dict) or not isinstance(d.get("name", ""), str):
+        raise TypeError("backbone: expected an object; name: expected a string")
+    unknown = d.get("unknown")
+    if unknown is not None and not (isinstance(unknown, dict) and isinstance(unknown.get("threshold"), int | float)):
+        raise TypeError("unknown: expected an object with a numeric threshold")
 
 
 def upgrade_v1(d: dict) -> dict:

@@ -103,15 +103,25 @@ class EmbeddingCache:
             return table
         except FileNotFoundError:
             return None  # set aside by another reader meanwhile
+        except OSError as e:
+            if e.errno is not None:  # EIO, EMFILE, EACCES...: the machine's trouble, not a damaged shard
+                raise
+            self._set_aside(shard, e)
+        except MemoryError:
+            raise  # neither: setting the shard aside would lose good features for everyone
         except Exception as e:  # noqa: BLE001 - pyarrow raises many types on a damaged file
-            reason = f"{type(e).__name__}: {e}".splitlines()[0]
-            with contextlib.suppress(OSError):
-                os.replace(shard, shard.with_name(shard.name + ".corrupt"))
-            msg = f"embedding cache: unreadable shard {shard} set aside as .corrupt ({reason}); " \
-                  "its images will be embedded again"
-            self.problems.append(msg)
-            warnings.warn(msg, stacklevel=3)
-            return None
+            self._set_aside(shard, e)
+        return None
+
+    def _set_aside(self, shard: Path, e: BaseException) -> None:
+        """A shard whose format is damaged: renamed *.corrupt, its images embedded again."""
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        with contextlib.suppress(OSError):
+            os.replace(shard, shard.with_name(shard.name + ".corrupt"))
+        msg = f"embedding cache: unreadable shard {shard} set aside as .corrupt ({reason}); " \
+              "its images will be embedded again"
+        self.problems.append(msg)
+        warnings.warn(msg, stacklevel=4)
 
     def load(self) -> dict[str, np.ndarray]:
         """key -> (D,) float32, from every shard on disk."""

@@ -29,10 +29,12 @@ def serve(
     models: Annotated[Optional[list[str]], typer.Option("--model", help="More models: NAME=PATH (repeat).")
                       ] = None,
     host: Annotated[Optional[str], typer.Option(help=(
-        "Interface to listen on; 0.0.0.0 for all [default: 127.0.0.1; under Vertex AI: 0.0.0.0]."))] = None,
+        "Interface to listen on; 0.0.0.0 for all (default 127.0.0.1; under Vertex AI 0.0.0.0)."))] = None,
     port: Annotated[int, typer.Option(min=1, max=65535, help="TCP port.")] = 8080,
     api_key: Annotated[Optional[str], typer.Option(envvar="PETAL_API_KEY", show_envvar=True,
                                                    help="Require 'Authorization: Bearer KEY'.")] = None,
+    api_key_file: Annotated[Optional[Path], typer.Option(envvar="PETAL_API_KEY_FILE", show_envvar=True, help=(
+        "Read the API key from this file (unlike --api-key, `ps` does not show it)."))] = None,
     max_batch: Annotated[int, typer.Option(help="Images per inference call (memory grows with it).")] = BAT.max_batch,
     batch_wait_ms: Annotated[float, typer.Option(help="Longest wait (ms) for a batch to fill.")] = BAT.max_wait_ms,
     max_body_mb: Annotated[float, typer.Option(help="Request body limit (413 beyond).")] = LIM.max_body_bytes / 2**20,
@@ -47,7 +49,14 @@ def serve(
         "Answer unknown for images unlike every class; --no-unknown always names the nearest class."))] = True,
 ) -> None:
     """Serve models over HTTP (Cloud ML / TF Serving JSON API, upload endpoint, web page at /)."""
-    from petal.serve.config import ServeConfig, VertexEnv, api_key_from_env, apply_vertex, model_specs
+    from petal.serve.config import (
+        ServeConfig,
+        VertexEnv,
+        api_key_from_env,
+        apply_vertex,
+        exposure_warning,
+        model_specs,
+    )
     from petal.serve.server import serve as run_server
 
     try:
@@ -62,8 +71,11 @@ def serve(
         models=model_specs(model_path, name, models or []),
         limits=Limits(int(max_body_mb * 1024 * 1024), max_images, max_pixels, timeout),
         batching=Batching(max_batch, batch_wait_ms),
-        api_key=api_key_from_env(api_key), threads=threads, decode_workers=workers, reject_unknown=unknown,
+        api_key=api_key_from_env(api_key, api_key_file), threads=threads, decode_workers=workers,
+        reject_unknown=unknown,
         vertex=vertex)
+    if warning := exposure_warning(host, config.api_key):
+        typer.secho(warning, fg="yellow", err=True)
     run_server(config, host, port, max_concurrency=max_concurrency, access_log=access_log)
 
 

@@ -23,7 +23,9 @@ RESAMPLING = ("bicubic", "bilinear")  # the Pillow filters petal.images knows
 @dataclass(frozen=True)
 class Preprocess(Validated):
     PARAMS: ClassVar[dict[str, Rule]] = {
-        "input_size": Int(1), "crop_pct": Real(0, 1, low_open=True), "resample": OneOf(*RESAMPLING)}
+        # input_size is capped: a bundle's petal.json is read before its graph, and 100,000 px
+        # would allocate 30 GB per image
+        "input_size": Int(1, 4096), "crop_pct": Real(0, 1, low_open=True), "resample": OneOf(*RESAMPLING)}
 
     input_size: int  # the square side the network sees, in pixels
     crop_pct: float  # resize the short side to input_size / crop_pct, then center-crop input_size

@@ -120,10 +120,13 @@ def operations(service: Service, metrics: Metrics, auth: list) -> APIRouter:
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @router.get("/readyz", summary="Readiness: every model is loaded")
+    @router.get("/readyz", summary="Readiness: every model is loaded and its inference worker runs")
     async def readyz():  # noqa: ANN202 - FastAPI would make `JSONResponse | dict` a response model
         if not service.ready:
             return error(503, "not ready: models are loading or the server is shutting down")
+        dead = [m.name for m in service.models.values() if not m.batcher.alive]
+        if dead:
+            return error(503, f"not ready: the inference worker of {', '.join(dead)} stopped; restart the server")
         return {"status": "ready", "models": list(service.models)}
 
     @router.get("/metrics", dependencies=auth, summary="Prometheus metrics")

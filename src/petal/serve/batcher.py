@@ -92,22 +92,31 @@ class Batcher:
         self._last_jobs = len(jobs)
         return jobs
 
+    @property
+    def alive(self) -> bool:
+        """The worker thread is running (or was never needed: closed on purpose)."""
+        return self._thread.is_alive() or self._closed
+
     def _run(self) -> None:
         while (jobs := self._next_batch()) is not None:
             # A cancelled future (its request timed out) is skipped, not computed.
             jobs = [j for j in jobs if j.future.set_running_or_notify_cancel()]
-            if not jobs:
-                continue
+            if jobs:
+                self._serve(jobs)
+
+    def _serve(self, jobs: list[_Job]) -> None:
+        """Run one batch; whatever fails (a bug, a broken model, a metrics callback), these
+        requests get the error and the worker goes on with the next batch."""
+        try:
             start = time.perf_counter()
-            try:
-                probs = self.predict(np.concatenate([j.pixels for j in jobs]))
-            except Exception as e:  # noqa: BLE001 - a bug or a broken model: fail these requests only
-                log.exception("inference failed")
-                for j in jobs:
-                    j.future.set_exception(e)
-                continue
+            probs = self.predict(np.concatenate([j.pixels for j in jobs]))
             self.on_batch(len(probs), time.perf_counter() - start)
             at = 0
             for j in jobs:
                 j.future.set_result(probs[at:at + len(j.pixels)])
                 at += len(j.pixels)
+        except Exception as e:  # noqa: BLE001 - fail these requests only, never the worker
+            log.exception("inference failed")
+            for j in jobs:
+                if not j.future.done():
+                    j.future.set_exception(e)

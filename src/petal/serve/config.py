@@ -13,6 +13,7 @@ from petal.params import Bool, Instance, Int, Real, Rule, Validated, env_int
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # no ':' or '/': names sit in URL paths
 API_KEY_ENV = "PETAL_API_KEY"
+API_KEY_FILE_ENV = "PETAL_API_KEY_FILE"
 
 
 @dataclass(frozen=True)
@@ -131,5 +132,23 @@ def default_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip("._-") or "model"
 
 
-def api_key_from_env(given: str | None) -> str | None:
+def api_key_from_env(given: str | None, key_file: str | Path | None = None) -> str | None:
+    """The API key: given, else from a file (--api-key-file or $PETAL_API_KEY_FILE, which `ps`
+    does not show, unlike argv), else $PETAL_API_KEY; None: no auth."""
+    key_file = key_file or os.environ.get(API_KEY_FILE_ENV)
+    if not given and key_file:
+        try:
+            given = Path(key_file).read_text(encoding="utf-8").strip()
+        except OSError as e:
+            raise PetalError(f"api key file: cannot read {key_file} ({e.strerror or e})") from None
+        if not given:
+            raise PetalError(f"api key file: {key_file} is empty")
     return given or os.environ.get(API_KEY_ENV) or None
+
+
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """A warning when serving beyond loopback with no API key."""
+    if api_key or host in ("127.0.0.1", "localhost", "::1"):
+        return None
+    return (f"warning: serving on {host} without an API key: anyone who can reach this port can use the "
+            f"models; set --api-key-file or ${API_KEY_FILE_ENV} (or put an authenticating proxy in front)")
