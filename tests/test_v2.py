@@ -80,3 +80,19 @@ def test_bad_requests_are_named(client, images, tmp_path):
         client.infer("shapes", [wrong])
     with pytest.raises(InferenceServerException, match="not found"):
         client.infer("nope", [files_input(images[:1])])
+
+
+def test_malformed_v2_bodies_are_400_not_500(client, model_dir):
+    import httpx
+
+    from petal.serve.config import ServeConfig
+    from serve_helpers import running
+
+    with running(ServeConfig({"shapes": model_dir})) as (url, _):
+        for body, says in ((b"[" * 100_000, "invalid JSON"), (b'{"inputs": []}', "expected"),
+                           (b'{"inputs": [{"name": "images", "shape": [1], "datatype": "FP32"}]}', "BYTES")):
+            r = httpx.post(f"{url}/v2/models/shapes/infer", content=body, timeout=60)
+            assert r.status_code == 400 and says in r.json()["error"], (r.status_code, r.text[:200])
+        r = httpx.post(f"{url}/v2/models/shapes/infer", content=b'{"inputs": []}',
+                       headers={"Inference-Header-Content-Length": "999"}, timeout=60)
+        assert r.status_code == 400 and "outside the body" in r.json()["error"]
