@@ -115,3 +115,12 @@ def test_audit_of_a_single_image_and_clearing_a_run(tmp_path):
     (run.model_dir).mkdir()
     run.clear()
     assert sorted(p.name for p in run.path.iterdir()) == ["model"]  # the bundle is replaced at export only
+
+
+def test_audit_files_name_absolute_paths(tmp_path, dirty, cache_dir, monkeypatch):
+    """suspects.csv works with --exclude from any folder: its paths do not depend on the cwd."""
+    monkeypatch.chdir(dirty["root"].parent)
+    audit_data(dirty["root"].name, tmp_path / "a", cache_dir=cache_dir)
+    with open(tmp_path / "a" / "suspects.csv") as f:
+        uris = [row["uri"] for row in csv.DictReader(f)]
+    assert uris and all(os.path.isabs(u) and os.path.exists(u) for u in uris)

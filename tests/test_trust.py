@@ -122,9 +122,13 @@ def test_predict_shows_unknown_and_writes_its_columns(tmp_path, model_dir, forei
     petal("predict", model_dir, foreign[0], one_known, "--output", tmp_path / "p.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert [row["unknown"] for row in rows] == [True, False] and all("ood_score" in row for row in rows)
+    # a script reading "label" is never told a class for an unknown image; "nearest" keeps it
+    assert rows[0]["label"] == "unknown" and rows[0]["nearest"] in ("circles", "squares", "triangles")
+    assert rows[1]["label"] == rows[1]["nearest"] == Path(one_known).parent.name
     petal("predict", model_dir, foreign[0], "--output", tmp_path / "p.csv", "--no-unknown")
     header, row = (tmp_path / "p.csv").read_text().splitlines()
-    assert header == "uri,label,score,top,unknown,ood_score" and ",false," in row
+    assert header == "uri,label,score,top,unknown,ood_score,nearest" and ",false," in row
+    assert row.split(",")[1] == row.split(",")[-1]  # not unknown: the label is the nearest class
 
 
 def test_evaluate_with_unknown_images(tmp_path, model_dir, dataset, foreign):

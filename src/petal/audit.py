@@ -21,13 +21,14 @@ number flipped) is 86% flips over three draws (a linear probe alone: 71%; ridge 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from petal.storage import atomic_write_csv, atomic_write_text
+from petal.storage import atomic_write_csv, atomic_write_text, is_local, local_path
 from petal.unknown import normalize
 
 RIDGE_WEIGHT, RIDGE_LAMBDA, RIDGE_SCALE = 0.7, 1.0, 5.0
@@ -181,6 +182,10 @@ def duplicates(Xn: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, labels:
     return sorted(out, key=lambda d: (not d.crosses, d.kind != "exact", -d.similarity))
 
 
+def absolute(uri: str) -> str:
+    return os.path.abspath(local_path(uri)) if is_local(uri) else uri
+
+
 def imbalance_advice(counts: Counter) -> list[str]:
     if not counts:
         return []
@@ -192,10 +197,11 @@ def imbalance_advice(counts: Counter) -> list[str]:
 
 
 def write_audit(out: Path, a: Audit) -> None:
-    """suspects.csv, duplicates.csv and audit.json (the summary) in `out`."""
+    """suspects.csv, duplicates.csv and audit.json (the summary) in `out`. Local paths are
+    written absolute, so that --exclude/--relabel find them from any folder."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_csv(out / "suspects.csv", ["uri", "label", "suggested", "score", "reason"],
-                     ([s.uri, s.label, s.suggested, f"{s.score:.4f}", s.reason] for s in a.suspects))
+                     ([absolute(s.uri), s.label, s.suggested, f"{s.score:.4f}", s.reason] for s in a.suspects))
     atomic_write_csv(out / "duplicates.csv", ["uri_a", "uri_b", "similarity", "kind", "crosses"],
-                     (list(asdict(d).values()) for d in a.duplicates))
+                     ([absolute(d.uri_a), absolute(d.uri_b), d.similarity, d.kind, d.crosses] for d in a.duplicates))
     atomic_write_text(out / "audit.json", json.dumps({**a.summary(), "counts": a.counts}, indent=2) + "\n")

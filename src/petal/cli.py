@@ -125,6 +125,9 @@ def print_trust(metrics: dict) -> None:
     d = metrics.get("unknown_data")
     if d:
         parts.append(f"unknown images rejected {d['rejected_unknown']:.1%} (AUROC {d['auroc']:.3f})")
+    t = metrics.get("test")
+    if t:
+        parts.append(f"test: accuracy {t['accuracy']:.4f}, top-5 {t['top5_accuracy']:.4f} ({t['num_eval']} images)")
     if parts:
         out.print("   ".join(parts))
 
@@ -237,8 +240,8 @@ def train(
     seed: int = HEAD.seed,
     workers: Workers = None,
     keep: Annotated[float, typer.Option(help=(
-        "Share of known images the 'unknown' threshold keeps; the rest of the threshold's "
-        "side is rejected as unknown."))] = DEFAULT_KEEP,
+        "Share of images of the known classes to keep (in [0.5, 1)); images scoring beyond "
+        "that threshold are answered 'unknown'."))] = DEFAULT_KEEP,
     exclude: Exclude = None,
     relabel: Relabel = None,
     group: Group = None,

@@ -26,7 +26,7 @@ TRAIN, EVAL = "train", "eval"
 CALIBRATION = "calibration"  # set aside from train by `petal finetune`: held out, never trained on
 TEST = "test"  # given by the data (a test/ folder, a CSV split column): evaluated on its own
 # a split a dataset gives -> petal's; "calibration" (a run's own split.csv as data) is training data again
-SPLIT_NAMES = {"train": TRAIN, "val": EVAL, "valid": EVAL, "validation": EVAL, "eval": EVAL, "test": TEST,
+SPLIT_NAMES = {"train": TRAIN, "val": EVAL, "valid": EVAL, "validation": EVAL, "dev": EVAL, "eval": EVAL, "test": TEST,
                "calibration": TRAIN}
 MIN_CALIBRATION = 10  # fewer images than this calibrate nothing
 HEADER_WORDS = {"uri", "url", "path", "image", "image_uri", "image_path", "file", "filename"}

@@ -22,7 +22,10 @@ import numpy as np
 from petal.errors import PetalError
 from petal.storage import atomic_path, check_output
 
-CSV_HEADER = ["uri", "label", "score", "top", "unknown", "ood_score"]
+UNKNOWN = "unknown"  # the label of a prediction that is like none of the classes
+# "label" is UNKNOWN for an unknown image, so that a script reading it is never told "tulips"
+# for a cat; "nearest" is always the top-1 class
+CSV_HEADER = ["uri", "label", "score", "top", "unknown", "ood_score", "nearest"]
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,14 @@ class Prediction:
         if self.error is not None:
             d["error"] = self.error
         else:
-            d.update(label=self.label, score=self.score, top=[{"label": k, "score": v} for k, v in self.top],
-                     unknown=self.unknown, ood_score=self.ood_score)
+            d.update(label=self.answer, score=self.score, top=[{"label": k, "score": v} for k, v in self.top],
+                     unknown=self.unknown, ood_score=self.ood_score, nearest=self.label)
         return d
+
+    @property
+    def answer(self) -> str | None:
+        """What the model answers: its top-1 class, or UNKNOWN."""
+        return UNKNOWN if self.unknown else self.label
 
 
 def ranked(labels: Sequence[str], probs: np.ndarray, k: int) -> list[tuple[int, str, float]]:
@@ -109,7 +117,7 @@ def scored_prediction(labels: Sequence[str], uri: str, s: Scores, top_k: int = 5
 def csv_row(p: Prediction) -> list[str]:
     """One prediction as the CSV row every writer (local or Beam) uses."""
     ood = "" if p.ood_score is None else f"{p.ood_score:.6f}"
-    return [p.uri, p.label, f"{p.score:.6f}", json.dumps(dict(p.top)), str(p.unknown).lower(), ood]
+    return [p.uri, p.answer, f"{p.score:.6f}", json.dumps(dict(p.top)), str(p.unknown).lower(), ood, p.label]
 
 
 def write_predictions(path: Path, preds: Iterable[Prediction]) -> tuple[int, list[tuple[str, str]]]:

@@ -131,8 +131,9 @@ def errors_section(classes: list[str], uris: list[str], y: np.ndarray, probs: np
     top_pairs = sorted(pairs.items(), key=lambda kv: -kv[1])[:10]
     rows = "".join(f"<tr><td>{html.escape(classes[a])} &rarr; {html.escape(classes[b])}</td><td>{n}</td></tr>"
                    for (a, b), n in top_pairs)
-    return (f"<h2>Top losses</h2>{losses}<h2>Most confused pairs</h2>"
-            f"<table><tr><th>true &rarr; predicted</th><th>images</th></tr>{rows}</table>")
+    table = (f"<table><tr><th>true &rarr; predicted</th><th>images</th></tr>{rows}</table>" if rows
+             else '<p class="muted">none</p>')
+    return f"<h2>Top losses</h2>{losses}<h2>Most confused pairs</h2>{table}"
 
 
 def audit_section(a: Audit) -> str:

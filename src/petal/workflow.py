@@ -274,8 +274,9 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
     check_output(out, "out", folder=True)
     model = Model(model_dir, reject_unknown=reject_unknown)
     if unknown_data and "ood_score" not in model.outputs:
-        raise PetalError(f"unknown: {model_dir} has no unknown detector (exported before petal had one); "
-                         "export it again with `petal export RUN`")
+        raise PetalError(f"unknown: {model_dir} has no unknown detector: it was exported before petal had one "
+                         "(export it again with `petal export RUN`), or fine-tuned with too few images set aside "
+                         "to fit one (--calibration-percent)")
     ds = load_dataset(data, labels_file=labels_file, eval_percent=0.0, require_train=False)
     known = {c: i for i, c in enumerate(model.labels)}
     examples = [e for e in ds.examples if e.label in known]
