@@ -153,3 +153,27 @@ def test_group_with_an_optional_or_empty_capture_does_not_crash(tmp_path):
         touch(tmp_path / ("a" if i % 2 else "b") / f"img{i}.jpg")
     for pattern in (r"(\d\d)?img", r"x*"):
         assert len(load_dataset(tmp_path, eval_percent=0, group=pattern).examples) == 4
+
+
+@pytest.mark.parametrize("header,row", [("label,uri", "{label},{uri}"), ("class,filename", "{label},{uri}"),
+                                        ("id,filename,class", "7,{uri},{label}"),
+                                        ("Image,Category,Split", "{uri},{label},train")])
+def test_csv_columns_are_matched_by_header_name(tmp_path, header, row):
+    names = {"a.jpg": "cat", "b.jpg": "dog", "c.jpg": "cat", "d.jpg": "dog"}
+    for n in names:
+        touch(tmp_path / n)
+    lines = [header] + [row.format(uri=n, label=lab) for n, lab in names.items()]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    ds = load_dataset(tmp_path / "d.csv", eval_percent=0)
+    assert ds.classes == ["cat", "dog"] and {Path(e.uri).name: e.label for e in ds.examples} == names
+
+
+def test_swapped_columns_are_refused_not_trained_on(tmp_path):
+    for n in ("a.jpg", "b.jpg"):
+        touch(tmp_path / n)
+    (tmp_path / "swapped.csv").write_text("cat,a.jpg\ndog,b.jpg\n")
+    with pytest.raises(DataError, match="labels look like file paths .* are the columns swapped"):
+        load_dataset(tmp_path / "swapped.csv")
+    (tmp_path / "half.csv").write_text("filename,width\na.jpg,3\n")
+    with pytest.raises(DataError, match="has no label column"):
+        load_dataset(tmp_path / "half.csv")

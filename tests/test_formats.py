@@ -113,7 +113,9 @@ def test_a_format_1_run_folder_exports(tmp_path, trained_run):
     v1["backbone"] = v1_meta({"name": "x", "labels": [], "metrics": {}, "training": {"head": {}}})["backbone"]
     (old / "settings.json").write_text(json.dumps(v1))
     model = export_run(old)
-    assert load(model).info.training == {"kind": "head", "head": s["head"]}
+    training = load(model).info.training
+    assert {k: training[k] for k in ("kind", "head")} == {"kind": "head", "head": s["head"]}
+    assert training["train_keys"]  # the digest of its training images, from split.csv
 
 
 def test_predictions_rank_and_rows_agree():

@@ -161,3 +161,25 @@ def test_parity_failure_refuses_to_write(trained_run, tmp_path, cache_dir):
         export_bundle(tmp_path / "m", cfg=CFG, head=Skewed(head), classes=["a", "b", "c"],
                       cache_dir=cache_dir, parity_uris=uris)
     assert not (tmp_path / "m").exists()
+
+
+def test_evaluate_warns_about_training_images(trained_run, dataset, tmp_path):
+    """The bundle carries a digest of its training images: evaluating on them says so."""
+    class Messages:
+        lines: list = []
+
+        def message(self, text):
+            self.lines.append(text)
+
+        def dataset(self, ds):
+            pass
+
+        def progress(self, description, total):
+            import contextlib
+
+            return contextlib.nullcontext(lambda n: None)
+
+    reporter = Messages()
+    m = evaluate_model(trained_run.model_dir, dataset, tmp_path / "report", reporter=reporter)
+    assert m["train_overlap"] == m["num_eval"] - 12  # all but the 12 eval images were trained on
+    assert any("images this model was trained on" in line for line in reporter.lines)

@@ -21,14 +21,13 @@ number flipped) is 86% flips over three draws (a linear probe alone: 71%; ridge 
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from petal.storage import atomic_write_csv, atomic_write_text, is_local, local_path
+from petal.storage import absolute, atomic_write_csv, atomic_write_text
 from petal.unknown import normalize
 
 RIDGE_WEIGHT, RIDGE_LAMBDA, RIDGE_SCALE = 0.7, 1.0, 5.0
@@ -180,10 +179,6 @@ def duplicates(Xn: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, labels:
         crosses = [w for w, bad in (("classes", labels[i] != labels[j]), (sides, splits[i] != splits[j])) if bad]
         out.append(Duplicate(uris[i], uris[j], round(sim, 6), kind, ", ".join(crosses)))
     return sorted(out, key=lambda d: (not d.crosses, d.kind != "exact", -d.similarity))
-
-
-def absolute(uri: str) -> str:
-    return os.path.abspath(local_path(uri)) if is_local(uri) else uri
 
 
 def imbalance_advice(counts: Counter) -> list[str]:

@@ -20,7 +20,7 @@ from pathlib import Path
 from petal.errors import DataError, PetalError
 from petal.images import IMAGE_EXTENSIONS
 from petal.params import Real, check_param
-from petal.storage import check_scheme, is_local, local_path, scheme_of
+from petal.storage import absolute, check_scheme, is_local, local_path, scheme_of
 
 TRAIN, EVAL = "train", "eval"
 CALIBRATION = "calibration"  # set aside from train by `petal finetune`: held out, never trained on
@@ -29,7 +29,8 @@ TEST = "test"  # given by the data (a test/ folder, a CSV split column): evaluat
 SPLIT_NAMES = {"train": TRAIN, "val": EVAL, "valid": EVAL, "validation": EVAL, "dev": EVAL, "eval": EVAL, "test": TEST,
                "calibration": TRAIN}
 MIN_CALIBRATION = 10  # fewer images than this calibrate nothing
-HEADER_WORDS = {"uri", "url", "path", "image", "image_uri", "image_path", "file", "filename"}
+HEADER_WORDS = {"uri", "url", "path", "image", "image_uri", "image_path", "file", "filename", "filepath",
+                "image_file", "image_name"}
 
 
 @dataclass(frozen=True)
@@ -235,7 +236,7 @@ def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list, dict[str, st
     seen: dict[str, tuple[str, int]] = {}
     duplicates: list[str] = []  # "line N repeats line M"
     reader = csv.reader(io.StringIO(text, newline=""))
-    first, split_column = True, False  # a third column is the split only under a "split" header
+    first, (ucol, lcol, scol) = True, (0, 1, None)  # without a header: uri, label (a split only by name)
     while True:
         lineno = reader.line_num + 1  # the physical line this row starts on (quoted fields may span lines)
         try:
@@ -250,16 +251,16 @@ def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list, dict[str, st
             continue  # blank line
         if first:
             first = False
-            if cells[0].lower() in HEADER_WORDS or (len(cells) > 1 and cells[1].lower() in {"label", "class"}):
-                split_column = len(cells) > 2 and cells[2].lower() == "split"
+            if columns := header_columns(cells, uri):
+                ucol, lcol, scol = columns
                 continue  # header
-        if len(cells) < 2:
+        if len(cells) <= max(ucol, lcol):
             skipped.append((where, "row has no label column"))
             continue
-        path, label = cells[0], cells[1]
-        split = cells[2].lower() if split_column and len(cells) > 2 and cells[2] else None
+        path, label = cells[ucol], cells[lcol]
+        split = cells[scol].lower() if scol is not None and len(cells) > scol and cells[scol] else None
         if split is not None and split not in SPLIT_NAMES:
-            skipped.append((where, f"split {cells[2]!r} is not one of {', '.join(SPLIT_NAMES)}"))
+            skipped.append((where, f"split {cells[scol]!r} is not one of {', '.join(SPLIT_NAMES)}"))
             continue
         if not path:
             skipped.append((where, "empty uri"))
@@ -288,6 +289,32 @@ def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list, dict[str, st
         warnings.append(f"{uri}: {len(duplicates)} duplicate row(s) ignored: "
                         + ", ".join(duplicates[:3]) + more)
     return rows, skipped, warnings, given
+
+
+LABEL_WORDS = {"label", "class", "category", "labels", "class_name", "classname"}
+
+
+def header_columns(cells: list[str], source: str) -> tuple[int, int, int | None] | None:
+    """A header row -> (uri column, label column, split column or None), matched by name
+    (e.g. label,uri or id,filename,class); None when the row is no header."""
+    names = [c.lower() for c in cells]
+    ucol = next((i for i, n in enumerate(names) if n in HEADER_WORDS), None)
+    lcol = next((i for i, n in enumerate(names) if n in LABEL_WORDS), None)
+    if ucol is None and lcol is None:
+        return None
+    if ucol is None or lcol is None:
+        missing = "image column (uri, path, filename, image, file)" if ucol is None else \
+            "label column (label, class, category)"
+        raise DataError(f"{source}: the header {cells} has no {missing}; name the columns in the header")
+    return ucol, lcol, names.index("split") if "split" in names else None
+
+
+def refuse_path_like_labels(source: str, rows: list[tuple[str, str]]) -> None:
+    """Labels that look like file names mean the columns were read the wrong way round."""
+    pathy = [lab for _, lab in rows if "/" in lab or Path(lab).suffix.lower() in IMAGE_EXTENSIONS]
+    if rows and len(pathy) * 2 >= len(rows):
+        raise DataError(f"{source}: {len(pathy)} of {len(rows)} labels look like file paths (e.g. {pathy[0]!r}): "
+                        "are the columns swapped? Give a header naming them, e.g. uri,label")
 
 
 def _check_schemes(source: str, rows: list[tuple[str, str]]) -> None:
@@ -327,6 +354,7 @@ def _read_source(source: str, what: str = "data") -> tuple[list[tuple[str, str]]
     if is_local(source) and not Path(local_path(source)).exists():
         raise DataError(f"{what}: no such folder or CSV file: {source}")
     rows, skipped, warnings, given = _from_csv(source)
+    refuse_path_like_labels(source, rows)
     _check_schemes(source, rows)
     return rows, skipped, warnings, given
 
@@ -384,7 +412,8 @@ def load_dataset(
     else:
         classes = sorted({lab for _, lab, _ in tagged})
 
-    examples = [Example(u, lab, s) for u, lab, s in tagged]
+    # local paths absolute: a run folder names its images so that it works from any folder
+    examples = [Example(absolute(u), lab, s) for u, lab, s in tagged]
     ds = Dataset(examples, classes, skipped, warnings)
     if require_train:
         check_trainable(ds)

@@ -8,14 +8,14 @@ top-1 must equal the trained model's and every probability be within `atol`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from petal.backbones import BackboneConfig
-from petal.bundle import BundleInfo, Model, write_bundle
+from petal.bundle import TRAIN_KEYS, BundleInfo, Model, train_keys_digest, write_bundle
 from petal.errors import PetalError
 from petal.loader import iter_items
 from petal.predictions import Scores
@@ -72,10 +72,12 @@ def export_bundle(
     metrics: dict | None = None,
     name: str | None = None,
     unknown: KnnUnknown | None = None,
+    train_keys: Iterable[str] = (),
     atol: float = PARITY_ATOL,
 ) -> Path:
     """The head-on-embeddings bundle: the cached backbone graph merged with the head (its
-    temperature included) and, with `unknown`, the unknown detector."""
+    temperature included) and, with `unknown`, the unknown detector. `train_keys` (content
+    keys of the training images) let `petal evaluate` warn about training images."""
     from petal.onnx_graphs import backbone_onnx_path, bundle_graph
     from petal.runtime import make_session
 
@@ -94,16 +96,20 @@ def export_bundle(
                    "fitted_on": "out-of-fold logits of the training split"}
     return export_graph(out, graph=bundle_graph(backbone_path, head.to_onnx(), unknown), cfg=cfg, classes=classes,
                         reference=reference, parity_uris=parity_uris, metrics=metrics, name=name,
-                        training={"kind": "head", "head": head.get_params()}, calibration=calibration,
+                        training={"kind": "head", "head": head.get_params(), TRAIN_KEYS: train_keys_digest(train_keys)},
+                        calibration=calibration,
                         unknown=unknown.to_dict() if unknown else None, atol=atol)
 
 
 def check_parity(model: Model, reference: Reference, uris: list[str], atol: float = PARITY_ATOL,
                  batch_size: int = 32) -> dict:
     """The bundle vs the trained model on `uris`: same top-1 everywhere, probabilities within atol."""
-    items = [it for it in iter_items(uris, model.preprocess) if it.error is None]
+    read = list(iter_items(uris, model.preprocess))
+    items = [it for it in read if it.error is None]
     if len(items) != len(uris):
-        raise PetalError(f"export parity check: {len(uris) - len(items)} image(s) could not be re-read")
+        bad = next(it for it in read if it.error is not None)
+        raise PetalError(f"export parity check: {len(uris) - len(items)} image(s) could not be re-read; the first, "
+                         f"{bad.uri}: {bad.error}")
     if not items:
         return {"checked": 0, "max_abs_diff": 0.0}
     pixels = np.stack([it.pixels for it in items])  # (N, S, S, 3) uint8

@@ -75,6 +75,7 @@ class Prediction:
     label_id: int | None = None  # the top-1 label's id (its line in labels.txt)
     unknown: bool = False  # like none of the training images: `label` is only the nearest class
     ood_score: float | None = None  # how unlike the known images (petal.unknown); None: not computed
+    key: str | None = None  # sha256 of the image's bytes, where the predictor read them
 
     def to_dict(self) -> dict:
         """The JSON row (`--output x.jsonl`, the upload endpoint, Beam)."""

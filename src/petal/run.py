@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from petal.data import EVAL, Dataset, Example
+from petal.data import EVAL, TRAIN, Dataset, Example
 from petal.errors import NothingUsableError, PetalError
 from petal.metrics import compute_metrics, write_report
 from petal.progress import Reporter
@@ -245,6 +245,10 @@ class Run:
         if not self.calibration_path.exists():
             return 1.0
         return self.read(lambda: float(json.loads(self.calibration_path.read_text("utf-8"))["temperature"]))
+
+    def train_keys(self) -> list[str]:
+        """Content keys of the images the model was trained on (split.csv's train rows)."""
+        return [r["key"] for r in self.split_rows() if r["split"] == TRAIN]
 
     def parity_uris(self) -> list[str]:
         """The images the export's parity check runs on, from split.csv."""

@@ -50,6 +50,13 @@ def local_path(uri: str) -> str:
     return uri[len("file://"):] if uri.lower().startswith("file://") else uri
 
 
+def absolute(uri: str | os.PathLike) -> str:
+    """A local path made absolute, so that it names the same file from any folder (a run
+    folder keeps such names); other URIs as they are."""
+    uri = str(uri)
+    return os.path.abspath(local_path(uri)) if is_local(uri) else uri
+
+
 def check_scheme(uri: str) -> None:
     """Raise PetalError early if the URI's scheme cannot be read here."""
     scheme = scheme_of(uri)

@@ -16,6 +16,7 @@ import numpy as np
 
 from petal.audit import Audit, audit, write_audit
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
+from petal.bundle import TRAIN_KEYS, in_train_keys
 from petal.cache import EmbeddingCache
 from petal.calibration import FOLDS, expected_calibration_error, reliability_diagram, softmax
 from petal.data import EVAL, TEST, TRAIN, Dataset, Example, load_dataset
@@ -38,7 +39,7 @@ from petal.run import (
     parity_uris,
     require_training_images,
 )
-from petal.storage import atomic_write_csv, atomic_write_text, check_output, default_cache_dir
+from petal.storage import absolute, atomic_write_csv, atomic_write_text, check_output, default_cache_dir
 from petal.unknown import DEFAULT_KEEP, KnnUnknown, coverage_curve
 
 
@@ -109,8 +110,8 @@ def train(
     write_audit(run.path, findings := audit_examples(ds, result.keys, cache))
     reporter.message(findings.line() + f" (see {run.report_path})")
     run.write_settings(RunSettings(
-        kind=HEAD, data=str(data), eval_data=str(eval_data) if eval_data else None,
-        labels_file=str(labels_file) if labels_file else None, eval_percent=eval_percent,
+        kind=HEAD, data=absolute(data), eval_data=absolute(eval_data) if eval_data else None,
+        labels_file=absolute(labels_file) if labels_file else None, eval_percent=eval_percent,
         backbone=cfg.identity(), cache_dir=str(cache_dir), classes=ds.classes, params=head.get_params(),
         extra={"keep": keep}))
     fit_head(run, head, (Xtr, ytr), (Xev, yev), len(ds.classes), reporter)
@@ -245,7 +246,8 @@ def export_head(run: Run, cfg: BackboneConfig, head: HeadClassifier, classes: li
     from petal.export import export_bundle
 
     return export_bundle(run.model_dir, cfg=cfg, head=head, classes=classes, cache_dir=cache_dir,
-                         parity_uris=parity, metrics=metrics, name=run.name, unknown=unknown)
+                         parity_uris=parity, metrics=metrics, name=run.name, unknown=unknown,
+                         train_keys=run.train_keys())
 
 
 def export_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
@@ -284,13 +286,14 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
         other = Counter(e.label for e in ds.examples if e.label not in known)
         reporter.message(f"warning: {len(ds.examples) - len(examples)} image(s) have labels the model "
                          "does not know; skipped: " + ", ".join(f"{k!r} ({n})" for k, n in other.most_common()))
-    uris, scores, failed = score_images(model, [e.uri for e in examples], "evaluating", reporter)
+    uris, scores, failed, keys = score_images(model, [e.uri for e in examples], "evaluating", reporter)
     if not uris:
         raise NothingUsableError("no image could be evaluated")
+    overlap = training_overlap(model, keys, reporter)
     label_of = {e.uri: e.label for e in examples}
     y = np.array([known[label_of[u]] for u in uris])
     metrics = {**compute_metrics(y, scores.probabilities, model.labels), "failed": len(failed),
-               "ece": expected_calibration_error(scores.probabilities, y), **kept_metrics(scores, y)}
+               "ece": expected_calibration_error(scores.probabilities, y), **kept_metrics(scores, y), **overlap}
     out = Path(out)
     write_report(out, metrics, model.labels, uris, y, scores.probabilities)
     if unknown_data:
@@ -300,9 +303,10 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
 
 
 def score_images(model, uris: list[str], what: str, reporter: Reporter
-                 ) -> tuple[list[str], Scores, list[tuple[str, str]]]:
-    """The bundle's Scores for every readable image: (uris, Scores in their order, [(uri, reason)])."""
-    ok, rows, failed = [], [], []
+                 ) -> tuple[list[str], Scores, list[tuple[str, str]], list[str]]:
+    """The bundle's Scores for every readable image: (uris, Scores in their order,
+    [(uri, reason)] failed, content keys in the uris' order)."""
+    ok, rows, failed, keys = [], [], [], []
     with reporter.progress(what, len(uris)) as advance:
         for p in model.iter_predict(uris, top_k=1):
             advance(1)
@@ -310,8 +314,22 @@ def score_images(model, uris: list[str], what: str, reporter: Reporter
                 failed.append((p.uri, p.error))
                 continue
             ok.append(p.uri)
+            keys.append(p.key)
             rows.append(Scores(p.probabilities, p.ood_score, p.unknown))
-    return ok, Scores.stack(rows, len(model.labels)), failed
+    return ok, Scores.stack(rows, len(model.labels)), failed, keys
+
+
+def training_overlap(model, keys: list[str], reporter: Reporter) -> dict:
+    """How many evaluated images the model was trained on (the same bytes): their figures
+    are inflated. {"train_overlap": n} when the bundle knows its training images."""
+    digest = model.info.training.get(TRAIN_KEYS)
+    if not digest or not keys:
+        return {}
+    n = int(in_train_keys(digest, keys).sum())
+    if n:
+        reporter.message(f"warning: {n} of {len(keys)} images are images this model was trained on (the same "
+                         "bytes): the figures below are inflated; evaluate on images it has not seen")
+    return {"train_overlap": n}
 
 
 def kept_metrics(scores: Scores, y: np.ndarray) -> dict:
@@ -331,7 +349,7 @@ def evaluate_unknown(model, scores: Scores, y: np.ndarray, unknown_data: str, ou
     uris, problems = expand_inputs([unknown_data])
     for problem in problems:
         reporter.message(f"warning: {problem}")
-    _, other, failed = score_images(model, uris, "scoring unknown images", reporter)
+    _, other, failed, _ = score_images(model, uris, "scoring unknown images", reporter)
     if not len(other):
         raise NothingUsableError(f"unknown: none of the images in {unknown_data} could be read")
     threshold = model.info.unknown["threshold"]

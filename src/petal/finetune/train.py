@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
+from petal.bundle import TRAIN_KEYS, train_keys_digest
 from petal.calibration import fit_temperature, softmax
 from petal.data import CALIBRATION, EVAL, MIN_CALIBRATION, TEST, TRAIN, Dataset, load_dataset, set_aside
 from petal.errors import PetalError
@@ -60,7 +61,7 @@ from petal.run import (
     parity_uris,
     require_training_images,
 )
-from petal.storage import atomic_path, default_cache_dir
+from petal.storage import absolute, atomic_path, default_cache_dir
 from petal.unknown import KnnUnknown
 from petal.workflow import trust_metrics, write_run_report
 
@@ -435,8 +436,8 @@ class Trainer:
         if world.main:
             run.write_split(ds, keys, [f for px in pixels.values() for f in px.failed])
             run.write_settings(RunSettings(
-                kind=FINETUNE, data=str(data), eval_data=str(eval_data) if eval_data else None,
-                labels_file=str(labels_file) if labels_file else None, eval_percent=eval_percent,
+                kind=FINETUNE, data=absolute(data), eval_data=absolute(eval_data) if eval_data else None,
+                labels_file=absolute(labels_file) if labels_file else None, eval_percent=eval_percent,
                 backbone=self.cfg.identity(), cache_dir=str(self.cache_dir), classes=ds.classes,
                 params=c.to_dict(), extra={"world_size": world.size}))
         return Prepared(ds, pixels, labels, warnings, fingerprint, ckpt)
@@ -534,7 +535,7 @@ class Trainer:
             parity = parity_uris(ev_px.uris, pr.pixels[TRAIN].uris)
             self.reporter.message(f"exporting epoch {best['epoch']} and checking parity on {len(parity)} images")
             model_dir = export_model(run.model_dir, predictor, classes, parity, metrics,
-                                     training=training_record(self.c, best["epoch"]))
+                                     training=training_record(self.c, best["epoch"], run))
         return metrics, model_dir
 
     def calibrate(self, run: Run, predictor: Predictor, pr: Prepared) -> Predictor:
@@ -560,9 +561,11 @@ class Trainer:
         return predictor
 
 
-def training_record(config: FinetuneConfig, best_epoch: int | None) -> dict:
-    """How a fine-tuned bundle was trained, for its petal.json."""
-    return {"kind": FINETUNE, FINETUNE: config.to_dict(), "best_epoch": best_epoch}
+def training_record(config: FinetuneConfig, best_epoch: int | None, run: Run) -> dict:
+    """How a fine-tuned bundle was trained, for its petal.json (with the digest of its
+    training images, for `petal evaluate`'s overlap warning)."""
+    return {"kind": FINETUNE, FINETUNE: config.to_dict(), "best_epoch": best_epoch,
+            TRAIN_KEYS: train_keys_digest(run.train_keys())}
 
 
 def best_model(run: Run, cfg: BackboneConfig, config: FinetuneConfig, num_classes: int) -> FineTuneNet:
@@ -583,4 +586,4 @@ def export_finetuned(run: Run, settings: RunSettings, cfg: BackboneConfig, cache
     predictor = Predictor(model, TorchTrunk(model, torch.device("cpu"), contextlib.nullcontext),
                           run.temperature(), run.unknown())
     return export_model(run.model_dir, predictor, settings.classes, run.parity_uris(), metrics,
-                        training=training_record(config, metrics.get("best_epoch")))
+                        training=training_record(config, metrics.get("best_epoch"), run))
