@@ -177,3 +177,19 @@ def test_swapped_columns_are_refused_not_trained_on(tmp_path):
     (tmp_path / "half.csv").write_text("filename,width\na.jpg,3\n")
     with pytest.raises(DataError, match="has no label column"):
         load_dataset(tmp_path / "half.csv")
+
+
+def test_images_without_class_folders_are_explained(tmp_path):
+    for i in range(3):
+        touch(tmp_path / f"img{i}.jpg")
+    with pytest.raises(DataError, match=r"holds 3 image\(s\) but no class folders: .*roses"):
+        load_dataset(tmp_path)
+
+
+def test_a_class_missing_from_training_with_eval_gets_advice_that_applies(tmp_path):
+    for c in ("a", "b"):
+        touch(tmp_path / "train" / "a" / f"{c}1.jpg")
+        touch(tmp_path / "other" / c / f"{c}2.jpg")
+    with pytest.raises(DataError, match="leave them out of --eval") as e:
+        load_dataset(tmp_path / "train", eval_source=tmp_path / "other")
+    assert "--eval-percent" not in str(e.value)

@@ -59,6 +59,7 @@ def test_vertex_ai_variables_route_the_server(model_dir, dataset, tmp_path):
         rows = httpx.post(f"{url}/vertex/predict", json=body, timeout=60).json()["predictions"]
     want = Model(model_dir).predict([str(image)])[0]
     assert rows[0]["key"] == "a" and rows[0]["label"] == want.label == "squares"
+    assert "POST http://127.0.0.1:" in (tmp_path / "log").read_text()  # the startup log names the predict URL
 
 
 def manifests() -> list[dict]:

@@ -456,3 +456,25 @@ def test_remote_model_matches_local_and_splits_on_413(url, images, local, tmp_pa
         RemoteModel(f"{url}/v1/models/nope:predict").predict(uris[:1])
     with pytest.raises(PetalError, match="cannot reach"):
         RemoteModel("http://127.0.0.1:9/v1/models/x:predict").predict(uris[:1])
+
+
+def test_cli_serve_mistakes_get_one_line_before_loading(model_dir, tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "petal.cli", "serve", str(model_dir), "--port", str(port)],
+                           capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "petal.cli", "serve", str(model_dir.parent)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and f"did you mean {model_dir}" in r.stderr.replace("\n", "")
+
+
+def test_get_on_predict_is_405_and_urls_need_no_scheme(url, images, local):
+    r = httpx.get(f"{url}/v1/models/shapes:predict")
+    assert r.status_code == 405 and "use POST" in r.json()["error"]
+    from petal.client import RemoteModel
+
+    with RemoteModel(url.removeprefix("http://")) as remote:  # 127.0.0.1:PORT, as a user types it
+        assert [p.label for p in remote.predict([str(images[0])])] == [local.predict([str(images[0])])[0].label]

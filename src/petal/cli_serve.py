@@ -54,6 +54,7 @@ def serve(
         VertexEnv,
         api_key_from_env,
         apply_vertex,
+        check_port,
         exposure_warning,
         model_specs,
     )
@@ -74,8 +75,12 @@ def serve(
         api_key=api_key_from_env(api_key, api_key_file), threads=threads, decode_workers=workers,
         reject_unknown=unknown,
         vertex=vertex)
+    check_port(host, port)
     if warning := exposure_warning(host, config.api_key):
         typer.secho(warning, fg="yellow", err=True)
+    for n in config.models:
+        typer.echo(f"serving {n}: POST http://{host}:{port}/v1/models/{n}:predict (page: http://{host}:{port}/)",
+                   err=True)
     run_server(config, host, port, max_concurrency=max_concurrency, access_log=access_log)
 
 

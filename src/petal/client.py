@@ -46,7 +46,10 @@ class RemoteModel:
         self._labels: list[str] | None = None
 
     def _resolve(self, url: str) -> tuple[str, str]:
-        """URL of a model (…/v1/models/NAME[:predict]) or of a server with one model -> (root, name)."""
+        """URL of a model (…/v1/models/NAME[:predict]) or of a server with one model -> (root, name).
+        Without a scheme (127.0.0.1:8080) it is http."""
+        if "://" not in url:
+            url = "http://" + url
         if m := _MODEL_URL.match(url):
             return m["root"], m["name"]
         root = url.rstrip("/")

@@ -159,6 +159,10 @@ def _from_folder(root: Path) -> tuple[list[tuple[str, str]], list, list]:
     class_dirs = [p for p in entries if p.is_dir() and not p.name.startswith(".")]
     root_stat = root.stat()
     loose = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    if loose and not class_dirs:
+        raise DataError(f"{root} holds {len(loose)} image(s) but no class folders: put each class's images in "
+                        f"a folder named after the class, e.g. {root / 'roses' / loose[0].name} and "
+                        f"{root / 'tulips' / 'another.jpg'}, or give a CSV of uri,label rows")
     if loose:
         warnings.append(f"{len(loose)} image(s) directly in {root} ignored: images must be in class folders")
 
@@ -416,14 +420,14 @@ def load_dataset(
     examples = [Example(absolute(u), lab, s) for u, lab, s in tagged]
     ds = Dataset(examples, classes, skipped, warnings)
     if require_train:
-        check_trainable(ds)
+        check_trainable(ds, eval_given=eval_source is not None)
     elif not examples:
         raise DataError(f"no labeled images found in {source}")
     return ds
 
 
-def check_trainable(ds: Dataset) -> None:
-    """Refuse data that cannot train a classifier, saying exactly why."""
+def check_trainable(ds: Dataset, eval_given: bool = False) -> None:
+    """Refuse data that cannot train a classifier, saying exactly why (and what to do)."""
     present = {e.label for e in ds.examples}
     if len(present) < 2:
         found = ", ".join(repr(c) for c in sorted(present)) or "none"
@@ -431,10 +435,10 @@ def check_trainable(ds: Dataset) -> None:
     counts = ds.counts()
     empty = [c for c in ds.classes if counts[c][TRAIN] == 0]
     if empty:
-        raise DataError(
-            "these classes have no training image: " + ", ".join(repr(c) for c in empty)
-            + " (add images, or lower --eval-percent)"
-        )
+        advice = ("add training images of them to the training data, or leave them out of --eval" if eval_given
+                  else "add images, or lower --eval-percent")
+        raise DataError("these classes have no training image: " + ", ".join(repr(c) for c in empty)
+                        + f" ({advice})")
 
 
 # --------------------------------------------------------------------------- predict inputs

@@ -154,6 +154,11 @@ def model_api(service: Service, limits: Limits, auth: list) -> APIRouter:
                                  limits.timeout_s)
         return JSONResponse(doc)  # plain JSON already: skip FastAPI's slow recursive encoder
 
+    @router.get("/v1/models/{name}:predict", include_in_schema=False)
+    @router.get("/v1/models/{name}:upload", include_in_schema=False)
+    async def wrong_method(name: str) -> JSONResponse:
+        return error(405, "method not allowed: use POST", {"Allow": "POST"})
+
     @router.post("/v1/models/{name}:upload", openapi_extra=UPLOAD_DOC,
                  summary="Upload image files (multipart), get top-k labels")
     async def upload(name: str, request: Request, top_k: int = Query(5, ge=1, le=1000),

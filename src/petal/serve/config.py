@@ -101,9 +101,24 @@ def check_bundle(name: str, path: Path) -> Path:
     if not NAME_RE.fullmatch(name):
         raise PetalError(f"model name: expected letters, digits, '.', '_' or '-' (at most 64), got {name!r}")
     if not (path / "petal.json").is_file():
-        raise PetalError(f"model {name!r}: {path} is not a petal model bundle (no petal.json); "
-                         "expected an exported folder such as runs/NAME/model")
+        hint = f"did you mean {path / 'model'}?" if (path / "model" / "petal.json").is_file() else \
+            "expected an exported folder such as runs/NAME/model"
+        raise PetalError(f"model {name!r}: {path} is not a petal model bundle (no petal.json); {hint}")
     return path
+
+
+def check_port(host: str, port: int) -> None:
+    """Refuse a port that is taken before any model loads: one line, not uvicorn's message."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise PetalError(f"port: cannot listen on {host}:{port} ({e.strerror or e}); is another server "
+                             "running there? choose another --port") from None
 
 
 def model_specs(path: Path | None, name: str | None, specs: list[str]) -> dict[str, Path]:
