@@ -240,8 +240,8 @@ def test_malformed_requests_get_4xx_and_the_server_keeps_serving(url, images):
         assert r.json()["error"].startswith(("body:", "instances:"))
     r = httpx.post(f"{url}/v1/models/shapes:predict", data={"not": "json"})
     assert r.status_code == 400
-    r = httpx.get(f"{url}/v1/models/shapes:predict")
-    assert r.status_code == 404 and "not found" in r.json()["error"]
+    r = httpx.get(f"{url}/v1/models/shapes:predict")  # a GET on a POST route: 405, not "model not found"
+    assert r.status_code == 405 and "use POST" in r.json()["error"]
     r = httpx.post(f"{url}/v1/models/nope:predict", content=b"{}")
     assert r.status_code == 404 and r.json()["error"] == "model 'nope' not found; serving: shapes"
     r = httpx.delete(f"{url}/healthz")
