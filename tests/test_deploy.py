@@ -28,11 +28,11 @@ def free_port() -> int:
 
 
 @contextmanager
-def petal_serve(args: list[str], env: dict[str, str], port: int, ready: str, log: Path):
+def petal_serve(args: list[str], env: dict[str, str], port: int, ready: str, log: Path,
+                petal: tuple[str, ...] = (sys.executable, "-m", "petal.cli")):
     """`petal serve ARGS` in a subprocess until GET `ready` answers 200 (bounded wait)."""
     out = open(log, "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "petal.cli", "serve", *args], stdout=out, stderr=subprocess.STDOUT,
-                            env={**os.environ, **env})
+    proc = subprocess.Popen([*petal, "serve", *args], stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **env})
     try:
         for _ in range(600):
             try:
@@ -118,21 +118,8 @@ def test_container_recipe_installs_serving_only(model_dir, dataset, tmp_path):
                        text=True, timeout=120)
     assert r.returncode == 2 and "pip install 'petal[train]'" in r.stderr and "Traceback" not in r.stderr
     port = free_port()
-    log = tmp_path / "serve.log"
-    out = open(log, "w")
-    proc = subprocess.Popen([petal_cmd, "serve", str(model_dir), "--port", str(port)], stdout=out, stderr=out)
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
+    with petal_serve([str(model_dir), "--port", str(port)], {}, port, "/readyz", tmp_path / "log", (petal_cmd,)) as url:
         image = next(dataset.glob("circles/*.png"))
         body = {"instances": [{"image_bytes": {"b64": base64.b64encode(image.read_bytes()).decode()}}]}
-        row = httpx.post(f"http://127.0.0.1:{port}/v1/models/shapes:predict", json=body, timeout=60).json()
-        assert row["predictions"][0]["label"] == "circles", log.read_text()
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
-        out.close()
+        row = httpx.post(f"{url}/v1/models/shapes:predict", json=body, timeout=60).json()
+    assert row["predictions"][0]["label"] == "circles"

@@ -131,8 +131,11 @@ class Run:
             raise PetalError(f"out: {run.path} is inside the data folder {data}; its files would be read as data")
         return run
 
-    def make(self) -> Run:
+    def make(self, clear: bool = False) -> Run:
+        """Create the folder; with `clear`, remove what an earlier run here derived."""
         self.path.mkdir(parents=True, exist_ok=True)
+        if clear:
+            self.clear()
         return self
 
     def clear(self) -> None:

@@ -96,12 +96,8 @@ def train(
     cache_dir = Path(cache_dir or default_cache_dir())
     run = Run.create(out, data, overwrite)
 
-    ds = apply_review(load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent,
-                                   group=group), exclude, relabel, reporter)
-    reporter.dataset(ds)
-    run.make()  # only once the data is known to be usable
-    if overwrite:
-        run.clear()
+    ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter)
+    run.make(clear=overwrite)  # only once the data is known to be usable
 
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
     run.write_split(ds, result.keys, result.failed)
@@ -127,6 +123,16 @@ def train(
         reporter.message(f"exporting and checking parity on {len(parity)} images")
         model_dir = export_head(run, cfg, head, ds.classes, cache_dir, parity, metrics, unknown)
     return TrainResult(run.path, model_dir, metrics, {**result.summary(), "skipped": len(ds.skipped)}, warnings)
+
+
+def load_reviewed(data: str | Path, labels_file: str | Path | None, eval_data: str | Path | None,
+                  eval_percent: float, group: str | None, exclude: str | Path | None, relabel: str | Path | None,
+                  reporter: Reporter) -> Dataset:
+    """The labeled data, split, with reviewed audit findings applied; shown to the reporter."""
+    ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent, group=group)
+    ds = apply_review(ds, exclude, relabel, reporter)
+    reporter.dataset(ds)
+    return ds
 
 
 def write_run_report(run: Run, metrics: dict, classes: list[str],
@@ -164,9 +170,7 @@ def audit_data(data: str | Path, out: str | Path, *, labels_file: str | Path | N
     """`petal audit`: embed (from the cache where it can), audit, and write the findings into `out`."""
     reporter = reporter or Reporter()
     out = check_output(out, "out", folder=True)
-    ds = apply_review(load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent,
-                                   group=group), exclude, relabel, reporter)
-    reporter.dataset(ds)
+    ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter)
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
     findings = audit_examples(ds, result.keys, cache)
     write_audit(out, findings)
