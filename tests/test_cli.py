@@ -51,6 +51,10 @@ def test_train_predict_classify(tmp_path, dataset, cache_dir):
     r = petal("train", dataset, "--out", tmp_path / "run", "--epochs", "5", "--hidden", "0",
               "--eval-percent", "25")
     assert "accuracy" in r.stdout and (tmp_path / "run" / "model" / "model.onnx").exists()
+    out = " ".join(r.stdout.split())
+    assert "accuracy: eval" in out and ", train " in out and "top-5" not in out  # 3 classes: no top-5
+    assert f"report: {tmp_path / 'run' / 'report.html'}" in out and "next: petal predict" in out
+    assert "the eval split is small (12 images" in " ".join(r.stderr.split())
     model = tmp_path / "run" / "model"
     one = next(dataset.glob("squares/*.jpg"))
     r = petal("predict", model, one)
@@ -161,3 +165,17 @@ def test_damaged_bundles_are_named_not_tracebacks(tmp_path, model_dir, dataset):
         assert "Traceback" not in r.stderr
     r = petal("predict", model_dir.parent, one, check=False)  # the run folder, not its model
     assert r.returncode == 2 and f"did you mean {model_dir}" in r.stderr.replace("\n", "")
+
+
+def test_cli_names_its_options_and_version():
+    r = petal("train", "x", "--out", "y", "--class-weight", "foo", check=False)
+    assert r.returncode == 2 and "--class-weight" in r.stderr and "'balanced'" in r.stderr
+    assert petal("--version").stdout.startswith("petal ")
+    text = " ".join(petal("--help").stdout.split())
+    assert "--debug" in text and "--version" in text
+    train = " ".join(petal("train", "--help").stdout.split())
+    import re
+
+    for option in ("--epochs", "--lr", "--batch-size", "--dropout", "--seed"):
+        after = re.sub(r"<[^>]*>|[│╭╮╰╯─]", " ", train.split(option + " ", 1)[1]).split("[default")[0]
+        assert re.search(r"[A-Za-z]{3}", after), f"{option} has no description"

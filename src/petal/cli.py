@@ -9,6 +9,7 @@ import os
 import sys
 import warnings
 from contextlib import contextmanager
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, NoReturn, Optional
 
@@ -53,6 +54,24 @@ Cache = Annotated[Optional[Path], typer.Option("--cache", help="Embedding cache 
                                                "(default: $PETAL_CACHE_DIR or the user cache dir).")]
 Backbone = Annotated[str, typer.Option(help="Backbone from the registry.")]
 Workers = Annotated[Optional[int], typer.Option(min=1, help="Decode threads (default: all cores).")]
+
+
+def show_version(value: bool) -> None:
+    if value:
+        from petal import __version__
+
+        print(f"petal {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def options(
+    version: Annotated[bool, typer.Option("--version", is_eager=True, callback=show_version,
+                                          help="Show petal's version and exit.")] = False,
+    debug: Annotated[bool, typer.Option("--debug", help=(
+        "Show a traceback instead of a one-line error (also PETAL_DEBUG=1)."))] = False,
+) -> None:
+    """Train your own image classifier by transfer learning, offline, fast on a CPU."""
 
 
 class RichReporter(Reporter):
@@ -107,9 +126,20 @@ def print_metrics(metrics: dict) -> None:
     for c, m in metrics["per_class"].items():
         t.add_row(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     out.print(t)
-    out.print(f"accuracy {metrics['accuracy']:.4f}   top-5 {metrics['top5_accuracy']:.4f}   "
-              f"eval images {metrics['num_eval']}" + (f"   train images {metrics['num_train']}"
-                                                      if "num_train" in metrics else ""))
+    parts = [f"accuracy {metrics['accuracy']:.4f}"]
+    if metrics.get("train_accuracy") is not None:  # side by side: overfitting shows
+        parts[0] = f"accuracy: eval {metrics['accuracy']:.4f}, train {metrics['train_accuracy']:.4f}"
+    if len(metrics["per_class"]) > 5:
+        parts.append(f"top-5 {metrics['top5_accuracy']:.4f}")
+    parts.append(f"eval images {metrics['num_eval']}")
+    if "num_train" in metrics:
+        parts.append(f"train images {metrics['num_train']}")
+    out.print("   ".join(parts))
+    small = [c for c, m in metrics["per_class"].items() if m["support"] < 5]
+    if metrics["num_eval"] < 30 or small:
+        err.print(f"warning: the eval split is small ({metrics['num_eval']} images"
+                  + (f"; fewer than 5 of {', '.join(small[:5])}" if small else "")
+                  + "): these figures are rough", style="yellow", markup=False)
 
 
 def print_trust(metrics: dict) -> None:
@@ -193,6 +223,15 @@ Group = Annotated[Optional[str], typer.Option(help=(
     "of the eval split."))]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished run already in --out.")]
 AUG = "augmentation"
+Epochs = Annotated[int, typer.Option(help="Passes over the training images.")]
+Dropout = Annotated[float, typer.Option(help="Dropout before the classifier's last layer.")]
+WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay.")]
+LabelSmoothing = Annotated[float, typer.Option(help="Label smoothing of the cross-entropy.")]
+Seed = Annotated[int, typer.Option(help="Random seed: the same seed and data give the same model.")]
+
+
+class ClassWeight(str, Enum):
+    balanced = "balanced"
 
 # `petal finetune`'s own options, declared here so that its signature reads as a list
 Unfreeze = Annotated[Optional[int], typer.Option(help=(
@@ -229,15 +268,16 @@ def train(
     eval_percent: EvalPercent = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
     cache: Cache = None,
-    epochs: int = HEAD.epochs,
-    lr: float = HEAD.lr,
-    batch_size: int = HEAD.batch_size,
+    epochs: Epochs = HEAD.epochs,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle schedule, AdamW).")] = HEAD.lr,
+    batch_size: Annotated[int, typer.Option(help="Embeddings per training step.")] = HEAD.batch_size,
     hidden: Annotated[int, typer.Option(help="Hidden units; 0 for a linear head.")] = HEAD.hidden,
-    dropout: float = HEAD.dropout,
-    weight_decay: float = HEAD.weight_decay,
-    label_smoothing: float = HEAD.label_smoothing,
-    class_weight: Annotated[Optional[str], typer.Option(help="'balanced' for imbalanced data.")] = None,
-    seed: int = HEAD.seed,
+    dropout: Dropout = HEAD.dropout,
+    weight_decay: WeightDecay = HEAD.weight_decay,
+    label_smoothing: LabelSmoothing = HEAD.label_smoothing,
+    class_weight: Annotated[Optional[ClassWeight], typer.Option(help="Weigh classes by their inverse frequency.")
+                            ] = None,
+    seed: Seed = HEAD.seed,
     workers: Workers = None,
     keep: Annotated[float, typer.Option(help=(
         "Share of images of the known classes to keep (in [0.5, 1)); images scoring beyond "
@@ -255,7 +295,7 @@ def train(
 
     head = HeadClassifier(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
                           weight_decay=weight_decay, label_smoothing=label_smoothing,
-                          class_weight=class_weight, seed=seed)
+                          class_weight=class_weight.value if class_weight else None, seed=seed)
     r = run_train(data, out_dir, labels_file=labels, eval_data=eval_data, eval_percent=eval_percent,
                   backbone=backbone, cache_dir=cache, head=head, workers=workers, export=export,
                   overwrite=overwrite, keep=keep, exclude=exclude, relabel=relabel, group=group,
@@ -266,8 +306,11 @@ def train(
     if r.metrics.get("accuracy") is not None:
         print_metrics(r.metrics)
         print_trust(r.metrics)
+    out.print(f"report: {r.run_dir / 'report.html'}")
     if r.model_dir:
         out.print(f"model: {r.model_dir}")
+        out.print(f"next: petal predict {r.model_dir} IMAGE...   petal evaluate {r.model_dir} DATA   "
+                  f"petal serve {r.model_dir}", markup=False, highlight=False)
 
 
 @app.command(cls=Command)
@@ -279,13 +322,13 @@ def finetune(
     eval_percent: EvalPercent = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
     cache: Cache = None,
-    epochs: int = FTC.epochs,
+    epochs: Epochs = FTC.epochs,
     lr: Annotated[float, typer.Option(help="The classifier's peak learning rate.")] = FTC.lr,
     batch_size: Annotated[int, typer.Option(help="Global batch, split across --nproc.")] = FTC.batch_size,
-    dropout: float = FTC.dropout,
-    weight_decay: float = FTC.weight_decay,
-    label_smoothing: float = FTC.label_smoothing,
-    seed: int = FTC.seed,
+    dropout: Dropout = FTC.dropout,
+    weight_decay: WeightDecay = FTC.weight_decay,
+    label_smoothing: LabelSmoothing = FTC.label_smoothing,
+    seed: Seed = FTC.seed,
     unfreeze: Unfreeze = None,
     backbone_lr_mult: BackboneLrMult = FTC.backbone_lr_mult,
     warmup_epochs: WarmupEpochs = FTC.warmup_epochs,

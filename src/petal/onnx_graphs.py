@@ -49,6 +49,13 @@ def backbone_onnx_path(cfg: BackboneConfig, cache_dir: Path,
     return path
 
 
+def check_backbone(cfg: BackboneConfig, cache_dir: Path) -> None:
+    """Before any slow work: the backbone graph is cached, or its weights package is installed
+    to make it (PetalError naming the package otherwise)."""
+    if not (Path(cache_dir) / "models" / f"{cfg.name}-g{GRAPH_VERSION}.onnx").is_file():
+        cfg.weights_path()
+
+
 def export_backbone(cfg: BackboneConfig, path: Path) -> None:
     import onnx
     import torch

@@ -139,7 +139,7 @@ class Run:
         return self
 
     def clear(self) -> None:
-        """Remove what an earlier run here derived (metrics, reports, detectors, test/), so that
+        """Remove what an earlier run here derived (metrics, reports, detectors, test/, TensorBoard logs), so that
         nothing of it mixes into a new one (--overwrite). model/ is replaced at export."""
         for path in (self.metrics_path, self.path / "confusion_matrix.png", self.path / "misclassified.csv",
                      self.reliability_path, self.coverage_path, self.report_path, self.path / "suspects.csv",
@@ -147,6 +147,7 @@ class Run:
                      self.unknown_path, self.head_path, self.history_path):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.path / "test", ignore_errors=True)
+        shutil.rmtree(self.tensorboard_dir, ignore_errors=True)  # not a second event file beside the old
 
     # ------------------------------------------------------------------ writing
 

@@ -24,6 +24,7 @@ from petal.embed import embed, require_usable
 from petal.errors import NothingUsableError, PetalError
 from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
+from petal.onnx_graphs import check_backbone
 from petal.params import Real, check_param
 from petal.predictions import Scores
 from petal.progress import Reporter
@@ -94,6 +95,7 @@ def train(
     head = head or HeadClassifier()
     cfg = get_backbone(backbone)
     cache_dir = Path(cache_dir or default_cache_dir())
+    check_backbone(cfg, cache_dir)  # before the data scan: a missing weights package is said at once
     run = Run.create(out, data, overwrite)
 
     ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter)
@@ -112,7 +114,8 @@ def train(
         extra={"keep": keep}))
     fit_head(run, head, (Xtr, ytr), (Xev, yev), len(ds.classes), reporter)
     unknown = fit_trust(run, head, Xtr, ytr, keep, reporter)
-    extra = {"num_train": len(tr), "embed": result.summary(), **eval_trust(run, head, unknown, Xev, yev),
+    extra = {"num_train": len(tr), "train_accuracy": float((head.predict(Xtr) == ytr).mean()),
+             "embed": result.summary(), **eval_trust(run, head, unknown, Xev, yev),
              **test_metrics(run, ds, result.keys, cache, head)}
     probs_ev = head.predict_proba(Xev)  # (N, C) calibrated
     metrics = run.write_metrics(ds.classes, [e.uri for e in ev], yev, lambda: probs_ev, extra, reporter)

@@ -124,6 +124,7 @@ def finetune(
     finished run or a checkpoint (without either, such a folder is refused).
     """
     config = config or FinetuneConfig()
+    get_backbone(backbone).weights_path()  # before any slow work: the weights package is installed
     if stop_after is not None:
         check_param("stop_after", stop_after, Int(1, what="an epoch >= 1"))
     world = init_world()
