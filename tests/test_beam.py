@@ -141,8 +141,8 @@ def test_predict_matches_local(suffix, args, model_dir, images, tmp_path):
 
     if suffix == ".csv":
         def parse(rows):
-            return {r["uri"]: (r["label"], float(r["score"]), json.loads(r["top"]), r["unknown"] == "true",
-                               float(r["ood_score"])) for r in rows}
+            return {r["uri"]: (r["label"], float(r["score"]), {t["label"]: t["score"] for t in json.loads(r["top"])},
+                               r["unknown"] == "true", float(r["ood_score"])) for r in rows}
         want = parse(read_csv_shards(tmp_path, local_file.name))
         got = parse(read_csv_shards(tmp_path / "beam", "preds-*-of-*.csv"))
     else:

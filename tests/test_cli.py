@@ -1,7 +1,10 @@
 """The `petal` command as a user runs it: real subprocesses, exit codes, output files."""
 
+import csv
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -10,9 +13,9 @@ import pytest
 PETAL = [sys.executable, "-m", "petal.cli"]
 
 
-def petal(*args, check=True, cwd=None):
+def petal(*args, check=True, cwd=None, env=None):
     r = subprocess.run([*PETAL, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                       env={**os.environ, "COLUMNS": "200"})
+                       env={**os.environ, "COLUMNS": "200", **(env or {})})
     if check and r.returncode != 0:
         raise AssertionError(f"petal {args} failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
     return r
@@ -57,8 +60,8 @@ def test_train_predict_classify(tmp_path, dataset, cache_dir):
     assert "the eval split is small (12 images" in " ".join(r.stderr.split())
     model = tmp_path / "run" / "model"
     one = next(dataset.glob("squares/*.jpg"))
-    r = petal("predict", model, one)
-    assert "squares" in r.stdout
+    r = petal("predict", model, one, env={"TTY_COMPATIBLE": "1"})  # a terminal: a table
+    assert "squares" in r.stdout and "runners-up" in r.stdout
     petal("predict", model, dataset, "--output", tmp_path / "p.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(rows) == 48 and {"uri", "label", "score", "top"} <= set(rows[0])
@@ -179,3 +182,67 @@ def test_cli_names_its_options_and_version():
     for option in ("--epochs", "--lr", "--batch-size", "--dropout", "--seed"):
         after = re.sub(r"<[^>]*>|[│╭╮╰╯─]", " ", train.split(option + " ", 1)[1]).split("[default")[0]
         assert re.search(r"[A-Za-z]{3}", after), f"{option} has no description"
+
+
+def test_help_names_values_plainly_and_describes_every_option():
+    import typer
+
+    from petal.cli import _register_optional_commands, app
+
+    _register_optional_commands()
+    for name, command in typer.main.get_command(app).commands.items():
+        assert all(p.help for p in command.params), f"petal {name}: an option without a description"
+        text = petal(name, "--help").stdout
+        assert not re.search(r"<\w|\{\w", text), f"petal {name} --help shows a Python placeholder:\n{text}"
+    text = " ".join(petal("predict", "--help").stdout.split())
+    assert "predict [OPTIONS] [MODEL] [INPUTS]..." in text and "--top-k INT" in text
+    assert re.search(r"--overwrite\s+Replace", " ".join(petal("train", "--help").stdout.split()))  # a flag: no type
+    r = petal("predict", check=False)
+    assert r.returncode == 2 and "give a model folder (RUN/model), or --url" in r.stderr
+    finetune = " ".join(petal("finetune", "--help").stdout.split())
+    assert finetune.count("half the cores") == 1  # --loader-workers' default, stated once
+
+
+def test_predict_rows_for_scripts(model_dir, dataset, tmp_path):
+    uris = sorted(str(p) for p in dataset.rglob("*.png"))[:3]
+    piped = petal("predict", model_dir, *uris)  # stdout is a pipe here: CSV rows, no table
+    rows = list(csv.DictReader(io.StringIO(piped.stdout)))
+    assert [r["uri"] for r in rows] == uris and "━" not in piped.stdout and "│" not in piped.stdout
+    lines = petal("predict", model_dir, *uris, "--output", "-", "--format", "jsonl").stdout.splitlines()
+    as_json = [json.loads(line) for line in lines]
+    assert [json.loads(r["top"]) for r in rows] == [d["top"] for d in as_json]  # one top structure
+    assert set(as_json[0]["top"][0]) == {"label", "score"}
+    petal("predict", model_dir, *uris, "--output", tmp_path / "p.out", "--format", "csv")
+    assert (tmp_path / "p.out").read_text().splitlines()[0].startswith("uri,label,score,top")
+    r = petal("predict", model_dir, *uris, "--output", tmp_path / "p.txt", check=False)
+    assert r.returncode == 2 and "or --format csv|jsonl" in r.stderr
+
+
+def test_predict_shows_progress_on_many_inputs(model_dir, dataset, tmp_path):
+    uris = sorted(str(p) for p in dataset.rglob("*.*"))
+    many = (uris * 2)[:70]  # past the bar's threshold
+    r = petal("predict", model_dir, *many, "--output", tmp_path / "p.csv", env={"TTY_COMPATIBLE": "1"})
+    assert "predicting" in r.stderr and "70/70" in r.stderr
+    r = petal("predict", model_dir, *many[:5], "--output", tmp_path / "q.csv", env={"TTY_COMPATIBLE": "1"})
+    assert "predicting" not in r.stderr
+
+
+def test_embed_bar_and_summary_report_one_rate(dataset, cache_dir):
+    petal("embed", dataset)
+    r = petal("embed", dataset, "--json", env={"TTY_COMPATIBLE": "1"})  # warm: every image cached
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    shown = float(re.findall(r"([\d.]+)/s", r.stderr)[-1])  # the bar's last rate
+    assert summary["images_per_second"] > 0 and shown == pytest.approx(summary["images_per_second"], rel=0.3)
+
+
+def test_encode_request_warns_and_splits(tmp_path, dataset):
+    imgs = sorted(str(p) for p in dataset.rglob("*.*"))
+    many = [*imgs, *imgs][:70]  # over the 64 images `petal serve` takes by default
+    r = petal("encode-request", *many)
+    assert "request 1 holds 70 images" in r.stderr and "--max-per-request 64" in r.stderr
+    assert len(json.loads(r.stdout)["instances"]) == 70
+    r = petal("encode-request", *many, "--max-per-request", "30", "--output", tmp_path / "req.json")
+    sizes = [len(json.loads((tmp_path / f"req-{i}.json").read_text())["instances"]) for i in (1, 2, 3)]
+    assert sizes == [30, 30, 10] and "warning" not in r.stderr and not (tmp_path / "req.json").exists()
+    lines = petal("encode-request", *many, "--max-per-request", "64").stdout.splitlines()
+    assert [len(json.loads(line)["instances"]) for line in lines] == [64, 6]

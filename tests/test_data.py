@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from petal.data import EVAL, TEST, TRAIN, assign_split, expand_inputs, load_dataset, read_labels_file
+from petal.data import EVAL, TEST, TRAIN, Columns, assign_split, expand_inputs, load_dataset, read_labels_file
 from petal.errors import DataError, PetalError
 
 
@@ -166,6 +166,22 @@ def test_csv_columns_are_matched_by_header_name(tmp_path, header, row):
     (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
     ds = load_dataset(tmp_path / "d.csv", eval_percent=0)
     assert ds.classes == ["cat", "dog"] and {Path(e.uri).name: e.label for e in ds.examples} == names
+
+
+def test_csv_columns_named_by_the_user(tmp_path):
+    names = {"a.jpg": "cat", "b.jpg": "dog"}
+    for n in names:
+        touch(tmp_path / n)
+    lines = ["id,picture,kind"] + [f"{i},{n},{lab}" for i, (n, lab) in enumerate(names.items())]
+    (tmp_path / "d.csv").write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="are the columns swapped.*--uri-column and --label-column"):
+        load_dataset(tmp_path / "d.csv", eval_percent=0)  # no known header names: read by position
+    ds = load_dataset(tmp_path / "d.csv", eval_percent=0, columns=Columns("Picture", "kind"))
+    assert {Path(e.uri).name: e.label for e in ds.examples} == names
+    with pytest.raises(DataError, match=r"--label-column: .*d.csv has no column 'species'; its first row is"):
+        load_dataset(tmp_path / "d.csv", columns=Columns("picture", "species"))
+    with pytest.raises(DataError, match="--uri-column and --label-column name CSV columns; .* is a folder"):
+        load_dataset(tmp_path, columns=Columns(uri="picture"))
 
 
 def test_swapped_columns_are_refused_not_trained_on(tmp_path):

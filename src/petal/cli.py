@@ -27,7 +27,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from typer.core import TyperCommand
+from typer.core import TyperArgument, TyperCommand
 
 try:
     from typer._click.exceptions import NoSuchOption  # typer >= 0.29 carries its own click
@@ -35,10 +35,11 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click.exceptions import NoSuchOption
 
 from petal.backbones import DEFAULT_BACKBONE
+from petal.data import Columns
 from petal.errors import PetalError
 from petal.finetune.config import FinetuneConfig
 from petal.head import HeadClassifier
-from petal.progress import Reporter
+from petal.progress import Reporter, rate
 from petal.storage import atomic_write_csv, check_output
 from petal.unknown import DEFAULT_KEEP
 
@@ -93,8 +94,8 @@ class RichReporter(Reporter):
 
             def advance(n: int) -> None:
                 bar.advance(task, n)
-                speed = bar.tasks[task].speed
-                bar.update(task, rate=f"{speed:.1f}/s" if speed else "")
+                t = bar.tasks[task]  # the rate since the start, as the step's summary reports it
+                bar.update(task, rate=f"{rate(t.completed, t.elapsed)}/s" if t.elapsed else "")
 
             yield advance
 
@@ -163,7 +164,7 @@ def print_trust(metrics: dict) -> None:
 
 
 def print_predictions(preds) -> tuple[bool, list[tuple[str, str]]]:
-    """A table of predictions as they come; returns (any predicted, [(uri, reason) failed])."""
+    """A table of predictions; returns (any predicted, [(uri, reason) failed])."""
     t = Table()
     t.add_column("image", overflow="fold")  # a path is never cut short
     t.add_column("label")
@@ -189,9 +190,44 @@ def print_failures(failed: list[tuple[str, str]], limit: int = 20) -> None:
         err.print(f"... and {len(failed) - limit} more", style="yellow")
 
 
+# What help shows for a value, by typer's type label: plain words, not Python types.
+METAVARS = {"<str>": "TEXT", "<int>": "INT", "<int range>": "INT", "<float>": "NUMBER",
+            "<float range>": "NUMBER", "<path>": "PATH", "<list[str]>": "TEXT"}
+
+
 class Command(TyperCommand):
     """A petal command. Given an option it lacks that another command has, it says so
-    by name, instead of only "No such option" (e.g. `petal train --unfreeze 3`)."""
+    by name, instead of only "No such option" (e.g. `petal train --unfreeze 3`).
+    Its help names values as a user would (DATA, PATH, INT), and shows none for a flag."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for p in self.params:
+            if p.metavar is not None:
+                continue
+            if isinstance(p, TyperArgument):
+                p.metavar = p.name.upper()
+                p.display_type_rich = lambda ctx: None  # its name already says what it is
+            elif p.is_flag:
+                p.metavar = ""  # --overwrite takes no value: no type to show
+            else:
+                shown = p.display_type(click.Context(self))
+                p.metavar = METAVARS.get(shown.split(" [")[0], shown.strip("<>"))
+
+    def get_help_option(self, ctx: click.Context):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        """`[OPTIONS] DATA [INPUTS]...`: optional arguments in brackets, required ones bare."""
+        pieces = [self.options_metavar]
+        for p in self.get_params(ctx):
+            if isinstance(p, TyperArgument):
+                name = p.metavar if p.required else f"[{p.metavar}]"
+                pieces.append(name + ("..." if p.nargs != 1 else ""))
+        return pieces
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
@@ -211,7 +247,12 @@ class Command(TyperCommand):
 Data = Annotated[str, typer.Argument(help="Folder of class folders, or CSV of uri,label rows.")]
 RunOut = Annotated[Path, typer.Option("--out", help="Run folder to write.")]
 LabelsFile = Annotated[Optional[Path], typer.Option("--labels", help="dict.txt: one label per line, in id order.")]
-EvalData = Annotated[Optional[str], typer.Option("--eval", help="Explicit eval data.")]
+UriColumn = Annotated[Optional[str], typer.Option(help=(
+    "The CSV column holding the image paths (default: found by name: uri, path, filename, image, file)."))]
+LabelColumn = Annotated[Optional[str], typer.Option(help=(
+    "The CSV column holding the labels (default: found by name: label, class, category)."))]
+EvalData = Annotated[Optional[str], typer.Option("--eval", help=(
+    "Eval images (folder of class folders or CSV) instead of a share of DATA; --eval-percent is then unused."))]
 EvalPercent = Annotated[float, typer.Option(help="Percent of images in the eval split.")]
 Export = Annotated[bool, typer.Option(help="Write RUN/model at the end.")]
 Exclude = Annotated[Optional[Path], typer.Option(help=(
@@ -247,7 +288,8 @@ RandomCrop = Annotated[float, typer.Option(rich_help_panel=AUG, help="Move the c
 RandomBrightness = Annotated[float, typer.Option(rich_help_panel=AUG, help="Scale brightness by up to +-this percent.")]
 RandomColor = Annotated[float, typer.Option(rich_help_panel=AUG, help="Scale saturation by up to +-this percent.")]
 LoaderWorkers = Annotated[Optional[int], typer.Option(help=(
-    "DataLoader worker processes for augmentation (default 1 on a CPU)."))]
+    "DataLoader worker processes (default: half the cores with --trunk-runtime onnx, else 1; "
+    "on a GPU, the cores less one, up to 8)."))]
 TrunkRuntime = Annotated[str, typer.Option(help="Frozen layers in 'onnx' (fast on a CPU), 'torch', or 'auto'.")]
 Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")]
 StopAfter = Annotated[Optional[int], typer.Option(help="End after this epoch; --resume continues.")]
@@ -264,6 +306,8 @@ def train(
     data: Data,
     out_dir: RunOut,
     labels: LabelsFile = None,
+    uri_column: UriColumn = None,
+    label_column: LabelColumn = None,
     eval_data: EvalData = None,
     eval_percent: EvalPercent = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
@@ -296,7 +340,8 @@ def train(
     head = HeadClassifier(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
                           weight_decay=weight_decay, label_smoothing=label_smoothing,
                           class_weight=class_weight.value if class_weight else None, seed=seed)
-    r = run_train(data, out_dir, labels_file=labels, eval_data=eval_data, eval_percent=eval_percent,
+    r = run_train(data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column),
+                  eval_data=eval_data, eval_percent=eval_percent,
                   backbone=backbone, cache_dir=cache, head=head, workers=workers, export=export,
                   overwrite=overwrite, keep=keep, exclude=exclude, relabel=relabel, group=group,
                   reporter=RichReporter())
@@ -318,6 +363,8 @@ def finetune(
     data: Data,
     out_dir: RunOut,
     labels: LabelsFile = None,
+    uri_column: UriColumn = None,
+    label_column: LabelColumn = None,
     eval_data: EvalData = None,
     eval_percent: EvalPercent = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
@@ -368,7 +415,8 @@ def finetune(
                               random_brightness=random_brightness, random_color=random_color))
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet a worker: start the workers
         sys.exit(launch(nproc, sys.argv[1:]))
-    r = run_finetune(data, out_dir, config=config, labels_file=labels, eval_data=eval_data,
+    r = run_finetune(data, out_dir, config=config, labels_file=labels, columns=Columns(uri_column, label_column),
+                     eval_data=eval_data,
                      eval_percent=eval_percent, backbone=backbone, cache_dir=cache, resume=resume,
                      overwrite=overwrite, export=export, stop_after=stop_after, exclude=exclude, relabel=relabel,
                      group=group, reporter=RichReporter())
@@ -400,6 +448,8 @@ def embed(
     ctx: typer.Context,
     data: Annotated[str, typer.Argument(help="Folder of class folders, or CSV of uri,label rows.")],
     labels: Annotated[Optional[Path], typer.Option(help="dict.txt for a CSV.")] = None,
+    uri_column: UriColumn = None,
+    label_column: LabelColumn = None,
     backbone: Backbone = DEFAULT_BACKBONE,
     cache: Cache = None,
     workers: Workers = None,
@@ -414,7 +464,8 @@ def embed(
     check_runner(runner, ctx.args)
     if errors:
         check_output(errors, "errors")
-    ds = load_dataset(data, labels_file=labels, eval_percent=0.0, require_train=False)
+    ds = load_dataset(data, labels_file=labels, eval_percent=0.0, require_train=False,
+                      columns=Columns(uri_column, label_column))
     if not as_json:
         print_dataset(ds, splits=False)
     if runner == "beam":
@@ -431,7 +482,7 @@ def embed(
         print(json.dumps(summary))
     else:
         out.print(f"{summary['embedded']} embedded, {summary['cached']} cached, {summary['failed']} failed "
-                  f"in {summary['seconds']:.1f}s; cache {summary['cache']}")
+                  f"in {summary['seconds']:.1f}s ({summary['images_per_second']} images/s); cache {summary['cache']}")
 
 
 @app.command(cls=Command)
@@ -439,6 +490,8 @@ def audit(
     data: Data,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the findings.")] = Path("petal-audit"),
     labels: LabelsFile = None,
+    uri_column: UriColumn = None,
+    label_column: LabelColumn = None,
     eval_data: EvalData = None,
     eval_percent: EvalPercent = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
@@ -453,7 +506,8 @@ def audit(
     (suspects.csv, duplicates.csv, report.html in --out). Files are never moved."""
     from petal.workflow import audit_data
 
-    found = audit_data(data, out_dir, labels_file=labels, eval_data=eval_data, eval_percent=eval_percent,
+    found = audit_data(data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column),
+                       eval_data=eval_data, eval_percent=eval_percent,
                        backbone=backbone, cache_dir=cache, workers=workers, exclude=exclude, relabel=relabel,
                        group=group, reporter=RichReporter() if not as_json else None)
     if as_json:
@@ -470,7 +524,10 @@ def evaluate(
     model: Annotated[Path, typer.Argument(help="Exported model folder (RUN/model).")],
     data: Annotated[str, typer.Argument(help="Labeled folder or CSV.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("petal-eval"),
-    labels: Optional[Path] = None,
+    labels: Annotated[Optional[Path], typer.Option(help=(
+        "dict.txt for a CSV of DATA: one label per line; rows with other labels are skipped."))] = None,
+    uri_column: UriColumn = None,
+    label_column: LabelColumn = None,
     unknown_data: Annotated[Optional[str], typer.Option("--unknown", help=(
         "Images of none of the classes (folder, CSV or glob): how well they are told apart "
         "(unknown.json, coverage.png)."))] = None,
@@ -479,7 +536,8 @@ def evaluate(
     """Evaluate an exported model on labeled data: metrics.json, confusion matrix, misclassified.csv."""
     from petal.workflow import evaluate_model
 
-    metrics = evaluate_model(model, data, out_dir, labels_file=labels, unknown_data=unknown_data,
+    metrics = evaluate_model(model, data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column),
+                             unknown_data=unknown_data,
                              reject_unknown=not no_unknown, reporter=RichReporter())
     print_metrics(metrics)
     print_trust(metrics)
@@ -497,14 +555,26 @@ def export(
     out.print(f"model: {export_run(run, cache)}")
 
 
+class RowFormat(str, Enum):
+    csv = "csv"
+    jsonl = "jsonl"
+
+
+PROGRESS_FROM = 64  # inputs from which `petal predict` shows a progress bar
+
+
 @app.command(cls=Command, context_settings=BEAM_ARGS)
 def predict(
     ctx: typer.Context,
-    model: Annotated[str, typer.Argument(help="Exported model folder (RUN/model); omit it with --url.")],
+    model: Annotated[Optional[str], typer.Argument(help=(
+        "Exported model folder (RUN/model). Not given with --url: then every argument is an input."))] = None,
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders, CSVs or globs.")] = None,
-    top_k: Annotated[int, typer.Option(min=1)] = 5,
-    output: Annotated[Optional[str], typer.Option(help="Write predictions to .csv or .jsonl "
-                                                  "(with --runner beam: a sharded output prefix).")] = None,
+    top_k: Annotated[int, typer.Option(min=1, help="Labels per image, best first.")] = 5,
+    output: Annotated[Optional[str], typer.Option(help=(
+        "Write predictions to a .csv or .jsonl file, or - for stdout "
+        "(with --runner beam: a sharded output prefix)."))] = None,
+    fmt: Annotated[Optional[RowFormat], typer.Option("--format", help=(
+        "Rows as csv or jsonl (default: the --output suffix; csv when stdout is not a terminal)."))] = None,
     workers: Workers = None,
     url: Annotated[Optional[str], typer.Option(help="Predict through a running `petal serve` "
                                                "endpoint instead of a local model.")] = None,
@@ -514,30 +584,19 @@ def predict(
     unknown: Annotated[bool, typer.Option(help=(
         "Call an image unlike every class 'unknown'; --no-unknown always names the nearest class."))] = True,
 ) -> None:
-    """Predict labels for images with an exported model (or a served one, with --url)."""
-    from petal.data import expand_inputs
-    from petal.predictions import write_predictions
-
+    """Predict labels for images with an exported model (or a served one, with --url).
+    On a terminal: a table; in a pipe, or with --format: CSV or JSON rows."""
     check_runner(runner, ctx.args)
     if errors:
         check_output(errors, "errors")
-    inputs = list(inputs or [])
-    if url:  # no local model: the first argument is an input too
-        if (Path(model) / "petal.json").is_file():
-            raise PetalError(f"predict: give a model bundle or --url, not both ({model} is a bundle)")
-        inputs.insert(0, model)
-    uris, problems = expand_inputs(inputs)
-    for p in problems:
-        err.print(f"warning: {p}", style="yellow", markup=False)
-    if not uris:
-        raise PetalError("predict: no input images")
+    fmt = fmt.value if fmt else None
+    uris = predict_inputs(model, inputs or [], url)
     if runner == "beam":
         from petal.beam import beam_predict
 
-        if output is None:
+        if output is None or output == "-":
             raise PetalError("output: --runner beam needs --output PREFIX (e.g. gs://bucket/preds)")
-        summary = beam_predict(Path(model), uris, output, ctx.args, top_k=top_k, reject_unknown=unknown)
-        print(json.dumps(summary))
+        print(json.dumps(beam_predict(Path(model), uris, output, ctx.args, top_k=top_k, reject_unknown=unknown)))
         return
     if url:
         from petal.client import RemoteModel
@@ -547,24 +606,68 @@ def predict(
         from petal.bundle import load
 
         preds = load(model, reject_unknown=unknown).iter_predict(uris, top_k=top_k, workers=workers)
-    if output:
-        n, failed = write_predictions(Path(output), preds)
-        out.print(f"{n} predictions written to {output}, {len(failed)} failed")
-        print_failures(failed)
-        ok = n > 0
-    else:
-        ok, failed = print_predictions(preds)
+    ok, failed = emit_predictions(preds, len(uris), output, fmt)
     if errors:
         atomic_write_csv(errors, ["uri", "reason"], failed)
     if not ok:
         raise PetalError("predict: no image could be read")
 
 
+def predict_inputs(model: str | None, inputs: list[str], url: str | None) -> list[str]:
+    """MODEL and INPUTS -> the image URIs; with --url, MODEL is an input too."""
+    from petal.data import expand_inputs
+
+    if url:
+        if model and (Path(model) / "petal.json").is_file():
+            raise PetalError(f"predict: give a model bundle or --url, not both ({model} is a bundle)")
+        inputs = [model, *inputs] if model else inputs
+    elif model is None:
+        raise PetalError("predict: give a model folder (RUN/model), or --url of a running `petal serve`")
+    uris, problems = expand_inputs(inputs)
+    for p in problems:
+        err.print(f"warning: {p}", style="yellow", markup=False)
+    if not uris:
+        raise PetalError("predict: no input images")
+    return uris
+
+
+def emit_predictions(preds, total: int, output: str | None, fmt: str | None) -> tuple[bool, list]:
+    """Predictions to a file, to stdout as rows (a pipe, `-`, --format) or as a table (a terminal).
+    A progress bar on stderr for many inputs, unless rows go to the same terminal."""
+    from petal.predictions import output_format, write_predictions, write_rows
+
+    to_file = output is not None and output != "-"
+    rows = not to_file and (output == "-" or fmt is not None or not out.is_terminal)
+    if to_file:
+        output_format(output, fmt)  # refuse a bad name before any work
+    bar = total >= PROGRESS_FROM and not (rows and out.is_terminal)
+    with (RichReporter().progress("predicting", total) if bar else Reporter().progress("", total)) as advance:
+        preds = counted(preds, advance)
+        if to_file:
+            n, failed = write_predictions(Path(output), preds, fmt)
+            err.print(f"{n} predictions written to {output}, {len(failed)} failed", markup=False)
+        elif rows:
+            n, failed = write_rows(sys.stdout, preds, fmt or "csv")
+        else:
+            done = list(preds)
+    if not to_file and not rows:
+        return print_predictions(done)
+    print_failures(failed)
+    return n > 0, failed
+
+
+def counted(preds, advance):
+    """Pass predictions through, advancing the progress bar by one each."""
+    for p in preds:
+        yield p
+        advance(1)
+
+
 @app.command(cls=Command)
 def classify(
     images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
     backbone: Backbone = DEFAULT_BACKBONE,
-    top_k: Annotated[int, typer.Option(min=1)] = 5,
+    top_k: Annotated[int, typer.Option(min=1, help="ImageNet names per image, best first.")] = 5,
     cache: Cache = None,
 ) -> None:
     """ImageNet top-k names from the pretrained backbone's own head."""
@@ -613,7 +716,7 @@ def _register_optional_commands() -> None:
     """Commands that live in their own modules (serving)."""
     from petal import cli_serve
 
-    cli_serve.register(app)
+    cli_serve.register(app, Command)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -6,7 +6,6 @@ when `petal serve` runs, so the rest of the CLI starts fast without them.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -86,11 +85,14 @@ def serve(
 
 def encode_request(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
-    output: Annotated[Optional[Path], typer.Option(help="Write here instead of stdout.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help=(
+        "Write here instead of stdout; split requests go to NAME-1.json, NAME-2.json, ..."))] = None,
+    max_per_request: Annotated[Optional[int], typer.Option(min=1, help=(
+        "Split into requests of at most this many images (stdout: one request per line)."))] = None,
 ) -> None:
-    """Encode images into one JSON predict request (each file's path is its key)."""
+    """Encode images into a JSON predict request (each file's path is its key)."""
     from petal.data import expand_inputs
-    from petal.serve.protocol import encode_files
+    from petal.serve.protocol import encode_requests, oversize
     from petal.storage import atomic_write_text, check_output
 
     if output:
@@ -98,14 +100,22 @@ def encode_request(
     uris, problems = expand_inputs(inputs)
     if problems:
         raise PetalError(f"encode-request: {problems[0]}")
-    text = json.dumps(encode_files(uris))
-    if output:
-        atomic_write_text(output, text)
-    else:
-        sys.stdout.write(text + "\n")
+    bodies = encode_requests(uris, max_per_request)
+    for i, (n, body) in enumerate(bodies):
+        if why := oversize(n, body, LIM.max_images, LIM.max_body_bytes):
+            typer.secho(f"warning: request {i + 1} holds {why}: `petal serve` refuses it by default "
+                        f"(413); split it with --max-per-request {LIM.max_images}", fg="yellow", err=True)
+    if not output:
+        sys.stdout.write("\n".join(body for _, body in bodies) + "\n")
+        return
+    names = [output] if len(bodies) == 1 else [
+        output.with_name(f"{output.stem}-{i + 1}{output.suffix}") for i in range(len(bodies))]
+    for name, (_, body) in zip(names, bodies):
+        atomic_write_text(name, body)
+    typer.echo(f"{len(uris)} images in {len(bodies)} request(s): {', '.join(map(str, names))}", err=True)
 
 
-def register(app: typer.Typer) -> None:
-    """Add the serving commands to the main app. Imports nothing heavy."""
-    app.command("serve")(serve)
-    app.command("encode-request")(encode_request)
+def register(app: typer.Typer, cls: type) -> None:
+    """Add the serving commands to the main app, as `cls` commands. Imports nothing heavy."""
+    app.command("serve", cls=cls)(serve)
+    app.command("encode-request", cls=cls)(encode_request)

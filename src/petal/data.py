@@ -34,6 +34,14 @@ HEADER_WORDS = {"uri", "url", "path", "image", "image_uri", "image_path", "file"
 
 
 @dataclass(frozen=True)
+class Columns:
+    """A CSV's image and label columns as the user names them (--uri-column, --label-column);
+    None: found by the usual header names (uri/path/filename/..., label/class/category)."""
+    uri: str | None = None
+    label: str | None = None
+
+
+@dataclass(frozen=True)
 class Example:
     uri: str
     label: str
@@ -233,7 +241,7 @@ def _read_text(uri: str) -> str:
         raise DataError(f"{uri}: not UTF-8 text ({e})") from None
 
 
-def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list, dict[str, str]]:
+def _from_csv(uri: str, columns: Columns = Columns()) -> tuple[list[tuple[str, str]], list, list, dict[str, str]]:
     """(uri, label) rows, skipped rows, warnings, and {uri: split} where a third column gives it."""
     text = _read_text(uri)
     rows, skipped, warnings, given = [], [], [], {}
@@ -255,8 +263,8 @@ def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list, dict[str, st
             continue  # blank line
         if first:
             first = False
-            if columns := header_columns(cells, uri):
-                ucol, lcol, scol = columns
+            if found := header_columns(cells, uri, columns):
+                ucol, lcol, scol = found
                 continue  # header
         if len(cells) <= max(ucol, lcol):
             skipped.append((where, "row has no label column"))
@@ -298,12 +306,22 @@ def _from_csv(uri: str) -> tuple[list[tuple[str, str]], list, list, dict[str, st
 LABEL_WORDS = {"label", "class", "category", "labels", "class_name", "classname"}
 
 
-def header_columns(cells: list[str], source: str) -> tuple[int, int, int | None] | None:
+def named_column(names: list[str], given: str, option: str, source: str) -> int:
+    if given.lower() not in names:
+        raise DataError(f"{option}: {source} has no column {given!r}; its first row is {names}")
+    return names.index(given.lower())
+
+
+def header_columns(cells: list[str], source: str, given: Columns = Columns()) -> tuple[int, int, int | None] | None:
     """A header row -> (uri column, label column, split column or None), matched by name
-    (e.g. label,uri or id,filename,class); None when the row is no header."""
+    (e.g. label,uri or id,filename,class, or the names `given`); None when the row is no header."""
     names = [c.lower() for c in cells]
     ucol = next((i for i, n in enumerate(names) if n in HEADER_WORDS), None)
     lcol = next((i for i, n in enumerate(names) if n in LABEL_WORDS), None)
+    if given.uri:
+        ucol = named_column(names, given.uri, "--uri-column", source)
+    if given.label:
+        lcol = named_column(names, given.label, "--label-column", source)
     if ucol is None and lcol is None:
         return None
     if ucol is None or lcol is None:
@@ -318,7 +336,8 @@ def refuse_path_like_labels(source: str, rows: list[tuple[str, str]]) -> None:
     pathy = [lab for _, lab in rows if "/" in lab or Path(lab).suffix.lower() in IMAGE_EXTENSIONS]
     if rows and len(pathy) * 2 >= len(rows):
         raise DataError(f"{source}: {len(pathy)} of {len(rows)} labels look like file paths (e.g. {pathy[0]!r}): "
-                        "are the columns swapped? Give a header naming them, e.g. uri,label")
+                        "are the columns swapped? Give a header naming them (e.g. uri,label), "
+                        "or --uri-column and --label-column")
 
 
 def _check_schemes(source: str, rows: list[tuple[str, str]]) -> None:
@@ -342,9 +361,12 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return {name: path for name, path in subs.items() if name in SPLIT_NAMES}
 
 
-def _read_source(source: str, what: str = "data") -> tuple[list[tuple[str, str]], list, list, dict[str, str]]:
+def _read_source(source: str, what: str = "data", given: Columns = Columns()
+                 ) -> tuple[list[tuple[str, str]], list, list, dict[str, str]]:
     """(uri, label) rows, skipped rows, warnings, and {uri: split} for splits the data gives."""
     if is_local(source) and Path(local_path(source)).is_dir():
+        if given != Columns():
+            raise DataError(f"{what}: --uri-column and --label-column name CSV columns; {source} is a folder")
         root = Path(local_path(source))
         parts = _split_folders(root)
         if not parts:
@@ -357,10 +379,10 @@ def _read_source(source: str, what: str = "data") -> tuple[list[tuple[str, str]]
         return rows, skipped, warnings, given
     if is_local(source) and not Path(local_path(source)).exists():
         raise DataError(f"{what}: no such folder or CSV file: {source}")
-    rows, skipped, warnings, given = _from_csv(source)
+    rows, skipped, warnings, splits = _from_csv(source, given)
     refuse_path_like_labels(source, rows)
     _check_schemes(source, rows)
-    return rows, skipped, warnings, given
+    return rows, skipped, warnings, splits
 
 
 def compile_group(group: str | None) -> re.Pattern | None:
@@ -380,6 +402,7 @@ def load_dataset(
     eval_percent: float = 10.0,
     require_train: bool = True,
     group: str | None = None,
+    columns: Columns = Columns(),
 ) -> Dataset:
     """Find the labeled examples and assign each to train, eval (or test).
 
@@ -390,10 +413,10 @@ def load_dataset(
     """
     check_param("eval_percent", eval_percent, Real(0, 100, high_open=True))
     pattern = compile_group(group)
-    rows, skipped, warnings, given = _read_source(str(source))
+    rows, skipped, warnings, given = _read_source(str(source), given=columns)
     tagged = [(u, lab, given.get(u) or assign_split(u, eval_percent, pattern)) for u, lab in rows]
     if eval_source is not None:
-        erows, eskipped, ewarnings, _ = _read_source(str(eval_source), "eval")
+        erows, eskipped, ewarnings, _ = _read_source(str(eval_source), "eval", columns)
         tagged = ([(u, lab, TEST if given.get(u) == TEST else TRAIN) for u, lab in rows]
                   + [(u, lab, EVAL) for u, lab in erows])
         skipped += eskipped

@@ -18,6 +18,7 @@ from petal.cache import EmbeddingCache
 from petal.errors import NothingUsableError
 from petal.loader import Item, batches, iter_items
 from petal.params import env_int
+from petal.progress import rate
 
 DEFAULT_BATCH = 32  # images per backbone run; $PETAL_EMBED_BATCH overrides it
 
@@ -31,14 +32,15 @@ class EmbedResult:
     seconds: float = 0.0
 
     def summary(self) -> dict:
-        done = self.embedded + self.cached
+        total = self.embedded + self.cached + len(self.failed)
         return {
             "embedded": self.embedded,
             "cached": self.cached,
             "failed": len(self.failed),
-            "total": done + len(self.failed),
+            "total": total,
             "seconds": round(self.seconds, 3),
-            "images_per_second": round(self.embedded / self.seconds, 1) if self.seconds else None,
+            # every image handled, over the whole step: the rate its progress bar ends on
+            "images_per_second": rate(total, self.seconds),
         }
 
 

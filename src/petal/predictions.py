@@ -16,6 +16,7 @@ import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from petal.storage import atomic_path, check_output
 UNKNOWN = "unknown"  # the label of a prediction that is like none of the classes
 # "label" is UNKNOWN for an unknown image, so that a script reading it is never told "tulips"
 # for a cat; "nearest" is always the top-1 class
+FORMATS = ("csv", "jsonl")  # what `petal predict --output/--format` writes
 CSV_HEADER = ["uri", "label", "score", "top", "unknown", "ood_score", "nearest"]
 
 
@@ -83,9 +85,13 @@ class Prediction:
         if self.error is not None:
             d["error"] = self.error
         else:
-            d.update(label=self.answer, score=self.score, top=[{"label": k, "score": v} for k, v in self.top],
+            d.update(label=self.answer, score=self.score, top=self.top_rows(),
                      unknown=self.unknown, ood_score=self.ood_score, nearest=self.label)
         return d
+
+    def top_rows(self) -> list[dict]:
+        """The top-k as [{"label", "score"}], best first: the `top` of every output format."""
+        return [{"label": k, "score": v} for k, v in self.top]
 
     @property
     def answer(self) -> str | None:
@@ -118,28 +124,45 @@ def scored_prediction(labels: Sequence[str], uri: str, s: Scores, top_k: int = 5
 def csv_row(p: Prediction) -> list[str]:
     """One prediction as the CSV row every writer (local or Beam) uses."""
     ood = "" if p.ood_score is None else f"{p.ood_score:.6f}"
-    return [p.uri, p.answer, f"{p.score:.6f}", json.dumps(dict(p.top)), str(p.unknown).lower(), ood, p.label]
+    top = json.dumps(p.top_rows())  # the same list as the JSON row's "top"
+    return [p.uri, p.answer, f"{p.score:.6f}", top, str(p.unknown).lower(), ood, p.label]
 
 
-def write_predictions(path: Path, preds: Iterable[Prediction]) -> tuple[int, list[tuple[str, str]]]:
-    """Many predictions to .csv or .jsonl, atomically.
+def output_format(path: str | Path, fmt: str | None) -> str:
+    """The format of `--output PATH` (`-`: stdout): `--format` if given, else PATH's suffix."""
+    if fmt is not None:
+        if fmt not in FORMATS:
+            raise PetalError(f"format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+        return fmt
+    kind = Path(path).suffix.lower().lstrip(".")
+    if str(path) == "-" or kind not in FORMATS:
+        raise PetalError(f"output: expected a .csv or .jsonl file name, or --format csv|jsonl, got {str(path)!r}")
+    return kind
+
+
+def write_rows(f: TextIO, preds: Iterable[Prediction], fmt: str) -> tuple[int, list[tuple[str, str]]]:
+    """Predictions as CSV (with its header) or JSON lines to an open text file, as they come.
     Returns (rows written, [(uri, reason) failed]); failed images are not rows."""
-    kind = Path(path).suffix.lower()
-    if kind not in (".csv", ".jsonl"):
-        raise PetalError(f"output: expected a .csv or .jsonl file name, got {str(path)!r}")
-    check_output(path, "output")
+    w = csv.writer(f) if fmt == "csv" else None
+    if w:
+        w.writerow(CSV_HEADER)
     n, failed = 0, []
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
-        w = csv.writer(f) if kind == ".csv" else None
+    for p in preds:
+        if p.error:
+            failed.append((p.uri, p.error))
+            continue
+        n += 1
         if w:
-            w.writerow(CSV_HEADER)
-        for p in preds:
-            if p.error:
-                failed.append((p.uri, p.error))
-                continue
-            n += 1
-            if w:
-                w.writerow(csv_row(p))
-            else:
-                f.write(json.dumps(p.to_dict()) + "\n")
+            w.writerow(csv_row(p))
+        else:
+            f.write(json.dumps(p.to_dict()) + "\n")
+        f.flush()  # a reader on a pipe sees each row when it is ready
     return n, failed
+
+
+def write_predictions(path: Path, preds: Iterable[Prediction], fmt: str | None = None) -> tuple[int, list]:
+    """Many predictions to a .csv or .jsonl file (or `fmt`), atomically: see `write_rows`."""
+    fmt = output_format(path, fmt)
+    check_output(path, "output")
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
+        return write_rows(f, preds, fmt)

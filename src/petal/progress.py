@@ -34,3 +34,9 @@ class Reporter:
     def progress(self, description: str, total: int) -> Iterator[Advance]:
         """A task of `total` units; yields advance(n)."""
         yield lambda n: None
+
+
+def rate(done: float, seconds: float) -> float:
+    """Units per second since a task started, to one decimal: what its bar shows at the end
+    and what its summary (e.g. `images_per_second` in metrics.json) records."""
+    return round(done / seconds, 1) if seconds > 0 else 0.0

@@ -19,7 +19,7 @@ from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
 from petal.bundle import TRAIN_KEYS, in_train_keys
 from petal.cache import EmbeddingCache
 from petal.calibration import FOLDS, expected_calibration_error, reliability_diagram, softmax
-from petal.data import EVAL, TEST, TRAIN, Dataset, Example, load_dataset
+from petal.data import EVAL, TEST, TRAIN, Columns, Dataset, Example, load_dataset
 from petal.embed import embed, require_usable
 from petal.errors import NothingUsableError, PetalError
 from petal.head import HeadClassifier
@@ -71,6 +71,7 @@ def train(
     out: str | Path,
     *,
     labels_file: str | Path | None = None,
+    columns: Columns = Columns(),
     eval_data: str | Path | None = None,
     eval_percent: float = 10.0,
     backbone: str = DEFAULT_BACKBONE,
@@ -98,7 +99,7 @@ def train(
     check_backbone(cfg, cache_dir)  # before the data scan: a missing weights package is said at once
     run = Run.create(out, data, overwrite)
 
-    ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter)
+    ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter, columns)
     run.make(clear=overwrite)  # only once the data is known to be usable
 
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
@@ -130,9 +131,10 @@ def train(
 
 def load_reviewed(data: str | Path, labels_file: str | Path | None, eval_data: str | Path | None,
                   eval_percent: float, group: str | None, exclude: str | Path | None, relabel: str | Path | None,
-                  reporter: Reporter) -> Dataset:
+                  reporter: Reporter, columns: Columns = Columns()) -> Dataset:
     """The labeled data, split, with reviewed audit findings applied; shown to the reporter."""
-    ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent, group=group)
+    ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent, group=group,
+                      columns=columns)
     ds = apply_review(ds, exclude, relabel, reporter)
     reporter.dataset(ds)
     return ds
@@ -168,12 +170,12 @@ def audit_examples(ds: Dataset, keys: dict[str, str], cache: EmbeddingCache) -> 
 def audit_data(data: str | Path, out: str | Path, *, labels_file: str | Path | None = None,
                eval_data: str | Path | None = None, eval_percent: float = 10.0, backbone: str = DEFAULT_BACKBONE,
                cache_dir: str | Path | None = None, workers: int | None = None, exclude: str | Path | None = None,
-               relabel: str | Path | None = None, group: str | None = None,
+               relabel: str | Path | None = None, group: str | None = None, columns: Columns = Columns(),
                reporter: Reporter | None = None) -> Audit:
     """`petal audit`: embed (from the cache where it can), audit, and write the findings into `out`."""
     reporter = reporter or Reporter()
     out = check_output(out, "out", folder=True)
-    ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter)
+    ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter, columns)
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
     findings = audit_examples(ds, result.keys, cache)
     write_audit(out, findings)
@@ -272,8 +274,9 @@ def export_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Path
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
-                   labels_file: str | Path | None = None, unknown_data: str | None = None,
-                   reject_unknown: bool = True, reporter: Reporter | None = None) -> dict:
+                   labels_file: str | Path | None = None, columns: Columns = Columns(),
+                   unknown_data: str | None = None, reject_unknown: bool = True,
+                   reporter: Reporter | None = None) -> dict:
     """Evaluate an exported bundle on every image of a labeled folder or CSV: metrics.json
     (with calibration and the share kept as known), confusion matrix, misclassified.csv.
     With `unknown_data` (images of none of the classes) also unknown.json and coverage.png."""
@@ -286,7 +289,7 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
         raise PetalError(f"unknown: {model_dir} has no unknown detector: it was exported before petal had one "
                          "(export it again with `petal export RUN`), or fine-tuned with too few images set aside "
                          "to fit one (--calibration-percent)")
-    ds = load_dataset(data, labels_file=labels_file, eval_percent=0.0, require_train=False)
+    ds = load_dataset(data, labels_file=labels_file, eval_percent=0.0, require_train=False, columns=columns)
     known = {c: i for i, c in enumerate(model.labels)}
     examples = [e for e in ds.examples if e.label in known]
     if len(examples) < len(ds.examples):

@@ -76,7 +76,7 @@ class FinetuneConfig(Validated):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     trunk_runtime: str = "auto"  # frozen layers in "onnx" (fast on CPU), "torch", or "auto"
     amp: bool = True  # mixed precision on a GPU (ignored on a CPU)
-    workers: int | None = None  # DataLoader worker processes [default: min(2, cores)]
+    workers: int | None = None  # DataLoader worker processes; None: Trainer.threads() chooses
     decode_workers: int | None = None  # threads decoding images into the pixel cache
     # set aside from the training split, never trained on: fits the temperature and the
     # unknown threshold (0: neither; too few images to set aside: neither, with a warning)

@@ -34,7 +34,17 @@ import torch.nn.functional as F
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
 from petal.bundle import TRAIN_KEYS, train_keys_digest
 from petal.calibration import fit_temperature, softmax
-from petal.data import CALIBRATION, EVAL, MIN_CALIBRATION, TEST, TRAIN, Dataset, load_dataset, set_aside
+from petal.data import (
+    CALIBRATION,
+    EVAL,
+    MIN_CALIBRATION,
+    TEST,
+    TRAIN,
+    Columns,
+    Dataset,
+    load_dataset,
+    set_aside,
+)
 from petal.errors import PetalError
 from petal.finetune.config import FinetuneConfig
 from petal.finetune.data import (
@@ -103,6 +113,7 @@ def finetune(
     *,
     config: FinetuneConfig | None = None,
     labels_file: str | Path | None = None,
+    columns: Columns = Columns(),
     eval_data: str | Path | None = None,
     eval_percent: float = 10.0,
     backbone: str = DEFAULT_BACKBONE,
@@ -131,7 +142,8 @@ def finetune(
     threads = torch.get_num_threads()
     try:
         trainer = Trainer(config, world, get_backbone(backbone), Path(cache_dir or default_cache_dir()),
-                          reporter if world.main else None, review=(exclude, relabel), group=group)
+                          reporter if world.main else None, review=(exclude, relabel), group=group,
+                          columns=columns)
         run = Run.create(out, data, overwrite=overwrite or resume)  # resuming a finished run re-exports it
         return trainer.run(data, run, labels_file=labels_file, eval_data=eval_data, eval_percent=eval_percent,
                            resume=resume, overwrite=overwrite, export=export, stop_after=stop_after)
@@ -241,11 +253,13 @@ class TrainState:
 
 class Trainer:
     def __init__(self, config: FinetuneConfig, world: World, cfg: BackboneConfig, cache_dir: Path,
-                 reporter: Reporter | None, review: tuple = (None, None), group: str | None = None):
+                 reporter: Reporter | None, review: tuple = (None, None), group: str | None = None,
+                 columns: Columns = Columns()):
         self.c, self.world, self.cfg, self.cache_dir = config, world, cfg, cache_dir
         self.reporter = reporter or Reporter()
         self.review = review  # (exclude CSV, relabel CSV) or Nones: see petal.review
         self.group = group  # a regex: images whose names share its capture stay on one side of the split
+        self.columns = columns  # a CSV's image and label columns, where the user names them
         self.amp_dtype = None
         if world.device.type == "cuda" and config.amp:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -417,7 +431,7 @@ class Trainer:
         from, decode every image once into the run's pixel files, and write the run files."""
         c, world = self.c, self.world
         ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent,
-                          group=self.group)
+                          group=self.group, columns=self.columns)
         ds = set_aside(apply_review(ds, *self.review, self.reporter), c.calibration_percent)
         self.reporter.dataset(ds)
         if ds.split(TEST):

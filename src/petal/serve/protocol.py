@@ -126,3 +126,18 @@ def encode_files(uris: Sequence[str]) -> dict:
             raise PetalError(f"encode-request: cannot read {uri}: {e}") from None
 
     return encode_request((uri, read(uri)) for uri in uris)
+
+
+def encode_requests(uris: Sequence[str], per_request: int | None = None) -> list[tuple[int, str]]:
+    """Image files -> [(images, request body as JSON text)], at most `per_request` images each (None: one)."""
+    step = per_request or max(1, len(uris))
+    return [(len(uris[i:i + step]), json.dumps(encode_files(uris[i:i + step]))) for i in range(0, len(uris), step)]
+
+
+def oversize(images: int, body: str, max_images: int, max_body_bytes: int) -> str | None:
+    """Why a server with these limits answers 413 to this request, or None."""
+    if images > max_images:
+        return f"{images} images, over the {max_images} a request may hold"
+    if len(body) > max_body_bytes:
+        return f"{len(body):,} bytes, over the {max_body_bytes:,}-byte body limit"
+    return None
