@@ -197,7 +197,13 @@ def test_run_entry_point_with_test_pipeline(model_dir, images, tmp_path):
 
 def test_cluster_runner_needs_shared_work_dir(model_dir, tmp_path):
     with pytest.raises(PetalError, match="--work_dir or --temp_location"):
-        beam_predict(model_dir, ["x.jpg"], str(tmp_path / "p"), ["--beam_runner", "FlinkRunner"])
+        beam_predict(model_dir, ["gs://b/x.jpg"], str(tmp_path / "p"), ["--beam_runner", "FlinkRunner"])
+
+
+def test_cluster_runner_refuses_local_inputs_at_launch(model_dir, tmp_path):
+    args = ["--beam_runner", "FlinkRunner", "--work_dir", "gs://b/work"]
+    with pytest.raises(PetalError, match=r"FlinkRunner: 1 of 2 input\(s\) are local paths \(e.g. /etc/passwd\)"):
+        beam_predict(model_dir, ["gs://b/x.jpg", "/etc/passwd"], "gs://b/p", args)
 
 
 def test_output_names():

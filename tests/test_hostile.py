@@ -29,7 +29,7 @@ import petal.images as images
 from petal.backbones import get_backbone
 from petal.data import load_dataset, read_labels_file
 from petal.embed import embed
-from petal.errors import DataError, ImageError, NothingUsableError
+from petal.errors import DataError, ImageError, NothingUsableError, PetalError
 from petal.images import PixelBudget, load_pixels
 from petal.loader import iter_items
 from petal.run import duplicate_warnings
@@ -529,3 +529,29 @@ def test_io_errors_do_not_set_good_shards_aside(tmp_path, monkeypatch):
         assert shard.exists() and not list(tmp_path.rglob("*.corrupt"))
     monkeypatch.undo()
     assert set(EmbeddingCache(tmp_path, "b", 4).load()) == {"k1", "k2"}
+
+
+@pytest.mark.parametrize("location", ["w.bin", "../../../../etc/passwd", "/etc/passwd"])
+def test_a_bundle_with_external_data_is_refused(tmp_path, model_dir, location):
+    """A graph whose weights live in another file could read any file: petal never writes one."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from petal.bundle import Model
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(model_dir, bundle)
+    weights = numpy_helper.from_array(np.ones((3, 3), np.float32), "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["images", "W"], ["probabilities"])], "g",
+                              [helper.make_tensor_value_info("images", TensorProto.FLOAT, [1, 3])],
+                              [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 3])], [weights])
+    onnx.save_model(helper.make_model(graph), bundle / "model.onnx", save_as_external_data=True,
+                    location="w.bin", size_threshold=0)
+    if location != "w.bin":
+        m = onnx.load(bundle / "model.onnx", load_external_data=False)
+        m.graph.initializer[0].external_data[0].value = location
+        onnx.save(m, bundle / "model.onnx")
+    with pytest.raises(PetalError, match=r"model.onnx: its weights point at files outside it \(ONNX external data\)"):
+        Model(bundle)

@@ -117,7 +117,8 @@ def test_a_bundle_without_unknown_detection_still_predicts(tmp_path, trained_run
 
 def test_predict_shows_unknown_and_writes_its_columns(tmp_path, model_dir, foreign, dataset):
     one_known = next(str(p) for p in dataset.rglob("*.png"))
-    r = petal("predict", model_dir, foreign[0], one_known, env={"TTY_COMPATIBLE": "1", "NO_COLOR": "1"})  # a terminal: a table
+    terminal = {"TTY_COMPATIBLE": "1", "NO_COLOR": "1"}  # stdout as a terminal: the table
+    r = petal("predict", model_dir, foreign[0], one_known, env=terminal)
     assert "unknown (nearest:" in r.stdout
     petal("predict", model_dir, foreign[0], one_known, "--output", tmp_path / "p.jsonl")
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]

@@ -204,6 +204,8 @@ class Model:
         try:
             self.labels: list[str] = (self.path / "labels.txt").read_text(encoding="utf-8").splitlines()
             self.session = make_session(self.path / "model.onnx", threads, spin)
+        except PetalError:  # refused, with its reason
+            raise
         except Exception as e:  # noqa: BLE001 - OS and ONNX Runtime errors alike
             raise damaged(self.path, e) from e
         names = {o.name for o in self.session.get_outputs()}

@@ -11,16 +11,17 @@ import csv
 import hashlib
 import io
 import os
+import posixpath
 import re
 import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from petal.errors import DataError, PetalError
+from petal.errors import DataError, ImageError, PetalError
 from petal.images import IMAGE_EXTENSIONS
 from petal.params import Real, check_param
-from petal.storage import absolute, check_scheme, is_local, local_path, scheme_of
+from petal.storage import HTTP_SCHEMES, absolute, check_scheme, is_local, local_path, read_bytes, scheme_of
 
 TRAIN, EVAL = "train", "eval"
 CALIBRATION = "calibration"  # set aside from train by `petal finetune`: held out, never trained on
@@ -219,7 +220,27 @@ def _join(base: str, uri: str) -> str:
         return uri
     if is_local(base):
         return os.path.normpath(os.path.join(os.path.dirname(local_path(base)), uri))
-    return base.rsplit("/", 1)[0] + "/" + uri
+    return _remote_join(base, uri)[0]
+
+
+def _remote_join(base: str, uri: str) -> tuple[str, str]:
+    """A relative `uri` in the CSV at remote `base` -> (full URI, its key in the bucket or on the host)."""
+    scheme, _, rest = base.partition("://")
+    bucket, _, key = rest.partition("/")
+    key = posixpath.normpath(posixpath.join(posixpath.dirname(key), uri))
+    return f"{scheme}://{bucket}/{key}", key
+
+
+def remote_row_problem(base: str, uri: str) -> str | None:
+    """Why a row of the CSV at `base` may not name `uri`: a CSV from a bucket or a web server
+    names files there, never on the machine that reads it (a Beam worker's disk, /etc/...)."""
+    if is_local(base):
+        return None
+    if is_local(uri) and (scheme_of(uri) == "file" or uri.startswith(("/", "~", "\\"))):
+        return f"{uri}: a remote CSV may not name local files"
+    if not scheme_of(uri) and _remote_join(base, uri)[1].startswith(".."):
+        return f"{uri}: climbs out of the CSV's bucket"
+    return None
 
 
 def _read_text(uri: str) -> str:
@@ -228,11 +249,15 @@ def _read_text(uri: str) -> str:
         if is_local(uri):
             with open(local_path(uri), "rb") as f:
                 raw = f.read()
+        elif scheme_of(uri) in HTTP_SCHEMES:
+            raw = read_bytes(uri)
         else:
             import fsspec
 
             with fsspec.open(uri, "rb") as f:
                 raw = f.read()
+    except ImageError as e:
+        raise DataError(f"{uri}: cannot read ({e})") from None
     except OSError as e:
         raise DataError(f"{uri}: cannot read ({e.strerror or e})") from None
     try:
@@ -283,6 +308,9 @@ def _from_csv(uri: str, columns: Columns = Columns()) -> tuple[list[tuple[str, s
         problem = label_problem(label)
         if problem:
             skipped.append((where, problem))
+            continue
+        if why := remote_row_problem(uri, path):
+            skipped.append((where, why))
             continue
         full = _join(uri, path)
         if full in seen:

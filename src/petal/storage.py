@@ -1,9 +1,11 @@
 """Reading URIs and writing files safely.
 
-Reads go through fsspec, so local paths, file://, http(s)://, gs:// and s3://
-all work; a cloud scheme whose fsspec driver is missing gets a message naming
-the package. Writes are atomic: a temp file in the same folder, then rename,
-so a reader never sees a half-written file, even after kill -9.
+Reads go through fsspec, so local paths, file://, gs:// and s3:// all work; a
+cloud scheme whose fsspec driver is missing gets a message naming the package.
+http(s):// goes through `petal.http_reader`, which refuses private addresses.
+
+Writes are atomic: a temp file in the same folder, then rename, so a reader
+never sees a half-written file, even after kill -9.
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ SCHEME_PACKAGES = {
     "gcs": "gcsfs",
     "s3": "s3fs",
     "s3a": "s3fs",
-    "http": "aiohttp",
-    "https": "aiohttp",
     "az": "adlfs",
     "abfs": "adlfs",
     "hf": "huggingface_hub",
 }
+
+
+HTTP_SCHEMES = ("http", "https")  # read by petal.http_reader, not fsspec
 
 
 def scheme_of(uri: str) -> str:
@@ -60,7 +63,7 @@ def absolute(uri: str | os.PathLike) -> str:
 def check_scheme(uri: str) -> None:
     """Raise PetalError early if the URI's scheme cannot be read here."""
     scheme = scheme_of(uri)
-    if is_local(uri):
+    if is_local(uri) or scheme in HTTP_SCHEMES:
         return
     import fsspec
 
@@ -92,6 +95,10 @@ def read_bytes(uri: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
                 raise ImageError(f"file too large: {st.st_size:,} bytes, limit {max_bytes:,}")
             with open(path, "rb") as f:
                 return f.read()
+        if scheme_of(uri) in HTTP_SCHEMES:  # under petal's URI policy: public hosts, time-outs
+            from petal.http_reader import http_read
+
+            return http_read(uri, max_bytes)
         import fsspec
 
         with fsspec.open(uri, "rb") as f:

@@ -160,6 +160,17 @@ def _pipeline(options: PipelineOptions) -> beam.Pipeline:
     return beam.Pipeline(options=options)
 
 
+def check_worker_inputs(options: PipelineOptions, uris: list[str]) -> None:
+    """On a cluster runner, refuse local paths at launch: its workers cannot read this machine's
+    disk, and must not read their own (a CSV naming /etc/... would run with the workers' rights)."""
+    runner = options.view_as(StandardOptions).runner
+    local = [u for u in uris if is_local(u)]
+    if runner not in LOCAL_RUNNERS and local:
+        raise PetalError(f"--beam_runner {runner}: {len(local)} of {len(uris)} input(s) are local paths "
+                         f"(e.g. {local[0]}), which its workers cannot read; put the images on storage the "
+                         "workers reach (gs://, s3://, hdfs://), or run on the DirectRunner")
+
+
 class _WorkDir:
     """A fresh folder for one run, local or remote; deleted at the end."""
 
@@ -304,6 +315,7 @@ def beam_embed(ds: Dataset, backbone: str, cache_dir: Path | None, pipeline_args
     cache = EmbeddingCache(cache_dir, cfg.name, cfg.feature_dim)
     options = _options(pipeline_args)
     uris = [e.uri for e in ds.examples]
+    check_worker_inputs(options, uris)
     known = cache.stored_keys()  # the key column only: the vectors can be GBs
     model_file = backbone_onnx_path(cfg, cache_dir)  # exported here: workers need no torch
 
@@ -357,6 +369,7 @@ def beam_predict(model_dir: Path, uris: list[str], output_prefix: str, pipeline_
     start = time.perf_counter()
     model = Model(model_dir, reject_unknown=reject_unknown)  # checks the bundle; labels, preprocessing
     options = _options(pipeline_args)
+    check_worker_inputs(options, uris)
     ours = options.view_as(PetalOptions)
     prefix, kind = _output_kind(_fix_uri(output_prefix))
     dead_letter = _fix_uri(ours.dead_letter) if ours.dead_letter else f"{prefix}.dead-letter"
