@@ -39,8 +39,16 @@ def serve(
     max_body_mb: Annotated[float, typer.Option(help="Request body limit (413 beyond).")] = LIM.max_body_bytes / 2**20,
     max_images: Annotated[int, typer.Option(help="Images per request (413 beyond).")] = LIM.max_images,
     max_pixels: Annotated[int, typer.Option(help="Pixels per image, checked before decoding.")] = LIM.max_pixels,
+    max_request_pixels: Annotated[int, typer.Option(help=(
+        "Pixels of all images of a request, from their headers, before decoding (413 beyond)."))
+    ] = LIM.max_request_pixels,
     timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.")] = LIM.timeout_s,
-    max_concurrency: Annotated[int, typer.Option(help="Open requests before 503 'busy'.")] = 256,
+    header_timeout: Annotated[float, typer.Option(help=(
+        "Seconds from accepting a connection to its request headers; then it is closed."))] = LIM.header_timeout_s,
+    body_timeout: Annotated[float, typer.Option(help=(
+        "Seconds from accepting a connection to its whole request; then it is closed."))] = LIM.body_timeout_s,
+    max_concurrency: Annotated[int, typer.Option(help=(
+        "Requests in progress before 503 'busy' (idle connections do not count)."))] = LIM.max_concurrency,
     threads: Annotated[Optional[int], typer.Option(help="ONNX Runtime threads (default: all cores).")] = None,
     workers: Annotated[Optional[int], typer.Option(min=1, help="Decode threads (default: all cores).")] = None,
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
@@ -69,7 +77,8 @@ def serve(
     model_path, host, port = apply_vertex(model, host, port, vertex)
     config = ServeConfig(
         models=model_specs(model_path, name, models or []),
-        limits=Limits(int(max_body_mb * 1024 * 1024), max_images, max_pixels, timeout),
+        limits=Limits(int(max_body_mb * 1024 * 1024), max_images, max_pixels, max_request_pixels, timeout,
+                      header_timeout, body_timeout, max_concurrency),
         batching=Batching(max_batch, batch_wait_ms),
         api_key=api_key_from_env(api_key, api_key_file), threads=threads, decode_workers=workers,
         reject_unknown=unknown,
@@ -80,7 +89,7 @@ def serve(
     for n in config.models:
         typer.echo(f"serving {n}: POST http://{host}:{port}/v1/models/{n}:predict (page: http://{host}:{port}/)",
                    err=True)
-    run_server(config, host, port, max_concurrency=max_concurrency, access_log=access_log)
+    run_server(config, host, port, access_log=access_log)
 
 
 def encode_request(

@@ -86,6 +86,16 @@ DECODE_BUDGET = PixelBudget(DEFAULT_MAX_PIXELS)
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
+def header_pixels(data: bytes) -> int:
+    """Width x height from the header alone, nothing decoded; 0 for what is no readable
+    image (decoding it then says why)."""
+    try:
+        w, h = open_image(data, max_pixels=2**62).size
+    except ImageError:
+        return 0
+    return w * h
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Parse the header only. Raises ImageError if it is no image or too large."""
     if not data:

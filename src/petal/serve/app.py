@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 from petal import __version__
 from petal.serve import v2
 from petal.serve.config import Limits, ServeConfig, VertexEnv
-from petal.serve.limits import BodySizeLimit, bearer_ok, within_limit
+from petal.serve.limits import BodySizeLimit, ConcurrencyLimit, bearer_ok, within_limit
 from petal.serve.metrics import Metrics, MetricsMiddleware
 from petal.serve.protocol import RequestError
 from petal.serve.service import ModelNotFound, Service
@@ -90,6 +90,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.state.service = service
     app.state.metrics = metrics
     app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes)
+    app.add_middleware(ConcurrencyLimit, max_requests=config.limits.max_concurrency)
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, sees every answer
     install_error_handlers(app)
 

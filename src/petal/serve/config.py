@@ -18,13 +18,19 @@ API_KEY_FILE_ENV = "PETAL_API_KEY_FILE"
 
 @dataclass(frozen=True)
 class Limits(Validated):
-    PARAMS: ClassVar[dict[str, Rule]] = {"max_body_bytes": Int(1024), "max_images": Int(1), "max_pixels": Int(1),
-                                         "timeout_s": Real(0, low_open=True)}
+    PARAMS: ClassVar[dict[str, Rule]] = {
+        "max_body_bytes": Int(1024), "max_images": Int(1), "max_pixels": Int(1), "max_request_pixels": Int(1),
+        "timeout_s": Real(0, low_open=True), "header_timeout_s": Real(0, low_open=True),
+        "body_timeout_s": Real(0, low_open=True), "max_concurrency": Int(1)}
 
     max_body_bytes: int = 32 * 1024 * 1024  # whole request body; more -> 413
     max_images: int = 64  # instances or files per request; more -> 413
     max_pixels: int = 40_000_000  # per image, checked from the header before decoding
+    max_request_pixels: int = 1_000_000_000  # all images of a request, from their headers; more -> 413
     timeout_s: float = 30.0  # per request, body upload included; -> 408 (upload) or 503
+    header_timeout_s: float = 10.0  # from accept to the request's headers; then the connection is closed
+    body_timeout_s: float = 30.0  # from accept to the whole request; then the connection is closed
+    max_concurrency: int = 256  # requests in progress; one more -> 503 "busy" (idle connections don't count)
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ where the request is parsed.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
 import json
 from collections.abc import Awaitable, Callable
@@ -61,10 +62,35 @@ class BodySizeLimit:
         await self.app(scope, limited_receive, send)
 
 
-async def send_json(send: Send, status: int, doc: dict) -> None:
+class ConcurrencyLimit:
+    """ASGI middleware: at most `max_requests` requests in the app at once; one more gets 503
+    "busy" at once instead of a queue that grows without bound. It counts requests, not
+    connections, so idle clients cannot use up the slots; health probes are never refused."""
+
+    EXEMPT = ("/healthz", "/readyz", "/v2/health/", "/metrics")
+
+    def __init__(self, app: ASGIApp, max_requests: int) -> None:
+        self.app = app
+        self.max_requests = max_requests
+        self.active = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"].startswith(self.EXEMPT):
+            return await self.app(scope, receive, send)
+        if self.active >= self.max_requests:
+            return await send_json(send, 503, {"error": f"server busy: {self.active} requests in progress; "
+                                                        "retry later"}, [(b"retry-after", b"1")])
+        self.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.active -= 1
+
+
+async def send_json(send: Send, status: int, doc: dict, headers: list[tuple[bytes, bytes]] = ()) -> None:
     """Answer from raw ASGI (before the app runs)."""
     body = json.dumps(doc).encode()
-    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
     await send({"type": "http.response.start", "status": status, "headers": head})
     await send({"type": "http.response.body", "body": body})
 
@@ -90,11 +116,17 @@ async def answer_within(awaitable: Awaitable[T], seconds: float, limit: float) -
                             headers={"Retry-After": "1"}) from None
 
 
+# When the request being answered runs out of time (time.monotonic(), the loop's clock): work
+# queued for it checks this before it starts (petal.serve.service), and is skipped after it.
+REQUEST_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar("request_deadline", default=None)
+
+
 async def within_limit(receive: Awaitable[T], answer: Callable[[T], Awaitable[U]], seconds: float) -> U:
     """One time budget per request: receiving it (408 when slow), then answering it with
     whatever time is left (503 when the server is too busy to make it)."""
     loop = asyncio.get_running_loop()
     start = loop.time()
+    REQUEST_DEADLINE.set(start + seconds)  # seen by the answer's task, which copies this context
     got = await upload_within(receive, seconds)
     return await answer_within(answer(got), seconds - (loop.time() - start), seconds)
 

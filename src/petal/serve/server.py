@@ -17,16 +17,20 @@ if TYPE_CHECKING:
 
 
 def make_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, *,
-                max_concurrency: int = 256, access_log: bool = False, log_level: str = "info") -> uvicorn.Server:
-    """A uvicorn.Server for the app; `.run()` it (or `.run(sockets=[...])` on a bound socket)."""
+                access_log: bool = False, log_level: str = "info") -> uvicorn.Server:
+    """A uvicorn.Server for the app; `.run()` it (or `.run(sockets=[...])` on a bound socket).
+    Connections have header and body deadlines (petal.serve.connections); the app itself
+    limits the requests in progress (config.limits.max_concurrency)."""
     import uvicorn
 
     from petal.serve.app import create_app
+    from petal.serve.connections import timed_protocol
 
+    limits = config.limits
     uv = uvicorn.Config(
         create_app(config), host=host, port=port, log_level=log_level, access_log=access_log,
-        limit_concurrency=max_concurrency,  # beyond this, 503 at once instead of unbounded queues
-        timeout_graceful_shutdown=int(config.limits.timeout_s) + 5,  # in-flight requests finish
+        http=timed_protocol(limits.header_timeout_s, limits.body_timeout_s),
+        timeout_graceful_shutdown=int(limits.timeout_s) + 5,  # in-flight requests finish
         timeout_keep_alive=15, server_header=False,
     )
     return uvicorn.Server(uv)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -22,10 +23,12 @@ import numpy as np
 
 from petal.bundle import Model
 from petal.errors import ImageError, PetalError
+from petal.images import header_pixels
 from petal.predictions import Prediction, Scores
 from petal.serve import protocol
 from petal.serve.batcher import Batcher
 from petal.serve.config import ServeConfig
+from petal.serve.limits import REQUEST_DEADLINE
 from petal.serve.v2 import ImagesInput
 
 if TYPE_CHECKING:
@@ -37,6 +40,22 @@ INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this are parsed on the event loo
 
 class ModelNotFound(PetalError):
     pass
+
+
+def instance_datas(instances: list) -> list[bytes | str]:
+    """Row-format instances -> each one's encoded image bytes, or why it has none."""
+    out: list[bytes | str] = []
+    for inst in instances:
+        try:
+            out.append(protocol.instance_bytes(inst))
+        except protocol.InstanceError as e:
+            out.append(str(e))
+    return out
+
+
+def request_pixels(datas: list[bytes | str]) -> int:
+    """All pixels a request's images would decode to, from their headers."""
+    return sum(header_pixels(d) for d in datas if isinstance(d, bytes))
 
 
 @dataclass
@@ -114,9 +133,9 @@ class Service:
                                                    self.limits.max_images)
         del body
         keys = [protocol.instance_key(inst) for inst in instances]
-        pixels = await asyncio.gather(*(loop.run_in_executor(self.pool, self._decode_instance, inst, served)
-                                        for inst in instances))
+        datas = await loop.run_in_executor(self.pool, instance_datas, instances)
         del instances
+        pixels = await self._decode_all(served, datas)
         results = await self._infer(served, pixels)
         return {"predictions": [protocol.error_row(k, r) if isinstance(r, str) else
                                 protocol.prediction_row(k, served.prediction("", r, 1, reject_unknown))
@@ -125,9 +144,7 @@ class Service:
     async def predict_files(self, served: ServedModel, files: list[tuple[str, bytes]],
                             top_k: int, reject_unknown: bool = True) -> list[dict]:
         """[(filename, encoded bytes)] -> [{"filename", "label", "score", "top"} or {"filename", "error"}]."""
-        loop = asyncio.get_running_loop()
-        pixels = await asyncio.gather(*(loop.run_in_executor(self.pool, self._decode_bytes, data, served)
-                                        for _, data in files))
+        pixels = await self._decode_all(served, [data for _, data in files])
         results = await self._infer(served, pixels)
         rows = []
         for (filename, _), r in zip(files, results, strict=True):
@@ -146,28 +163,37 @@ class Service:
                                             f"got {list(images.pixels.shape)}")
             pixels: list[np.ndarray | str] = list(images.pixels)
         else:
-            loop = asyncio.get_running_loop()
-            pixels = await asyncio.gather(*(loop.run_in_executor(self.pool, self._decode_bytes, data, served)
-                                            for data in images.files))
+            pixels = await self._decode_all(served, list(images.files))
         for i, p in enumerate(pixels):
             if isinstance(p, str):
                 raise protocol.RequestError(f"images[{i}]: {p}")
         results = await self._infer(served, pixels)
         return Scores.stack(results, len(served.model.labels))
 
-    def _decode_bytes(self, data: bytes, served: ServedModel) -> np.ndarray | str:
+    async def _decode_all(self, served: ServedModel, datas: list[bytes | str]) -> list[np.ndarray | str]:
+        """Encoded images (or the reason an instance has none) -> (S, S, 3) uint8 each, or the reason.
+        The request's pixels are counted from the headers first, and refused (413) past the
+        budget; a decode that would start after the request's deadline is skipped."""
+        loop = asyncio.get_running_loop()
+        total = await loop.run_in_executor(self.pool, request_pixels, datas)
+        if total > self.limits.max_request_pixels:
+            raise protocol.RequestError(f"request too large: its images hold {total:,} pixels, over the "
+                                        f"{self.limits.max_request_pixels:,} a request may; send fewer or "
+                                        "smaller images", status=413)
+        deadline = REQUEST_DEADLINE.get()
+        return list(await asyncio.gather(*(loop.run_in_executor(self.pool, self._decode, d, served, deadline)
+                                           for d in datas)))
+
+    def _decode(self, data: bytes | str, served: ServedModel, deadline: float | None) -> np.ndarray | str:
         """Encoded image -> (S, S, 3) uint8, or the reason it cannot be used."""
+        if isinstance(data, str):
+            return data
+        if deadline is not None and time.monotonic() > deadline:
+            return "not decoded: the request's time ran out"  # its answer is a 503 already
         try:
             return served.model.pixels_from_bytes(data, self.limits.max_pixels)
         except ImageError as e:
             return str(e)
-
-    def _decode_instance(self, instance: object, served: ServedModel) -> np.ndarray | str:
-        try:
-            data = protocol.instance_bytes(instance)
-        except protocol.InstanceError as e:
-            return str(e)
-        return self._decode_bytes(data, served)
 
     async def _infer(self, served: ServedModel, pixels: list[np.ndarray | str]) -> list[Scores | str]:
         """Decoded images (or error strings) -> each image's Scores (or the same error strings)."""
