@@ -95,15 +95,14 @@ browser_only = pytest.mark.skipif(not chromium_path(), reason="no Chromium brows
 @pytest.fixture(scope="module")
 def browser():
     pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install playwright)")
-    from petal.webpage.browser import chromium
+    from petal.webpage.browser import FAKE_CAMERA, chromium
 
-    with chromium() as b:
+    with chromium(FAKE_CAMERA) as b:
         yield b
 
 
 @browser_only
-@pytest.mark.parametrize("seed", [0, 1])
-def test_browser_preprocessing_is_load_pixels_exactly(browser, tmp_path, seed):
+def test_browser_preprocessing_is_load_pixels_exactly(browser, tmp_path):
     """preprocess.js in Chromium gives load_pixels' very pixels: decode (PNG; EXIF rotation;
     transparency on white), crop and Pillow's resize, for contracts other than the default."""
     from importlib import resources
@@ -111,11 +110,11 @@ def test_browser_preprocessing_is_load_pixels_exactly(browser, tmp_path, seed):
     from petal.images import load_pixels
     from petal.preprocess import Preprocess
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(0)
     page = browser.new_page()
     page.add_script_tag(content=resources.files("petal.webpage").joinpath("page/preprocess.js").read_text())
     cases = [(Preprocess(224, 0.875), (500, 333), "RGB"), (Preprocess(240, 0.882, "bilinear"), (97, 130), "RGB"),
-             (Preprocess(64, 1.0), (1000, 640), "RGBA"), (Preprocess(260, 0.9), (321, 321), "RGB")]
+             (Preprocess(64, 1.0), (700, 450), "RGBA"), (Preprocess(260, 0.9), (321, 321), "RGB")]
     for i, (pre, size, mode) in enumerate(cases):
         smooth = Image.fromarray(rng.integers(0, 256, (8, 8, len(mode)), np.uint8), mode).resize(size)
         noisy = np.asarray(smooth).astype(int) + rng.integers(-40, 40, (size[1], size[0], len(mode)))
@@ -127,10 +126,11 @@ def test_browser_preprocessing_is_load_pixels_exactly(browser, tmp_path, seed):
         data = path.read_bytes()
         got = page.evaluate("""async ([b64, pre]) => {
             const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
-            return Array.from(await PetalPreprocess.fromBlob(new Blob([bytes], {type: 'image/png'}), pre));
+            const px = await PetalPreprocess.fromBlob(new Blob([bytes], {type: 'image/png'}), pre);
+            return btoa(Array.from(px, b => String.fromCharCode(b)).join(''));
         }""", [base64.b64encode(data).decode(), pre.to_dict()])
         want = load_pixels(data, pre)
-        assert np.array_equal(np.array(got, np.uint8).reshape(want.shape), want), (pre, size, mode)
+        assert np.array_equal(np.frombuffer(base64.b64decode(got), np.uint8).reshape(want.shape), want), (pre, mode)
     page.close()
 
 
@@ -152,9 +152,8 @@ def test_exported_page_answers_as_the_python_predictor(browser, tmp_path, traine
     bad.write_text("not an image")
     want = Model(trained_run.model_dir).predict([str(p) for p in images])
     with serve_folder(tmp_path / "site") as url:
-        page = open_page(browser, url)
         requested, problems = [], []
-        page.on("request", lambda r: requested.append(r.url))
+        page = open_page(browser, url, requests=requested)
         page.on("pageerror", lambda e: problems.append(str(e)))
         got = classify(page, [*images, bad])
         assert [g["name"] for g in got] == [Path(p).name for p in images] + ["notes.txt"]
@@ -162,6 +161,23 @@ def test_exported_page_answers_as_the_python_predictor(browser, tmp_path, traine
         assert any(p.unknown for p in want) and not all(p.unknown for p in want)  # both kinds were shown
         assert got[-1]["error"] == "not an image this browser can decode" and got[-1]["label"] is None
         assert page.eval_on_selector_all("#results .unknown", "els => els.length") == sum(p.unknown for p in want)
+
+        # the camera (Chromium's fake one here): a frame is classified like a chosen file
+        page.click("#camera")
+        page.wait_for_function("document.getElementById('video').videoWidth > 0", timeout=30_000)
+        page.click("#snap")
+        frame = classify(page, [], until=len(got) + 1)[0]
+        assert frame["name"].startswith("camera ") and frame["error"] is None
+        assert frame["label"] in Model(trained_run.model_dir).labels
+
+        assert url + "ort/ort-wasm-simd-threaded.wasm" in requested  # the vendored runtime, from this server
         assert all(u.startswith((url, "blob:")) for u in requested), requested
         assert problems == []
         page.close()
+
+    # opened as a file, it says how to serve it instead of failing silently
+    page = browser.new_page()
+    page.goto((tmp_path / "site" / "index.html").as_uri())
+    page.wait_for_selector("#status.bad")
+    assert "python3 -m http.server" in page.inner_text("#status")
+    page.close()
