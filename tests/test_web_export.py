@@ -36,7 +36,7 @@ def test_export_writes_page_bundle_and_runtime(tmp_path, trained_run, fake_ort):
     out = tmp_path / "site"
     page = export_web(trained_run.run_dir, out, ort_dir=fake_ort)  # a run folder: its RUN/model
     names = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
-    assert names == ["app.js", "index.html", "labels.txt", "model.onnx", "ort/NOTICE.txt",
+    assert names == ["app.js", "cards.css", "cards.js", "index.html", "labels.txt", "model.onnx", "ort/NOTICE.txt",
                      *sorted(f"ort/{f}" for f in ORT_FILES), "petal.json", "preprocess.js"]
     model = trained_run.model_dir
     assert (out / "model.onnx").read_bytes() == (model / "model.onnx").read_bytes()
@@ -160,7 +160,9 @@ def test_exported_page_answers_as_the_python_predictor(browser, tmp_path, traine
         assert [(g["label"], g["unknown"]) for g in got[:-1]] == [(p.label, p.unknown) for p in want]
         assert any(p.unknown for p in want) and not all(p.unknown for p in want)  # both kinds were shown
         assert got[-1]["error"] == "not an image this browser can decode" and got[-1]["label"] is None
-        assert page.eval_on_selector_all("#results .unknown", "els => els.length") == sum(p.unknown for p in want)
+        notes = page.eval_on_selector_all("#results .unknown", "els => els.map(e => e.textContent)")
+        assert len(notes) == sum(p.unknown for p in want)
+        assert all(n.startswith("not one of: " + ", ".join(Model(trained_run.model_dir).labels)) for n in notes)
 
         # the camera (Chromium's fake one here): a frame is classified like a chosen file
         page.click("#camera")

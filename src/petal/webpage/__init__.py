@@ -1,7 +1,8 @@
 """`petal export RUN --web DIR`: a static page that classifies photos in the browser.
 
     DIR/
-      index.html, app.js, preprocess.js   the page (this package's page/ folder)
+      index.html, app.js, preprocess.js   the page (this package's page/ folder; cards.js and
+      cards.js, cards.css                 cards.css are shared with petal serve's page)
       model.onnx, petal.json, labels.txt  the bundle, copied as exported
       ort/                                onnxruntime-web's WebAssembly build (ort.wasm.min.js,
                                           ort-wasm-simd-threaded.mjs and .wasm) and NOTICE.txt
@@ -31,7 +32,7 @@ from petal.storage import atomic_dir, check_output, user_cache_dir
 ORT_WEB_VERSION = "1.30.0"  # the onnxruntime-web release the page is tested with
 ORT_ENV = "PETAL_ORT_WEB"
 ORT_FILES = ("ort.wasm.min.js", "ort-wasm-simd-threaded.mjs", "ort-wasm-simd-threaded.wasm")
-PAGE_FILES = ("index.html", "app.js", "preprocess.js")
+PAGE_FILES = ("index.html", "app.js", "preprocess.js", "cards.js", "cards.css")  # cards.*: shared with serve
 BUNDLE_FILES = ("model.onnx", "petal.json", "labels.txt")
 
 
