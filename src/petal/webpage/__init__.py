@@ -1,8 +1,8 @@
 """`petal export RUN --web DIR`: a static page that classifies photos in the browser.
 
     DIR/
-      index.html, app.js, preprocess.js   the page (this package's page/ folder; cards.js and
-      cards.js, cards.css                 cards.css are shared with petal serve's page)
+      index.html, app.js, preprocess.js   the page (this package's page/ folder)
+      cards.js, cards.css                 its parts shared with petal serve's page
       model.onnx, petal.json, labels.txt  the bundle, copied as exported
       ort/                                onnxruntime-web's WebAssembly build (ort.wasm.min.js,
                                           ort-wasm-simd-threaded.mjs and .wasm) and NOTICE.txt
