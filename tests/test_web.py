@@ -18,22 +18,17 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 from petal.bundle import Model  # noqa: E402
 from petal.serve.config import ServeConfig  # noqa: E402
+from petal.webpage.browser import chromium, chromium_path  # noqa: E402
 from serve_helpers import running  # noqa: E402
 
-CHROMIUM = os.environ.get("PETAL_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-
-pytestmark = pytest.mark.skipif(not CHROMIUM, reason="no Chromium browser found (apt-get install chromium, "
+pytestmark = pytest.mark.skipif(not chromium_path(), reason="no Chromium browser found (apt-get install chromium, "
                                 "or set PETAL_CHROMIUM)")
 
 
 @pytest.fixture(scope="module")
 def browser():
-    with sync_api.sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+    with chromium() as b:
         yield b
-        b.close()
 
 
 def cards(page) -> list[dict]:

@@ -546,10 +546,21 @@ def evaluate(
 
 @app.command(cls=Command)
 def export(
-    run: Annotated[Path, typer.Argument(help="A run folder written by `petal train`.")],
+    run: Annotated[Path, typer.Argument(help="A run folder written by `petal train` (with --web: or a bundle).")],
     cache: Cache = None,
+    web: Annotated[Optional[Path], typer.Option(help=(
+        "Instead, write a static web page that classifies photos in the browser (onnxruntime-web) "
+        "with the run's exported model, to this folder (docs/web.md)."))] = None,
+    ort_dir: Annotated[Optional[Path], typer.Option(help=(
+        "With --web: the onnxruntime-web npm package (or its dist folder) to vendor into the page; "
+        "default: $PETAL_ORT_WEB, else where the error message says to npm install it."))] = None,
 ) -> None:
-    """(Re-)export RUN/model from a run folder, with the parity check."""
+    """(Re-)export RUN/model from a run folder, with the parity check; or, with --web, a web page."""
+    if web is not None:
+        from petal.webpage import export_web
+
+        out.print(export_web(run, web, ort_dir).summary(), markup=False)
+        return
     from petal.workflow import export_run
 
     out.print(f"model: {export_run(run, cache)}")

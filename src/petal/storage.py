@@ -282,10 +282,15 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
+def user_cache_dir() -> Path:
+    """petal's folder in the user's cache dir, e.g. ~/.cache/petal."""
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("petal"))
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("PETAL_CACHE_DIR")
     if env:
         return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_cache_dir("petal"))
+    return user_cache_dir()

@@ -112,10 +112,20 @@ def operations(service: Service, metrics: Metrics, auth: list) -> APIRouter:
     """The page, health, readiness and Prometheus metrics."""
     router = APIRouter()
     page = resources.files("petal.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+    shared = resources.files("petal.webpage").joinpath("page")  # the cards, shared with `export --web`
+    css, js = (shared.joinpath(f"cards.{ext}").read_text(encoding="utf-8") for ext in ("css", "js"))
 
     @router.get("/", include_in_schema=False)
     async def index() -> HTMLResponse:
         return HTMLResponse(page)
+
+    @router.get("/cards.css", include_in_schema=False)
+    async def cards_css() -> Response:
+        return Response(css, media_type="text/css")
+
+    @router.get("/cards.js", include_in_schema=False)
+    async def cards_js() -> Response:
+        return Response(js, media_type="text/javascript")
 
     @router.get("/healthz", summary="Liveness: the process answers")
     async def healthz() -> dict:
