@@ -194,6 +194,9 @@ def test_help_names_values_plainly_and_describes_every_option():
         assert all(p.help for p in command.params), f"petal {name}: an option without a description"
         text = petal(name, "--help").stdout
         assert not re.search(r"<\w|\{\w", text), f"petal {name} --help shows a Python placeholder:\n{text}"
+    text = petal("--help").stdout
+    assert not re.search(r"<\w|\{\w", text) and "--debug" in text, text
+    assert "a folder of labeled images in,\n" not in text  # the command list: one whole sentence each
     text = " ".join(petal("predict", "--help").stdout.split())
     assert "predict [OPTIONS] [MODEL] [INPUTS]..." in text and "--top-k INT" in text
     assert re.search(r"--overwrite\s+Replace", " ".join(petal("train", "--help").stdout.split()))  # a flag: no type
@@ -210,7 +213,10 @@ def test_predict_rows_for_scripts(model_dir, dataset, tmp_path):
     assert [r["uri"] for r in rows] == uris and "━" not in piped.stdout and "│" not in piped.stdout
     lines = petal("predict", model_dir, *uris, "--output", "-", "--format", "jsonl").stdout.splitlines()
     as_json = [json.loads(line) for line in lines]
-    assert [json.loads(r["top"]) for r in rows] == [d["top"] for d in as_json]  # one top structure
+    for r, d in zip(rows, as_json, strict=True):  # one top structure: [{label, score}], best first
+        top = json.loads(r["top"])
+        assert [t["label"] for t in top] == [t["label"] for t in d["top"]]
+        assert [t["score"] for t in top] == pytest.approx([t["score"] for t in d["top"]], abs=1e-6)
     assert set(as_json[0]["top"][0]) == {"label", "score"}
     petal("predict", model_dir, *uris, "--output", tmp_path / "p.out", "--format", "csv")
     assert (tmp_path / "p.out").read_text().splitlines()[0].startswith("uri,label,score,top")
@@ -246,3 +252,34 @@ def test_encode_request_warns_and_splits(tmp_path, dataset):
     assert sizes == [30, 30, 10] and "warning" not in r.stderr and not (tmp_path / "req.json").exists()
     lines = petal("encode-request", *many, "--max-per-request", "64").stdout.splitlines()
     assert [len(json.loads(line)["instances"]) for line in lines] == [64, 6]
+
+
+def test_errors_name_options_and_outputs_are_proved_before_the_data_scan(tmp_path, dataset):
+    r = petal("train", dataset, "--out", tmp_path / "r", "--eval-percent", "150", check=False)
+    assert r.returncode == 2 and "error: --eval-percent: expected a number in [0, 100)" in r.stderr
+    r = petal("train", tmp_path / "nowhere", "--out", tmp_path / "r", check=False)
+    assert "error: DATA: no such folder or CSV file" in r.stderr
+    r = petal("train", dataset, "--out", tmp_path / "r", "--class-weight", "foo", check=False)
+    assert "'foo' is not one of 'balanced'" in r.stderr and "Value error" not in r.stderr
+    r = petal("train", dataset, "--out", "/proc/petal-run", check=False)  # root may, /proc refuses
+    assert r.returncode == 2 and "--out: cannot create /proc/petal-run" in r.stderr and r.stdout == ""
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "todo.txt").write_text("mine")
+    r = petal("train", dataset, "--out", notes, check=False)
+    assert r.returncode == 2 and "holds files of its own (todo.txt) and no petal run" in r.stderr
+    assert sorted(p.name for p in notes.iterdir()) == ["todo.txt"]
+
+
+def test_predict_prints_nothing_when_no_image_is_read(model_dir, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    r = petal("predict", model_dir, bad, check=False)
+    assert r.returncode == 2 and r.stdout == "" and "no image could be read" in r.stderr
+
+
+def test_class_lists_in_warnings_say_how_many_more():
+    from petal.cli import names
+
+    assert names(["a", "b"]) == "a, b"
+    assert names([f"c{i}" for i in range(8)]) == "c0, c1, c2, c3, c4 and 3 more"

@@ -184,6 +184,18 @@ def test_csv_columns_named_by_the_user(tmp_path):
         load_dataset(tmp_path, columns=Columns(uri="picture"))
 
 
+def test_a_header_with_unknown_names_is_not_read_as_data(tmp_path):
+    for n in ("a.jpg", "b.jpg", "c.jpg"):
+        touch(tmp_path / n)
+    (tmp_path / "d.csv").write_text("picture_loc,flower_kind\na.jpg,cat\nb.jpg,dog\nc.jpg,cat\n")
+    with pytest.raises(DataError, match=r"first row \['picture_loc', 'flower_kind'\] looks like a header.*"
+                                        r"--uri-column and --label-column"):
+        load_dataset(tmp_path / "d.csv")
+    (tmp_path / "e.csv").write_text("path,species\na.jpg,cat\n")
+    with pytest.raises(DataError, match="has no label column.*or give --uri-column and --label-column"):
+        load_dataset(tmp_path / "e.csv")
+
+
 def test_swapped_columns_are_refused_not_trained_on(tmp_path):
     for n in ("a.jpg", "b.jpg"):
         touch(tmp_path / n)

@@ -27,12 +27,12 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
-from typer.core import TyperArgument, TyperCommand
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 try:
-    from typer._click.exceptions import NoSuchOption  # typer >= 0.29 carries its own click
+    from typer._click.exceptions import BadParameter, NoSuchOption  # typer >= 0.29 carries its own click
 except ImportError:  # pragma: no cover - older typer uses click itself
-    from click.exceptions import NoSuchOption
+    from click.exceptions import BadParameter, NoSuchOption
 
 from petal.backbones import DEFAULT_BACKBONE
 from petal.data import Columns
@@ -43,10 +43,78 @@ from petal.progress import Reporter, rate
 from petal.storage import atomic_write_csv, check_output
 from petal.unknown import DEFAULT_KEEP
 
+# What help shows for a value, by typer's type label: plain words, not Python types.
+METAVARS = {"<str>": "TEXT", "<int>": "INT", "<int range>": "INT", "<float>": "NUMBER",
+            "<float range>": "NUMBER", "<path>": "PATH", "<list[str]>": "TEXT"}
+
+
+def plain_metavars(command: click.Command) -> None:
+    """Help that names values as a user would (DATA, PATH, INT), and none for a flag."""
+    for p in command.params:
+        if p.metavar is not None:
+            continue
+        if isinstance(p, TyperArgument):
+            p.metavar = p.name.upper()
+            p.display_type_rich = lambda ctx: None  # its name already says what it is
+        elif p.is_flag:
+            p.metavar = ""  # --overwrite takes no value: no type to show
+        else:
+            shown = p.display_type(click.Context(command))
+            p.metavar = METAVARS.get(shown.split(" [")[0], shown.strip("<>"))
+
+
+class PlainHelp:
+    """Mixed into petal's command and group classes: plain value names, --help without a type."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        plain_metavars(self)
+
+    def get_help_option(self, ctx: click.Context):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class PetalGroup(PlainHelp, TyperGroup):
+    """The `petal` group: `petal --help` shows no Python types either."""
+
+
+class Command(PlainHelp, TyperCommand):
+    """A petal command. Given an option it lacks that another command has, it says so
+    by name, instead of only "No such option" (e.g. `petal train --unfreeze 3`)."""
+
+    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
+        """`[OPTIONS] DATA [INPUTS]...`: optional arguments in brackets, required ones bare."""
+        pieces = [self.options_metavar]
+        for p in self.get_params(ctx):
+            if isinstance(p, TyperArgument):
+                name = p.metavar if p.required else f"[{p.metavar}]"
+                pieces.append(name + ("..." if p.nargs != 1 else ""))
+        return pieces
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        try:
+            return super().parse_args(ctx, args)
+        except BadParameter as e:  # typer words a bad choice as pydantic does
+            e.message = e.message.removeprefix("Value error, ")
+            raise
+        except NoSuchOption as e:
+            group = ctx.parent.command if ctx.parent else None
+            homes = [name for name, cmd in sorted(getattr(group, "commands", {}).items())
+                     if name != self.name and any(e.option_name in p.opts for p in cmd.params)]
+            if homes:
+                e.message = (f"{e.option_name} is an option of `petal {homes[0]}`, "
+                             f"not of `petal {self.name}`")
+                e.possibilities = None
+            raise
+
+
 HEAD = HeadClassifier()  # the defaults of the head options
 FTC = FinetuneConfig()  # the defaults of the fine-tuning options
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(cls=PetalGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train your own image classifier by transfer learning, offline, fast on a CPU.")
 out = Console()
 err = Console(stderr=True, soft_wrap=True)  # messages hold paths: never wrap them
@@ -136,11 +204,18 @@ def print_metrics(metrics: dict) -> None:
     if "num_train" in metrics:
         parts.append(f"train images {metrics['num_train']}")
     out.print("   ".join(parts))
-    small = [c for c, m in metrics["per_class"].items() if m["support"] < 5]
-    if metrics["num_eval"] < 30 or small:
+    none = [c for c, m in metrics["per_class"].items() if m["support"] == 0]
+    few = [c for c, m in metrics["per_class"].items() if 0 < m["support"] < 5]
+    if metrics["num_eval"] < 30 or none or few:
         err.print(f"warning: the eval split is small ({metrics['num_eval']} images"
-                  + (f"; fewer than 5 of {', '.join(small[:5])}" if small else "")
+                  + (f"; none of {names(none)}" if none else "") + (f"; fewer than 5 of {names(few)}" if few else "")
                   + "): these figures are rough", style="yellow", markup=False)
+
+
+def names(classes: list[str], shown: int = 5) -> str:
+    """Up to `shown` class names, then how many more."""
+    more = f" and {len(classes) - shown} more" if len(classes) > shown else ""
+    return ", ".join(classes[:shown]) + more
 
 
 def print_trust(metrics: dict) -> None:
@@ -190,61 +265,8 @@ def print_failures(failed: list[tuple[str, str]], limit: int = 20) -> None:
         err.print(f"... and {len(failed) - limit} more", style="yellow")
 
 
-# What help shows for a value, by typer's type label: plain words, not Python types.
-METAVARS = {"<str>": "TEXT", "<int>": "INT", "<int range>": "INT", "<float>": "NUMBER",
-            "<float range>": "NUMBER", "<path>": "PATH", "<list[str]>": "TEXT"}
-
-
-class Command(TyperCommand):
-    """A petal command. Given an option it lacks that another command has, it says so
-    by name, instead of only "No such option" (e.g. `petal train --unfreeze 3`).
-    Its help names values as a user would (DATA, PATH, INT), and shows none for a flag."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        for p in self.params:
-            if p.metavar is not None:
-                continue
-            if isinstance(p, TyperArgument):
-                p.metavar = p.name.upper()
-                p.display_type_rich = lambda ctx: None  # its name already says what it is
-            elif p.is_flag:
-                p.metavar = ""  # --overwrite takes no value: no type to show
-            else:
-                shown = p.display_type(click.Context(self))
-                p.metavar = METAVARS.get(shown.split(" [")[0], shown.strip("<>"))
-
-    def get_help_option(self, ctx: click.Context):
-        option = super().get_help_option(ctx)
-        if option is not None:
-            option.metavar = ""
-        return option
-
-    def collect_usage_pieces(self, ctx: click.Context) -> list[str]:
-        """`[OPTIONS] DATA [INPUTS]...`: optional arguments in brackets, required ones bare."""
-        pieces = [self.options_metavar]
-        for p in self.get_params(ctx):
-            if isinstance(p, TyperArgument):
-                name = p.metavar if p.required else f"[{p.metavar}]"
-                pieces.append(name + ("..." if p.nargs != 1 else ""))
-        return pieces
-
-    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
-        try:
-            return super().parse_args(ctx, args)
-        except NoSuchOption as e:
-            group = ctx.parent.command if ctx.parent else None
-            homes = [name for name, cmd in sorted(getattr(group, "commands", {}).items())
-                     if name != self.name and any(e.option_name in p.opts for p in cmd.params)]
-            if homes:
-                e.message = (f"{e.option_name} is an option of `petal {homes[0]}`, "
-                             f"not of `petal {self.name}`")
-                e.possibilities = None
-            raise
-
-
 # Options that `train` and `finetune` share: the data, the split, the cache, the run folder.
-Data = Annotated[str, typer.Argument(help="Folder of class folders, or CSV of uri,label rows.")]
+Data = Annotated[str, typer.Argument(help="Folder of class folders, or a CSV with image and label columns.")]
 RunOut = Annotated[Path, typer.Option("--out", help="Run folder to write.")]
 LabelsFile = Annotated[Optional[Path], typer.Option("--labels", help="dict.txt: one label per line, in id order.")]
 UriColumn = Annotated[Optional[str], typer.Option(help=(
@@ -301,7 +323,8 @@ FinetuneOverwrite = Annotated[bool, typer.Option("--overwrite", help=(
     "Start afresh in an --out that holds a finished run or a checkpoint."))]
 
 
-@app.command(cls=Command)
+@app.command(cls=Command, short_help=(
+    'Embed, train a head, calibrate, evaluate and export a model that says "unknown" when unsure.'))
 def train(
     data: Data,
     out_dir: RunOut,
@@ -351,14 +374,11 @@ def train(
     if r.metrics.get("accuracy") is not None:
         print_metrics(r.metrics)
         print_trust(r.metrics)
-    out.print(f"report: {r.run_dir / 'report.html'}")
-    if r.model_dir:
-        out.print(f"model: {r.model_dir}")
-        out.print(f"next: petal predict {r.model_dir} IMAGE...   petal evaluate {r.model_dir} DATA   "
-                  f"petal serve {r.model_dir}", markup=False, highlight=False)
+    print_run_end(r.run_dir, r.model_dir)
 
 
-@app.command(cls=Command)
+@app.command(cls=Command, short_help=(
+    "Fine-tune the top backbone blocks and a new classifier: slower than train, usually more accurate."))
 def finetune(
     data: Data,
     out_dir: RunOut,
@@ -426,10 +446,22 @@ def finetune(
 
 def print_finetune_result(r) -> None:
     if r.metrics.get("accuracy") is not None:
-        print_metrics(r.metrics)
+        best = next((h for h in r.history if h.get("epoch") == r.best_epoch), {})
+        # the best epoch's accuracy on the (augmented) training batches, beside eval's
+        print_metrics({**r.metrics, "train_accuracy": best.get("train_accuracy")})
         print_trust(r.metrics)
-    out.print(f"epochs {r.epochs_done}, best {r.best_epoch}, {r.seconds:.0f}s"
-              + (f"; model: {r.model_dir}" if r.model_dir else ""))
+    out.print(f"epochs {r.epochs_done}, best {r.best_epoch}, {r.seconds:.0f}s")
+    print_run_end(r.run_dir, r.model_dir)
+
+
+def print_run_end(run_dir: Path, model_dir: Path | None) -> None:
+    """The end of `petal train` and `petal finetune`: the report, the model, the next commands."""
+    if (run_dir / "report.html").exists():
+        out.print(f"report: {run_dir / 'report.html'}", markup=False, highlight=False)
+    if model_dir:
+        out.print(f"model: {model_dir}", markup=False, highlight=False)
+        out.print(f"next: petal predict {model_dir} IMAGE...   petal evaluate {model_dir} DATA   "
+                  f"petal serve {model_dir}", markup=False, highlight=False)
 
 
 RUNNER_HELP = "'local', or 'beam' to run as an Apache Beam pipeline; extra --options go to Beam."
@@ -446,7 +478,7 @@ def check_runner(runner: str, extra: list[str]) -> None:
 @app.command(cls=Command, context_settings=BEAM_ARGS)
 def embed(
     ctx: typer.Context,
-    data: Annotated[str, typer.Argument(help="Folder of class folders, or CSV of uri,label rows.")],
+    data: Annotated[str, typer.Argument(help="Folder of class folders, or a CSV with image and label columns.")],
     labels: Annotated[Optional[Path], typer.Option(help="dict.txt for a CSV.")] = None,
     uri_column: UriColumn = None,
     label_column: LabelColumn = None,
@@ -485,7 +517,8 @@ def embed(
                   f"in {summary['seconds']:.1f}s ({summary['images_per_second']} images/s); cache {summary['cache']}")
 
 
-@app.command(cls=Command)
+@app.command(cls=Command, short_help=(
+    "Find likely label errors, duplicates, train/eval leakage, outliers and class imbalance."))
 def audit(
     data: Data,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the findings.")] = Path("petal-audit"),
@@ -574,7 +607,8 @@ class RowFormat(str, Enum):
 PROGRESS_FROM = 64  # inputs from which `petal predict` shows a progress bar
 
 
-@app.command(cls=Command, context_settings=BEAM_ARGS)
+@app.command(cls=Command, context_settings=BEAM_ARGS, short_help=(
+    "Predict labels for images with an exported model (or a served one, with --url)."))
 def predict(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help=(
@@ -708,6 +742,7 @@ def demo(
 ) -> None:
     """Make a small synthetic labeled image set and run the whole flow on it."""
     from petal.bundle import load
+    from petal.run import Run
     from petal.synthetic import make_dataset
     from petal.workflow import train as run_train
 
@@ -715,9 +750,9 @@ def demo(
     out.print(f"[bold]1. synthetic data[/] in {data}")
     r = run_train(data, out_dir / "run", cache_dir=cache, eval_percent=25.0, overwrite=True, reporter=RichReporter())
     print_metrics(r.metrics)
-    out.print("[bold]2. predictions from the exported bundle")
+    out.print("[bold]2. predictions from the exported bundle, on eval images it was not trained on")
     m = load(out_dir / "run" / "model")
-    samples = sorted(str(p) for p in data.glob("*/*_00[0-1].*"))
+    samples = [row["uri"] for row in Run.open(r.run_dir).split_rows() if row["split"] == "eval"][:6]
     for p in m.predict(samples, top_k=2):
         out.print(f"  {p.uri}: {p.label} ({p.score:.3f})", markup=False)
     out.print(f"done: try `petal predict {out_dir / 'run' / 'model'} IMAGE`")
@@ -763,6 +798,21 @@ def finetune_alias(argv: list[str]) -> list[str]:
     return argv
 
 
+def cli_words(message: str) -> str:
+    """An error from the library names a parameter the Python way (`eval_percent: ...`);
+    on the command line it is the option (`--eval-percent: ...`) or the argument (`DATA: ...`)."""
+    name, sep, rest = message.partition(": ")
+    if not sep or not name.isidentifier():
+        return message
+    for command in typer.main.get_command(app).commands.values():
+        for p in command.params:
+            if isinstance(p, TyperArgument) and p.name == name:
+                return f"{name.upper()}: {rest}"
+            if f"--{name.replace('_', '-')}" in p.opts:
+                return f"--{name.replace('_', '-')}: {rest}"
+    return message
+
+
 def main() -> None:
     from petal.images import quiet_pillow_warnings
     quiet_pillow_warnings()  # here, not on import: petal owns this process
@@ -782,7 +832,7 @@ def main() -> None:
     except (PetalError, OSError) as e:
         if debug:
             raise
-        err.print(f"error: {e}", style="bold red", markup=False, highlight=False)
+        err.print(f"error: {cli_words(str(e))}", style="bold red", markup=False, highlight=False)
         sys.exit(2)
     except ModuleNotFoundError as e:  # the lean install: a training package imported after all
         top = (e.name or "").split(".")[0]

@@ -274,6 +274,7 @@ def _from_csv(uri: str, columns: Columns = Columns()) -> tuple[list[tuple[str, s
     duplicates: list[str] = []  # "line N repeats line M"
     reader = csv.reader(io.StringIO(text, newline=""))
     first, (ucol, lcol, scol) = True, (0, 1, None)  # without a header: uri, label (a split only by name)
+    first_row = None  # the first row, when it was read as data
     while True:
         lineno = reader.line_num + 1  # the physical line this row starts on (quoted fields may span lines)
         try:
@@ -291,27 +292,12 @@ def _from_csv(uri: str, columns: Columns = Columns()) -> tuple[list[tuple[str, s
             if found := header_columns(cells, uri, columns):
                 ucol, lcol, scol = found
                 continue  # header
-        if len(cells) <= max(ucol, lcol):
-            skipped.append((where, "row has no label column"))
+            first_row = cells
+        parsed = parse_row(cells, (ucol, lcol, scol), uri)
+        if isinstance(parsed, str):
+            skipped.append((where, parsed))
             continue
-        path, label = cells[ucol], cells[lcol]
-        split = cells[scol].lower() if scol is not None and len(cells) > scol and cells[scol] else None
-        if split is not None and split not in SPLIT_NAMES:
-            skipped.append((where, f"split {cells[scol]!r} is not one of {', '.join(SPLIT_NAMES)}"))
-            continue
-        if not path:
-            skipped.append((where, "empty uri"))
-            continue
-        if "\n" in path or "\r" in path:
-            skipped.append((where, "uri contains a line break (an unbalanced quote?)"))
-            continue
-        problem = label_problem(label)
-        if problem:
-            skipped.append((where, problem))
-            continue
-        if why := remote_row_problem(uri, path):
-            skipped.append((where, why))
-            continue
+        path, label, split = parsed
         full = _join(uri, path)
         if full in seen:
             first_label, first_line = seen[full]
@@ -328,7 +314,38 @@ def _from_csv(uri: str, columns: Columns = Columns()) -> tuple[list[tuple[str, s
         more = f" and {len(duplicates) - 3} more" if len(duplicates) > 3 else ""
         warnings.append(f"{uri}: {len(duplicates)} duplicate row(s) ignored: "
                         + ", ".join(duplicates[:3]) + more)
+    refuse_unnamed_header(uri, first_row, [u for u, _ in rows])
     return rows, skipped, warnings, given
+
+
+def parse_row(cells: list[str], columns: tuple[int, int, int | None], source: str) -> tuple[str, str, str | None] | str:
+    """A CSV row -> (uri as written, label, split or None), or why the row is skipped."""
+    ucol, lcol, scol = columns
+    if len(cells) <= max(ucol, lcol):
+        return "row has no label column"
+    path, label = cells[ucol], cells[lcol]
+    split = cells[scol].lower() if scol is not None and len(cells) > scol and cells[scol] else None
+    if split is not None and split not in SPLIT_NAMES:
+        return f"split {cells[scol]!r} is not one of {', '.join(SPLIT_NAMES)}"
+    if not path:
+        return "empty uri"
+    if "\n" in path or "\r" in path:
+        return "uri contains a line break (an unbalanced quote?)"
+    return label_problem(label) or remote_row_problem(source, path) or (path, label, split)
+
+
+def refuse_unnamed_header(source: str, first_row: list[str] | None, uris: list[str]) -> None:
+    """A first row read as data whose "path" names no image file while the other rows do is a
+    header with names petal does not know (e.g. picture_loc,flower_kind): say so, instead of
+    training a class named after a column."""
+    def image_name(u: str) -> bool:
+        return Path(u).suffix.lower() in IMAGE_EXTENSIONS
+
+    if first_row is None or not uris or image_name(first_row[0]) or sum(map(image_name, uris)) * 2 <= len(uris):
+        return
+    raise DataError(f"{source}: the first row {first_row} looks like a header, but names no image column "
+                    "(uri, path, filename, image, file) or no label column (label, class, category): rename "
+                    "them, or give --uri-column and --label-column")
 
 
 LABEL_WORDS = {"label", "class", "category", "labels", "class_name", "classname"}
@@ -355,7 +372,8 @@ def header_columns(cells: list[str], source: str, given: Columns = Columns()) ->
     if ucol is None or lcol is None:
         missing = "image column (uri, path, filename, image, file)" if ucol is None else \
             "label column (label, class, category)"
-        raise DataError(f"{source}: the header {cells} has no {missing}; name the columns in the header")
+        raise DataError(f"{source}: the header {cells} has no {missing}; name the columns in the header, "
+                        "or give --uri-column and --label-column")
     return ucol, lcol, names.index("split") if "split" in names else None
 
 

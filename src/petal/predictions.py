@@ -124,7 +124,7 @@ def scored_prediction(labels: Sequence[str], uri: str, s: Scores, top_k: int = 5
 def csv_row(p: Prediction) -> list[str]:
     """One prediction as the CSV row every writer (local or Beam) uses."""
     ood = "" if p.ood_score is None else f"{p.ood_score:.6f}"
-    top = json.dumps(p.top_rows())  # the same list as the JSON row's "top"
+    top = json.dumps([{**t, "score": round(t["score"], 6)} for t in p.top_rows()])  # JSON's "top", as `score`
     return [p.uri, p.answer, f"{p.score:.6f}", top, str(p.unknown).lower(), ood, p.label]
 
 
@@ -144,8 +144,6 @@ def write_rows(f: TextIO, preds: Iterable[Prediction], fmt: str) -> tuple[int, l
     """Predictions as CSV (with its header) or JSON lines to an open text file, as they come.
     Returns (rows written, [(uri, reason) failed]); failed images are not rows."""
     w = csv.writer(f) if fmt == "csv" else None
-    if w:
-        w.writerow(CSV_HEADER)
     n, failed = 0, []
     for p in preds:
         if p.error:
@@ -153,6 +151,8 @@ def write_rows(f: TextIO, preds: Iterable[Prediction], fmt: str) -> tuple[int, l
             continue
         n += 1
         if w:
+            if n == 1:
+                w.writerow(CSV_HEADER)  # with the first row: a run where nothing is read prints nothing
             w.writerow(csv_row(p))
         else:
             f.write(json.dumps(p.to_dict()) + "\n")

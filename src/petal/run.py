@@ -129,7 +129,18 @@ class Run:
         data_dir = Path(data).resolve()
         if data_dir.is_dir() and run.path.resolve().is_relative_to(data_dir):
             raise PetalError(f"out: {run.path} is inside the data folder {data}; its files would be read as data")
+        if others := run.foreign_files():
+            raise PetalError(f"out: {run.path} holds files of its own ({', '.join(others[:3])}) and no petal run; "
+                             "a run would mix its files with them: choose an empty or new folder")
         return run
+
+    def foreign_files(self) -> list[str]:
+        """The names in an existing --out folder when none of them is a run's file (e.g. your notes)."""
+        names = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
+        ours = {self.settings_path.name, self.split_path.name, self.errors_path.name, self.metrics_path.name,
+                self.model_dir.name, self.tensorboard_dir.name, self.pixels_dir.name, self.history_path.name,
+                self.checkpoints.name}
+        return [] if ours & set(names) else names
 
     def make(self, clear: bool = False) -> Run:
         """Create the folder; with `clear`, remove what an earlier run here derived."""

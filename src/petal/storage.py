@@ -178,6 +178,10 @@ def check_output(path: str | os.PathLike, option: str, *, folder: bool = False) 
         raise PetalError(f"{option}: cannot create {path}: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise PetalError(f"{option}: cannot create {path}: no permission to write in {ancestor}")
+    try:  # the one proof that works everywhere (root on a read-only or special filesystem: /proc)
+        tempfile.TemporaryDirectory(prefix=".petal-probe-", dir=ancestor).cleanup()
+    except OSError as e:
+        raise PetalError(f"{option}: cannot create {path}: {ancestor} refuses new files ({e.strerror or e})") from None
     return path
 
 
