@@ -179,3 +179,17 @@ def test_cli_names_its_options_and_version():
     for option in ("--epochs", "--lr", "--batch-size", "--dropout", "--seed"):
         after = re.sub(r"<[^>]*>|[│╭╮╰╯─]", " ", train.split(option + " ", 1)[1]).split("[default")[0]
         assert re.search(r"[A-Za-z]{3}", after), f"{option} has no description"
+
+
+def test_warm_embed_only_stats_files_and_rehash_reads_them(tmp_path, dataset, cache_dir):
+    import shutil
+    import time
+
+    data = shutil.copytree(dataset, tmp_path / "data")
+    past = time.time() - 60  # older than hashmemo.RACY_SECONDS, as photos are
+    for p in data.rglob("*.*"):
+        os.utime(p, (past, past))
+    runs = [json.loads(petal("embed", data, "--json", *extra).stdout.strip().splitlines()[-1])
+            for extra in ([], [], ["--rehash"])]
+    assert [r["read"] for r in runs] == [48, 0, 48]
+    assert runs[0]["embedded"] + runs[0]["cached"] == 48 and runs[1]["cached"] == runs[2]["cached"] == 48
