@@ -116,10 +116,7 @@ def train(
     feats = load_features(ds, result.keys, cache, reporter, feature_dtype)
     (tr, Xtr, ytr), (ev, Xev, yev) = feats.split(TRAIN), feats.split(EVAL)
     require_training_images(ds.classes, (e.label for e in tr))
-    with reporter.progress("auditing", 1) as advance:
-        write_audit(run.path, findings := audit_features(ds, feats))
-        advance(1)
-    reporter.message(findings.line() + f" (see {run.report_path})")
+    findings = audit_run(run, ds, feats, reporter)
     run.write_settings(RunSettings(
         kind=HEAD, data=absolute(data), eval_data=absolute(eval_data) if eval_data else None,
         labels_file=absolute(labels_file) if labels_file else None, eval_percent=eval_percent,
@@ -180,6 +177,15 @@ def test_metrics(run: Run, classes: list[str], feats: Features, head: HeadClassi
     m = compute_metrics(y, probs, classes)
     write_report(run.path / "test", m, classes, [e.uri for e in test], y, probs)
     return {"test": {k: m[k] for k in ("accuracy", "top5_accuracy", "num_eval", "macro_f1")}}
+
+
+def audit_run(run: Run, ds: Dataset, feats: Features, reporter: Reporter) -> Audit:
+    """The audit of a training run's data, written into the run and summed up in a line."""
+    with reporter.progress("auditing", 1) as advance:
+        write_audit(run.path, findings := audit_features(ds, feats))
+        advance(1)
+    reporter.message(findings.line() + f" (see {run.report_path})")
+    return findings
 
 
 def audit_features(ds: Dataset, feats: Features) -> Audit:
