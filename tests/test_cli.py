@@ -283,3 +283,17 @@ def test_class_lists_in_warnings_say_how_many_more():
 
     assert names(["a", "b"]) == "a, b"
     assert names([f"c{i}" for i in range(8)]) == "c0, c1, c2, c3, c4 and 3 more"
+
+
+def test_warm_embed_only_stats_files_and_rehash_reads_them(tmp_path, dataset, cache_dir):
+    import shutil
+    import time
+
+    data = shutil.copytree(dataset, tmp_path / "data")
+    past = time.time() - 60  # older than hashmemo.RACY_SECONDS, as photos are
+    for p in data.rglob("*.*"):
+        os.utime(p, (past, past))
+    runs = [json.loads(petal("embed", data, "--json", *extra).stdout.strip().splitlines()[-1])
+            for extra in ([], [], ["--rehash"])]
+    assert [r["read"] for r in runs] == [48, 0, 48]
+    assert runs[0]["embedded"] + runs[0]["cached"] == 48 and runs[1]["cached"] == runs[2]["cached"] == 48

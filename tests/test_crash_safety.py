@@ -99,7 +99,8 @@ def reference(corpus, cache_dir, tmp_path_factory) -> dict[str, np.ndarray]:
     uris = sorted(str(p) for p in corpus.rglob("*.png"))
     result, cache = embed(uris, CFG, own, batch_size=32)
     assert result.embedded == N_IMAGES and not result.failed
-    return dict(cache.load())
+    keys = list(cache.load())
+    return dict(zip(keys, cache.get(keys)))
 
 
 def wait_for_a_random_moment(p: subprocess.Popen, d: Path, rng: random.Random) -> int:

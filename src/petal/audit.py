@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from petal.storage import absolute, atomic_write_csv, atomic_write_text
-from petal.unknown import normalize
+from petal.unknown import capped_sample, normalize
 
 RIDGE_WEIGHT, RIDGE_LAMBDA, RIDGE_SCALE = 0.7, 1.0, 5.0
 KNN = 50  # neighbours whose labels vote
@@ -36,6 +36,7 @@ NEAR = 0.99  # cosine at or above which two different files count as near-duplic
 OUTLIER_K = 5
 IMBALANCE_RATIO = 3.0  # largest class / smallest class above this: advise class weighting
 BLOCK_BYTES = 256 << 20  # a similarity block (rows x N float32) stays under this
+AUDIT_CAP = 20_000  # more images: a stratified sample this big is audited (the kNN costs N^2)
 
 
 @dataclass
@@ -62,6 +63,7 @@ class Audit:
     duplicates: list[Duplicate]
     counts: dict[str, int]  # images per class
     advice: list[str] = field(default_factory=list)
+    sampled: int | None = None  # images audited, when a sample of them was (more than AUDIT_CAP)
 
     def summary(self) -> dict:
         d = self.duplicates
@@ -72,21 +74,30 @@ class Audit:
                 "near_duplicates": sum(x.kind == "near" for x in d),
                 "cross_class_duplicates": sum("classes" in x.crosses for x in d),
                 "train_eval_leaks": sum("/" in x.crosses for x in d),  # the same photo on both sides of a split
-                "advice": self.advice}
+                "sampled": self.sampled, "advice": self.advice}
 
     def line(self) -> str:
         s = self.summary()
-        return (f"audit: {s['label_suspects']} likely label errors, {s['outliers']} outliers, "
+        sample = f" (of a sample of {self.sampled} images)" if self.sampled else ""
+        return (f"audit{sample}: {s['label_suspects']} likely label errors, {s['outliers']} outliers, "
                 f"{s['exact_duplicates']} exact and {s['near_duplicates']} near duplicates "
                 f"({s['cross_class_duplicates']} across classes, {s['train_eval_leaks']} across train/eval)")
 
 
 def audit(X: np.ndarray, labels: list[str], classes: list[str], uris: list[str], splits: list[str],
-          keys: list[str]) -> Audit:
+          keys: list[str], cap: int = AUDIT_CAP) -> Audit:
     """Every check on N images: X (N, D) embeddings, and per image its label, URI, split and
-    content key (sha256 of its bytes)."""
+    content key (sha256 of its bytes). Past `cap` images, on a stratified sample of `cap`."""
+    ids = {c: i for i, c in enumerate(classes)}
+    y = np.array([ids[lab] for lab in labels], np.int64)
+    if len(y) > cap:
+        rows = capped_sample(y, cap)
+        labels_, uris_, splits_, keys_ = ([seq[i] for i in rows] for seq in (labels, uris, splits, keys))
+        a = audit(X[rows], labels_, classes, uris_, splits_, keys_, cap=cap)
+        counts = Counter(labels)
+        a.counts, a.advice, a.sampled = {c: counts[c] for c in classes}, imbalance_advice(counts), len(rows)
+        return a
     Xn = normalize(X)
-    y = np.array([classes.index(lab) for lab in labels])
     neighbours, sims = nearest(Xn, KNN)  # (N, KNN) ids and cosines, self excluded
     p = RIDGE_WEIGHT * ridge_oof(Xn, y, len(classes)) + (1 - RIDGE_WEIGHT) * knn_vote(y[neighbours], len(classes))
     suspects = label_suspects(p, y, classes, uris)

@@ -26,12 +26,13 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from petal.errors import CacheError
 from petal.params import env_int
 from petal.storage import atomic_path
 
@@ -79,27 +80,36 @@ def shard_name(tag: str = "") -> str:
 
 
 class EmbeddingCache:
+    """Reads go in two steps, so that memory follows the dataset, not the cache: `index()`
+    reads the key column of each shard (64 bytes a row, not D x 4), and `get(keys)` then
+    reads the embeddings of only the shards that hold a wanted key, into one (N, D) array.
+    Shards of other datasets cost their keys, never their vectors."""
+
     def __init__(self, root: Path, backbone: str, feature_dim: int) -> None:
         self.dir = Path(root) / "embeddings" / f"{backbone}-p{PREPROCESS_VERSION}"
         self.feature_dim = feature_dim
-        self._index: dict[str, np.ndarray] | None = None
-        self._seen: set[str] = set()  # names of the shards whose keys are in _stored
-        self._stored: set[str] = set()  # keys known to be on disk (any run's)
+        self._where: dict[str, int] = {}  # key -> shard number << 32 | row (any run's shards)
+        self._names: list[str] = []  # shard number -> file name
+        self._seen: set[str] = set()  # names of the shards whose keys are in _where
         self.problems: list[str] = []  # shards set aside as unreadable, with the reason
 
     def shards(self) -> list[Path]:
         return sorted(self.dir.glob("shard-*.parquet"))
 
     def _read_shard(self, shard: Path, columns: list[str] | None = None) -> pa.Table | None:
-        """The shard's table, or None if it is damaged (then it is set aside)."""
+        """The shard's table (those columns), or None if it is damaged (then it is set aside)."""
         import pyarrow.parquet as pq
 
         try:
             table = pq.read_table(shard, columns=columns)
-            if table.column("embedding" if columns is None else "key").null_count:
-                raise ValueError("null values")
-            if columns is None and table.schema != arrow_schema(self.feature_dim):
-                raise ValueError(f"expected schema {arrow_schema(self.feature_dim)}, got {table.schema}")
+            expected = arrow_schema(self.feature_dim)
+            for name in columns or expected.names:
+                if table.schema.field(name) != expected.field(name):
+                    raise ValueError(f"expected schema {expected}, got {table.schema}")
+                if table.column(name).null_count:
+                    raise ValueError("null values")
+            if columns is None and table.schema != expected:
+                raise ValueError(f"expected schema {expected}, got {table.schema}")
             return table
         except FileNotFoundError:
             return None  # set aside by another reader meanwhile
@@ -123,30 +133,56 @@ class EmbeddingCache:
         self.problems.append(msg)
         warnings.warn(msg, stacklevel=4)
 
-    def load(self) -> dict[str, np.ndarray]:
-        """key -> (D,) float32, from every shard on disk."""
+    def load(self) -> dict[str, int]:
+        """Clear a killed writer's old temp files, then `index()`."""
         self._remove_stale_temps()
-        index: dict[str, np.ndarray] = {}
-        seen = set()
-        for shard in self.shards():
-            table = self._read_shard(shard)
-            if table is None:
-                continue
-            keys, vecs = table_rows(table, self.feature_dim)
-            index.update(zip(keys, vecs))
-            seen.add(shard.name)
-        self._index, self._seen, self._stored = index, seen, set(index)
-        return index
+        return self.index()
 
-    def stored_keys(self) -> set[str]:
-        """Every key on disk: those loaded, plus the keys of shards other runs wrote since."""
+    def index(self) -> dict[str, int]:
+        """key -> where its row is, for every key on disk: the keys of shards not read yet
+        (other runs may have added some since the last call) are read, their key column only."""
         for shard in self.shards():
             if shard.name not in self._seen:
                 table = self._read_shard(shard, columns=["key"])
                 if table is not None:
-                    self._stored.update(table.column("key").to_pylist())
-                    self._seen.add(shard.name)
-        return self._stored
+                    self._add_shard(shard.name, table.column("key").to_pylist())
+        return self._where
+
+    stored_keys = index  # every key on disk, for a writer deciding what is new
+
+    def _add_shard(self, name: str, keys: list[str]) -> None:
+        n = len(self._names) << 32
+        self._names.append(name)
+        self._seen.add(name)
+        self._where.update(zip(keys, range(n, n + len(keys))))
+
+    def get(self, keys: list[str], dtype: np.dtype | type = np.float32,
+            on_rows: Callable[[int], None] = lambda n: None) -> np.ndarray:
+        """(N, D) embeddings of `keys` (all on disk), in their order, as `dtype`. Reads only
+        the shards that hold one of them; peak memory is the result plus one shard.
+        `on_rows(n)` after each shard's n rows."""
+        where = self.index()
+        try:
+            loc = np.fromiter((where[k] for k in keys), np.int64, len(keys))
+        except KeyError as e:
+            raise CacheError(f"embedding cache: no embedding for key {e} in {self.dir}") from None
+        out = np.empty((len(keys), self.feature_dim), dtype)
+        shard_no, row = loc >> 32, loc & 0xFFFFFFFF
+        order = np.argsort(shard_no, kind="stable")  # the wanted rows, shard by shard
+        for group in np.split(order, np.flatnonzero(np.diff(shard_no[order])) + 1):
+            if len(group):
+                out[group] = self._vectors(self._names[shard_no[group[0]]])[row[group]]
+                on_rows(len(group))
+        return out
+
+    def _vectors(self, name: str) -> np.ndarray:
+        """(rows, D) float32 of one indexed shard; CacheError if it went bad since it was indexed."""
+        table = self._read_shard(self.dir / name, columns=["embedding"])
+        if table is None:
+            raise CacheError(f"embedding cache: shard {self.dir / name} became unreadable during this run "
+                             "(set aside); run again to embed its images again")
+        flat = table.column("embedding").combine_chunks().values.to_numpy(zero_copy_only=False)
+        return flat.reshape(-1, self.feature_dim)
 
     @contextlib.contextmanager
     def lock(self) -> Iterator[None]:
@@ -164,11 +200,6 @@ class EmbeddingCache:
             with contextlib.suppress(OSError):
                 if tmp.stat().st_mtime < cutoff:
                     tmp.unlink()
-
-    def get(self, keys: list[str]) -> np.ndarray:
-        """(N, D) for keys all known to be in the cache."""
-        index = self._index if self._index is not None else self.load()
-        return np.stack([index[k] for k in keys]) if keys else np.zeros((0, self.feature_dim), np.float32)
 
     def writer(self, rows_per_shard: int | None = None, seconds_per_shard: float = 30.0,
                tag: str = "") -> ShardWriter:
@@ -191,8 +222,6 @@ class ShardWriter:
         vecs = np.asarray(vecs, dtype=np.float32)
         self.keys += keys
         self.vecs.append(vecs)
-        if self.cache._index is not None:  # visible to this run at once
-            self.cache._index.update(zip(keys, vecs))
         if len(self.keys) >= self.rows or time.monotonic() - self.last > self.seconds:
             self.flush()
 
@@ -219,8 +248,7 @@ class ShardWriter:
                 name = shard_name(self.tag)
                 with atomic_path(self.cache.dir / name) as tmp:
                     pq.write_table(table, tmp)
-                self.cache._seen.add(name)
-                stored |= new
+                self.cache._add_shard(name, table.column("key").to_pylist())
         self.keys, self.vecs = [], []
 
     def __enter__(self) -> ShardWriter:

@@ -40,7 +40,7 @@ from petal.errors import PetalError
 from petal.finetune.config import FinetuneConfig
 from petal.head import HeadClassifier
 from petal.progress import Reporter, rate
-from petal.storage import atomic_write_csv, check_output
+from petal.storage import absolute, atomic_write_csv, check_output
 from petal.unknown import DEFAULT_KEEP
 
 # What help shows for a value, by typer's type label: plain words, not Python types.
@@ -123,6 +123,9 @@ Cache = Annotated[Optional[Path], typer.Option("--cache", help="Embedding cache 
                                                "(default: $PETAL_CACHE_DIR or the user cache dir).")]
 Backbone = Annotated[str, typer.Option(help="Backbone from the registry.")]
 Workers = Annotated[Optional[int], typer.Option(min=1, help="Decode threads (default: all cores).")]
+Rehash = Annotated[bool, typer.Option("--rehash", help=(
+    "Read and hash every image again; by default a file whose size, mtime and inode are unchanged "
+    "is only stat-ed, its hash taken from the memo in the cache."))]
 
 
 def show_version(value: bool) -> None:
@@ -168,15 +171,16 @@ class RichReporter(Reporter):
             yield advance
 
 
-def print_dataset(ds, splits: bool = True) -> None:
-    """Images per class (per split when `splits`), then what was skipped and why."""
-    t = Table(title="data", title_justify="left")
+def print_dataset(ds, splits: bool = True, rows: int = 30) -> None:
+    """Images per class (per split when `splits`; the first `rows` classes), then what was skipped and why."""
+    more = f" (the first {rows} of {len(ds.classes)} classes)" if len(ds.classes) > rows else ""
+    t = Table(title="data" + more, title_justify="left")
     t.add_column("class")
     names = ["train", "eval"] + [k for k in ("calibration", "test") if ds.split(k)]
     for col in names if splits else ["images"]:
         t.add_column(col, justify="right")
     counts = ds.counts()
-    for c in ds.classes:
+    for c in ds.classes[:rows]:
         n = [counts[c][k] for k in names]
         t.add_row(c, *map(str, n if splits else [sum(n)]))
     totals = [len(ds.split(k)) for k in names]
@@ -188,18 +192,26 @@ def print_dataset(ds, splits: bool = True) -> None:
         err.print(f"warning: {w}", style="yellow", markup=False)
 
 
-def print_metrics(metrics: dict) -> None:
-    t = Table(title="eval", title_justify="left")
+def print_metrics(metrics: dict, rows: int = 20) -> None:
+    """The per-class table (worst first, `rows` of them), the most confused pairs, the figures."""
+    per_class = list(metrics["per_class"].items())  # worst first
+    shown = f" (the worst {rows} of {len(per_class)} classes; all in metrics.json)" if len(per_class) > rows else ""
+    t = Table(title="eval" + shown, title_justify="left")
     for col in ("class", "precision", "recall", "f1", "support"):
         t.add_column(col, justify="left" if col == "class" else "right")
-    for c, m in metrics["per_class"].items():
+    for c, m in per_class[:rows]:
         t.add_row(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     out.print(t)
+    pairs = metrics.get("most_confused", [])[:5]
+    if pairs:
+        out.print("most confused: " + ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs),
+                  markup=False, highlight=False)
     parts = [f"accuracy {metrics['accuracy']:.4f}"]
     if metrics.get("train_accuracy") is not None:  # side by side: overfitting shows
         parts[0] = f"accuracy: eval {metrics['accuracy']:.4f}, train {metrics['train_accuracy']:.4f}"
-    if len(metrics["per_class"]) > 5:
-        parts.append(f"top-5 {metrics['top5_accuracy']:.4f}")
+    if len(metrics["per_class"]) > 5:  # the Inception eval's names beside (petal.metrics)
+        parts.append(f"top-5 {metrics['top5_accuracy']:.4f} (precision@1 {metrics['accuracy']:.4f}, "
+                     f"recall@5 {metrics['top5_accuracy']:.4f})")
     parts.append(f"eval images {metrics['num_eval']}")
     if "num_train" in metrics:
         parts.append(f"train images {metrics['num_train']}")
@@ -354,6 +366,7 @@ def train(
     group: Group = None,
     export: Export = True,
     overwrite: Overwrite = False,
+    rehash: Rehash = False,
 ) -> None:
     """Embed, train a head, calibrate it, evaluate and export: a folder of labeled images in,
     a model out that says "unknown" for images unlike every class. (To train backbone layers
@@ -366,7 +379,7 @@ def train(
     r = run_train(data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column),
                   eval_data=eval_data, eval_percent=eval_percent,
                   backbone=backbone, cache_dir=cache, head=head, workers=workers, export=export,
-                  overwrite=overwrite, keep=keep, exclude=exclude, relabel=relabel, group=group,
+                  overwrite=overwrite, keep=keep, exclude=exclude, relabel=relabel, group=group, rehash=rehash,
                   reporter=RichReporter())
     e = r.embed
     out.print(f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed"
@@ -488,6 +501,7 @@ def embed(
     errors: Annotated[Optional[Path], typer.Option(help="Write failed images (uri, reason) to this CSV.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on the last line.")] = False,
     runner: Annotated[str, typer.Option(help=RUNNER_HELP)] = "local",
+    rehash: Rehash = False,
 ) -> None:
     """Embed images into the cache (only those not cached yet)."""
     from petal.data import load_dataset
@@ -497,7 +511,8 @@ def embed(
     if errors:
         check_output(errors, "errors")
     ds = load_dataset(data, labels_file=labels, eval_percent=0.0, require_train=False,
-                      columns=Columns(uri_column, label_column))
+                      columns=Columns(uri_column, label_column),
+                      reporter=RichReporter() if not as_json else None)
     if not as_json:
         print_dataset(ds, splits=False)
     if runner == "beam":
@@ -505,7 +520,7 @@ def embed(
 
         result, cache_obj = beam_embed(ds, backbone, cache, ctx.args)
     else:
-        result, cache_obj = embed_dataset(ds, backbone, cache, RichReporter(), workers)
+        result, cache_obj = embed_dataset(ds, backbone, cache, RichReporter(), workers, absolute(data), rehash)
     print_failures(result.failed)
     if errors:
         atomic_write_csv(errors, ["uri", "reason"], ds.skipped + result.failed)
@@ -534,6 +549,7 @@ def audit(
     relabel: Relabel = None,
     group: Group = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on the last line.")] = False,
+    rehash: Rehash = False,
 ) -> None:
     """Find likely label errors, duplicates, train/eval leakage, outliers and class imbalance
     (suspects.csv, duplicates.csv, report.html in --out). Files are never moved."""
@@ -542,7 +558,7 @@ def audit(
     found = audit_data(data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column),
                        eval_data=eval_data, eval_percent=eval_percent,
                        backbone=backbone, cache_dir=cache, workers=workers, exclude=exclude, relabel=relabel,
-                       group=group, reporter=RichReporter() if not as_json else None)
+                       group=group, rehash=rehash, reporter=RichReporter() if not as_json else None)
     if as_json:
         print(json.dumps({**found.summary(), "out": str(out_dir)}))
         return

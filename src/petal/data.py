@@ -15,12 +15,14 @@ import posixpath
 import re
 import unicodedata
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from petal.errors import DataError, ImageError, PetalError
 from petal.images import IMAGE_EXTENSIONS
 from petal.params import Real, check_param
+from petal.progress import Reporter
 from petal.storage import HTTP_SCHEMES, absolute, check_scheme, is_local, local_path, read_bytes, scheme_of
 
 TRAIN, EVAL = "train", "eval"
@@ -29,6 +31,7 @@ TEST = "test"  # given by the data (a test/ folder, a CSV split column): evaluat
 # a split a dataset gives -> petal's; "calibration" (a run's own split.csv as data) is training data again
 SPLIT_NAMES = {"train": TRAIN, "val": EVAL, "valid": EVAL, "validation": EVAL, "dev": EVAL, "eval": EVAL, "test": TEST,
                "calibration": TRAIN}
+LIST_THREADS = 8  # class folders listed at once
 MIN_CALIBRATION = 10  # fewer images than this calibrate nothing
 HEADER_WORDS = {"uri", "url", "path", "image", "image_uri", "image_path", "file", "filename", "filepath",
                 "image_file", "image_name"}
@@ -159,7 +162,7 @@ def label_problem(label: str) -> str | None:
     return None
 
 
-def _from_folder(root: Path) -> tuple[list[tuple[str, str]], list, list]:
+def _from_folder(root: Path, reporter: Reporter | None = None) -> tuple[list[tuple[str, str]], list, list]:
     rows, skipped, warnings = [], [], []
     try:
         entries = sorted(root.iterdir())
@@ -174,44 +177,52 @@ def _from_folder(root: Path) -> tuple[list[tuple[str, str]], list, list]:
                         f"{root / 'tulips' / 'another.jpg'}, or give a CSV of uri,label rows")
     if loose:
         warnings.append(f"{len(loose)} image(s) directly in {root} ignored: images must be in class folders")
+    # class folders listed on a thread pool (listing waits on the disk, not the GIL), shown as they finish
+    with ((reporter or Reporter()).progress(f"listing {root}", len(class_dirs)) as advance,
+          ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="petal-list") as pool):
+        for r, s, w in pool.map(lambda d: _from_class_folder(d, root_stat), class_dirs):
+            rows += r
+            skipped += s
+            warnings += w
+            advance(1)
+    return rows, skipped, warnings
+
+
+def _from_class_folder(d: Path, root_stat: os.stat_result) -> tuple[list[tuple[str, str]], list, list]:
+    """(path, class) rows, skipped and warnings of one class folder, walked down."""
+    rows, skipped = [], []
+    problem = label_problem(d.name)
+    if problem:
+        warning = f"class folder {str(d)!r} left out: {problem}"
+        return [], [(str(d), f"class folder name unusable: {problem}")], [warning]
 
     def unlistable(e: OSError) -> None:
         # os.walk silently drops a folder it cannot list unless told; say so instead
         skipped.append((str(e.filename), f"cannot list folder ({e.strerror or e})"))
 
-    for d in class_dirs:
-        problem = label_problem(d.name)
-        if problem:
-            warnings.append(f"class folder {str(d)!r} left out: {problem}")
-            skipped.append((str(d), f"class folder name unusable: {problem}"))
+    # (device, inode) of folders walked: a symlink loop, or a link back up to the
+    # data folder (which would pull the other classes into this one), is not followed
+    seen_dirs = {(root_stat.st_dev, root_stat.st_ino)}
+    for dirpath, dirnames, filenames in os.walk(d, followlinks=True, onerror=unlistable):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            continue  # vanished while walking
+        if (st.st_dev, st.st_ino) in seen_dirs:
+            skipped.append((dirpath, "folder already listed (symbolic link loop or repeat)"))
+            dirnames[:] = []
             continue
-        n = 0
-        # (device, inode) of folders walked: a symlink loop, or a link back up to the
-        # data folder (which would pull the other classes into this one), is not followed
-        seen_dirs = {(root_stat.st_dev, root_stat.st_ino)}
-        for dirpath, dirnames, filenames in os.walk(d, followlinks=True, onerror=unlistable):
-            try:
-                st = os.stat(dirpath)
-            except OSError:
-                continue  # vanished while walking
-            if (st.st_dev, st.st_ino) in seen_dirs:
-                skipped.append((dirpath, "folder already listed (symbolic link loop or repeat)"))
-                dirnames[:] = []
+        seen_dirs.add((st.st_dev, st.st_ino))
+        dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
+        for fn in sorted(filenames):
+            path = os.path.join(dirpath, fn)
+            if fn.startswith("."):
                 continue
-            seen_dirs.add((st.st_dev, st.st_ino))
-            dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
-            for fn in sorted(filenames):
-                path = os.path.join(dirpath, fn)
-                if fn.startswith("."):
-                    continue
-                if Path(fn).suffix.lower() not in IMAGE_EXTENSIONS:
-                    skipped.append((path, "not an image file extension"))
-                    continue
-                rows.append((path, d.name))
-                n += 1
-        if n == 0:
-            warnings.append(f"class folder {d.name!r} has no images; class left out")
-    return rows, skipped, warnings
+            if Path(fn).suffix.lower() not in IMAGE_EXTENSIONS:
+                skipped.append((path, "not an image file extension"))
+                continue
+            rows.append((path, d.name))
+    return rows, skipped, [] if rows else [f"class folder {d.name!r} has no images; class left out"]
 
 
 def _join(base: str, uri: str) -> str:
@@ -407,25 +418,25 @@ def _split_folders(root: Path) -> dict[str, Path]:
     return {name: path for name, path in subs.items() if name in SPLIT_NAMES}
 
 
-def _read_source(source: str, what: str = "data", given: Columns = Columns()
+def _read_source(source: str, what: str = "data", columns: Columns = Columns(), reporter: Reporter | None = None
                  ) -> tuple[list[tuple[str, str]], list, list, dict[str, str]]:
     """(uri, label) rows, skipped rows, warnings, and {uri: split} for splits the data gives."""
     if is_local(source) and Path(local_path(source)).is_dir():
-        if given != Columns():
+        if columns != Columns():
             raise DataError(f"{what}: --uri-column and --label-column name CSV columns; {source} is a folder")
         root = Path(local_path(source))
         parts = _split_folders(root)
         if not parts:
-            return (*_from_folder(root), {})
+            return (*_from_folder(root, reporter), {})
         rows, skipped, warnings, given = [], [], [f"split folders in {root}: {', '.join(sorted(parts))}"], {}
         for name, path in sorted(parts.items()):
-            r, s, w = _from_folder(path)
+            r, s, w = _from_folder(path, reporter)
             rows, skipped, warnings = rows + r, skipped + s, warnings + w
             given.update((u, SPLIT_NAMES[name]) for u, _ in r)
         return rows, skipped, warnings, given
     if is_local(source) and not Path(local_path(source)).exists():
         raise DataError(f"{what}: no such folder or CSV file: {source}")
-    rows, skipped, warnings, splits = _from_csv(source, given)
+    rows, skipped, warnings, splits = _from_csv(source, columns)
     refuse_path_like_labels(source, rows)
     _check_schemes(source, rows)
     return rows, skipped, warnings, splits
@@ -449,20 +460,21 @@ def load_dataset(
     require_train: bool = True,
     group: str | None = None,
     columns: Columns = Columns(),
+    reporter: Reporter | None = None,
 ) -> Dataset:
     """Find the labeled examples and assign each to train, eval (or test).
 
     A split the data gives (train/ val/ test/ folders, a CSV split column) is kept. With
     `eval_source`, that data is the eval split and `source` is all train; otherwise a
     stable hash of each file name (or of its `group` regex capture) puts `eval_percent`%
-    in eval.
+    in eval. Class folders are listed in parallel, with progress shown to `reporter`.
     """
     check_param("eval_percent", eval_percent, Real(0, 100, high_open=True))
     pattern = compile_group(group)
-    rows, skipped, warnings, given = _read_source(str(source), given=columns)
+    rows, skipped, warnings, given = _read_source(str(source), columns=columns, reporter=reporter)
     tagged = [(u, lab, given.get(u) or assign_split(u, eval_percent, pattern)) for u, lab in rows]
     if eval_source is not None:
-        erows, eskipped, ewarnings, _ = _read_source(str(eval_source), "eval", columns)
+        erows, eskipped, ewarnings, _ = _read_source(str(eval_source), "eval", columns, reporter)
         tagged = ([(u, lab, TEST if given.get(u) == TEST else TRAIN) for u, lab in rows]
                   + [(u, lab, EVAL) for u, lab in erows])
         skipped += eskipped

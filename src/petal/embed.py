@@ -16,6 +16,7 @@ import numpy as np
 from petal.backbones import BackboneConfig
 from petal.cache import EmbeddingCache
 from petal.errors import NothingUsableError
+from petal.hashmemo import HashMemo
 from petal.loader import Item, batches, iter_items
 from petal.params import env_int
 from petal.progress import rate
@@ -29,6 +30,7 @@ class EmbedResult:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason)
     embedded: int = 0  # went through the backbone in this run
     cached: int = 0  # found in the cache (or a byte-identical copy seen earlier in this run)
+    read: int = 0  # files read and hashed (the others' hashes came from the memo: only stat-ed)
     seconds: float = 0.0
 
     def summary(self) -> dict:
@@ -37,6 +39,7 @@ class EmbedResult:
             "embedded": self.embedded,
             "cached": self.cached,
             "failed": len(self.failed),
+            "read": self.read,
             "total": total,
             "seconds": round(self.seconds, 3),
             # every image handled, over the whole step: the rate its progress bar ends on
@@ -60,22 +63,30 @@ def embed(
     workers: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_message: Callable[[str], None] | None = None,
+    source: str = "",
+    rehash: bool = False,
 ) -> tuple[EmbedResult, EmbeddingCache]:
     """Make sure every readable image in `uris` has an embedding in the cache.
     `on_progress(n)` after each batch of n images; `on_message(text)` for news
-    such as the one-off backbone export."""
+    such as the one-off backbone export. The hashes of the files are memoized per
+    `source` (petal.hashmemo): unchanged files are not read again, unless `rehash`."""
     from petal.onnx_graphs import backbone_onnx_path
     from petal.runtime import make_session
 
     start = time.perf_counter()
     batch_size = batch_size or env_int("PETAL_EMBED_BATCH", DEFAULT_BATCH)
     cache = EmbeddingCache(cache_dir, cfg.name, cfg.feature_dim)
-    known = cache.load()
+    known = cache.load()  # key -> where; the vectors stay on disk
+    added: set[str] = set()  # keys embedded in this run (a later byte-identical copy is cached)
+    memo = HashMemo.open(cache_dir, source, rehash)
     result = EmbedResult()
     session = None  # built on the first batch that needs it: a warm run never exports
 
+    def is_known(key: str) -> bool:
+        return key in known or key in added
+
     with cache.writer() as writer:
-        items = iter_items(uris, cfg.preprocess, skip=known.__contains__, workers=workers)
+        items = iter_items(uris, cfg.preprocess, skip=is_known, workers=workers, memo=memo)
         for batch in batches(items, batch_size):
             todo: list[Item] = []
             for item in batch:
@@ -83,7 +94,7 @@ def embed(
                     result.failed.append((item.uri, item.error))
                     continue
                 result.keys[item.uri] = item.key
-                if item.pixels is None or item.key in known or any(t.key == item.key for t in todo):
+                if item.pixels is None or is_known(item.key) or any(t.key == item.key for t in todo):
                     result.cached += 1
                 else:
                     todo.append(item)
@@ -93,8 +104,11 @@ def embed(
                 pixels = np.stack([t.pixels for t in todo])  # (B, S, S, 3) uint8
                 (features,) = session.run(["features"], {"images": pixels})  # (B, D)
                 writer.add([t.key for t in todo], np.array(features))  # own the memory
+                added.update(t.key for t in todo)
                 result.embedded += len(todo)
             if on_progress:
                 on_progress(len(batch))
+    memo.save()
     result.seconds = time.perf_counter() - start
+    result.read = len(uris) - memo.hits
     return result, cache

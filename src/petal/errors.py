@@ -21,3 +21,7 @@ class ImageError(PetalError):
 class NothingUsableError(PetalError):
     """Every input failed, so the step produced nothing."""
 
+
+
+class CacheError(PetalError):
+    """The embedding cache lacks a wanted embedding, or a shard went bad while a run read it."""

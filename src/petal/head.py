@@ -9,7 +9,8 @@ flowers head); `hidden=0` is a linear head. Deterministic for a fixed seed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, ClassVar
 
@@ -21,6 +22,16 @@ from petal.params import Int, OneOf, Real, Rule, Validated
 if TYPE_CHECKING:
     import onnx
     from torch import nn
+
+
+PARALLEL_ROWS = 50_000  # training images from which the head trains on every core
+PREDICT_ROWS = 8192  # embeddings per inference batch
+
+
+def as_features(X: np.ndarray) -> np.ndarray:
+    """Embeddings as float16 or float32 (others become float32), not copied when already so."""
+    X = np.asarray(X)
+    return X if X.dtype in (np.float16, np.float32) else X.astype(np.float32)
 
 
 @dataclass
@@ -37,6 +48,7 @@ class HeadClassifier(Validated):
         "label_smoothing": Real(0, 1, high_open=True),
         "class_weight": OneOf(None, "balanced"),
         "seed": Int(0),
+        "compute": OneOf("auto", "float32", "bfloat16"),
     }
 
     hidden: int = 1024
@@ -47,6 +59,7 @@ class HeadClassifier(Validated):
     weight_decay: float = 1e-4
     label_smoothing: float = 0.1
     class_weight: str | None = None  # None or "balanced"
+    compute: str = "auto"  # training products: "float32", "bfloat16", or "auto" (compute_dtype)
     seed: int = 0
     temperature_: float = field(default=1.0, init=False, repr=False)  # fitted by calibrate()
 
@@ -73,27 +86,28 @@ class HeadClassifier(Validated):
         num_classes: int | None = None,
         eval_set: tuple[np.ndarray, np.ndarray] | None = None,
         on_epoch: Callable[[int, dict], None] | None = None,
+        on_batch: Callable[[int], None] = lambda n: None,
     ) -> HeadClassifier:
-        """X: (N, D) float embeddings, y: (N,) int class ids. `on_epoch(epoch, logs)` per epoch."""
+        """X: (N, D) float embeddings (float16 is kept as is, each batch computed in float32),
+        y: (N,) int class ids. `on_epoch(epoch, logs)` per epoch, `on_batch(n)` per step of n."""
         import torch
 
         self.validate()  # attributes may have been set since construction
-        # One thread: the head is small, results are reproducible, and torch's
-        # spinning threads slow to a crawl when decode or serving share the cores.
+        # One thread on small data: the head is small, and torch's spinning threads slow to
+        # a crawl when decode or serving share the cores. Past PARALLEL_ROWS every core.
         threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+        torch.set_num_threads(threads if len(X) >= PARALLEL_ROWS else 1)
         try:
-            return self._fit(X, y, num_classes, eval_set, on_epoch)
+            return self._fit(X, y, num_classes, eval_set, on_epoch, on_batch)
         finally:
             torch.set_num_threads(threads)
 
     def _fit(self, X: np.ndarray, y: np.ndarray, num_classes: int | None,
              eval_set: tuple[np.ndarray, np.ndarray] | None,
-             on_epoch: Callable[[int, dict], None] | None) -> HeadClassifier:
+             on_epoch: Callable[[int, dict], None] | None, on_batch: Callable[[int], None]) -> HeadClassifier:
         import torch
-        import torch.nn.functional as F
 
-        X = np.asarray(X, dtype=np.float32)
+        X = as_features(X)
         y = np.asarray(y, dtype=np.int64)
         if X.ndim != 2 or len(X) != len(y) or len(X) == 0:
             raise PetalError(f"X, y: expected (N, D) and (N,) with N > 0, got {X.shape} and {y.shape}")
@@ -120,29 +134,48 @@ class HeadClassifier(Validated):
         Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
         self.history_ = []
         for epoch in range(1, self.epochs + 1):
-            net.train()
+            started = time.perf_counter()
             order = torch.randperm(len(X), generator=gen)
-            total, correct, seen = 0.0, 0, 0
-            for i in range(0, len(X), self.batch_size):
-                idx = order[i:i + self.batch_size]
-                logits = net(Xt[idx])  # (B, C)
-                loss = F.cross_entropy(logits, yt[idx], weight=weight, label_smoothing=self.label_smoothing)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * len(idx)
-                correct += int((logits.argmax(1) == yt[idx]).sum())
-                seen += len(idx)
+            logs = self._epoch(net, opt, sched, (Xt, yt), order, weight, on_batch)
             self.net_ = net.eval()
-            logs = {"train_loss": total / seen, "train_accuracy": correct / seen}
             if eval_set is not None and len(eval_set[0]):
                 logs.update(self._eval_logs(*eval_set))
+            logs["seconds"] = time.perf_counter() - started
             self.history_.append(logs)
             if on_epoch:
                 on_epoch(epoch, logs)
         self.net_ = net.eval()
         return self
+
+    def _epoch(self, net: nn.Module, opt, sched, data: tuple, order, weight, on_batch: Callable[[int], None]) -> dict:
+        """One pass over the training data (Xt (N, D), yt (N,) tensors) in `order`; its loss and accuracy.
+        Each batch is computed in float32, or with bfloat16 matrix products (compute_dtype)."""
+        import torch
+        import torch.nn.functional as F
+
+        Xt, yt = data
+        net.train()
+        total, correct = 0.0, 0
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i:i + self.batch_size]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.compute_dtype(len(order)) == "bfloat16"):
+                logits = net(Xt[idx].float())  # (B, C)
+            loss = F.cross_entropy(logits.float(), yt[idx], weight=weight, label_smoothing=self.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item() * len(idx)
+            correct += int((logits.argmax(1) == yt[idx]).sum())
+            on_batch(len(idx))
+        return {"train_loss": total / len(order), "train_accuracy": correct / len(order)}
+
+    def compute_dtype(self, rows: int) -> str:
+        """The training products' dtype: `compute`, or for "auto" bfloat16 from PARALLEL_ROWS
+        training rows on (2.4x faster on a CPU with AVX512-BF16; weights and inference stay float32)."""
+        if self.compute != "auto":
+            return self.compute
+        return "bfloat16" if rows >= PARALLEL_ROWS else "float32"
 
     def _eval_logs(self, X: np.ndarray, y: np.ndarray) -> dict:
         p = self.predict_proba(X)
@@ -157,12 +190,18 @@ class HeadClassifier(Validated):
             raise PetalError("this HeadClassifier is not fitted yet: call fit() or from_state()")
 
     def decision_function(self, X: np.ndarray) -> np.ndarray:
-        """(N, D) embeddings -> (N, C) logits, before any temperature."""
+        """(N, D) embeddings -> (N, C) logits, before any temperature; in float32 batches
+        of PREDICT_ROWS, so that float16 features are never converted whole."""
+        return np.concatenate(list(self._logit_batches(X)) or [np.zeros((0, self.num_classes_), np.float32)])
+
+    def _logit_batches(self, X: np.ndarray) -> Iterator[np.ndarray]:
         import torch
 
         self._check_fitted()
+        X = as_features(X)
         with torch.no_grad():
-            return self.net_(torch.from_numpy(np.asarray(X, np.float32))).numpy()
+            for i in range(0, len(X), PREDICT_ROWS):
+                yield self.net_(torch.from_numpy(np.asarray(X[i:i + PREDICT_ROWS], np.float32))).numpy()
 
     def predict_proba(self, X: np.ndarray) -> np.ndarray:
         """(N, D) embeddings -> (N, C) probabilities, calibrated once `calibrate` has run."""
@@ -192,7 +231,8 @@ class HeadClassifier(Validated):
         return self
 
     def predict(self, X: np.ndarray) -> np.ndarray:
-        return self.predict_proba(X).argmax(1)
+        """(N, D) -> (N,) class ids; batch by batch, never holding (N, C) (the temperature keeps the argmax)."""
+        return np.concatenate([z.argmax(1) for z in self._logit_batches(X)] or [np.zeros(0, np.int64)])
 
     # ------------------------------------------------------------------ persistence
 

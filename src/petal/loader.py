@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from petal.errors import ImageError
+from petal.hashmemo import HashMemo, file_stat
 from petal.images import DEFAULT_MAX_PIXELS, load_pixels
 from petal.preprocess import Preprocess
 from petal.storage import read_bytes
@@ -42,14 +43,23 @@ def iter_items(
     workers: int | None = None,
     prefetch: int = 128,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    memo: HashMemo | None = None,
 ) -> Iterator[Item]:
-    """Yield one Item per URI, in input order. `skip(key)` True -> not decoded."""
+    """Yield one Item per URI, in input order. `skip(key)` True -> not decoded. With a
+    `memo`, an unchanged local file whose hash it knows is only stat-ed: if that key is
+    skipped, not a byte of the file is read."""
 
     def work(uri: str) -> Item:
         item = Item(uri)
         try:
+            stat = file_stat(uri) if memo else None
+            item.key = memo.lookup(uri, stat) if memo else None
+            if item.key is not None and skip(item.key):
+                return item
             data = read_bytes(uri)
             item.key = hashlib.sha256(data).hexdigest()
+            if memo:
+                memo.remember(uri, stat, item.key)
             if not skip(item.key):
                 item.pixels = load_pixels(data, pre, max_pixels)
         except ImageError as e:

@@ -1,4 +1,14 @@
-"""Evaluation: top-1/top-5, per-class metrics, confusion matrix, misclassified list."""
+"""Evaluation: top-1/top-5, per-class metrics, confusion matrix, misclassified list.
+
+Readable at 1000 classes: `per_class` is ordered worst first (lowest f1, then recall),
+`most_confused` lists the (true, predicted) pairs with the most errors, the confusion
+matrix is in full in confusion_matrix.csv (and inline in metrics.json up to
+`INLINE_CLASSES` classes), and confusion_matrix.png shows the `PLOT_CLASSES` classes
+with the most errors. `precision_at_1` and `recall_at_5` are the Inception eval's names
+(inception_eval.py): the share of images whose label is the top-1 prediction, and the
+share whose label is among the top 5, so for one label per image they equal top-1 and
+top-5 accuracy; they are reported under both names for comparison with published runs.
+"""
 
 from __future__ import annotations
 
@@ -9,40 +19,70 @@ from pathlib import Path
 
 import numpy as np
 
-from petal.storage import atomic_path, atomic_write_text
+from petal.storage import atomic_path, atomic_write_csv, atomic_write_text
+
+INLINE_CLASSES = 100  # up to this many classes the full confusion matrix is also in metrics.json
+PLOT_CLASSES = 30  # classes in confusion_matrix.png: those with the most errors
+CONFUSED_PAIRS = 20  # (true, predicted) pairs listed in most_confused
 
 
 def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
     """y_true: (N,) ids; probs: (N, C). Returns a JSON-ready dict."""
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+    from sklearn.metrics import precision_recall_fscore_support
 
     y_true = np.asarray(y_true)
     n, c = probs.shape
     pred = probs.argmax(1)
     k = min(5, c)
-    topk = np.argsort(-probs, axis=1)[:, :k]
+    topk = np.argpartition(-probs, k - 1, axis=1)[:, :k] if n else np.zeros((0, k), np.int64)  # unordered top k
     labels = list(range(c))
     p, r, f, s = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
+    cm = confusion_counts(y_true, pred, c)  # (C, C): rows true, columns predicted
+    top1 = float((pred == y_true).mean()) if n else None
+    top5 = float((topk == y_true[:, None]).any(1).mean()) if n else None
+    worst_first = sorted(range(c), key=lambda i: (f[i], r[i], classes[i]))
     return {
-        "accuracy": float((pred == y_true).mean()) if n else None,
-        "top5_accuracy": float((topk == y_true[:, None]).any(1).mean()) if n else None,
+        "accuracy": top1,
+        "top5_accuracy": top5,
+        "precision_at_1": top1,  # the Inception eval's names for the same two figures (module docstring)
+        "recall_at_5": top5,
         "num_eval": int(n),
         "per_class": {
-            cls: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
-            for i, cls in enumerate(classes)
+            classes[i]: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+            for i in worst_first
         },
         "macro_f1": float(f.mean()),
-        "confusion_matrix": confusion_matrix(y_true, pred, labels=labels).tolist(),
+        "most_confused": most_confused(cm, classes),
+        **({"confusion_matrix": cm.tolist()} if c <= INLINE_CLASSES else {}),
     }
+
+
+def most_confused(cm: np.ndarray, classes: list[str], limit: int = CONFUSED_PAIRS) -> list[dict]:
+    """The (true, predicted) pairs of different classes with the most errors, most first."""
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None, kind="stable")[:limit]
+    return [{"true": classes[i], "predicted": classes[j], "count": int(off[i, j])}
+            for i, j in zip(*np.unravel_index(flat, off.shape)) if off[i, j]]
+
+
+def confusion_counts(y_true: np.ndarray, pred: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) counts: rows true class, columns predicted."""
+    cm = np.zeros((num_classes, num_classes), np.int64)
+    np.add.at(cm, (np.asarray(y_true), np.asarray(pred)), 1)
+    return cm
 
 
 def write_report(out: Path, metrics: dict, classes: list[str], uris: list[str],
                  y_true: np.ndarray, probs: np.ndarray) -> None:
-    """metrics.json, confusion_matrix.png and misclassified.csv in `out`."""
+    """metrics.json, confusion_matrix.csv and .png, and misclassified.csv in `out`."""
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-    plot_confusion(np.array(metrics["confusion_matrix"]), classes, out / "confusion_matrix.png")
     pred = probs.argmax(1)
+    cm = confusion_counts(y_true, pred, len(classes))
+    atomic_write_csv(out / "confusion_matrix.csv", ["true \\ predicted", *classes],
+                     ([name, *row] for name, row in zip(classes, cm.tolist())))
+    plot_confusion(cm, classes, out / "confusion_matrix.png")
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["uri", "true_label", "predicted_label", "confidence"])
@@ -69,6 +109,15 @@ def save_png(fig, path: Path) -> None:
 
 
 def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
+    """The matrix as an image; past PLOT_CLASSES classes, those with the most errors (in or out)."""
+    if len(classes) > PLOT_CLASSES:
+        errors = cm.sum(0) + cm.sum(1) - 2 * np.diag(cm)
+        shown = np.sort(np.argsort(-errors, kind="stable")[:PLOT_CLASSES])
+        cm, title = cm[np.ix_(shown, shown)], f"confusion matrix (eval): the {PLOT_CLASSES} of {len(classes)} " \
+                                              "classes with the most errors"
+        classes = [classes[i] for i in shown]
+    else:
+        title = "confusion matrix (eval)"
     n = len(classes)
     size = min(4 + 0.4 * n, 30)
     fig, ax = new_axes(size, size)
@@ -77,11 +126,10 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
     ax.set_yticks(range(n), classes)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
-    if n <= 30:
-        thresh = cm.max() / 2 if cm.size else 0
-        for i in range(n):
-            for j in range(n):
-                ax.text(j, i, int(cm[i, j]), ha="center", va="center",
-                        color="white" if cm[i, j] > thresh else "black", fontsize=8)
-    ax.set_title("confusion matrix (eval)")
+    thresh = cm.max() / 2 if cm.size else 0
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center",
+                    color="white" if cm[i, j] > thresh else "black", fontsize=8)
+    ax.set_title(title)
     save_png(fig, path)

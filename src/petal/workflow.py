@@ -17,11 +17,11 @@ import numpy as np
 from petal.audit import Audit, audit, write_audit
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
 from petal.bundle import TRAIN_KEYS, in_train_keys
-from petal.cache import EmbeddingCache
 from petal.calibration import FOLDS, expected_calibration_error, reliability_diagram, softmax
-from petal.data import EVAL, TEST, TRAIN, Columns, Dataset, Example, load_dataset
+from petal.data import EVAL, TEST, TRAIN, Columns, Dataset, load_dataset
 from petal.embed import embed, require_usable
 from petal.errors import NothingUsableError, PetalError
+from petal.features import Features, load_features
 from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
 from petal.onnx_graphs import check_backbone
@@ -41,7 +41,10 @@ from petal.run import (
     require_training_images,
 )
 from petal.storage import absolute, atomic_write_csv, atomic_write_text, check_output, default_cache_dir
-from petal.unknown import DEFAULT_KEEP, KnnUnknown, coverage_curve
+from petal.unknown import DEFAULT_KEEP, KnnUnknown, capped_sample, coverage_curve
+
+CALIBRATION_CAP = 50_000  # training images calibrated on, at most (a stratified sample)
+EPOCH_NEWS_SECONDS = 10.0
 
 
 @dataclass
@@ -54,14 +57,16 @@ class TrainResult:
 
 
 def embed_dataset(ds: Dataset, backbone: str = DEFAULT_BACKBONE, cache_dir: Path | None = None,
-                  reporter: Reporter | None = None, workers: int | None = None):
-    """Embed every example; returns (EmbedResult, cache). Raises if nothing was usable."""
+                  reporter: Reporter | None = None, workers: int | None = None, source: str = "",
+                  rehash: bool = False):
+    """Embed every example; returns (EmbedResult, cache). Raises if nothing was usable. File
+    hashes are memoized under `source` (the data's name) unless `rehash` (petal.hashmemo)."""
     reporter = reporter or Reporter()
     cfg = get_backbone(backbone)
     uris = [e.uri for e in ds.examples]
-    with reporter.progress("embedding", len(uris)) as advance:
-        result, cache = embed(uris, cfg, Path(cache_dir or default_cache_dir()),
-                              on_progress=advance, on_message=reporter.message, workers=workers)
+    with reporter.progress("hashing and embedding", len(uris)) as advance:
+        result, cache = embed(uris, cfg, Path(cache_dir or default_cache_dir()), on_progress=advance,
+                              on_message=reporter.message, workers=workers, source=source, rehash=rehash)
     require_usable(result, len(uris))
     return result, cache
 
@@ -84,12 +89,16 @@ def train(
     exclude: str | Path | None = None,
     relabel: str | Path | None = None,
     group: str | None = None,
+    rehash: bool = False,
+    feature_dtype: str | None = None,
     reporter: Reporter | None = None,
 ) -> TrainResult:
     """embed -> audit the data -> train the head -> calibrate it, fit the unknown detector ->
     evaluate -> export, into the run folder `out`. `keep`: the share of known images the
     unknown threshold keeps; `exclude`/`relabel`: reviewed audit findings (petal.review);
-    `group`: a regex whose capture keeps related images on one side of the split.
+    `group`: a regex whose capture keeps related images on one side of the split; `rehash`:
+    read and hash every file, whatever the hash memo says; `feature_dtype`: "float32" or
+    "float16" embeddings in memory (default: float16 only past petal.features.FLOAT16_BYTES).
     A finished run already in `out` is replaced only with `overwrite=True`."""
     check_param("keep", keep, Real(0.5, 1, high_open=True, what="a share in [0.5, 1)"))
     reporter = reporter or Reporter()
@@ -102,12 +111,13 @@ def train(
     ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter, columns)
     run.make(clear=overwrite)  # only once the data is known to be usable
 
-    result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
+    result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers, absolute(data), rehash)
     run.write_split(ds, result.keys, result.failed)
     warnings = data_warnings(ds, result.keys, reporter)
-    (tr, Xtr, ytr), (ev, Xev, yev) = split_arrays(ds, result.keys, cache)
-    write_audit(run.path, findings := audit_examples(ds, result.keys, cache))
-    reporter.message(findings.line() + f" (see {run.report_path})")
+    feats = load_features(ds, result.keys, cache, reporter, feature_dtype)
+    (tr, Xtr, ytr), (ev, Xev, yev) = feats.split(TRAIN), feats.split(EVAL)
+    require_training_images(ds.classes, (e.label for e in tr))
+    findings = audit_run(run, ds, feats, reporter)
     run.write_settings(RunSettings(
         kind=HEAD, data=absolute(data), eval_data=absolute(eval_data) if eval_data else None,
         labels_file=absolute(labels_file) if labels_file else None, eval_percent=eval_percent,
@@ -115,12 +125,7 @@ def train(
         extra={"keep": keep}))
     fit_head(run, head, (Xtr, ytr), (Xev, yev), len(ds.classes), reporter)
     unknown = fit_trust(run, head, Xtr, ytr, keep, reporter)
-    extra = {"num_train": len(tr), "train_accuracy": float((head.predict(Xtr) == ytr).mean()),
-             "embed": result.summary(), **eval_trust(run, head, unknown, Xev, yev),
-             **test_metrics(run, ds, result.keys, cache, head)}
-    probs_ev = head.predict_proba(Xev)  # (N, C) calibrated
-    metrics = run.write_metrics(ds.classes, [e.uri for e in ev], yev, lambda: probs_ev, extra, reporter)
-    write_run_report(run, metrics, ds.classes, ([e.uri for e in ev], yev, probs_ev), findings)
+    metrics = evaluate_head(run, ds.classes, feats, head, unknown, findings, result.summary(), reporter)
     model_dir = None
     if export:
         parity = parity_uris([e.uri for e in ev], [e.uri for e in tr])
@@ -129,12 +134,28 @@ def train(
     return TrainResult(run.path, model_dir, metrics, {**result.summary(), "skipped": len(ds.skipped)}, warnings)
 
 
+def evaluate_head(run: Run, classes: list[str], feats: Features, head: HeadClassifier, unknown: KnnUnknown,
+                  findings: Audit, embed_summary: dict, reporter: Reporter) -> dict:
+    """The trained head on its own training split and on eval (calibration, unknown, metrics,
+    report) and test, written into the run; returns metrics.json's content."""
+    (tr, Xtr, ytr), (ev, Xev, yev) = feats.split(TRAIN), feats.split(EVAL)
+    with reporter.progress("evaluating", 1) as advance:
+        extra = {"num_train": len(tr), "train_accuracy": float((head.predict(Xtr) == ytr).mean()),
+                 "embed": embed_summary, **eval_trust(run, head, unknown, Xev, yev),
+                 **test_metrics(run, classes, feats, head)}
+        probs_ev = head.predict_proba(Xev)  # (N, C) calibrated
+        metrics = run.write_metrics(classes, [e.uri for e in ev], yev, lambda: probs_ev, extra, reporter)
+        write_run_report(run, metrics, classes, ([e.uri for e in ev], yev, probs_ev), findings)
+        advance(1)
+    return metrics
+
+
 def load_reviewed(data: str | Path, labels_file: str | Path | None, eval_data: str | Path | None,
                   eval_percent: float, group: str | None, exclude: str | Path | None, relabel: str | Path | None,
                   reporter: Reporter, columns: Columns = Columns()) -> Dataset:
     """The labeled data, split, with reviewed audit findings applied; shown to the reporter."""
     ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent, group=group,
-                      columns=columns)
+                      columns=columns, reporter=reporter)
     ds = apply_review(ds, exclude, relabel, reporter)
     reporter.dataset(ds)
     return ds
@@ -147,63 +168,61 @@ def write_run_report(run: Run, metrics: dict, classes: list[str],
                              eval_set=eval_set, audit=findings, plots=[run.reliability_path, run.coverage_path])
 
 
-def test_metrics(run: Run, ds: Dataset, keys: dict[str, str], cache: EmbeddingCache, head: HeadClassifier) -> dict:
+def test_metrics(run: Run, classes: list[str], feats: Features, head: HeadClassifier) -> dict:
     """The test split the data gave (a test/ folder, a CSV split column), evaluated on its own
     into RUN/test/; {"test": summary} for metrics.json, or {} without one."""
-    test = [e for e in ds.split(TEST) if e.uri in keys]
+    test, X, y = feats.split(TEST)
     if not test:
         return {}
-    y = np.array([ds.label_id(e.label) for e in test])
-    probs = head.predict_proba(cache.get([keys[e.uri] for e in test]))
-    m = compute_metrics(y, probs, ds.classes)
-    write_report(run.path / "test", m, ds.classes, [e.uri for e in test], y, probs)
+    probs = head.predict_proba(X)
+    m = compute_metrics(y, probs, classes)
+    write_report(run.path / "test", m, classes, [e.uri for e in test], y, probs)
     return {"test": {k: m[k] for k in ("accuracy", "top5_accuracy", "num_eval", "macro_f1")}}
 
 
-def audit_examples(ds: Dataset, keys: dict[str, str], cache: EmbeddingCache) -> Audit:
+def audit_run(run: Run, ds: Dataset, feats: Features, reporter: Reporter) -> Audit:
+    """The audit of a training run's data, written into the run and summed up in a line."""
+    with reporter.progress("auditing", 1) as advance:
+        write_audit(run.path, findings := audit_features(ds, feats))
+        advance(1)
+    reporter.message(findings.line() + f" (see {run.report_path})")
+    return findings
+
+
+def audit_features(ds: Dataset, feats: Features) -> Audit:
     """The audit of every embedded image of `ds`, train and eval alike."""
-    usable = [e for e in ds.examples if e.uri in keys]
-    return audit(cache.get([keys[e.uri] for e in usable]), [e.label for e in usable], ds.classes,
-                 [e.uri for e in usable], [e.split for e in usable], [keys[e.uri] for e in usable])
+    ex = feats.examples
+    return audit(feats.X, [e.label for e in ex], ds.classes, [e.uri for e in ex], [e.split for e in ex], feats.keys)
 
 
 def audit_data(data: str | Path, out: str | Path, *, labels_file: str | Path | None = None,
                eval_data: str | Path | None = None, eval_percent: float = 10.0, backbone: str = DEFAULT_BACKBONE,
                cache_dir: str | Path | None = None, workers: int | None = None, exclude: str | Path | None = None,
                relabel: str | Path | None = None, group: str | None = None, columns: Columns = Columns(),
+               rehash: bool = False,
                reporter: Reporter | None = None) -> Audit:
     """`petal audit`: embed (from the cache where it can), audit, and write the findings into `out`."""
     reporter = reporter or Reporter()
     out = check_output(out, "out", folder=True)
     ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter, columns)
-    result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
-    findings = audit_examples(ds, result.keys, cache)
+    result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers, absolute(data), rehash)
+    findings = audit_features(ds, load_features(ds, result.keys, cache, reporter))
     write_audit(out, findings)
     write_html_report(out / "report.html", f"petal audit of {data}", audit=findings)
     return findings
 
 
-def split_arrays(ds: Dataset, keys: dict[str, str], cache: EmbeddingCache
-                 ) -> tuple[tuple[list[Example], np.ndarray, np.ndarray], ...]:
-    """(examples, (N, D) embeddings, (N,) class ids) of the train split, then of the eval split,
-    for the images that were embedded. Every class must keep a training image."""
-    usable = [e for e in ds.examples if e.uri in keys]
-    out = []
-    for split in (TRAIN, EVAL):
-        ex = [e for e in usable if e.split == split]
-        out.append((ex, cache.get([keys[e.uri] for e in ex]),
-                    np.array([ds.label_id(e.label) for e in ex], dtype=np.int64)))
-    require_training_images(ds.classes, (e.label for e in out[0][0]))
-    return tuple(out)
-
-
 def fit_trust(run: Run, head: HeadClassifier, X: np.ndarray, y: np.ndarray, keep: float,
               reporter: Reporter) -> KnnUnknown:
     """Calibrate the head's temperature out of fold, then fit the unknown detector on the
-    training embeddings X (N, D) with those held-out probabilities; both saved in the run."""
+    training embeddings X (N, D) with those held-out probabilities; both saved in the run.
+    Past CALIBRATION_CAP images, on a stratified sample of that many: a temperature and a
+    threshold are two numbers, and 5 more heads on a million images would take an hour."""
+    rows = capped_sample(y, CALIBRATION_CAP, head.seed)
+    Xs, ys = (X, y) if len(rows) == len(y) else (X[rows], y[rows])
     with reporter.progress("calibrating (out-of-fold heads)", FOLDS) as advance:
-        head.calibrate(X, y, folds=FOLDS, on_fold=advance)
-    unknown = KnnUnknown.fit(X, y, head.oof_proba_, keep=keep, seed=head.seed)
+        head.calibrate(Xs, ys, folds=FOLDS, on_fold=advance)
+    unknown = KnnUnknown.fit(Xs, ys, head.oof_proba_, keep=keep, seed=head.seed)
     run.write_head(head)  # now with its temperature
     run.write_unknown(unknown)
     return unknown
@@ -239,14 +258,21 @@ def trust_metrics(run: Run, y: np.ndarray, logits: np.ndarray, scores: Scores, t
 
 def fit_head(run: Run, head: HeadClassifier, train: tuple[np.ndarray, np.ndarray],
              eval_: tuple[np.ndarray, np.ndarray], num_classes: int, reporter: Reporter) -> None:
-    """Train the head on (X (N, D), y (N,)) with TensorBoard curves, then save its weights."""
-    with run.tensorboard() as log, reporter.progress("training head", head.epochs) as advance:
+    """Train the head on (X (N, D), y (N,)) with TensorBoard curves, then save its weights.
+    The bar counts training examples (its ETA covers every epoch); an epoch slower than
+    EPOCH_NEWS_SECONDS is summed up in a line as it ends."""
+    n = len(train[1])
+    with (run.tensorboard() as log,
+          reporter.progress(f"training head ({head.epochs} epochs)", head.epochs * n) as advance):
         def on_epoch(epoch: int, logs: dict) -> None:
             for k, v in logs.items():
                 log(epoch_tag(k), v, epoch)
-            advance(1)
+            if logs["seconds"] >= EPOCH_NEWS_SECONDS:
+                reporter.message(f"epoch {epoch}/{head.epochs}: " + ", ".join(
+                    f"{k} {v:.4f}" for k, v in logs.items() if k != "seconds") + f" ({logs['seconds']:.0f} s)")
 
-        head.fit(*train, num_classes=num_classes, eval_set=eval_ if len(eval_[1]) else None, on_epoch=on_epoch)
+        head.fit(*train, num_classes=num_classes, eval_set=eval_ if len(eval_[1]) else None, on_epoch=on_epoch,
+                 on_batch=advance)
     run.write_head(head)
 
 
