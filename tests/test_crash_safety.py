@@ -26,8 +26,8 @@ import pytest
 from PIL import Image
 
 from petal.backbones import get_backbone
-from petal.cache import PREPROCESS_VERSION, EmbeddingCache, arrow_schema
-from petal.embed import embed
+from petal.cache import arrow_schema
+from petal.embed import embed, feature_cache
 from petal.storage import atomic_dir, atomic_path
 
 CFG = get_backbone("efficientnet_lite0")
@@ -38,7 +38,7 @@ SMALL_SHARDS = {"PETAL_SHARD_ROWS": "4", "PETAL_EMBED_BATCH": "4"}
 
 
 def shard_dir(cache: Path) -> Path:
-    return cache / "embeddings" / f"{CFG.name}-p{PREPROCESS_VERSION}"
+    return feature_cache(CFG, cache).dir
 
 
 def private_cache(tmp_path: Path, cache_dir: Path, name: str) -> Path:
@@ -171,7 +171,7 @@ def test_two_runs_sharing_one_cache(tmp_path, corpus, cache_dir, reference):
     keys = check_cache(cache, reference)  # the lock makes each key appear once
     assert len(keys) == 40
     # and a third run finds everything
-    again = EmbeddingCache(cache, CFG.name, CFG.feature_dim).load()
+    again = feature_cache(CFG, cache).load()
     assert set(again) == keys
 
 

@@ -221,3 +221,19 @@ def test_a_class_missing_from_training_with_eval_gets_advice_that_applies(tmp_pa
     with pytest.raises(DataError, match="leave them out of --eval") as e:
         load_dataset(tmp_path / "train", eval_source=tmp_path / "other")
     assert "--eval-percent" not in str(e.value)
+
+
+def test_symbolic_links_out_of_the_data_folder_are_said(tmp_path):
+    data, elsewhere = tmp_path / "data", tmp_path / "elsewhere"
+    touch(data / "cats" / "a.jpg")
+    touch(data / "cats" / "inside.jpg")
+    (data / "cats" / "b.jpg").symlink_to(touch(elsewhere / "b.jpg"))  # a file link out
+    (data / "cats" / "same.jpg").symlink_to(data / "cats" / "inside.jpg")  # a link inside: said nothing of
+    touch(elsewhere / "dogs" / "c.jpg")
+    (data / "dogs").symlink_to(elsewhere / "dogs", target_is_directory=True)  # a class folder out
+    ds = load_dataset(data, eval_percent=0)
+    assert len(ds.examples) == 5
+    said = [w for w in ds.warnings if "symbolic links that lead out of the data folder" in w]
+    assert len(said) == 2
+    assert "1 image(s) of class 'cats'" in said[0] and f"{data / 'cats' / 'b.jpg'} -> {elsewhere / 'b.jpg'}" in said[0]
+    assert "1 image(s) of class 'dogs'" in said[1]

@@ -12,8 +12,7 @@ import pytest
 
 from petal.backbones import get_backbone
 from petal.bundle import load
-from petal.cache import EmbeddingCache
-from petal.embed import embed
+from petal.embed import embed, feature_cache
 from petal.head import HeadClassifier
 from petal.workflow import evaluate_model, export_run
 
@@ -42,7 +41,7 @@ def test_cache_hits_incremental_and_corrupt(tmp_path, dataset, cache_dir):
 
     px = np.stack([load_pixels(open(u, "rb").read(), CFG.preprocess) for u in uris[:4]])
     direct = make_session(backbone_onnx_path(CFG, own)).run(["features"], {"images": px})[0]
-    cached = EmbeddingCache(own, CFG.name, CFG.feature_dim).get([second.keys[u] for u in uris[:4]])
+    cached = feature_cache(CFG, own).get([second.keys[u] for u in uris[:4]])
     np.testing.assert_allclose(cached, direct, atol=1e-5)
     # shards are complete Parquet files named shard-*.parquet; no temp files left behind
     assert all(p.name.startswith("shard-") for p in cache.dir.iterdir())

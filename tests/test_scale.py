@@ -15,7 +15,7 @@ import pytest
 
 from petal import backbones, tiny
 from petal.cache import EmbeddingCache
-from petal.embed import embed
+from petal.embed import embed, feature_cache
 from petal.hashmemo import HashMemo
 from petal.progress import Reporter
 
@@ -78,7 +78,7 @@ def test_warm_run_reads_no_image_bytes(tiny_cache, images, monkeypatch):
     assert (warm.cached, warm.read, warm.failed) == (24, 0, [])
     assert warm.keys == first.keys
     np.testing.assert_array_equal(cache.get(list(warm.keys.values())),
-                                  EmbeddingCache(tiny_cache, "tiny_test", tiny.DIM).get(list(first.keys.values())))
+                                  feature_cache(tiny.TINY, tiny_cache).get(list(first.keys.values())))
 
     # a changed file (new bytes, new mtime) is read and embedded again; the others are not
     changed = images[3]

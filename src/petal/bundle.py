@@ -23,6 +23,7 @@ only onnxruntime, numpy and Pillow.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -71,6 +72,7 @@ class BundleInfo:
     calibration: dict | None = None  # how the probabilities were calibrated
     unknown: dict | None = None  # how "unknown" is decided (score, threshold)
     quantization: dict | None = None  # reduced precision, and its proved agreement with fp32
+    parity: dict | None = None  # what the export proved before writing: images checked, largest differences
     versions: dict = field(default_factory=versions)
     created: str = field(default_factory=lambda: dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
     format: int = BUNDLE_FORMAT
@@ -163,8 +165,9 @@ def write_bundle(out: str | Path, graph: bytes, info: BundleInfo,
         (tmp / "model.onnx").write_bytes(graph)
         (tmp / "labels.txt").write_text("".join(c + "\n" for c in info.labels), encoding="utf-8")
         (tmp / "petal.json").write_text(json.dumps(info.to_dict(), indent=2) + "\n", encoding="utf-8")
-        if check is not None:
-            check(Model(tmp))
+        if check is not None and isinstance(proof := check(Model(tmp)), dict):
+            info = dataclasses.replace(info, parity=proof)  # the proof goes into petal.json
+            (tmp / "petal.json").write_text(json.dumps(info.to_dict(), indent=2) + "\n", encoding="utf-8")
     return Path(out)
 
 

@@ -1,9 +1,17 @@
 """The embedding cache: Parquet shards keyed by image content hash.
 
-Layout: `<cache>/embeddings/<backbone>-p<PREPROCESS_VERSION>/shard-*.parquet`,
+Layout: `<cache>/embeddings/<backbone>-p<PREPROCESS_VERSION>-<fingerprint>/shard-*.parquet`,
 each shard a table of `key` (sha256 of the image bytes) and `embedding`
 (fixed-size list of float32). Keys are content hashes, so a renamed or copied
-image is found again, and the folder name carries the backbone id.
+image is found again.
+
+Provenance: a feature is the product of a graph, petal's preprocessing and the
+libraries that decode and run it. `provenance(graph)` records them (the graph's
+sha256, PREPROCESS_VERSION, Pillow and its libjpeg, ONNX Runtime, NumPy); their hash,
+the fingerprint, names the folder, so features of different producers never mix,
+and each shard carries the record in its Parquet metadata (`petal cache info`).
+When a write finds a key already stored, the two values are compared and a
+difference beyond FEATURE_RTOL is a warning: two producers disagree.
 
 Shards are only ever added, each written whole to a temp file and renamed
 (`petal.storage.atomic_path`): a killed run loses at most the shard it was
@@ -22,6 +30,7 @@ embedded again. Temp files left by a killed writer are removed after an hour.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 import uuid
@@ -45,6 +54,8 @@ except ImportError:  # Windows: no advisory locks; see the module docstring
     fcntl = None
 
 PREPROCESS_VERSION = 1  # bump when petal.images changes what pixels come out
+FEATURE_RTOL = 1e-3  # |a - b| / |b| beyond this: two producers of one key's feature disagree
+PROVENANCE_KEY = b"petal.provenance"  # the shard metadata entry holding the producer's record
 DEFAULT_SHARD_ROWS = 512
 STALE_TEMP_SECONDS = 3600  # a writer's temp file older than this was left by a killed run
 
@@ -74,6 +85,32 @@ def table_rows(table: pa.Table, dim: int) -> tuple[list[str], np.ndarray]:
     return keys, flat.reshape(len(keys), dim).astype(np.float32, copy=False)
 
 
+def provenance(graph: Path) -> dict:
+    """What produces a feature: the graph, petal's preprocessing, the decoder and the runtime."""
+    import hashlib
+
+    import onnxruntime
+    import PIL
+    from PIL import features
+
+    return {"graph_sha256": hashlib.sha256(Path(graph).read_bytes()).hexdigest(),
+            "preprocess_version": PREPROCESS_VERSION, "pillow": PIL.__version__,
+            "libjpeg": features.version("libjpeg_turbo") or features.version("jpg"),
+            "onnxruntime": onnxruntime.__version__, "numpy": np.__version__}
+
+
+def fingerprint(record: dict) -> str:
+    """A short hash of a provenance record: the cache folder of its features."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def relative_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(N, D) and (N, D) -> (N,) |a - b| / |b|: how far two producers' features of one image are apart."""
+    return np.linalg.norm(a - b, axis=1) / np.maximum(np.linalg.norm(b, axis=1), 1e-12)
+
+
 def shard_name(tag: str = "") -> str:
     """A shard file name no other writer will pick (time, pid, random)."""
     return f"shard-{time.time_ns():020d}-{tag or os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
@@ -85,8 +122,11 @@ class EmbeddingCache:
     reads the embeddings of only the shards that hold a wanted key, into one (N, D) array.
     Shards of other datasets cost their keys, never their vectors."""
 
-    def __init__(self, root: Path, backbone: str, feature_dim: int) -> None:
-        self.dir = Path(root) / "embeddings" / f"{backbone}-p{PREPROCESS_VERSION}"
+    def __init__(self, root: Path, backbone: str, feature_dim: int, producer: dict | None = None) -> None:
+        """`producer`: the `provenance()` of what makes the features (None: a bare folder, for tests)."""
+        name = f"{backbone}-p{PREPROCESS_VERSION}" + (f"-{fingerprint(producer)}" if producer else "")
+        self.dir = Path(root) / "embeddings" / name
+        self.producer = producer
         self.feature_dim = feature_dim
         self._where: dict[str, int] = {}  # key -> shard number << 32 | row (any run's shards)
         self._names: list[str] = []  # shard number -> file name
@@ -149,6 +189,10 @@ class EmbeddingCache:
         return self._where
 
     stored_keys = index  # every key on disk, for a writer deciding what is new
+
+    def shard_of(self, key: str) -> str:
+        """The name of the shard holding `key` (indexed)."""
+        return self._names[self.index()[key] >> 32]
 
     def _add_shard(self, name: str, keys: list[str]) -> None:
         n = len(self._names) << 32
@@ -238,18 +282,36 @@ class ShardWriter:
             # may have written them since we loaded) and any key repeated in this
             # buffer. Under the lock, two writers never both decide a key is new.
             stored = self.cache.stored_keys()
-            rows, new = [], set()
+            rows, new, again = [], set(), []
             for i, k in enumerate(keys):
-                if k not in stored and k not in new:
+                if k in stored:
+                    again.append(i)
+                elif k not in new:
                     new.add(k)
                     rows.append(i)
+            self.compare([keys[i] for i in again], vecs[again])
             if rows:
                 table = shard_table([keys[i] for i in rows], vecs[rows], dim)
+                if self.cache.producer:
+                    table = table.replace_schema_metadata({PROVENANCE_KEY: json.dumps(self.cache.producer)})
                 name = shard_name(self.tag)
                 with atomic_path(self.cache.dir / name) as tmp:
                     pq.write_table(table, tmp)
                 self.cache._add_shard(name, table.column("key").to_pylist())
         self.keys, self.vecs = [], []
+
+    def compare(self, keys: list[str], vecs: np.ndarray) -> None:
+        """Keys written again (another run, a Beam copy-in): their new features against the stored
+        ones; a warning names how many differ beyond FEATURE_RTOL, and by how much."""
+        if not keys:
+            return
+        diff = relative_diff(vecs, self.cache.get(keys))
+        if (bad := diff > FEATURE_RTOL).any():
+            msg = (f"embedding cache: {int(bad.sum())} of {len(keys)} features written again differ from the "
+                   f"stored ones by up to {diff.max():.2%} (e.g. key {keys[int(diff.argmax())]}): two producers "
+                   f"disagree in {self.cache.dir}; `petal cache verify DATA` checks the cache against this machine")
+            self.cache.problems.append(msg)
+            warnings.warn(msg, stacklevel=3)
 
     def __enter__(self) -> ShardWriter:
         return self

@@ -180,7 +180,7 @@ def _from_folder(root: Path, reporter: Reporter | None = None) -> tuple[list[tup
     # class folders listed on a thread pool (listing waits on the disk, not the GIL), shown as they finish
     with ((reporter or Reporter()).progress(f"listing {root}", len(class_dirs)) as advance,
           ThreadPoolExecutor(LIST_THREADS, thread_name_prefix="petal-list") as pool):
-        for r, s, w in pool.map(lambda d: _from_class_folder(d, root_stat), class_dirs):
+        for r, s, w in pool.map(lambda d: _from_class_folder(d, root_stat, os.path.realpath(root)), class_dirs):
             rows += r
             skipped += s
             warnings += w
@@ -188,9 +188,10 @@ def _from_folder(root: Path, reporter: Reporter | None = None) -> tuple[list[tup
     return rows, skipped, warnings
 
 
-def _from_class_folder(d: Path, root_stat: os.stat_result) -> tuple[list[tuple[str, str]], list, list]:
-    """(path, class) rows, skipped and warnings of one class folder, walked down."""
-    rows, skipped = [], []
+def _from_class_folder(d: Path, root_stat: os.stat_result, root_real: str) -> tuple[list[tuple[str, str]], list, list]:
+    """(path, class) rows, skipped and warnings of one class folder, walked down. Images reached
+    through symbolic links that lead out of the data folder (`root_real`) are read, and said."""
+    rows, skipped, outside = [], [], []
     problem = label_problem(d.name)
     if problem:
         warning = f"class folder {str(d)!r} left out: {problem}"
@@ -214,6 +215,7 @@ def _from_class_folder(d: Path, root_stat: os.stat_result) -> tuple[list[tuple[s
             continue
         seen_dirs.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
+        dir_outside = not _inside(os.path.realpath(dirpath), root_real)  # reached through a folder link
         for fn in sorted(filenames):
             path = os.path.join(dirpath, fn)
             if fn.startswith("."):
@@ -221,8 +223,19 @@ def _from_class_folder(d: Path, root_stat: os.stat_result) -> tuple[list[tuple[s
             if Path(fn).suffix.lower() not in IMAGE_EXTENSIONS:
                 skipped.append((path, "not an image file extension"))
                 continue
+            if dir_outside or (os.path.islink(path) and not _inside(os.path.realpath(path), root_real)):
+                outside.append(path)
             rows.append((path, d.name))
-    return rows, skipped, [] if rows else [f"class folder {d.name!r} has no images; class left out"]
+    warnings = [] if rows else [f"class folder {d.name!r} has no images; class left out"]
+    if outside:
+        warnings.append(f"{len(outside)} image(s) of class {d.name!r} are reached through symbolic links that "
+                        f"lead out of the data folder (e.g. {outside[0]} -> {os.path.realpath(outside[0])}); "
+                        "they are read")
+    return rows, skipped, warnings
+
+
+def _inside(real_path: str, root_real: str) -> bool:
+    return real_path == root_real or real_path.startswith(root_real.rstrip(os.sep) + os.sep)
 
 
 def _join(base: str, uri: str) -> str:

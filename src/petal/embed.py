@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from petal.backbones import BackboneConfig
-from petal.cache import EmbeddingCache
+from petal.cache import EmbeddingCache, provenance
 from petal.errors import NothingUsableError
 from petal.hashmemo import HashMemo
 from petal.loader import Item, batches, iter_items
@@ -47,6 +47,16 @@ class EmbedResult:
         }
 
 
+def feature_cache(cfg: BackboneConfig, cache_dir: Path, on_message: Callable[[str], None] | None = None
+                  ) -> EmbeddingCache:
+    """The cache folder of the features this machine makes with `cfg`: named by the provenance
+    of the backbone graph (exported first if need be), the decoder and the runtime."""
+    from petal.onnx_graphs import backbone_onnx_path
+
+    graph = backbone_onnx_path(cfg, cache_dir, on_message)
+    return EmbeddingCache(cache_dir, cfg.name, cfg.feature_dim, provenance(graph))
+
+
 def require_usable(result: EmbedResult, total: int) -> None:
     """Raise if `total` images went in and none could be read: the local and the Beam path say it alike."""
     if total and not result.keys:
@@ -75,7 +85,7 @@ def embed(
 
     start = time.perf_counter()
     batch_size = batch_size or env_int("PETAL_EMBED_BATCH", DEFAULT_BATCH)
-    cache = EmbeddingCache(cache_dir, cfg.name, cfg.feature_dim)
+    cache = feature_cache(cfg, cache_dir, on_message)
     known = cache.load()  # key -> where; the vectors stay on disk
     added: set[str] = set()  # keys embedded in this run (a later byte-identical copy is cached)
     memo = HashMemo.open(cache_dir, source, rehash)

@@ -16,6 +16,8 @@ import numpy as np
 
 from petal.backbones import BackboneConfig
 from petal.bundle import TRAIN_KEYS, BundleInfo, Model, train_keys_digest, write_bundle
+from petal.cache import FEATURE_RTOL, EmbeddingCache, relative_diff
+from petal.embed import feature_cache
 from petal.errors import PetalError
 from petal.loader import iter_items
 from petal.predictions import Scores
@@ -46,19 +48,22 @@ def export_graph(
     calibration: dict | None = None,
     unknown: dict | None = None,
     atol: float = PARITY_ATOL,
+    checked: dict | None = None,
 ) -> Path:
     """Write `graph` (an onnx ModelProto, uint8 images -> probabilities, and ood_score and
     unknown when `unknown` describes them) as a bundle at `out`.
 
     `reference` is the trained model as trained; the bundle must agree with it on
     `parity_uris`, or nothing is written. `training` says how it was trained
-    ({"kind": "head"|"finetune", ...}); `calibration` and `unknown` go into petal.json.
+    ({"kind": "head"|"finetune", ...}); `calibration` and `unknown` go into petal.json;
+    `checked` (other checks passed before, e.g. the cached features) joins the parity record.
     """
     info = BundleInfo(name=name or Path(out).parent.name, backbone=cfg.identity(), preprocess=cfg.preprocess,
                       labels=classes, training=training, calibration=calibration, unknown=unknown,
                       metrics={k: v for k, v in (metrics or {}).items() if k != "confusion_matrix"})
     return write_bundle(out, graph.SerializeToString(), info,
-                        check=lambda model: check_parity(model, reference, parity_uris, atol=atol))
+                        check=lambda model: {**check_parity(model, reference, parity_uris, atol=atol),
+                                             **(checked or {})})
 
 
 def export_bundle(
@@ -83,6 +88,7 @@ def export_bundle(
 
     backbone_path = backbone_onnx_path(cfg, cache_dir)
     backbone = make_session(backbone_path)
+    cached = check_cached_features(feature_cache(cfg, cache_dir), backbone, cfg, parity_uris)
 
     def reference(pixels: np.ndarray) -> Scores:  # the backbone graph, then the torch head and numpy kNN
         features = backbone.run(["features"], {"images": pixels})[0]
@@ -98,7 +104,27 @@ def export_bundle(
                         reference=reference, parity_uris=parity_uris, metrics=metrics, name=name,
                         training={"kind": "head", "head": head.get_params(), TRAIN_KEYS: train_keys_digest(train_keys)},
                         calibration=calibration,
-                        unknown=unknown.to_dict() if unknown else None, atol=atol)
+                        unknown=unknown.to_dict() if unknown else None, atol=atol, checked=cached)
+
+
+def check_cached_features(cache: EmbeddingCache, backbone, cfg: BackboneConfig, uris: list[str],
+                          batch_size: int = 32) -> dict:
+    """The features the head was trained on (in the cache) against what the backbone computes
+    now, on the parity images: a cache filled by another producer is caught here, not in the
+    field. Raises PetalError past FEATURE_RTOL; returns the figures for petal.json."""
+    stored = cache.index()
+    items = [it for it in iter_items(uris, cfg.preprocess) if it.error is None and it.key in stored]
+    if not items:
+        return {"cached_features_checked": 0}
+    chunks = [np.stack([it.pixels for it in items[i:i + batch_size]]) for i in range(0, len(items), batch_size)]
+    now = np.concatenate([backbone.run(["features"], {"images": px})[0] for px in chunks])  # (N, D)
+    diff = relative_diff(now, cache.get([it.key for it in items]))
+    if (bad := diff > FEATURE_RTOL).any():
+        raise PetalError(f"export parity check failed: the cached features the head was trained on differ from "
+                         f"the backbone's by up to {diff.max():.2%} on {int(bad.sum())} of {len(items)} images (e.g. "
+                         f"{items[int(diff.argmax())].uri}); run `petal cache verify DATA` to see which shards; "
+                         "the bundle was not written")
+    return {"cached_features_checked": len(items), "cached_features_max_rel_diff": float(diff.max())}
 
 
 def check_parity(model: Model, reference: Reference, uris: list[str], atol: float = PARITY_ATOL,

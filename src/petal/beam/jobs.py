@@ -63,7 +63,7 @@ from petal.beam.transforms import (
 )
 from petal.bundle import Model
 from petal.cache import EmbeddingCache, arrow_schema, table_rows
-from petal.embed import EmbedResult, require_usable
+from petal.embed import EmbedResult, feature_cache, require_usable
 from petal.errors import PetalError
 from petal.predictions import CSV_HEADER
 from petal.preprocess import Preprocess
@@ -312,7 +312,7 @@ def beam_embed(ds: Dataset, backbone: str, cache_dir: Path | None, pipeline_args
     start = time.perf_counter()
     cfg = get_backbone(backbone)
     cache_dir = Path(cache_dir or default_cache_dir())
-    cache = EmbeddingCache(cache_dir, cfg.name, cfg.feature_dim)
+    cache = feature_cache(cfg, cache_dir)  # the launcher's producer; see docs/beam.md on the workers
     options = _options(pipeline_args)
     uris = [e.uri for e in ds.examples]
     check_worker_inputs(options, uris)
