@@ -525,10 +525,34 @@ def test_io_errors_do_not_set_good_shards_aside(tmp_path, monkeypatch):
             raise exc
         monkeypatch.setattr(pq, "read_table", fail)
         with pytest.raises(type(exc)):
-            cache.load()
+            EmbeddingCache(tmp_path, "b", 4).load()  # another run, reading the shard
         assert shard.exists() and not list(tmp_path.rglob("*.corrupt"))
     monkeypatch.undo()
     assert set(EmbeddingCache(tmp_path, "b", 4).load()) == {"k1", "k2"}
+
+
+def test_a_full_disk_is_one_clear_error_and_keeps_what_was_written(tmp_path, monkeypatch):
+    """(benchmarks/faults.py does it on a real tmpfs.)"""
+    import errno
+
+    import pyarrow.parquet as pq
+
+    from petal.cache import EmbeddingCache
+    from petal.errors import CacheError
+
+    cache = EmbeddingCache(tmp_path, "b", 4)
+    with cache.writer() as w:
+        w.add(["k1"], np.ones((1, 4), np.float32))
+
+    def full(*a, **kw):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pq, "write_table", full)
+    with pytest.raises(CacheError, match="no space left on the disk of .*: free some space .* run again to go on"):
+        with cache.writer() as w:
+            w.add(["k2"], np.ones((1, 4), np.float32))
+    monkeypatch.undo()
+    assert set(EmbeddingCache(tmp_path, "b", 4).load()) == {"k1"} and not list(tmp_path.rglob(".shard-*.tmp"))
 
 
 @pytest.mark.parametrize("location", ["w.bin", "../../../../etc/passwd", "/etc/passwd"])

@@ -30,6 +30,7 @@ embedded again. Temp files left by a killed writer are removed after an hour.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import time
@@ -295,8 +296,15 @@ class ShardWriter:
                 if self.cache.producer:
                     table = table.replace_schema_metadata({PROVENANCE_KEY: json.dumps(self.cache.producer)})
                 name = shard_name(self.tag)
-                with atomic_path(self.cache.dir / name) as tmp:
-                    pq.write_table(table, tmp)
+                try:
+                    with atomic_path(self.cache.dir / name) as tmp:
+                        pq.write_table(table, tmp)
+                except OSError as e:
+                    if e.errno != errno.ENOSPC:
+                        raise
+                    raise CacheError(f"embedding cache: no space left on the disk of {self.cache.dir}; the "
+                                     "features written before are kept: free some space (or give --cache on "
+                                     "another disk) and run again to go on") from None
                 self.cache._add_shard(name, table.column("key").to_pylist())
         self.keys, self.vecs = [], []
 
