@@ -47,6 +47,9 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
     unknown: Annotated[bool, typer.Option(help=(
         "Answer unknown for images unlike every class; --no-unknown always names the nearest class."))] = True,
+    precision: Annotated[Optional[str], typer.Option(help=(
+        "Run the models at this precision: bf16 runs fp32 bundles on OpenVINO; default: each bundle's own "
+        "(int8 for a bundle from petal export RUN --precision int8)."))] = None,
 ) -> None:
     """Serve models over HTTP (Cloud ML / TF Serving JSON API, upload endpoint, web page at /)."""
     from petal.serve.config import (
@@ -73,7 +76,7 @@ def serve(
         limits=Limits(int(max_body_mb * 1024 * 1024), max_images, max_pixels, timeout),
         batching=Batching(max_batch, batch_wait_ms),
         api_key=api_key_from_env(api_key, api_key_file), threads=threads, decode_workers=workers,
-        reject_unknown=unknown,
+        reject_unknown=unknown, precision=precision,
         vertex=vertex)
     check_port(host, port)
     if warning := exposure_warning(host, config.api_key):

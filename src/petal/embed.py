@@ -18,6 +18,7 @@ from petal.cache import EmbeddingCache
 from petal.errors import NothingUsableError
 from petal.loader import Item, batches, iter_items
 from petal.params import env_int
+from petal.precision import FP32, Engine
 
 DEFAULT_BATCH = 32  # images per backbone run; $PETAL_EMBED_BATCH overrides it
 
@@ -58,16 +59,17 @@ def embed(
     workers: int | None = None,
     on_progress: Callable[[int], None] | None = None,
     on_message: Callable[[str], None] | None = None,
+    precision: str = FP32,
+    calibration_uris: Sequence[str] | None = None,
 ) -> tuple[EmbedResult, EmbeddingCache]:
-    """Make sure every readable image in `uris` has an embedding in the cache.
+    """Make sure every readable image in `uris` has an embedding in the cache, at `precision`
+    (petal.precision; int8 calibrates on a sample of `calibration_uris`, default `uris`).
     `on_progress(n)` after each batch of n images; `on_message(text)` for news
     such as the one-off backbone export."""
-    from petal.onnx_graphs import backbone_onnx_path
-    from petal.runtime import make_session
-
     start = time.perf_counter()
     batch_size = batch_size or env_int("PETAL_EMBED_BATCH", DEFAULT_BATCH)
-    cache = EmbeddingCache(cache_dir, cfg.name, cfg.feature_dim)
+    engine = Engine.make(cfg, precision, uris if calibration_uris is None else calibration_uris)
+    cache = EmbeddingCache(cache_dir, engine.cache_tag, cfg.feature_dim)
     known = cache.load()
     result = EmbedResult()
     session = None  # built on the first batch that needs it: a warm run never exports
@@ -87,7 +89,7 @@ def embed(
                     todo.append(item)
             if todo:
                 if session is None:
-                    session = make_session(backbone_onnx_path(cfg, cache_dir, on_message))
+                    session = engine.session(cache_dir, on_message)
                 pixels = np.stack([t.pixels for t in todo])  # (B, S, S, 3) uint8
                 (features,) = session.run(["features"], {"images": pixels})  # (B, D)
                 writer.add([t.key for t in todo], np.array(features))  # own the memory

@@ -26,6 +26,7 @@ from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
 from petal.onnx_graphs import check_backbone
 from petal.params import Real, check_param
+from petal.precision import FP32, INT8, Engine, check_precision
 from petal.predictions import Scores
 from petal.progress import Reporter
 from petal.report import write_html_report
@@ -54,14 +55,16 @@ class TrainResult:
 
 
 def embed_dataset(ds: Dataset, backbone: str = DEFAULT_BACKBONE, cache_dir: Path | None = None,
-                  reporter: Reporter | None = None, workers: int | None = None):
-    """Embed every example; returns (EmbedResult, cache). Raises if nothing was usable."""
+                  reporter: Reporter | None = None, workers: int | None = None, precision: str = FP32):
+    """Embed every example at `precision` (int8 calibrates on the training split); returns
+    (EmbedResult, cache). Raises if nothing was usable."""
     reporter = reporter or Reporter()
     cfg = get_backbone(backbone)
     uris = [e.uri for e in ds.examples]
     with reporter.progress("embedding", len(uris)) as advance:
         result, cache = embed(uris, cfg, Path(cache_dir or default_cache_dir()),
-                              on_progress=advance, on_message=reporter.message, workers=workers)
+                              on_progress=advance, on_message=reporter.message, workers=workers,
+                              precision=precision, calibration_uris=[e.uri for e in ds.split(TRAIN)] or uris)
     require_usable(result, len(uris))
     return result, cache
 
@@ -83,14 +86,17 @@ def train(
     exclude: str | Path | None = None,
     relabel: str | Path | None = None,
     group: str | None = None,
+    precision: str = FP32,
     reporter: Reporter | None = None,
 ) -> TrainResult:
     """embed -> audit the data -> train the head -> calibrate it, fit the unknown detector ->
     evaluate -> export, into the run folder `out`. `keep`: the share of known images the
     unknown threshold keeps; `exclude`/`relabel`: reviewed audit findings (petal.review);
-    `group`: a regex whose capture keeps related images on one side of the split.
+    `group`: a regex whose capture keeps related images on one side of the split; `precision`:
+    the backbone's (petal.precision; the bundle is int8 for int8, fp32 otherwise).
     A finished run already in `out` is replaced only with `overwrite=True`."""
     check_param("keep", keep, Real(0.5, 1, high_open=True, what="a share in [0.5, 1)"))
+    check_precision(precision)
     reporter = reporter or Reporter()
     head = head or HeadClassifier()
     cfg = get_backbone(backbone)
@@ -101,7 +107,7 @@ def train(
     ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter)
     run.make(clear=overwrite)  # only once the data is known to be usable
 
-    result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers)
+    result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers, precision)
     run.write_split(ds, result.keys, result.failed)
     warnings = data_warnings(ds, result.keys, reporter)
     (tr, Xtr, ytr), (ev, Xev, yev) = split_arrays(ds, result.keys, cache)
@@ -111,7 +117,7 @@ def train(
         kind=HEAD, data=absolute(data), eval_data=absolute(eval_data) if eval_data else None,
         labels_file=absolute(labels_file) if labels_file else None, eval_percent=eval_percent,
         backbone=cfg.identity(), cache_dir=str(cache_dir), classes=ds.classes, params=head.get_params(),
-        extra={"keep": keep}))
+        extra={"keep": keep, "precision": precision}))
     fit_head(run, head, (Xtr, ytr), (Xev, yev), len(ds.classes), reporter)
     unknown = fit_trust(run, head, Xtr, ytr, keep, reporter)
     extra = {"num_train": len(tr), "train_accuracy": float((head.predict(Xtr) == ytr).mean()),
@@ -124,7 +130,7 @@ def train(
     if export:
         parity = parity_uris([e.uri for e in ev], [e.uri for e in tr])
         reporter.message(f"exporting and checking parity on {len(parity)} images")
-        model_dir = export_head(run, cfg, head, ds.classes, cache_dir, parity, metrics, unknown)
+        model_dir = export_head(run, cfg, head, ds.classes, cache_dir, parity, metrics, unknown, precision)
     return TrainResult(run.path, model_dir, metrics, {**result.summary(), "skipped": len(ds.skipped)}, warnings)
 
 
@@ -249,26 +255,46 @@ def fit_head(run: Run, head: HeadClassifier, train: tuple[np.ndarray, np.ndarray
 
 
 def export_head(run: Run, cfg: BackboneConfig, head: HeadClassifier, classes: list[str], cache_dir: Path,
-                parity: list[str], metrics: dict, unknown: KnnUnknown | None) -> Path:
+                parity: list[str], metrics: dict, unknown: KnnUnknown | None, precision: str = FP32) -> Path:
+    """RUN/model; a head trained on int8 features gets the very int8 backbone they came from."""
     from petal.export import export_bundle
 
+    engine = Engine.make(cfg, precision, [r["uri"] for r in run.split_rows() if r["split"] == TRAIN])
+    quantization = {**engine.record(), "trained_on": f"{INT8} features"} if precision == INT8 else None
     return export_bundle(run.model_dir, cfg=cfg, head=head, classes=classes, cache_dir=cache_dir,
                          parity_uris=parity, metrics=metrics, name=run.name, unknown=unknown,
-                         train_keys=run.train_keys())
+                         train_keys=run.train_keys(), engine=engine, quantization=quantization)
 
 
-def export_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Re-export RUN/model from a finished run folder, head or fine-tuned, with the parity check."""
+def export_run(run_dir: str | Path, cache_dir: str | Path | None = None, precision: str = FP32,
+               force: bool = False, reporter: Reporter | None = None) -> Path:
+    """Re-export RUN/model from a finished run folder, head or fine-tuned, with the parity check;
+    `precision="int8"`: RUN/model-int8 behind the int8 parity gate (`force` writes it even if it fails)."""
+    check_precision(precision, "--precision", (FP32, INT8))
     run = Run.open(run_dir)
     settings = run.settings()
     cfg = get_backbone(settings.backbone["name"])
     cache = Path(cache_dir or settings.cache_dir)
     if settings.kind == FINETUNE:
+        if precision != FP32:
+            raise PetalError("export --precision int8: only head runs (petal train) can be quantized for now")
         from petal.finetune.train import export_finetuned
 
         return export_finetuned(run, settings, cfg, cache)
-    return export_head(run, cfg, run.head(settings), settings.classes, cache, run.parity_uris(), run.metrics(),
-                       run.unknown())
+    if precision == FP32:  # as trained: a run trained on int8 features gets its int8 bundle again
+        return export_head(run, cfg, run.head(settings), settings.classes, cache, run.parity_uris(), run.metrics(),
+                           run.unknown(), settings.extra.get("precision", FP32))
+    from petal.export import export_int8
+
+    rows = run.split_rows()
+    ev = [r for r in rows if r["split"] == EVAL]
+    labels = np.array([settings.classes.index(r["label"]) for r in ev])
+    path, _ = export_int8(run.path / f"model-{INT8}", cfg=cfg, head=run.head(settings), cache_dir=cache,
+                          train_uris=[r["uri"] for r in rows if r["split"] == TRAIN],
+                          eval_uris=[r["uri"] for r in ev], eval_labels=labels, force=force,
+                          on_message=(reporter or Reporter()).message, classes=settings.classes,
+                          metrics=run.metrics(), name=run.name, unknown=run.unknown(), train_keys=run.train_keys())
+    return path
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,

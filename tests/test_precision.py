@@ -1,0 +1,114 @@
+"""Reduced precision (issue 14): int8 and bf16 features cached apart from fp32, the int8
+export's parity gate, and int8/bf16 bundles predicting through petal.load."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from petal.backbones import get_backbone
+from petal.bundle import load
+from petal.data import expand_inputs
+from petal.embed import embed
+from petal.errors import PetalError
+from petal.export import ExportRefused
+from petal.precision import Engine, calibration_order
+
+CFG = get_backbone("efficientnet_lite0")
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def int8_run(trained_run, cache_dir):
+    """The synthetic run's int8 bundle, exported through the gate's real thresholds."""
+    from petal.workflow import export_run
+
+    return export_run(trained_run.run_dir, cache_dir, precision="int8")
+
+
+def test_int8_features_are_cached_apart_and_close_to_fp32(dataset, cache_dir):
+    uris, _ = expand_inputs([str(dataset)])
+    fp32, fp32_cache = embed(uris, CFG, cache_dir)
+    int8, int8_cache = embed(uris, CFG, cache_dir, precision="int8")
+    assert int8_cache.dir != fp32_cache.dir and "int8" in int8_cache.dir.name
+    assert int8.keys == fp32.keys and int8.embedded + int8.cached == len(uris)
+    keys = sorted(set(fp32.keys.values()))
+    a, b = fp32_cache.get(keys), int8_cache.get(keys)
+    assert not np.array_equal(a, b)  # the int8 graph really ran
+    assert cosine(a, b).mean() > 0.95  # synthetic shapes; 0.993 on flowers
+    again, again_cache = embed(list(reversed(uris)), CFG, cache_dir, precision="int8")  # same calibration sample
+    assert again_cache.dir == int8_cache.dir and again.embedded == 0
+    assert np.array_equal(embed(uris, CFG, cache_dir)[1].get(keys), a)  # fp32 untouched
+
+
+def test_calibration_sample_does_not_depend_on_order():
+    uris = [f"/data/{i}.jpg" for i in range(300)]
+    assert calibration_order(uris) == calibration_order(uris[::-1])
+    assert Engine(CFG).cache_tag == CFG.name  # fp32 keeps the caches made before precisions existed
+
+
+def test_int8_export_passes_the_gate_and_predicts(int8_run, trained_run, dataset):
+    info = json.loads((int8_run / "petal.json").read_text())
+    q = info["quantization"]
+    assert q["precision"] == "int8" and q["calibration"]["images"] > 0
+    gate = q["gate"]
+    assert gate["passed"] and not gate["forced"] and gate["agreement"] >= 0.99 and gate["images"] > 0
+    assert (int8_run / "model.onnx").stat().st_size < 0.5 * (trained_run.model_dir / "model.onnx").stat().st_size
+    uris, _ = expand_inputs([str(dataset)])
+    int8 = load(int8_run).predict(uris[:12])  # the lean path: petal.load, onnxruntime only
+    fp32 = load(trained_run.model_dir).predict(uris[:12])
+    assert load(int8_run).precision == "int8"
+    assert sum(p.label == q.label for p, q in zip(int8, fp32)) >= 11
+
+
+def test_the_gate_refuses_with_figures_and_force_records_them(trained_run, cache_dir, tmp_path):
+    from petal.export import export_int8
+    from petal.run import Run
+
+    run = Run.open(trained_run.run_dir)
+    settings = run.settings()
+    rows = run.split_rows()
+    ev = [r for r in rows if r["split"] == "eval"]
+    args = dict(cfg=CFG, head=run.head(settings), cache_dir=cache_dir,
+                train_uris=[r["uri"] for r in rows if r["split"] == "train"], eval_uris=[r["uri"] for r in ev],
+                eval_labels=np.array([settings.classes.index(r["label"]) for r in ev]),
+                min_agreement=1.01, classes=settings.classes, unknown=run.unknown())  # no model can pass
+    with pytest.raises(ExportRefused, match="refused.*agrees with fp32.*--force") as refused:
+        export_int8(tmp_path / "m", **args)
+    assert not (tmp_path / "m").exists() and not refused.value.figures["passed"]
+    path, figures = export_int8(tmp_path / "m", force=True, **args)
+    gate = json.loads((path / "petal.json").read_text())["quantization"]["gate"]
+    assert gate["forced"] and not gate["passed"] and gate["agreement"] == figures["agreement"]
+    assert len(load(path).predict(args["eval_uris"])) == len(ev)
+
+
+def test_precision_mismatch_is_named(trained_run, int8_run):
+    with pytest.raises(PetalError, match="fp32 bundle.*export RUN --precision int8"):
+        load(trained_run.model_dir, precision="int8")
+    with pytest.raises(PetalError, match="int8 bundle"):
+        load(int8_run, precision="bf16")
+    with pytest.raises(PetalError, match="--precision: expected one of fp32, bf16, int8, got 'fp16'"):
+        load(trained_run.model_dir, precision="fp16")
+
+
+def bf16_available() -> bool:
+    try:
+        import openvino as ov
+    except ImportError:
+        return False
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+@pytest.mark.skipif(not bf16_available(), reason="needs openvino (petal[bf16]) and a CPU with bf16")
+def test_bf16_runs_the_fp32_bundle_on_openvino(trained_run, dataset):
+    uris, _ = expand_inputs([str(dataset)])
+    fp32, bf16 = load(trained_run.model_dir), load(trained_run.model_dir, precision="bf16")
+    assert bf16.precision == "bf16" and type(bf16.session).__name__ == "OpenVinoSession"
+    px = np.stack([fp32.pixels_from_bytes(open(u, "rb").read()) for u in uris[:16]])
+    a, b = fp32.predict_pixels(px), bf16.predict_pixels(px)
+    assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9 and np.abs(a - b).max() < 0.2
