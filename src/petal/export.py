@@ -85,18 +85,29 @@ def export_bundle(
     int8) merged with the head (its temperature included) and, with `unknown`, the unknown
     detector. `train_keys` (content keys of the training images) let `petal evaluate` warn
     about training images; `quantization` goes into petal.json."""
-    from petal.onnx_graphs import bundle_graph
-
     engine = engine if engine is not None and engine.precision == INT8 else Engine(cfg)  # bf16 is a runtime choice
-    backbone_path = engine.graph_path(cache_dir)
-    calibration = {"method": "temperature", "temperature": head.temperature_,
-                   "fitted_on": "out-of-fold logits of the training split"}
-    return export_graph(out, graph=bundle_graph(backbone_path, head.to_onnx(), unknown), cfg=cfg, classes=classes,
+    return export_graph(out, graph=head_bundle_graph(engine, head, unknown, cache_dir), cfg=cfg, classes=classes,
                         reference=head_reference(engine.session(cache_dir), head, unknown),
-                        parity_uris=parity_uris, metrics=metrics, name=name,
-                        training={"kind": "head", "head": head.get_params(), TRAIN_KEYS: train_keys_digest(train_keys)},
-                        calibration=calibration, unknown=unknown.to_dict() if unknown else None,
-                        quantization=quantization, atol=atol)
+                        parity_uris=parity_uris, metrics=metrics, name=name, quantization=quantization, atol=atol,
+                        **head_bundle_fields(head, unknown, train_keys))
+
+
+def head_bundle_graph(engine: Engine, head: HeadClassifier, unknown: KnnUnknown | None, cache_dir: Path,
+                      int8_weights: bool = False) -> onnx.ModelProto:
+    """The engine's backbone graph + the head (+ the unknown detector); `int8_weights`: their
+    large float weights stored as int8 (onnx_graphs.int8_weights)."""
+    from petal import onnx_graphs
+
+    graph = onnx_graphs.bundle_graph(engine.graph_path(cache_dir), head.to_onnx(), unknown)
+    return onnx_graphs.int8_weights(graph) if int8_weights else graph
+
+
+def head_bundle_fields(head: HeadClassifier, unknown: KnnUnknown | None, train_keys: Iterable[str]) -> dict:
+    """What petal.json says of a head bundle: how it was trained, calibrated, and decides unknown."""
+    return {"training": {"kind": "head", "head": head.get_params(), TRAIN_KEYS: train_keys_digest(train_keys)},
+            "calibration": {"method": "temperature", "temperature": head.temperature_,
+                            "fitted_on": "out-of-fold logits of the training split"},
+            "unknown": unknown.to_dict() if unknown else None}
 
 
 def head_reference(backbone, head: HeadClassifier, unknown: KnnUnknown | None) -> Reference:
@@ -156,20 +167,30 @@ class ExportRefused(PetalError):
         self.figures = figures
 
 
-def export_int8(out: Path, *, cfg: BackboneConfig, head: HeadClassifier, cache_dir: Path,
-                train_uris: list[str], eval_uris: list[str], eval_labels: np.ndarray, force: bool = False,
-                min_agreement: float = MIN_AGREEMENT, max_drop_pt: float = MAX_ACCURACY_DROP_PT,
-                on_message: Callable[[str], None] | None = None, **bundle: Any) -> tuple[Path, dict]:
-    """An int8 bundle of a head run at `out`, behind a parity gate: on the eval images (labels
-    `eval_labels`, class ids), its top-1 must agree with the fp32 model's on >= `min_agreement`
-    and its accuracy drop <= `max_drop_pt` points, or ExportRefused says by how much and nothing
-    is written; `force` writes it anyway. The figures go into petal.json's "quantization".
-    `bundle`: the rest of export_bundle's arguments. Returns (the bundle, the figures)."""
+def export_int8(out: Path, *, cfg: BackboneConfig, head: HeadClassifier, classes: list[str], cache_dir: Path,
+                train_uris: list[str], eval_uris: list[str], eval_labels: np.ndarray, unknown: KnnUnknown | None = None,
+                train_keys: Iterable[str] = (), force: bool = False, min_agreement: float = MIN_AGREEMENT,
+                max_drop_pt: float = MAX_ACCURACY_DROP_PT, on_message: Callable[[str], None] | None = None,
+                **info: Any) -> tuple[Path, dict]:
+    """An int8 bundle of a head run at `out`: the int8 backbone calibrated on `train_uris`, the head
+    and unknown detector with int8 weights. On the eval images (labels `eval_labels`, class ids) its
+    top-1 must agree with the fp32 model's on >= `min_agreement` and its accuracy drop <=
+    `max_drop_pt` points, or ExportRefused says by how much and nothing is written; `force` writes
+    it anyway. The figures go into petal.json's "quantization"; `info`: export_graph's metrics and
+    name. Returns (the bundle, the figures)."""
+    from petal.runtime import make_session
+
     if not eval_uris:
         raise PetalError("export --precision int8: the run has no eval images to prove the int8 model on")
     engine = Engine.make(cfg, INT8, train_uris)
-    fp32 = head_reference(Engine(cfg).session(cache_dir, on_message), head, bundle.get("unknown"))
-    int8 = head_reference(engine.session(cache_dir, on_message), head, bundle.get("unknown"))
+    graph = head_bundle_graph(engine, head, unknown, cache_dir, int8_weights=True)
+    session = make_session(graph.SerializeToString())
+    outputs = [o.name for o in session.get_outputs()]
+
+    def int8(pixels: np.ndarray) -> Scores:  # the very graph the bundle will hold
+        return Scores(*session.run(outputs, {"images": pixels}))
+
+    fp32 = head_reference(Engine(cfg).session(cache_dir, on_message), head, unknown)
     figures = parity_gate(fp32, int8, read_pixels(eval_uris, cfg), eval_labels, min_agreement, max_drop_pt)
     figures["forced"] = force and not figures["passed"]
     if not (figures["passed"] or force):
@@ -179,8 +200,9 @@ def export_int8(out: Path, *, cfg: BackboneConfig, head: HeadClassifier, cache_d
             f"is {figures['accuracy']:.2%} vs {figures['accuracy_fp32']:.2%} (a drop of "
             f"{figures['accuracy_drop_pt']:.2f} points, at most {max_drop_pt} allowed); nothing was written. "
             "--force writes it anyway, with these figures in petal.json", figures)
-    path = export_bundle(out, cfg=cfg, head=head, cache_dir=cache_dir, parity_uris=eval_uris, engine=engine,
-                         quantization={**engine.record(), "gate": figures}, **bundle)
+    path = export_graph(out, graph=graph, cfg=cfg, classes=classes, reference=int8, parity_uris=eval_uris,
+                        quantization={**engine.record(), "gate": figures},
+                        **head_bundle_fields(head, unknown, train_keys), **info)
     return path, figures
 
 

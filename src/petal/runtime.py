@@ -11,9 +11,10 @@ if TYPE_CHECKING:
     import onnxruntime as ort
 
 
-def make_session(path: str | Path, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
-    """`spin=False` stops idle ORT threads busy-waiting, which helps when decode
-    threads or other requests share the cores (a server, a pipeline)."""
+def make_session(path: str | Path | bytes, threads: int | None = None, spin: bool = True) -> ort.InferenceSession:
+    """`path`: an .onnx file, or a serialized graph. `spin=False` stops idle ORT threads
+    busy-waiting, which helps when decode threads or other requests share the cores (a server,
+    a pipeline)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -22,4 +23,4 @@ def make_session(path: str | Path, threads: int | None = None, spin: bool = True
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.intra_op_num_threads = threads or env_int("PETAL_ORT_THREADS", 0, low=0)  # 0: all cores
     so.log_severity_level = 3  # errors only
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so, providers=["CPUExecutionProvider"])
