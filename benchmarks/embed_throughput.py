@@ -8,6 +8,8 @@ Prints, measured side by side on the same images:
   1 / (1 / inference + 1 / (decode per core x cores)) images/s;
 - baseline: a straightforward single-process loop (read, PIL decode, resize, batch of 32);
 - petal embed at fp32, bf16 and int8, each from an empty cache, and its share of the limit;
+  beside each rate, the CPU time an image took (all threads), which other processes on a
+  shared machine disturb less than the wall clock;
 - for bf16 and int8: the feature cosine to fp32, and for each precision the eval accuracy of a
   head trained on that precision's features (FOLDER must then hold class folders).
 The backbone graph is exported and quantized before timing: those are one-off costs.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import tempfile
 import time
@@ -52,19 +55,28 @@ def baseline(uris: list[str], onnx_path: Path, size: int) -> float:
     return len(uris) / (time.perf_counter() - start)
 
 
-def fp32_limit(uris: list[str], onnx_path: Path, cfg) -> tuple[float, float, float]:
-    """(inference img/s on pre-decoded batches, decode img/s on one core, the limit on all cores)."""
+def cpu_seconds() -> float:
+    """CPU time this process has used (all threads): less sensitive than wall time to other
+    processes sharing the machine."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def fp32_limit(uris: list[str], onnx_path: Path, cfg) -> tuple[float, float, float, float]:
+    """(inference img/s on pre-decoded batches, decode img/s on one core, the limit on all cores,
+    the CPU ms an image of the two together)."""
     sample = uris[:256]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     pixels = np.stack([load_pixels(Path(u).read_bytes(), cfg.preprocess) for u in sample])
-    decode = len(sample) / (time.perf_counter() - start)
+    decode, decode_cpu = len(sample) / (time.perf_counter() - start), (cpu_seconds() - cpu) / len(sample)
     session = make_session(onnx_path)
     session.run(["features"], {"images": pixels[:32]})  # warm up
-    start = time.perf_counter()
-    for i in range(0, len(pixels) - 31, 32):
+    n = len(pixels) // 32 * 32
+    start, cpu = time.perf_counter(), cpu_seconds()
+    for i in range(0, n, 32):
         session.run(["features"], {"images": pixels[i:i + 32]})
-    infer = (len(pixels) // 32 * 32) / (time.perf_counter() - start)
-    return infer, decode, 1 / (1 / infer + 1 / (decode * (os.cpu_count() or 1)))
+    infer, infer_cpu = n / (time.perf_counter() - start), (cpu_seconds() - cpu) / n
+    return infer, decode, 1 / (1 / infer + 1 / (decode * (os.cpu_count() or 1))), 1000 * (infer_cpu + decode_cpu)
 
 
 def head_accuracy(ds, keys: dict[str, str], cache) -> float:
@@ -92,10 +104,10 @@ def main() -> None:
     graph = Engine(cfg).graph_path(default_cache_dir())
     print(f"{len(uris)} images from {args.folder}, backbone {cfg.name}, {os.cpu_count()} cores")
 
-    infer, decode, limit = fp32_limit(uris, graph, cfg)
+    infer, decode, limit, limit_cpu = fp32_limit(uris, graph, cfg)
     print(f"fp32 inference alone (batch 32) : {infer:7.1f} img/s")
     print(f"decode (load_pixels, one core)  : {decode:7.1f} img/s")
-    print(f"fp32 limit, sharing the cores   : {limit:7.1f} img/s")
+    print(f"fp32 limit, sharing the cores   : {limit:7.1f} img/s ({limit_cpu:.1f} CPU ms an image)")
     print(f"baseline single-process loop    : {baseline(uris, graph, cfg.input_size):7.1f} img/s")
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -105,12 +117,13 @@ def main() -> None:
         fp32_features = None
         for precision in (p for p in PRECISIONS if p not in args.skip):
             Engine.make(cfg, precision, train_uris).graph_path(Path(tmp))  # quantize before timing
+            cpu = cpu_seconds()
             result, cache = embed(uris, cfg, Path(tmp), precision=precision, calibration_uris=train_uris)
-            rate = result.summary()["total"] / result.seconds
+            rate, cpu = len(uris) / result.seconds, 1000 * (cpu_seconds() - cpu) / len(uris)
             keys = sorted(set(result.keys.values()))
             features = cache.get(keys)
-            line = f"petal embed {precision} (cold cache) : {rate:7.1f} img/s"
-            line += f" ({rate / limit:.2f} of the fp32 limit)" if precision == "fp32" else ""
+            line = f"petal embed {precision} (cold cache) : {rate:7.1f} img/s ({cpu:.1f} CPU ms an image)"
+            line += f", {rate / limit:.2f} of the fp32 limit" if precision == "fp32" else ""
             if fp32_features is None:
                 fp32_features = features
             else:

@@ -4,6 +4,10 @@ export's parity gate, and int8/bf16 bundles predicting through petal.load."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -25,10 +29,13 @@ def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def int8_run(trained_run, cache_dir):
-    """The synthetic run's int8 bundle, exported through the gate's real thresholds."""
-    from petal.workflow import export_run
-
-    return export_run(trained_run.run_dir, cache_dir, precision="int8")
+    """The synthetic run's int8 bundle, exported by the CLI through the gate's real thresholds."""
+    args = ["export", str(trained_run.run_dir), "--precision", "int8", "--cache", str(cache_dir)]
+    r = subprocess.run([sys.executable, "-m", "petal.cli", *args], capture_output=True, text=True,
+                       env={**os.environ, "COLUMNS": "200"})
+    assert r.returncode == 0, r.stderr
+    assert re.search(r"top-1 agreement 100\.00%.*img/s; model\.onnx [0-9.]+ MB \(0\.\d+ of fp32\)", r.stdout)
+    return trained_run.run_dir / "model-int8"
 
 
 def test_int8_features_are_cached_apart_and_close_to_fp32(dataset, cache_dir):
@@ -112,3 +119,38 @@ def test_bf16_runs_the_fp32_bundle_on_openvino(trained_run, dataset):
     px = np.stack([fp32.pixels_from_bytes(open(u, "rb").read()) for u in uris[:16]])
     a, b = fp32.predict_pixels(px), bf16.predict_pixels(px)
     assert (a.argmax(1) == b.argmax(1)).mean() >= 0.9 and np.abs(a - b).max() < 0.2
+
+
+def test_int8_weights_store_large_matrices_as_int8_within_half_a_step():
+    from onnx import numpy_helper
+
+    from petal.onnx_graphs import head_graph, int8_weights
+    from petal.runtime import make_session
+
+    rng = np.random.default_rng(0)
+    layers = [(rng.normal(size=(512, 256)).astype(np.float32), rng.normal(size=256).astype(np.float32)),
+              (rng.normal(size=(256, 3)).astype(np.float32), np.zeros(3, np.float32))]  # the second stays float
+    graph = head_graph(layers, 512)
+    x = rng.normal(size=(8, 512)).astype(np.float32)
+    data = graph.SerializeToString()
+    before = make_session(data).run(["probabilities"], {"features": x})[0]
+    small = int8_weights(graph)
+    kinds = {t.name: numpy_helper.to_array(t).dtype for t in small.graph.initializer}
+    assert kinds["head_w0_int8"] == np.int8 and kinds["head_w1"] == np.float32 and "head_w0" not in kinds
+    after = make_session(small.SerializeToString()).run(["probabilities"], {"features": x})[0]
+    assert np.array_equal(before.argmax(1), after.argmax(1)) and np.abs(before - after).max() < 0.05
+    assert len(small.SerializeToString()) < 0.3 * len(data)
+
+
+@pytest.mark.slow
+def test_train_on_int8_features_exports_the_int8_backbone_they_came_from(dataset, cache_dir, tmp_path):
+    from petal.head import HeadClassifier
+    from petal.workflow import export_run, train
+
+    r = train(dataset, tmp_path / "run", cache_dir=cache_dir, eval_percent=25.0, precision="int8",
+              head=HeadClassifier(epochs=5, seed=0))
+    q = json.loads((r.model_dir / "petal.json").read_text())["quantization"]
+    assert q["precision"] == "int8" and q["trained_on"] == "int8 features"
+    assert r.embed["cached"] + r.embed["embedded"] == 48
+    again = export_run(r.run_dir)  # a plain re-export keeps the run's precision, and its parity check
+    assert json.loads((again / "petal.json").read_text())["quantization"]["calibration"] == q["calibration"]

@@ -207,7 +207,7 @@ def bundle_graph(backbone_path: Path, head: onnx.ModelProto, unknown: KnnUnknown
 
 
 def int8_weights(model: onnx.ModelProto, min_elements: int = 1 << 16) -> onnx.ModelProto:
-    """The graph with its large float matrices (the head's dense layers, the unknown detector's
+    """The graph (changed in place) with its large float matrices (the head's dense layers, the unknown detector's
     bank; (rows, cols) with >= min_elements) stored as int8 with one scale per column, and a
     DequantizeLinear in the graph giving back the float32 tensor under its old name: a quarter
     of float32's size, with an error of at most half a step (1/254 of the column's largest value)."""

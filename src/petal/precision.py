@@ -164,8 +164,8 @@ class Engine:
         return path
 
     def session(self, cache_dir: Path, on_message: Callable[[str], None] | None = None,
-                threads: int | None = None) -> ort.InferenceSession | OpenVinoSession:
-        return session_for(self.graph_path(cache_dir, on_message), self.precision, threads)
+                threads: int | None = None, spin: bool = True) -> ort.InferenceSession | OpenVinoSession:
+        return session_for(self.graph_path(cache_dir, on_message), self.precision, threads, spin)
 
     def record(self) -> dict:
         """What a bundle or run records of how its features were computed."""
