@@ -552,12 +552,9 @@ def predict(
     check_runner(runner, ctx.args)
     if errors:
         check_output(errors, "errors")
-    inputs = list(inputs or [])
-    if url:  # no local model: the first argument is an input too
-        if (Path(model) / "petal.json").is_file():
-            raise PetalError(f"predict: give a model bundle or --url, not both ({model} is a bundle)")
-        inputs.insert(0, model)
-    uris, problems = expand_inputs(inputs)
+    if url and (Path(model) / "petal.json").is_file():
+        raise PetalError(f"predict: give a model bundle or --url, not both ({model} is a bundle)")
+    uris, problems = expand_inputs([model, *(inputs or [])] if url else list(inputs or []))  # --url: no local model
     for p in problems:
         err.print(f"warning: {p}", style="yellow", markup=False)
     if not uris:
@@ -577,8 +574,7 @@ def predict(
     else:
         from petal.bundle import load
 
-        preds = load(model, reject_unknown=unknown, precision=precision).iter_predict(uris, top_k=top_k,
-                                                                                     workers=workers)
+        preds = load(model, unknown, precision).iter_predict(uris, top_k=top_k, workers=workers)
     if output:
         n, failed = write_predictions(Path(output), preds)
         out.print(f"{n} predictions written to {output}, {len(failed)} failed")

@@ -92,14 +92,11 @@ def train(
     """embed -> audit the data -> train the head -> calibrate it, fit the unknown detector ->
     evaluate -> export, into the run folder `out`. `keep`: the share of known images the
     unknown threshold keeps; `exclude`/`relabel`: reviewed audit findings (petal.review);
-    `group`: a regex whose capture keeps related images on one side of the split; `precision`:
-    the backbone's (petal.precision; the bundle is int8 for int8, fp32 otherwise).
-    A finished run already in `out` is replaced only with `overwrite=True`."""
+    `group`: a regex whose capture keeps related images on one side of the split; `precision`: the
+    backbone's (an int8 one makes an int8 bundle). A finished run in `out` is replaced only with `overwrite`."""
     check_param("keep", keep, Real(0.5, 1, high_open=True, what="a share in [0.5, 1)"))
+    reporter, head, cfg = reporter or Reporter(), head or HeadClassifier(), get_backbone(backbone)
     check_precision(precision)
-    reporter = reporter or Reporter()
-    head = head or HeadClassifier()
-    cfg = get_backbone(backbone)
     cache_dir = Path(cache_dir or default_cache_dir())
     check_backbone(cfg, cache_dir)  # before the data scan: a missing weights package is said at once
     run = Run.create(out, data, overwrite)
@@ -284,6 +281,9 @@ def export_run(run_dir: str | Path, cache_dir: str | Path | None = None, precisi
     if precision == FP32:  # as trained: a run trained on int8 features gets its int8 bundle again
         return export_head(run, cfg, run.head(settings), settings.classes, cache, run.parity_uris(), run.metrics(),
                            run.unknown(), settings.extra.get("precision", FP32))
+    if settings.extra.get("precision") == INT8:
+        raise PetalError(f"export --precision int8: {run.path} was trained on int8 features, so {run.model_dir} "
+                         "is int8 already; `petal export RUN` rebuilds it")
     from petal.export import export_int8
 
     rows = run.split_rows()
