@@ -65,6 +65,7 @@ def test_int8_export_passes_the_gate_and_predicts(int8_run, trained_run, dataset
     assert q["precision"] == "int8" and q["calibration"]["images"] > 0
     gate = q["gate"]
     assert gate["passed"] and not gate["forced"] and gate["agreement"] >= 0.99 and gate["images"] > 0
+    assert gate["unknown_agreement"] >= 0.9  # the int8 bank and scores say "unknown" where fp32's do
     assert (int8_run / "model.onnx").stat().st_size < 0.5 * (trained_run.model_dir / "model.onnx").stat().st_size
     uris, _ = expand_inputs([str(dataset)])
     int8 = load(int8_run).predict(uris[:12])  # the lean path: petal.load, onnxruntime only

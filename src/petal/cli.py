@@ -195,8 +195,9 @@ def print_quantized(path: Path) -> None:
     g = read_info(path).quantization["gate"]
     size, fp32 = (path / "model.onnx").stat().st_size, path.parent / "model" / "model.onnx"
     ratio = f" ({size / fp32.stat().st_size:.2f} of fp32)" if fp32.is_file() else ""
+    unknown = f", same 'unknown' answer {g['unknown_agreement']:.2%}" if g.get("unknown_agreement") is not None else ""
     out.print(f"int8 vs fp32 on {g['images']} eval images: top-1 agreement {g['agreement']:.2%}, accuracy "
-              f"{g['accuracy']:.2%} vs {g['accuracy_fp32']:.2%}; {g['images_per_second']:.0f} vs "
+              f"{g['accuracy']:.2%} vs {g['accuracy_fp32']:.2%}{unknown}; {g['images_per_second']:.0f} vs "
               f"{g['images_per_second_fp32']:.0f} img/s; model.onnx {size / 1e6:.1f} MB{ratio}"
               + ("; FAILED the gate, written with --force" if g["forced"] else ""), markup=False)
 
@@ -564,6 +565,8 @@ def predict(
 
         if output is None:
             raise PetalError("output: --runner beam needs --output PREFIX (e.g. gs://bucket/preds)")
+        if precision:
+            raise PetalError("--precision: --runner beam runs each bundle at its own precision; leave it out")
         summary = beam_predict(Path(model), uris, output, ctx.args, top_k=top_k, reject_unknown=unknown)
         print(json.dumps(summary))
         return

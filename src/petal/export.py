@@ -218,17 +218,20 @@ def read_pixels(uris: list[str], cfg: BackboneConfig) -> np.ndarray:
 def parity_gate(reference: Reference, candidate: Reference, pixels: np.ndarray, labels: np.ndarray,
                 min_agreement: float, max_drop_pt: float, batch_size: int = 32) -> dict:
     """Top-1 agreement and accuracy of `candidate` vs `reference` on pixels (N, S, S, 3) with
-    true class ids `labels` (N,), and each one's speed on these batches."""
-    top1, rate = {}, {}
+    true class ids `labels` (N,); how often they agree on "unknown" where both decide it; and
+    each one's img/s on these batches (the reference runs its head in torch, not in the graph)."""
+    scores, rate = {}, {}
     for name, model in (("fp32", reference), ("int8", candidate)):
         start = time.perf_counter()
-        top1[name] = np.concatenate([model(pixels[i:i + batch_size]).probabilities.argmax(1)
-                                     for i in range(0, len(pixels), batch_size)])
+        scores[name] = Scores.concat([model(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)], 0)
         rate[name] = len(pixels) / (time.perf_counter() - start)
+    top1 = {name: s.probabilities.argmax(1) for name, s in scores.items()}
     agreement = float((top1["int8"] == top1["fp32"]).mean())
     acc_fp32, acc = float((top1["fp32"] == labels).mean()), float((top1["int8"] == labels).mean())
     drop = round(100 * (acc_fp32 - acc), 4)
+    unknown = None if scores["int8"].unknown is None or scores["fp32"].unknown is None else \
+        float((scores["int8"].unknown == scores["fp32"].unknown).mean())
     return {"images": len(pixels), "agreement": agreement, "accuracy": acc, "accuracy_fp32": acc_fp32,
             "accuracy_drop_pt": drop, "min_agreement": min_agreement, "max_accuracy_drop_pt": max_drop_pt,
-            "passed": agreement >= min_agreement and drop <= max_drop_pt,
+            "passed": agreement >= min_agreement and drop <= max_drop_pt, "unknown_agreement": unknown,
             "images_per_second": round(rate["int8"], 1), "images_per_second_fp32": round(rate["fp32"], 1)}
