@@ -75,7 +75,7 @@ def embed(
     session = None  # built on the first batch that needs it: a warm run never exports
 
     with cache.writer() as writer:
-        items = iter_items(uris, cfg.preprocess, skip=known.__contains__, workers=workers)
+        items = iter_items(uris, cfg.preprocess, skip=known.__contains__, workers=workers, yield_cpu=True)
         for batch in batches(items, batch_size):
             todo: list[Item] = []
             for item in batch:
