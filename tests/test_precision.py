@@ -155,3 +155,19 @@ def test_train_on_int8_features_exports_the_int8_backbone_they_came_from(dataset
     assert r.embed["cached"] + r.embed["embedded"] == 48
     again = export_run(r.run_dir)  # a plain re-export keeps the run's precision, and its parity check
     assert json.loads((again / "petal.json").read_text())["quantization"]["calibration"] == q["calibration"]
+
+
+def test_bf16_says_why_not_without_openvino_or_without_bf16(model_dir, monkeypatch):
+    import types
+
+    monkeypatch.setitem(sys.modules, "openvino", None)  # not installed
+    with pytest.raises(PetalError, match=r"OpenVINO, which is not installed: pip install 'petal\[bf16\]'"):
+        load(model_dir, precision="bf16")
+
+    class Core:  # an OpenVINO on a CPU without bf16 instructions
+        def get_property(self, device: str, name: str) -> list[str]:
+            return ["FP32", "INT8"]
+
+    monkeypatch.setitem(sys.modules, "openvino", types.SimpleNamespace(Core=Core))
+    with pytest.raises(PetalError, match="this CPU has no bf16 instructions.*use --precision fp32 or int8"):
+        load(model_dir, precision="bf16")

@@ -2,7 +2,7 @@
 
 - fp32: the backbone graph as exported, on ONNX Runtime (the reference).
 - bf16: the same graph on OpenVINO with bf16 inference (`pip install 'petal[bf16]'`), where
-  the CPU has bf16 instructions (AVX-512 BF16 or AMX). 1.5-2x fp32's speed; features within
+  the CPU has bf16 instructions (AVX-512 BF16 or AMX). About 1.5x fp32's speed; features within
   a few percent (cosine 0.999 on flowers).
 - int8: the graph quantized by ONNX Runtime, calibrated on the user's own training images
   (`quantize_backbone`, the recipe below). Runs on plain onnxruntime.
@@ -61,18 +61,19 @@ def quantize_backbone(fp32_path: Path, out: Path, pixels: np.ndarray) -> None:
     ((N, S, S, 3) uint8, the user's training images).
 
     What was tried on tf_flowers (Lite0; feature cosine to fp32 on the eval images, and the top-1
-    agreement of the run's head with fp32; fp32 ~200 img/s alone):
-    - Conv-only static quantization (the naive one): cosine 0.82, 86 img/s: every residual Add
-      stays float, so each block goes int8 -> float -> int8 and the layout flips (NCHW/NHWC).
+    agreement of the run's head with fp32; speeds on pre-decoded batches):
+    - Conv-only static quantization (the naive one): cosine 0.82, no faster than fp32: every
+      residual Add stays float, so each block goes int8 -> float -> int8 and the layout flips.
     - All of the trunk in QDQ after `quant_pre_process` (Conv, Add, ReLU6 folded into the ranges,
-      the pooling): cosine 0.993, agreement 98.95%, 0.5 pt accuracy lost; ~1.4x fp32's speed.
+      the pooling): cosine 0.993, agreement 98.95%, 0.5 pt accuracy lost; 280 vs 200 img/s.
       Percentile or entropy calibration, moving-average ranges, 512 calibration images instead of
       128, symmetric int8 activations: no better (0.992-0.994).
     - Keeping a conv in float without its ReLU6 quantizes the ReLU6's input on the conv's whole
       range: worse (0.92-0.98). A float conv keeps its ReLU6 in float too.
     - Keeping the first convs in float, the stem and block 0's depthwise conv (they work at 112x112
       on the picture itself, and all 16 blocks inherit their error): cosine 0.9955, agreement
-      99.5%, no accuracy lost, speed kept. This is the recipe. One more conv: 0.996, more: slower.
+      99.5%, no accuracy lost, speed kept. This is the recipe. More convs in float (3, 4, 7):
+      cosine 0.996-0.997 but no better at the gate.
     """
     import onnx
     from onnxruntime.quantization import (
