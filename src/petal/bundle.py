@@ -195,18 +195,20 @@ def damaged(path: Path, e: Exception) -> PetalError:
 
 class Model:
     """An exported bundle, ready to predict. `reject_unknown=False` never calls an image
-    unknown (its ood_score is still reported)."""
+    unknown (its ood_score is still reported). `precision`: None runs the bundle as it is
+    (fp32, or int8 if it was quantized); "bf16" runs an fp32 bundle on OpenVINO in bf16."""
 
     def __init__(self, path: str | Path, threads: int | None = None, spin: bool = True,
-                 reject_unknown: bool = True) -> None:
-        from petal.runtime import make_session
+                 reject_unknown: bool = True, precision: str | None = None) -> None:
+        from petal.precision import bundle_precision, session_for
 
         self.path = Path(path)
         self.reject_unknown = reject_unknown
         self.info = read_info(self.path)
+        self.precision = bundle_precision(self.path, self.info.quantization, precision)
         try:
             self.labels: list[str] = (self.path / "labels.txt").read_text(encoding="utf-8").splitlines()
-            self.session = make_session(self.path / "model.onnx", threads, spin)
+            self.session = session_for(self.path / "model.onnx", self.precision, threads, spin)
         except PetalError:  # refused, with its reason
             raise
         except Exception as e:  # noqa: BLE001 - OS and ONNX Runtime errors alike
@@ -264,6 +266,6 @@ class Model:
         return list(self.iter_predict([str(u) for u in uris], top_k, **kw))
 
 
-def load(path: str | Path, reject_unknown: bool = True) -> Model:
-    """Load an exported bundle folder (e.g. `runs/flowers/model`)."""
-    return Model(path, reject_unknown=reject_unknown)
+def load(path: str | Path, reject_unknown: bool = True, precision: str | None = None) -> Model:
+    """Load an exported bundle folder (e.g. `runs/flowers/model`); `precision` as in Model."""
+    return Model(path, reject_unknown=reject_unknown, precision=precision)

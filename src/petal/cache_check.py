@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from petal.backbones import REGISTRY, BackboneConfig
-from petal.cache import FEATURE_RTOL, PROVENANCE_KEY, EmbeddingCache, fingerprint, provenance, relative_diff
+from petal.cache import FEATURE_RTOL, PROVENANCE_KEY, EmbeddingCache, relative_diff
 from petal.data import load_dataset
 from petal.embed import feature_cache
 from petal.loader import batches, iter_items
@@ -30,8 +30,8 @@ def cache_info(cache_dir: Path) -> list[dict]:
     and whether this machine's backbone graphs still produce it (`current`)."""
     import pyarrow.parquet as pq
 
-    current = {fingerprint(provenance(p)) for cfg in REGISTRY.values()
-               if (p := Path(cache_dir) / "models" / f"{cfg.name}-g{GRAPH_VERSION}.onnx").is_file()}
+    current = {feature_cache(cfg, cache_dir).dir.name for cfg in REGISTRY.values()  # fp32's, of graphs made here
+               if (Path(cache_dir) / "models" / f"{cfg.name}-g{GRAPH_VERSION}.onnx").is_file()}
     folders = []
     for folder in sorted(p for p in (Path(cache_dir) / "embeddings").glob("*") if p.is_dir()):
         shards = sorted(folder.glob("shard-*.parquet"))
@@ -43,7 +43,7 @@ def cache_info(cache_dir: Path) -> list[dict]:
                 producer = json.loads(m[PROVENANCE_KEY])
         folders.append({"folder": str(folder), "shards": len(shards), "rows": rows,
                         "bytes": sum(s.stat().st_size for s in shards), "provenance": producer,
-                        "current": producer is not None and fingerprint(producer) in current})
+                        "current": folder.name in current})
     return folders
 
 

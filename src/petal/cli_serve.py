@@ -20,6 +20,9 @@ LIM, BAT = Limits(), Batching()  # the serving defaults, shown in --help
 ModelPath = Annotated[Optional[str], typer.Argument(help=(
     "Exported model folder (RUN/model), or its URI (gs://..., file://...); under Vertex AI, "
     "AIP_STORAGE_URI gives it."))]
+Precision = Annotated[Optional[str], typer.Option(help=(
+    "Run the models at this precision: bf16 runs fp32 bundles on OpenVINO; default: each bundle's own "
+    "(int8 for a bundle from petal export RUN --precision int8)."))]
 
 
 def serve(
@@ -54,6 +57,7 @@ def serve(
     access_log: Annotated[bool, typer.Option(help="Log every request.")] = False,
     unknown: Annotated[bool, typer.Option(help=(
         "Answer unknown for images unlike every class; --no-unknown always names the nearest class."))] = True,
+    precision: Precision = None,
 ) -> None:
     """Serve models over HTTP (Cloud ML / TF Serving JSON API, upload endpoint, web page at /)."""
     from petal.serve.config import (
@@ -81,7 +85,7 @@ def serve(
                       header_timeout, body_timeout, max_concurrency),
         batching=Batching(max_batch, batch_wait_ms),
         api_key=api_key_from_env(api_key, api_key_file), threads=threads, decode_workers=workers,
-        reject_unknown=unknown,
+        reject_unknown=unknown, precision=precision,
         vertex=vertex)
     check_port(host, port)
     if warning := exposure_warning(host, config.api_key):

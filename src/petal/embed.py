@@ -6,6 +6,7 @@ are decoded on a thread pool while ONNX Runtime runs the backbone on batches.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from petal.errors import NothingUsableError
 from petal.hashmemo import HashMemo
 from petal.loader import Item, batches, iter_items
 from petal.params import env_int
+from petal.precision import BF16, FP32, Engine
 from petal.progress import rate
 
 DEFAULT_BATCH = 32  # images per backbone run; $PETAL_EMBED_BATCH overrides it
@@ -47,14 +49,19 @@ class EmbedResult:
         }
 
 
-def feature_cache(cfg: BackboneConfig, cache_dir: Path, on_message: Callable[[str], None] | None = None
-                  ) -> EmbeddingCache:
-    """The cache folder of the features this machine makes with `cfg`: named by the provenance
-    of the backbone graph (exported first if need be), the decoder and the runtime."""
-    from petal.onnx_graphs import backbone_onnx_path
+def feature_cache(cfg: BackboneConfig, cache_dir: Path, on_message: Callable[[str], None] | None = None,
+                  engine: Engine | None = None) -> EmbeddingCache:
+    """The cache folder of the features this machine makes with `cfg` at `engine`'s precision
+    (default fp32): named by the provenance of the graph (exported first if need be), the
+    precision, the decoder and the runtime."""
+    engine = engine or Engine(cfg)
+    producer = {**provenance(engine.graph_path(cache_dir, on_message)), **engine.record()}
+    if engine.precision == BF16:  # OpenVINO runs it, not ONNX Runtime
+        from importlib.metadata import PackageNotFoundError, version
 
-    graph = backbone_onnx_path(cfg, cache_dir, on_message)
-    return EmbeddingCache(cache_dir, cfg.name, cfg.feature_dim, provenance(graph))
+        with contextlib.suppress(PackageNotFoundError):  # if missing, the bf16 session says what to install
+            producer["openvino"] = version("openvino")
+    return EmbeddingCache(cache_dir, engine.cache_tag, cfg.feature_dim, producer)
 
 
 def require_usable(result: EmbedResult, total: int) -> None:
@@ -75,17 +82,18 @@ def embed(
     on_message: Callable[[str], None] | None = None,
     source: str = "",
     rehash: bool = False,
+    precision: str = FP32,
+    calibration_uris: Sequence[str] | None = None,
 ) -> tuple[EmbedResult, EmbeddingCache]:
-    """Make sure every readable image in `uris` has an embedding in the cache.
+    """Make sure every readable image in `uris` has an embedding in the cache, at `precision`
+    (petal.precision; int8 calibrates on a sample of `calibration_uris`, default `uris`).
     `on_progress(n)` after each batch of n images; `on_message(text)` for news
     such as the one-off backbone export. The hashes of the files are memoized per
     `source` (petal.hashmemo): unchanged files are not read again, unless `rehash`."""
-    from petal.onnx_graphs import backbone_onnx_path
-    from petal.runtime import make_session
-
     start = time.perf_counter()
     batch_size = batch_size or env_int("PETAL_EMBED_BATCH", DEFAULT_BATCH)
-    cache = feature_cache(cfg, cache_dir, on_message)
+    engine = Engine.make(cfg, precision, uris if calibration_uris is None else calibration_uris)
+    cache = feature_cache(cfg, cache_dir, on_message, engine)
     known = cache.load()  # key -> where; the vectors stay on disk
     added: set[str] = set()  # keys embedded in this run (a later byte-identical copy is cached)
     memo = HashMemo.open(cache_dir, source, rehash)
@@ -96,7 +104,7 @@ def embed(
         return key in known or key in added
 
     with cache.writer() as writer:
-        items = iter_items(uris, cfg.preprocess, skip=is_known, workers=workers, memo=memo)
+        items = iter_items(uris, cfg.preprocess, skip=is_known, workers=workers, memo=memo, yield_cpu=True)
         for batch in batches(items, batch_size):
             todo: list[Item] = []
             for item in batch:
@@ -110,7 +118,9 @@ def embed(
                     todo.append(item)
             if todo:
                 if session is None:
-                    session = make_session(backbone_onnx_path(cfg, cache_dir, on_message))
+                    # no spin-waiting: the decode threads need the cores between ONNX Runtime's
+                    # parallel sections (measured on 2 cores: 16 instead of 19-22 CPU ms an image)
+                    session = engine.session(cache_dir, on_message, spin=False)
                 pixels = np.stack([t.pixels for t in todo])  # (B, S, S, 3) uint8
                 (features,) = session.run(["features"], {"images": pixels})  # (B, D)
                 writer.add([t.key for t in todo], np.array(features))  # own the memory

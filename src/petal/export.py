@@ -8,9 +8,10 @@ top-1 must equal the trained model's and every probability be within `atol`.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +21,7 @@ from petal.cache import FEATURE_RTOL, EmbeddingCache, relative_diff
 from petal.embed import feature_cache
 from petal.errors import PetalError
 from petal.loader import iter_items
+from petal.precision import INT8, Engine
 from petal.predictions import Scores
 
 if TYPE_CHECKING:
@@ -47,6 +49,7 @@ def export_graph(
     name: str | None = None,
     calibration: dict | None = None,
     unknown: dict | None = None,
+    quantization: dict | None = None,
     atol: float = PARITY_ATOL,
     checked: dict | None = None,
 ) -> Path:
@@ -55,11 +58,12 @@ def export_graph(
 
     `reference` is the trained model as trained; the bundle must agree with it on
     `parity_uris`, or nothing is written. `training` says how it was trained
-    ({"kind": "head"|"finetune", ...}); `calibration` and `unknown` go into petal.json;
+    ({"kind": "head"|"finetune", ...}); `calibration`, `unknown` and `quantization` go into petal.json;
     `checked` (other checks passed before, e.g. the cached features) joins the parity record.
     """
     info = BundleInfo(name=name or Path(out).parent.name, backbone=cfg.identity(), preprocess=cfg.preprocess,
                       labels=classes, training=training, calibration=calibration, unknown=unknown,
+                      quantization=quantization,
                       metrics={k: v for k, v in (metrics or {}).items() if k != "confusion_matrix"})
     return write_bundle(out, graph.SerializeToString(), info,
                         check=lambda model: {**check_parity(model, reference, parity_uris, atol=atol),
@@ -78,19 +82,44 @@ def export_bundle(
     name: str | None = None,
     unknown: KnnUnknown | None = None,
     train_keys: Iterable[str] = (),
+    engine: Engine | None = None,
+    quantization: dict | None = None,
     atol: float = PARITY_ATOL,
 ) -> Path:
-    """The head-on-embeddings bundle: the cached backbone graph merged with the head (its
-    temperature included) and, with `unknown`, the unknown detector. `train_keys` (content
-    keys of the training images) let `petal evaluate` warn about training images."""
-    from petal.onnx_graphs import backbone_onnx_path, bundle_graph
-    from petal.runtime import make_session
+    """The head-on-embeddings bundle: the cached backbone graph (`engine`'s int8 one if it is
+    int8) merged with the head (its temperature included) and, with `unknown`, the unknown
+    detector. `train_keys` (content keys of the training images) let `petal evaluate` warn
+    about training images; `quantization` goes into petal.json."""
+    engine = engine if engine is not None and engine.precision == INT8 else Engine(cfg)  # bf16 is a runtime choice
+    backbone = engine.session(cache_dir)
+    cached = check_cached_features(feature_cache(cfg, cache_dir, engine=engine), backbone, cfg, parity_uris)
+    return export_graph(out, graph=head_bundle_graph(engine, head, unknown, cache_dir), cfg=cfg, classes=classes,
+                        reference=head_reference(backbone, head, unknown), parity_uris=parity_uris,
+                        metrics=metrics, name=name, quantization=quantization, atol=atol, checked=cached,
+                        **head_bundle_fields(head, unknown, train_keys))
 
-    backbone_path = backbone_onnx_path(cfg, cache_dir)
-    backbone = make_session(backbone_path)
-    cached = check_cached_features(feature_cache(cfg, cache_dir), backbone, cfg, parity_uris)
 
-    def reference(pixels: np.ndarray) -> Scores:  # the backbone graph, then the torch head and numpy kNN
+def head_bundle_graph(engine: Engine, head: HeadClassifier, unknown: KnnUnknown | None, cache_dir: Path,
+                      int8_weights: bool = False) -> onnx.ModelProto:
+    """The engine's backbone graph + the head (+ the unknown detector); `int8_weights`: their
+    large float weights stored as int8 (onnx_graphs.int8_weights)."""
+    from petal import onnx_graphs
+
+    graph = onnx_graphs.bundle_graph(engine.graph_path(cache_dir), head.to_onnx(), unknown)
+    return onnx_graphs.int8_weights(graph) if int8_weights else graph
+
+
+def head_bundle_fields(head: HeadClassifier, unknown: KnnUnknown | None, train_keys: Iterable[str]) -> dict:
+    """What petal.json says of a head bundle: how it was trained, calibrated, and decides unknown."""
+    return {"training": {"kind": "head", "head": head.get_params(), TRAIN_KEYS: train_keys_digest(train_keys)},
+            "calibration": {"method": "temperature", "temperature": head.temperature_,
+                            "fitted_on": "out-of-fold logits of the training split"},
+            "unknown": unknown.to_dict() if unknown else None}
+
+
+def head_reference(backbone, head: HeadClassifier, unknown: KnnUnknown | None) -> Reference:
+    """The trained model as trained: the backbone session, then the torch head and the numpy kNN."""
+    def reference(pixels: np.ndarray) -> Scores:
         features = backbone.run(["features"], {"images": pixels})[0]
         probs = head.predict_proba(features)
         if unknown is None:
@@ -98,13 +127,7 @@ def export_bundle(
         ood = unknown.score(features, probs)
         return Scores(probs, ood, ood > unknown.threshold)
 
-    calibration = {"method": "temperature", "temperature": head.temperature_,
-                   "fitted_on": "out-of-fold logits of the training split"}
-    return export_graph(out, graph=bundle_graph(backbone_path, head.to_onnx(), unknown), cfg=cfg, classes=classes,
-                        reference=reference, parity_uris=parity_uris, metrics=metrics, name=name,
-                        training={"kind": "head", "head": head.get_params(), TRAIN_KEYS: train_keys_digest(train_keys)},
-                        calibration=calibration,
-                        unknown=unknown.to_dict() if unknown else None, atol=atol, checked=cached)
+    return reference
 
 
 def check_cached_features(cache: EmbeddingCache, backbone, cfg: BackboneConfig, uris: list[str],
@@ -157,3 +180,85 @@ def check_parity(model: Model, reference: Reference, uris: list[str], atol: floa
             f"{ood_diff:.2e} (allowed {OOD_ATOL:.0e}); the bundle was not written"
         )
     return {"checked": len(items), "max_abs_diff": diff, "max_ood_diff": ood_diff}
+
+
+MIN_AGREEMENT = 0.99  # top-1 agreement with the fp32 bundle on the eval split an int8 export must reach
+MAX_ACCURACY_DROP_PT = 0.5  # and the most eval accuracy (percentage points) it may lose
+
+
+class ExportRefused(PetalError):
+    """The int8 bundle failed its parity gate; `figures` say by how much."""
+
+    def __init__(self, message: str, figures: dict) -> None:
+        super().__init__(message)
+        self.figures = figures
+
+
+def export_int8(out: Path, *, cfg: BackboneConfig, head: HeadClassifier, classes: list[str], cache_dir: Path,
+                train_uris: list[str], eval_uris: list[str], eval_labels: np.ndarray, unknown: KnnUnknown | None = None,
+                train_keys: Iterable[str] = (), force: bool = False, min_agreement: float = MIN_AGREEMENT,
+                max_drop_pt: float = MAX_ACCURACY_DROP_PT, on_message: Callable[[str], None] | None = None,
+                **info: Any) -> tuple[Path, dict]:
+    """An int8 bundle of a head run at `out`: the int8 backbone calibrated on `train_uris`, the head
+    and unknown detector with int8 weights. On the eval images (labels `eval_labels`, class ids) its
+    top-1 must agree with the fp32 model's on >= `min_agreement` and its accuracy drop <=
+    `max_drop_pt` points, or ExportRefused says by how much and nothing is written; `force` writes
+    it anyway. The figures go into petal.json's "quantization"; `info`: export_graph's metrics and
+    name. Returns (the bundle, the figures)."""
+    from petal.runtime import make_session
+
+    if not eval_uris:
+        raise PetalError("export --precision int8: the run has no eval images to prove the int8 model on")
+    engine = Engine.make(cfg, INT8, train_uris)
+    graph = head_bundle_graph(engine, head, unknown, cache_dir, int8_weights=True)
+    session = make_session(graph.SerializeToString())
+    outputs = [o.name for o in session.get_outputs()]
+
+    def int8(pixels: np.ndarray) -> Scores:  # the very graph the bundle will hold
+        return Scores(*session.run(outputs, {"images": pixels}))
+
+    fp32 = head_reference(Engine(cfg).session(cache_dir, on_message), head, unknown)
+    figures = parity_gate(fp32, int8, read_pixels(eval_uris, cfg), eval_labels, min_agreement, max_drop_pt)
+    figures["forced"] = force and not figures["passed"]
+    if not (figures["passed"] or force):
+        raise ExportRefused(
+            f"export --precision int8 refused: on {figures['images']} eval images the int8 model agrees with fp32 "
+            f"on {figures['agreement']:.2%} of top-1 answers (at least {min_agreement:.0%} needed) and its accuracy "
+            f"is {figures['accuracy']:.2%} vs {figures['accuracy_fp32']:.2%} (a drop of "
+            f"{figures['accuracy_drop_pt']:.2f} points, at most {max_drop_pt} allowed); nothing was written. "
+            "--force writes it anyway, with these figures in petal.json", figures)
+    path = export_graph(out, graph=graph, cfg=cfg, classes=classes, reference=int8, parity_uris=eval_uris,
+                        quantization={**engine.record(), "gate": figures},
+                        **head_bundle_fields(head, unknown, train_keys), **info)
+    return path, figures
+
+
+def read_pixels(uris: list[str], cfg: BackboneConfig) -> np.ndarray:
+    """(N, S, S, 3) uint8 of every image in `uris`, or a PetalError naming one that cannot be read."""
+    items = list(iter_items(uris, cfg.preprocess))
+    bad = [it for it in items if it.error is not None]
+    if bad:
+        raise PetalError(f"{len(bad)} eval image(s) could not be re-read; the first, {bad[0].uri}: {bad[0].error}")
+    return np.stack([it.pixels for it in items])
+
+
+def parity_gate(reference: Reference, candidate: Reference, pixels: np.ndarray, labels: np.ndarray,
+                min_agreement: float, max_drop_pt: float, batch_size: int = 32) -> dict:
+    """Top-1 agreement and accuracy of `candidate` vs `reference` on pixels (N, S, S, 3) with
+    true class ids `labels` (N,); how often they agree on "unknown" where both decide it; and
+    each one's img/s on these batches (the reference runs its head in torch, not in the graph)."""
+    scores, rate = {}, {}
+    for name, model in (("fp32", reference), ("int8", candidate)):
+        start = time.perf_counter()
+        scores[name] = Scores.concat([model(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)], 0)
+        rate[name] = len(pixels) / (time.perf_counter() - start)
+    top1 = {name: s.probabilities.argmax(1) for name, s in scores.items()}
+    agreement = float((top1["int8"] == top1["fp32"]).mean())
+    acc_fp32, acc = float((top1["fp32"] == labels).mean()), float((top1["int8"] == labels).mean())
+    drop = round(100 * (acc_fp32 - acc), 4)
+    unknown = None if scores["int8"].unknown is None or scores["fp32"].unknown is None else \
+        float((scores["int8"].unknown == scores["fp32"].unknown).mean())
+    return {"images": len(pixels), "agreement": agreement, "accuracy": acc, "accuracy_fp32": acc_fp32,
+            "accuracy_drop_pt": drop, "min_agreement": min_agreement, "max_accuracy_drop_pt": max_drop_pt,
+            "passed": agreement >= min_agreement and drop <= max_drop_pt, "unknown_agreement": unknown,
+            "images_per_second": round(rate["int8"], 1), "images_per_second_fp32": round(rate["fp32"], 1)}

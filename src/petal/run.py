@@ -86,7 +86,7 @@ class RunSettings:
                    eval_percent=d["eval_percent"],
                    backbone={k: v for k, v in d["backbone"].items() if k in ("name", "feature_dim")},
                    cache_dir=d["cache_dir"], classes=list(d["classes"]), params=d[kind],
-                   extra={k: d[k] for k in ("world_size", "keep") if k in d})
+                   extra={k: d[k] for k in ("world_size", "keep", "precision") if k in d})
 
 
 class Run:

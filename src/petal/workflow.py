@@ -26,6 +26,7 @@ from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
 from petal.onnx_graphs import check_backbone
 from petal.params import Real, check_param
+from petal.precision import FP32, INT8, Engine, check_precision
 from petal.predictions import Scores
 from petal.progress import Reporter
 from petal.report import write_html_report
@@ -58,15 +59,17 @@ class TrainResult:
 
 def embed_dataset(ds: Dataset, backbone: str = DEFAULT_BACKBONE, cache_dir: Path | None = None,
                   reporter: Reporter | None = None, workers: int | None = None, source: str = "",
-                  rehash: bool = False):
-    """Embed every example; returns (EmbedResult, cache). Raises if nothing was usable. File
-    hashes are memoized under `source` (the data's name) unless `rehash` (petal.hashmemo)."""
+                  rehash: bool = False, precision: str = FP32):
+    """Embed every example at `precision` (int8 calibrates on the training split); returns
+    (EmbedResult, cache). Raises if nothing was usable. File hashes are memoized under `source`
+    (the data's name) unless `rehash` (petal.hashmemo)."""
     reporter = reporter or Reporter()
     cfg = get_backbone(backbone)
     uris = [e.uri for e in ds.examples]
     with reporter.progress("hashing and embedding", len(uris)) as advance:
         result, cache = embed(uris, cfg, Path(cache_dir or default_cache_dir()), on_progress=advance,
-                              on_message=reporter.message, workers=workers, source=source, rehash=rehash)
+                              on_message=reporter.message, workers=workers, source=source, rehash=rehash,
+                              precision=precision, calibration_uris=[e.uri for e in ds.split(TRAIN)] or uris)
     require_usable(result, len(uris))
     return result, cache
 
@@ -91,6 +94,7 @@ def train(
     group: str | None = None,
     rehash: bool = False,
     feature_dtype: str | None = None,
+    precision: str = FP32,
     reporter: Reporter | None = None,
 ) -> TrainResult:
     """embed -> audit the data -> train the head -> calibrate it, fit the unknown detector ->
@@ -98,12 +102,12 @@ def train(
     unknown threshold keeps; `exclude`/`relabel`: reviewed audit findings (petal.review);
     `group`: a regex whose capture keeps related images on one side of the split; `rehash`:
     read and hash every file, whatever the hash memo says; `feature_dtype`: "float32" or
-    "float16" embeddings in memory (default: float16 only past petal.features.FLOAT16_BYTES).
+    "float16" embeddings in memory (default: float16 only past petal.features.FLOAT16_BYTES);
+    `precision`: the backbone's (an int8 one makes an int8 bundle).
     A finished run already in `out` is replaced only with `overwrite=True`."""
     check_param("keep", keep, Real(0.5, 1, high_open=True, what="a share in [0.5, 1)"))
-    reporter = reporter or Reporter()
-    head = head or HeadClassifier()
-    cfg = get_backbone(backbone)
+    reporter, head, cfg = reporter or Reporter(), head or HeadClassifier(), get_backbone(backbone)
+    check_precision(precision)
     cache_dir = Path(cache_dir or default_cache_dir())
     check_backbone(cfg, cache_dir)  # before the data scan: a missing weights package is said at once
     run = Run.create(out, data, overwrite)
@@ -111,7 +115,7 @@ def train(
     ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter, columns)
     run.make(clear=overwrite)  # only once the data is known to be usable
 
-    result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers, absolute(data), rehash)
+    result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers, absolute(data), rehash, precision)
     run.write_split(ds, result.keys, result.failed)
     warnings = data_warnings(ds, result.keys, reporter)
     feats = load_features(ds, result.keys, cache, reporter, feature_dtype)
@@ -122,7 +126,7 @@ def train(
         kind=HEAD, data=absolute(data), eval_data=absolute(eval_data) if eval_data else None,
         labels_file=absolute(labels_file) if labels_file else None, eval_percent=eval_percent,
         backbone=cfg.identity(), cache_dir=str(cache_dir), classes=ds.classes, params=head.get_params(),
-        extra={"keep": keep}))
+        extra={"keep": keep, "precision": precision}))
     fit_head(run, head, (Xtr, ytr), (Xev, yev), len(ds.classes), reporter)
     unknown = fit_trust(run, head, Xtr, ytr, keep, reporter)
     metrics = evaluate_head(run, ds.classes, feats, head, unknown, findings, result.summary(), reporter)
@@ -130,7 +134,7 @@ def train(
     if export:
         parity = parity_uris([e.uri for e in ev], [e.uri for e in tr])
         reporter.message(f"exporting and checking parity on {len(parity)} images")
-        model_dir = export_head(run, cfg, head, ds.classes, cache_dir, parity, metrics, unknown)
+        model_dir = export_head(run, cfg, head, ds.classes, cache_dir, parity, metrics, unknown, precision)
     return TrainResult(run.path, model_dir, metrics, {**result.summary(), "skipped": len(ds.skipped)}, warnings)
 
 
@@ -277,26 +281,49 @@ def fit_head(run: Run, head: HeadClassifier, train: tuple[np.ndarray, np.ndarray
 
 
 def export_head(run: Run, cfg: BackboneConfig, head: HeadClassifier, classes: list[str], cache_dir: Path,
-                parity: list[str], metrics: dict, unknown: KnnUnknown | None) -> Path:
+                parity: list[str], metrics: dict, unknown: KnnUnknown | None, precision: str = FP32) -> Path:
+    """RUN/model; a head trained on int8 features gets the very int8 backbone they came from."""
     from petal.export import export_bundle
 
+    engine = Engine.make(cfg, precision, [r["uri"] for r in run.split_rows() if r["split"] == TRAIN])
+    quantization = {**engine.record(), "trained_on": f"{INT8} features"} if precision == INT8 else None
     return export_bundle(run.model_dir, cfg=cfg, head=head, classes=classes, cache_dir=cache_dir,
                          parity_uris=parity, metrics=metrics, name=run.name, unknown=unknown,
-                         train_keys=run.train_keys())
+                         train_keys=run.train_keys(), engine=engine, quantization=quantization)
 
 
-def export_run(run_dir: str | Path, cache_dir: str | Path | None = None) -> Path:
-    """Re-export RUN/model from a finished run folder, head or fine-tuned, with the parity check."""
+def export_run(run_dir: str | Path, cache_dir: str | Path | None = None, precision: str = FP32,
+               force: bool = False, reporter: Reporter | None = None) -> Path:
+    """Re-export RUN/model from a finished run folder, head or fine-tuned, with the parity check;
+    `precision="int8"`: RUN/model-int8 behind the int8 parity gate (`force` writes it even if it fails)."""
+    check_precision(precision, "--precision", (FP32, INT8))
     run = Run.open(run_dir)
     settings = run.settings()
     cfg = get_backbone(settings.backbone["name"])
     cache = Path(cache_dir or settings.cache_dir)
     if settings.kind == FINETUNE:
+        if precision != FP32:
+            raise PetalError("export --precision int8: only head runs (petal train) can be quantized for now")
         from petal.finetune.train import export_finetuned
 
         return export_finetuned(run, settings, cfg, cache)
-    return export_head(run, cfg, run.head(settings), settings.classes, cache, run.parity_uris(), run.metrics(),
-                       run.unknown())
+    if precision == FP32:  # as trained: a run trained on int8 features gets its int8 bundle again
+        return export_head(run, cfg, run.head(settings), settings.classes, cache, run.parity_uris(), run.metrics(),
+                           run.unknown(), settings.extra.get("precision", FP32))
+    if settings.extra.get("precision") == INT8:
+        raise PetalError(f"export --precision int8: {run.path} was trained on int8 features, so {run.model_dir} "
+                         "is int8 already; `petal export RUN` rebuilds it")
+    from petal.export import export_int8
+
+    rows = run.split_rows()
+    ev = [r for r in rows if r["split"] == EVAL]
+    labels = np.array([settings.classes.index(r["label"]) for r in ev])
+    path, _ = export_int8(run.path / f"model-{INT8}", cfg=cfg, head=run.head(settings), cache_dir=cache,
+                          train_uris=[r["uri"] for r in rows if r["split"] == TRAIN],
+                          eval_uris=[r["uri"] for r in ev], eval_labels=labels, force=force,
+                          on_message=(reporter or Reporter()).message, classes=settings.classes,
+                          metrics=run.metrics(), name=run.name, unknown=run.unknown(), train_keys=run.train_keys())
+    return path
 
 
 def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,

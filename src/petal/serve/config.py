@@ -56,6 +56,7 @@ class ServeConfig(Validated):
     threads: int | None = None  # ONNX Runtime intra-op threads [default: all cores, no spin-wait]
     decode_workers: int | None = None  # image decode threads [default: all cores]
     reject_unknown: bool = True  # False: never answer "unknown" (a request can also say ?unknown=false)
+    precision: str | None = None  # petal.precision: None runs each bundle at its own
     vertex: VertexEnv | None = None  # Vertex AI's health and predict routes, when it sets them
 
     def check_together(self) -> None:

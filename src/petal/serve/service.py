@@ -99,7 +99,8 @@ class Service:
             # Every core, but no spin-waiting: a server decodes while it infers, and spinning
             # ONNX Runtime threads would steal the decode threads' CPU. (Measured on 2 cores:
             # all cores without spinning beat half the cores, at every concurrency.)
-            model = Model(path, threads=self.config.threads, spin=False, reject_unknown=self.config.reject_unknown)
+            model = Model(path, threads=self.config.threads, spin=False, reject_unknown=self.config.reject_unknown,
+                          precision=self.config.precision)
             on_batch = self.metrics.batch_callback(name) if self.metrics else None
             max_batch = self.config.batching.max_batch
             predict = partial(model.scores, batch_size=max_batch)  # a big request: in chunks
