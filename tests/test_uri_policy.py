@@ -3,6 +3,7 @@ from a remote CSV. Real servers on loopback (127.0.0.1 and 127.0.0.2), real read
 
 import http.server
 import io
+import json
 import threading
 import time
 
@@ -100,3 +101,15 @@ def test_a_remote_csv_may_not_name_local_files(servers, monkeypatch):
     reasons = dict(ds.skipped)
     assert "/etc/passwd: a remote CSV may not name local files" in reasons.values()
     assert "file:///etc/hosts: a remote CSV may not name local files" in reasons.values()
+
+
+def test_the_cli_option_opens_private_networks(servers, tmp_path, monkeypatch):
+    a, _ = servers
+    monkeypatch.delenv(http_reader.ALLOW_ENV, raising=False)
+    from test_cli import petal
+
+    (tmp_path / "rows.csv").write_text(f"uri,label\n{a}/a.png,red\n")
+    r = petal("embed", tmp_path / "rows.csv", "--json", check=False)
+    assert r.returncode == 2 and "loopback address" in r.stderr
+    r = petal("--allow-private-urls", "127.0.0.1/32", "embed", tmp_path / "rows.csv", "--json")
+    assert json.loads(r.stdout.strip().splitlines()[-1])["failed"] == 0

@@ -148,8 +148,15 @@ def options(
                                           help="Show petal's version and exit.")] = False,
     debug: Annotated[bool, typer.Option("--debug", help=(
         "Show a traceback instead of a one-line error (also PETAL_DEBUG=1)."))] = False,
+    allow_private_urls: Annotated[Optional[str], typer.Option(help=(
+        "Let http(s) URIs name private, loopback or link-local hosts: 'all', or networks such as "
+        "10.0.0.0/8 (also PETAL_ALLOW_PRIVATE_URLS; docs/robustness.md)."))] = None,
 ) -> None:
     """Train your own image classifier by transfer learning, offline, fast on a CPU."""
+    if allow_private_urls is not None:  # read where each http(s) read connects (petal.http_reader)
+        from petal.http_reader import ALLOW_ENV
+
+        os.environ[ALLOW_ENV] = allow_private_urls
 
 
 class RichReporter(Reporter):

@@ -142,8 +142,9 @@ class Engine:
 
     @property
     def cache_tag(self) -> str:
-        """The embedding-cache name of these features: fp32 keeps the plain backbone name (existing
-        caches stay valid); the others add the precision, and int8 its calibration digest."""
+        """The embedding-cache name of these features (the producer's fingerprint follows it:
+        petal.embed.feature_cache): fp32 the plain backbone name; the others add the precision,
+        and int8 its calibration digest."""
         if self.precision == FP32:
             return self.cfg.name
         return f"{self.cfg.name}-{self.precision}" + (f"q{INT8_RECIPE_VERSION}-{self.digest}" if self.digest else "")
