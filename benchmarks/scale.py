@@ -154,6 +154,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/petal-scale"))
     ap.add_argument("--lite0-rate", type=float, default=171.0, help="Lite0 images/s, for the cold projection")
+    ap.add_argument("--warm-only", action="store_true", help="Keep the cache of an earlier run: no cold embed")
     ap.add_argument("--flowers", type=Path, help="Instead: flowers accuracy with float16 features / bfloat16 compute")
     args = ap.parse_args()
     if args.flowers:
@@ -163,11 +164,13 @@ def main() -> None:
     made = make_data(data, args.images, args.classes)
     print(f"data: {args.images} images in {args.classes} classes in {data}"
           + (f" (made in {made:.0f} s)" if made else ""))
-    shutil.rmtree(cache, ignore_errors=True)
-    cold = run_child(["embed", str(data), "--backbone", "tiny_test", "--cache", str(cache), "--json"],
-                     work / "cold.log", work / "cold-phases.json")
-    print(f"cold embed (tiny backbone): {cold['wall_s']} s, peak RSS {cold['peak_rss_gb']} GB; with Lite0 at "
-          f"{args.lite0_rate:g} img/s the backbone alone would take {args.images / args.lite0_rate / 3600:.1f} h")
+    cold = None
+    if not (args.warm_only and cache.is_dir()):
+        shutil.rmtree(cache, ignore_errors=True)
+        cold = run_child(["embed", str(data), "--backbone", "tiny_test", "--cache", str(cache), "--json"],
+                         work / "cold.log", work / "cold-phases.json")
+        print(f"cold embed (tiny backbone): {cold['wall_s']} s, peak RSS {cold['peak_rss_gb']} GB; with Lite0 at "
+              f"{args.lite0_rate:g} img/s the backbone alone would take {args.images / args.lite0_rate / 3600:.1f} h")
     warm = run_child(["train", str(data), "--out", str(out), "--backbone", "tiny_test", "--cache", str(cache),
                       "--epochs", str(args.epochs), "--overwrite"], work / "warm.log", work / "warm-phases.json")
     phases = json.loads((work / "warm-phases.json").read_text())

@@ -33,13 +33,11 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -
     y_true = np.asarray(y_true)
     n, c = probs.shape
     pred = probs.argmax(1)
-    k = min(5, c)
-    topk = np.argpartition(-probs, k - 1, axis=1)[:, :k] if n else np.zeros((0, k), np.int64)  # unordered top k
     labels = list(range(c))
     p, r, f, s = precision_recall_fscore_support(y_true, pred, labels=labels, zero_division=0)
     cm = confusion_counts(y_true, pred, c)  # (C, C): rows true, columns predicted
     top1 = float((pred == y_true).mean()) if n else None
-    top5 = float((topk == y_true[:, None]).any(1).mean()) if n else None
+    top5 = float(in_top_k(probs, y_true, min(5, c)).mean()) if n else None
     worst_first = sorted(range(c), key=lambda i: (f[i], r[i], classes[i]))
     return {
         "accuracy": top1,
@@ -55,6 +53,15 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray, classes: list[str]) -
         "most_confused": most_confused(cm, classes),
         **({"confusion_matrix": cm.tolist()} if c <= INLINE_CLASSES else {}),
     }
+
+
+def in_top_k(probs: np.ndarray, y_true: np.ndarray, k: int, rows: int = 8192) -> np.ndarray:
+    """(N,) bool: the label is among the k most probable classes; a block of rows at a time."""
+    hit = np.empty(len(y_true), bool)
+    for i in range(0, len(y_true), rows):
+        top = np.argpartition(-probs[i:i + rows], k - 1, axis=1)[:, :k]  # (rows, k), unordered
+        hit[i:i + rows] = (top == y_true[i:i + rows, None]).any(1)
+    return hit
 
 
 def most_confused(cm: np.ndarray, classes: list[str], limit: int = CONFUSED_PAIRS) -> list[dict]:
