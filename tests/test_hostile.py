@@ -525,7 +525,7 @@ def test_io_errors_do_not_set_good_shards_aside(tmp_path, monkeypatch):
             raise exc
         monkeypatch.setattr(pq, "read_table", fail)
         with pytest.raises(type(exc)):
-            EmbeddingCache(tmp_path, "b", 4).load()  # another run, reading the shard
+            EmbeddingCache(tmp_path, "b", 4).load()  # a fresh reader: the writer's own index knows the shard
         assert shard.exists() and not list(tmp_path.rglob("*.corrupt"))
     monkeypatch.undo()
     assert set(EmbeddingCache(tmp_path, "b", 4).load()) == {"k1", "k2"}

@@ -127,8 +127,9 @@ class KnnUnknown:
 
     def score(self, X: np.ndarray, probs: np.ndarray | None = None) -> np.ndarray:
         """(N, D) embeddings and their (N, C) calibrated probabilities -> (N,) ood scores,
-        as the bundle graph computes them."""
-        return self.combine(1 - kth_similarity(normalize(X), self.bank, self.k), probs)
+        as the bundle graph computes them. Normalized a CHUNK of rows at a time."""
+        knn = [1 - kth_similarity(normalize(X[i:i + CHUNK]), self.bank, self.k) for i in range(0, len(X), CHUNK)]
+        return self.combine(np.concatenate(knn) if knn else np.zeros(0, np.float32), probs)
 
     def to_dict(self) -> dict:
         """The bundle's `unknown` record (petal.json)."""

@@ -135,7 +135,8 @@ def train(
     if export:
         parity = parity_uris([e.uri for e in ev], [e.uri for e in tr])
         reporter.message(f"exporting and checking parity on {len(parity)} images")
-        model_dir = export_head(run, cfg, head, ds.classes, cache_dir, parity, metrics, unknown, precision)
+        model_dir = export_head(run, cfg, head, ds.classes, cache_dir, parity, metrics, unknown, precision,
+                                feats.keys[feats.bounds[TRAIN]])
     return TrainResult(run.path, model_dir, metrics, {**result.summary(), "skipped": len(ds.skipped)}, warnings)
 
 
@@ -147,10 +148,12 @@ def evaluate_head(run: Run, classes: list[str], feats: Features, head: HeadClass
     with reporter.progress("evaluating", 1) as advance:
         rows = capped_sample(ytr, TRAIN_ACCURACY_CAP, head.seed)  # an estimate past the cap: a million
         Xs, ys = (Xtr, ytr) if len(rows) == len(ytr) else (Xtr[rows], ytr[rows])  # predictions cost minutes
+        logits = head.decision_function(Xev)  # (N, C) before calibration
+        probs_ev = softmax(logits, head.temperature_)  # (N, C) calibrated, computed once: 400 MB at 100k x 1000
         extra = {"num_train": len(tr), "train_accuracy": float((head.predict(Xs) == ys).mean()),
-                 "embed": embed_summary, **eval_trust(run, head, unknown, Xev, yev),
+                 "embed": embed_summary, **eval_trust(run, unknown, Xev, yev, logits, probs_ev, head.temperature_),
                  **test_metrics(run, classes, feats, head)}
-        probs_ev = head.predict_proba(Xev)  # (N, C) calibrated
+        del logits
         metrics = run.write_metrics(classes, [e.uri for e in ev], yev, lambda: probs_ev, extra, reporter)
         write_run_report(run, metrics, classes, ([e.uri for e in ev], yev, probs_ev), findings)
         advance(1)
@@ -235,12 +238,12 @@ def fit_trust(run: Run, head: HeadClassifier, X: np.ndarray, y: np.ndarray, keep
     return unknown
 
 
-def eval_trust(run: Run, head: HeadClassifier, unknown: KnnUnknown, X: np.ndarray, y: np.ndarray) -> dict:
-    """trust_metrics of the head on the eval split's embeddings X (N, D)."""
-    logits = head.decision_function(X)
-    probs = softmax(logits, head.temperature_)
+def eval_trust(run: Run, unknown: KnnUnknown, X: np.ndarray, y: np.ndarray, logits: np.ndarray,
+               probs: np.ndarray, temperature: float) -> dict:
+    """trust_metrics on the eval split's embeddings X (N, D), with the head's logits and
+    calibrated probabilities (N, C) on them."""
     ood = unknown.score(X, probs)
-    return trust_metrics(run, y, logits, Scores(probs, ood, ood > unknown.threshold), head.temperature_, unknown.keep,
+    return trust_metrics(run, y, logits, Scores(probs, ood, ood > unknown.threshold), temperature, unknown.keep,
                          unknown.threshold)
 
 
@@ -284,15 +287,20 @@ def fit_head(run: Run, head: HeadClassifier, train: tuple[np.ndarray, np.ndarray
 
 
 def export_head(run: Run, cfg: BackboneConfig, head: HeadClassifier, classes: list[str], cache_dir: Path,
-                parity: list[str], metrics: dict, unknown: KnnUnknown | None, precision: str = FP32) -> Path:
-    """RUN/model; a head trained on int8 features gets the very int8 backbone they came from."""
+                parity: list[str], metrics: dict, unknown: KnnUnknown | None, precision: str = FP32,
+                train_keys: list[str] | None = None) -> Path:
+    """RUN/model; a head trained on int8 features gets the very int8 backbone they came from.
+    `train_keys` (content keys of the training images) are read from split.csv when not given
+    (a million rows of it cost 600 MB as dicts)."""
     from petal.export import export_bundle
 
-    engine = Engine.make(cfg, precision, [r["uri"] for r in run.split_rows() if r["split"] == TRAIN])
+    calibration = [r["uri"] for r in run.split_rows() if r["split"] == TRAIN] if precision == INT8 else []
+    engine = Engine.make(cfg, precision, calibration)
     quantization = {**engine.record(), "trained_on": f"{INT8} features"} if precision == INT8 else None
     return export_bundle(run.model_dir, cfg=cfg, head=head, classes=classes, cache_dir=cache_dir,
                          parity_uris=parity, metrics=metrics, name=run.name, unknown=unknown,
-                         train_keys=run.train_keys(), engine=engine, quantization=quantization)
+                         train_keys=run.train_keys() if train_keys is None else train_keys, engine=engine,
+                         quantization=quantization)
 
 
 def export_run(run_dir: str | Path, cache_dir: str | Path | None = None, precision: str = FP32,
