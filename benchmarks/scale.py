@@ -1,6 +1,6 @@
 """One machine, a million images: wall time and peak RSS per phase of a warm `petal train`.
 
-    python benchmarks/scale.py --images 1000000 --classes 1000 [--epochs 3] [--work /tmp/petal-scale]
+    python benchmarks/scale.py --images 1000000 --classes 1000 [--epochs E] [--work /tmp/petal-scale]
     python benchmarks/scale.py --flowers FOLDER      # accuracy with float16 features, bfloat16 training
 
 Makes N distinct tiny BMPs in C classes (petal.tiny.make_images; kept in --work for the
@@ -151,7 +151,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=10_000)
     ap.add_argument("--classes", type=int, default=100)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=None, help="Head epochs (default: petal's own, auto_epochs)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/petal-scale"))
     ap.add_argument("--lite0-rate", type=float, default=171.0, help="Lite0 images/s, for the cold projection")
     ap.add_argument("--warm-only", action="store_true", help="Keep the cache of an earlier run: no cold embed")
@@ -171,11 +171,13 @@ def main() -> None:
                          work / "cold.log", work / "cold-phases.json")
         print(f"cold embed (tiny backbone): {cold['wall_s']} s, peak RSS {cold['peak_rss_gb']} GB; with Lite0 at "
               f"{args.lite0_rate:g} img/s the backbone alone would take {args.images / args.lite0_rate / 3600:.1f} h")
+    epochs = ["--epochs", str(args.epochs)] if args.epochs else []
     warm = run_child(["train", str(data), "--out", str(out), "--backbone", "tiny_test", "--cache", str(cache),
-                      "--epochs", str(args.epochs), "--overwrite"], work / "warm.log", work / "warm-phases.json")
+                      *epochs, "--overwrite"], work / "warm.log", work / "warm-phases.json")
     phases = json.loads((work / "warm-phases.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    print(f"warm petal train --epochs {args.epochs}: {warm['wall_s']} s wall, peak RSS {warm['peak_rss_gb']} GB, "
+    print(f"warm petal train ({args.epochs or 'default'} epochs): {warm['wall_s']} s wall, "
+          f"peak RSS {warm['peak_rss_gb']} GB, "
           f"eval accuracy {metrics['accuracy']:.4f}, files read {metrics['embed']['read']}")
     print(f"{'phase':<16}{'wall s':>9}{'peak RSS GB':>13}{'image opens':>13}")
     for name, p in phases.items():

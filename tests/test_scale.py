@@ -202,3 +202,11 @@ def test_head_trains_with_bfloat16_products_on_large_data_only():
     X = (rng.normal(size=(4, 32))[y] * 3 + rng.normal(size=(400, 32))).astype(np.float32)
     bf16 = HeadClassifier(hidden=16, epochs=10, batch_size=64, compute="bfloat16", seed=0).fit(X, y)
     assert (bf16.predict(X) == y).mean() > 0.9 and bf16.decision_function(X).dtype == np.float32
+
+
+def test_default_epochs_shrink_for_large_data_only():
+    from petal.head import HeadClassifier, auto_epochs
+
+    assert [auto_epochs(n) for n in (10, 3_289, 160_000, 500_000, 1_000_000, 10_000_000)] == [15, 15, 15, 5, 2, 2]
+    assert HeadClassifier().for_data(1_000_000).epochs == 2
+    assert HeadClassifier(epochs=7).for_data(1_000_000).epochs == 7  # given: kept

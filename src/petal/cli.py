@@ -374,7 +374,9 @@ def train(
     eval_percent: EvalPercent = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
     cache: Cache = None,
-    epochs: Epochs = HEAD.epochs,
+    epochs: Annotated[Optional[int], typer.Option(min=1, help=(
+        "Passes over the training images (default: 15; fewer past 166k images, so that a run sees "
+        "about 2.5M examples)."))] = HEAD.epochs,
     lr: Annotated[float, typer.Option(help="Peak learning rate (one-cycle schedule, AdamW).")] = HEAD.lr,
     batch_size: Annotated[int, typer.Option(help="Embeddings per training step.")] = HEAD.batch_size,
     hidden: Annotated[int, typer.Option(help="Hidden units; 0 for a linear head.")] = HEAD.hidden,

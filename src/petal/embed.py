@@ -32,7 +32,7 @@ class EmbedResult:
     failed: list[tuple[str, str]] = field(default_factory=list)  # (uri, reason)
     embedded: int = 0  # went through the backbone in this run
     cached: int = 0  # found in the cache (or a byte-identical copy seen earlier in this run)
-    read: int = 0  # files read and hashed (the others' hashes came from the memo: only stat-ed)
+    read: int = 0  # files whose bytes were read, to hash or to decode (the others were only stat-ed)
     seconds: float = 0.0
 
     def summary(self) -> dict:
@@ -107,6 +107,7 @@ def embed(
         items = iter_items(uris, cfg.preprocess, skip=is_known, workers=workers, memo=memo, yield_cpu=True)
         for batch in batches(items, batch_size):
             todo: list[Item] = []
+            result.read += sum(item.read for item in batch)  # bytes read, to hash or to decode
             for item in batch:
                 if item.error is not None:
                     result.failed.append((item.uri, item.error))
@@ -130,5 +131,4 @@ def embed(
                 on_progress(len(batch))
     memo.save()
     result.seconds = time.perf_counter() - start
-    result.read = len(uris) - memo.hits
     return result, cache

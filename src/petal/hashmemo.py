@@ -62,7 +62,7 @@ class HashMemo:
         self._keys = np.zeros(0, "S64")
         self._new: dict[str, tuple[Stat, str]] = {}  # hashed in this run
         self._loaded_as: os.stat_result | None = None
-        self.hits = 0  # files whose hash came from the memo: not read
+        self.hits = 0  # files whose hash came from the memo (read only if they must be decoded)
 
     @classmethod
     def open(cls, cache_dir: Path, source: str, rehash: bool = False) -> HashMemo:

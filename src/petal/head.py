@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -34,6 +34,17 @@ def as_features(X: np.ndarray) -> np.ndarray:
     return X if X.dtype in (np.float16, np.float32) else X.astype(np.float32)
 
 
+DEFAULT_EPOCHS = 15
+EXAMPLES_PER_RUN = 2_500_000  # past 166k training images, the default epochs shrink to see about this many
+
+
+def auto_epochs(n: int) -> int:
+    """The default passes over `n` training images: 15, fewer past 166k so that a run sees about
+    2.5M examples (at least 2). A head on fixed features has long converged by then; 15 epochs of
+    a million images would take an hour on 2 cores."""
+    return max(2, min(DEFAULT_EPOCHS, round(EXAMPLES_PER_RUN / max(n, 1))))
+
+
 @dataclass
 class HeadClassifier(Validated):
     """Dense head on embeddings: fit / predict / predict_proba, parameters checked by PARAMS."""
@@ -41,7 +52,7 @@ class HeadClassifier(Validated):
     PARAMS: ClassVar[dict[str, Rule]] = {
         "hidden": Int(0),
         "dropout": Real(0, 1, high_open=True),
-        "epochs": Int(1),
+        "epochs": Int(1, none_ok=True),
         "lr": Real(0, low_open=True),
         "batch_size": Int(1),
         "weight_decay": Real(0),
@@ -53,7 +64,7 @@ class HeadClassifier(Validated):
 
     hidden: int = 1024
     dropout: float = 0.5
-    epochs: int = 15
+    epochs: int | None = None  # None: auto_epochs(training images), 15 up to 166k of them
     lr: float = 3e-3
     batch_size: int = 256
     weight_decay: float = 1e-4
@@ -62,6 +73,10 @@ class HeadClassifier(Validated):
     compute: str = "auto"  # training products: "float32", "bfloat16", or "auto" (compute_dtype)
     seed: int = 0
     temperature_: float = field(default=1.0, init=False, repr=False)  # fitted by calibrate()
+
+    def for_data(self, n: int) -> HeadClassifier:
+        """This head with its epochs fixed for `n` training images (auto_epochs where not set)."""
+        return self if self.epochs is not None else replace(self, epochs=auto_epochs(n))
 
     def get_params(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.init}
@@ -125,7 +140,8 @@ class HeadClassifier(Validated):
             weight = torch.from_numpy(len(y) / (self.num_classes_ * np.maximum(counts, 1)))
         opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         steps_per_epoch = -(-len(X) // self.batch_size)
-        total = self.epochs * steps_per_epoch
+        epochs = self.epochs or auto_epochs(len(X))
+        total = epochs * steps_per_epoch
         # warm up over 10% of the steps; torch's OneCycleLR divides by zero when that is exactly
         # one step (10 steps in all: e.g. 10 epochs of one batch, as in a small fold)
         sched = torch.optim.lr_scheduler.OneCycleLR(
@@ -133,7 +149,7 @@ class HeadClassifier(Validated):
         )
         Xt, yt = torch.from_numpy(X), torch.from_numpy(y)
         self.history_ = []
-        for epoch in range(1, self.epochs + 1):
+        for epoch in range(1, epochs + 1):
             started = time.perf_counter()
             order = torch.randperm(len(X), generator=gen)
             logs = self._epoch(net, opt, sched, (Xt, yt), order, weight, on_batch)

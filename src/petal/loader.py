@@ -33,6 +33,7 @@ class Item:
     key: str | None = None  # sha256 of the file's bytes
     pixels: np.ndarray | None = None  # (S, S, 3) uint8, None if skipped or failed
     error: str | None = None
+    read: bool = False  # its bytes were read (to hash or to decode), not only stat-ed
 
 
 def default_workers() -> int:
@@ -64,6 +65,7 @@ def iter_items(
             if item.key is not None and skip(item.key):
                 return item
             data = read_bytes(uri)
+            item.read = True
             item.key = hashlib.sha256(data).hexdigest()
             if memo:
                 memo.remember(uri, stat, item.key)

@@ -22,7 +22,7 @@ from petal.data import EVAL, TEST, TRAIN, Columns, Dataset, load_dataset
 from petal.embed import embed, require_usable
 from petal.errors import NothingUsableError, PetalError
 from petal.features import Features, load_features
-from petal.head import HeadClassifier
+from petal.head import HeadClassifier, auto_epochs
 from petal.metrics import compute_metrics, write_report
 from petal.onnx_graphs import check_backbone
 from petal.params import Real, check_param
@@ -122,6 +122,7 @@ def train(
     feats = load_features(ds, result.keys, cache, reporter, feature_dtype)
     (tr, Xtr, ytr), (ev, Xev, yev) = feats.split(TRAIN), feats.split(EVAL)
     require_training_images(ds.classes, (e.label for e in tr))
+    head = head.for_data(len(ytr))  # the default epochs depend on how many images there are
     findings = audit_run(run, ds, feats, reporter)
     run.write_settings(RunSettings(
         kind=HEAD, data=absolute(data), eval_data=absolute(eval_data) if eval_data else None,
@@ -272,13 +273,14 @@ def fit_head(run: Run, head: HeadClassifier, train: tuple[np.ndarray, np.ndarray
     The bar counts training examples (its ETA covers every epoch); an epoch slower than
     EPOCH_NEWS_SECONDS is summed up in a line as it ends."""
     n = len(train[1])
+    epochs = head.epochs or auto_epochs(n)
     with (run.tensorboard() as log,
-          reporter.progress(f"training head ({head.epochs} epochs)", head.epochs * n) as advance):
+          reporter.progress(f"training head ({epochs} epochs)", epochs * n) as advance):
         def on_epoch(epoch: int, logs: dict) -> None:
             for k, v in logs.items():
                 log(epoch_tag(k), v, epoch)
             if logs["seconds"] >= EPOCH_NEWS_SECONDS:
-                reporter.message(f"epoch {epoch}/{head.epochs}: " + ", ".join(
+                reporter.message(f"epoch {epoch}/{epochs}: " + ", ".join(
                     f"{k} {v:.4f}" for k, v in logs.items() if k != "seconds") + f" ({logs['seconds']:.0f} s)")
 
         head.fit(*train, num_classes=num_classes, eval_set=eval_ if len(eval_[1]) else None, on_epoch=on_epoch,
