@@ -74,7 +74,7 @@ def test_declared_rules_are_checked_on_construction(cls):
 @pytest.mark.parametrize("make, message", [
     (lambda: HeadClassifier(lr="x"), r"lr: expected a number > 0, got 'x'"),
     (lambda: HeadClassifier(dropout=None), r"dropout: expected a number in \[0, 1\), got None"),
-    (lambda: HeadClassifier(epochs=True), r"epochs: expected an integer >= 1, got True"),
+    (lambda: HeadClassifier(epochs=True), r"epochs: expected an integer >= 1 or None, got True"),
     (lambda: HeadClassifier(hidden=2.5), r"hidden: expected an integer >= 0, got 2.5"),
     (lambda: HeadClassifier(lr=math.nan), r"lr: expected a number > 0, got nan"),
     (lambda: HeadClassifier(class_weight="even"), r"class_weight: expected one of None, 'balanced', got 'even'"),
