@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
 from petal.backbones import DEFAULT_BACKBONE
 from petal.data import Columns
 from petal.errors import PetalError
-from petal.finetune.config import FinetuneConfig
+from petal.finetune.config import AugmentConfig, FinetuneConfig
 from petal.head import HeadClassifier
 from petal.progress import Reporter, rate
 from petal.storage import absolute, atomic_write_csv, check_output
@@ -463,9 +463,7 @@ def finetune(
     export: Export = True,
     overwrite: FinetuneOverwrite = False,
 ) -> None:
-    """Fine-tune: train the top backbone blocks and a new classifier on augmented images.
-    Slower than `petal train`, and usually more accurate (docs/finetune.md)."""
-    from petal.finetune.config import AugmentConfig, FinetuneConfig
+    """Fine-tune the top backbone blocks and a new classifier on augmented images (docs/finetune.md)."""
     from petal.finetune.distributed import launch
     from petal.finetune.train import finetune as run_finetune
 
@@ -479,10 +477,9 @@ def finetune(
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet a worker: start the workers
         sys.exit(launch(nproc, sys.argv[1:]))
     r = run_finetune(data, out_dir, config=config, labels_file=labels, columns=Columns(uri_column, label_column),
-                     eval_data=eval_data,
-                     eval_percent=eval_percent, backbone=backbone, cache_dir=cache, resume=resume,
-                     overwrite=overwrite, export=export, stop_after=stop_after, exclude=exclude, relabel=relabel,
-                     group=group, reporter=RichReporter())
+                     eval_data=eval_data, eval_percent=eval_percent, backbone=backbone, cache_dir=cache,
+                     resume=resume, overwrite=overwrite, export=export, stop_after=stop_after, exclude=exclude,
+                     relabel=relabel, group=group, reporter=RichReporter())
     if r is not None:  # None: a worker process other than the first
         print_finetune_result(r)
 

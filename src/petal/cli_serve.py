@@ -66,17 +66,11 @@ def serve(
         api_key_from_env,
         apply_vertex,
         check_port,
-        exposure_warning,
         model_specs,
     )
     from petal.serve.server import serve as run_server
 
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as e:
-        raise PetalError(f"serve: needs the serving packages ({e.name} is missing); "
-                         "install them with: pip install 'petal[serve]'") from None
+    require_serving_packages()
     vertex = VertexEnv.from_env()
     model_path, host, port = apply_vertex(model, host, port, vertex)
     config = ServeConfig(
@@ -85,15 +79,31 @@ def serve(
                       header_timeout, body_timeout, max_concurrency),
         batching=Batching(max_batch, batch_wait_ms),
         api_key=api_key_from_env(api_key, api_key_file), threads=threads, decode_workers=workers,
-        reject_unknown=unknown, precision=precision,
-        vertex=vertex)
+        reject_unknown=unknown, precision=precision, vertex=vertex)
     check_port(host, port)
+    announce(config, host, port)
+    run_server(config, host, port, access_log=access_log)
+
+
+def announce(config, host: str, port: int) -> None:
+    """Before loading: a warning if the server is exposed without a key, and each predict URL."""
+    from petal.serve.config import exposure_warning
+
     if warning := exposure_warning(host, config.api_key):
         typer.secho(warning, fg="yellow", err=True)
     for n in config.models:
         typer.echo(f"serving {n}: POST http://{host}:{port}/v1/models/{n}:predict (page: http://{host}:{port}/)",
                    err=True)
-    run_server(config, host, port, access_log=access_log)
+
+
+def require_serving_packages() -> None:
+    """Before any work: FastAPI and uvicorn are installed, or the extra that brings them is named."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise PetalError(f"serve: needs the serving packages ({e.name} is missing); "
+                         "install them with: pip install 'petal[serve]'") from None
 
 
 def encode_request(

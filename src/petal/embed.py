@@ -35,6 +35,21 @@ class EmbedResult:
     read: int = 0  # files whose bytes were read, to hash or to decode (the others were only stat-ed)
     seconds: float = 0.0
 
+    def sort(self, batch: list[Item], is_known: Callable[[str], bool]) -> list[Item]:
+        """Count a batch of read items (failed, cached) and return those to embed: each new key once."""
+        todo: list[Item] = []
+        self.read += sum(item.read for item in batch)  # bytes read, to hash or to decode
+        for item in batch:
+            if item.error is not None:
+                self.failed.append((item.uri, item.error))
+                continue
+            self.keys[item.uri] = item.key
+            if item.pixels is None or is_known(item.key) or any(t.key == item.key for t in todo):
+                self.cached += 1
+            else:
+                todo.append(item)
+        return todo
+
     def summary(self) -> dict:
         total = self.embedded + self.cached + len(self.failed)
         return {
@@ -106,17 +121,7 @@ def embed(
     with cache.writer() as writer:
         items = iter_items(uris, cfg.preprocess, skip=is_known, workers=workers, memo=memo, yield_cpu=True)
         for batch in batches(items, batch_size):
-            todo: list[Item] = []
-            result.read += sum(item.read for item in batch)  # bytes read, to hash or to decode
-            for item in batch:
-                if item.error is not None:
-                    result.failed.append((item.uri, item.error))
-                    continue
-                result.keys[item.uri] = item.key
-                if item.pixels is None or is_known(item.key) or any(t.key == item.key for t in todo):
-                    result.cached += 1
-                else:
-                    todo.append(item)
+            todo = result.sort(batch, is_known)
             if todo:
                 if session is None:
                     # no spin-waiting: the decode threads need the cores between ONNX Runtime's

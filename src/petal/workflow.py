@@ -120,7 +120,7 @@ def train(
     run.write_split(ds, result.keys, result.failed)
     warnings = data_warnings(ds, result.keys, reporter)
     feats = load_features(ds, result.keys, cache, reporter, feature_dtype)
-    (tr, Xtr, ytr), (ev, Xev, yev) = feats.split(TRAIN), feats.split(EVAL)
+    (tr, Xtr, ytr), (_, Xev, yev) = feats.split(TRAIN), feats.split(EVAL)
     require_training_images(ds.classes, (e.label for e in tr))
     head = head.for_data(len(ytr))  # the default epochs depend on how many images there are
     findings = audit_run(run, ds, feats, reporter)
@@ -132,13 +132,21 @@ def train(
     fit_head(run, head, (Xtr, ytr), (Xev, yev), len(ds.classes), reporter)
     unknown = fit_trust(run, head, Xtr, ytr, keep, reporter)
     metrics = evaluate_head(run, ds.classes, feats, head, unknown, findings, result.summary(), reporter)
-    model_dir = None
-    if export:
-        parity = parity_uris([e.uri for e in ev], [e.uri for e in tr])
-        reporter.message(f"exporting and checking parity on {len(parity)} images")
-        model_dir = export_head(run, cfg, head, ds.classes, cache_dir, parity, metrics, unknown, precision,
-                                feats.keys[feats.bounds[TRAIN]])
+    model_dir = export_trained(run, cfg, head, ds.classes, feats, cache_dir, metrics, unknown, precision,
+                               reporter) if export else None
     return TrainResult(run.path, model_dir, metrics, {**result.summary(), "skipped": len(ds.skipped)}, warnings)
+
+
+def export_trained(run: Run, cfg: BackboneConfig, head: HeadClassifier, classes: list[str], feats: Features,
+                   cache_dir: Path, metrics: dict, unknown: KnnUnknown | None, precision: str,
+                   reporter: Reporter) -> Path:
+    """RUN/model of a head just trained, its parity proved on a sample of the (readable) eval and
+    train images."""
+    (tr, _, _), (ev, _, _) = feats.split(TRAIN), feats.split(EVAL)
+    parity = parity_uris([e.uri for e in ev], [e.uri for e in tr])
+    reporter.message(f"exporting and checking parity on {len(parity)} images")
+    return export_head(run, cfg, head, classes, cache_dir, parity, metrics, unknown, precision,
+                       feats.keys[feats.bounds[TRAIN]])
 
 
 def evaluate_head(run: Run, classes: list[str], feats: Features, head: HeadClassifier, unknown: KnnUnknown,
