@@ -71,4 +71,4 @@ def apply_review(ds: Dataset, exclude: str | Path | None = None, relabel: str | 
     reporter.message(f"review: {len(ds.examples) - len(kept)} image(s) excluded, "
                      f"{changed} relabelled"
                      + (f"; warning: {len(missing)} listed image(s) are not in the data" if missing else ""))
-    return Dataset(kept, ds.classes, ds.skipped, ds.warnings)
+    return Dataset(kept, ds.classes, ds.skipped, ds.warnings, ds.notes)

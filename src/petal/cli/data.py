@@ -25,6 +25,7 @@ from petal.cli.options import (
     Precision,
     Rehash,
     Relabel,
+    SplitColumn,
     UriColumn,
     Workers,
     check_runner,
@@ -50,6 +51,7 @@ def embed(
     labels: Annotated[Optional[Path], typer.Option(help="dict.txt for a CSV.")] = None,
     uri_column: UriColumn = None,
     label_column: LabelColumn = None,
+    split_column: SplitColumn = None,
     backbone: Backbone = DEFAULT_BACKBONE,
     cache: Cache = None,
     workers: Workers = None,
@@ -67,7 +69,7 @@ def embed(
     if errors:
         check_output(errors, "errors")
     ds = load_dataset(data, labels_file=labels, eval_percent=0.0, require_train=False,
-                      columns=Columns(uri_column, label_column),
+                      columns=Columns(uri_column, label_column, split_column),
                       reporter=RichReporter() if not as_json else None)
     if not as_json:
         print_dataset(ds, splits=False)
@@ -99,6 +101,7 @@ def audit(
     labels: LabelsFile = None,
     uri_column: UriColumn = None,
     label_column: LabelColumn = None,
+    split_column: SplitColumn = None,
     eval_data: EvalData = None,
     eval_percent: EvalPercent = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
@@ -114,7 +117,7 @@ def audit(
     (suspects.csv, duplicates.csv, report.html in --out). Files are never moved."""
     from petal.workflow import audit_data
 
-    found = audit_data(data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column),
+    found = audit_data(data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column, split_column),
                        eval_data=eval_data, eval_percent=eval_percent,
                        backbone=backbone, cache_dir=cache, workers=workers, exclude=exclude, relabel=relabel,
                        group=group, rehash=rehash, reporter=RichReporter() if not as_json else None)

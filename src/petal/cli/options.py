@@ -32,6 +32,9 @@ UriColumn = Annotated[Optional[str], typer.Option(help=(
     "The CSV column holding the image paths (default: found by name: uri, path, filename, image, file)."))]
 LabelColumn = Annotated[Optional[str], typer.Option(help=(
     "The CSV column holding the labels (default: found by name: label, class, category)."))]
+SplitColumn = Annotated[Optional[str], typer.Option(help=(
+    "The CSV column giving each image's split: train, val or test (default: found by name: split, subset, "
+    "set, fold, partition, stage)."))]
 EvalData = Annotated[Optional[str], typer.Option("--eval", help=(
     "Eval images (folder of class folders or CSV) instead of a share of DATA; --eval-percent is then unused."))]
 EvalPercent = Annotated[float, typer.Option(help="Percent of images in the eval split.")]

@@ -66,6 +66,8 @@ def print_dataset(ds, splits: bool = True, rows: int = 30) -> None:
     out.print(t)
     for reason, n in ds.skipped_reasons().most_common():
         out.print(f"skipped {n}: {reason}", markup=False)
+    for note in ds.notes:
+        err.print(note, markup=False, highlight=False)
     for w in ds.warnings:
         err.print(f"warning: {w}", style="yellow", markup=False)
 

@@ -27,6 +27,7 @@ from petal.cli.options import (
     Rehash,
     Relabel,
     RunOut,
+    SplitColumn,
     UriColumn,
     Workers,
 )
@@ -95,6 +96,7 @@ def train(
     labels: LabelsFile = None,
     uri_column: UriColumn = None,
     label_column: LabelColumn = None,
+    split_column: SplitColumn = None,
     eval_data: EvalData = None,
     eval_percent: EvalPercent = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
@@ -131,7 +133,7 @@ def train(
     head = HeadClassifier(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
                           weight_decay=weight_decay, label_smoothing=label_smoothing,
                           class_weight=class_weight.value if class_weight else None, seed=seed)
-    r = run_train(data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column),
+    r = run_train(data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column, split_column),
                   eval_data=eval_data, eval_percent=eval_percent,
                   backbone=backbone, cache_dir=cache, head=head, workers=workers, export=export,
                   overwrite=overwrite, keep=keep, exclude=exclude, relabel=relabel, group=group, rehash=rehash,
@@ -153,6 +155,7 @@ def finetune(
     labels: LabelsFile = None,
     uri_column: UriColumn = None,
     label_column: LabelColumn = None,
+    split_column: SplitColumn = None,
     eval_data: EvalData = None,
     eval_percent: EvalPercent = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
@@ -201,7 +204,8 @@ def finetune(
                               random_brightness=random_brightness, random_color=random_color))
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet a worker: start the workers
         sys.exit(launch(nproc, sys.argv[1:]))
-    r = run_finetune(data, out_dir, config=config, labels_file=labels, columns=Columns(uri_column, label_column),
+    r = run_finetune(data, out_dir, config=config, labels_file=labels,
+                     columns=Columns(uri_column, label_column, split_column),
                      eval_data=eval_data, eval_percent=eval_percent, backbone=backbone, cache_dir=cache,
                      resume=resume, overwrite=overwrite, export=export, stop_after=stop_after, exclude=exclude,
                      relabel=relabel, group=group, reporter=RichReporter())
