@@ -296,3 +296,25 @@ def test_warm_embed_only_stats_files_and_rehash_reads_them(tmp_path, dataset, ca
             for extra in ([], [], ["--rehash"])]
     assert [r["read"] for r in runs] == [48, 0, 48]
     assert runs[0]["embedded"] + runs[0]["cached"] == 48 and runs[1]["cached"] == runs[2]["cached"] == 48
+
+
+@pytest.mark.parametrize("typo,meant", [(["--ouput", "p.csv"], "--output"), (["--topk", "3"], "--top-k"),
+                                        (["--no-unknwn"], "--no-unknown")])
+def test_predict_refuses_a_misspelled_option(tmp_path, typo, meant):
+    """Issue 22 item 4: `petal predict` took misspelled options as file names and exited 0."""
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    r = petal("predict", tmp_path / "model", tmp_path / "a.jpg", *typo, check=False, cwd=tmp_path)
+    assert r.returncode == 2 and f"No such option: {typo[0]}" in r.stderr and meant in r.stderr
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_beam_options_among_inputs_go_to_beam(tmp_path):
+    from petal.cli.command import split_options
+
+    (tmp_path / "b.jpg").write_bytes(b"x")
+    b = str(tmp_path / "b.jpg")  # an existing file after a flag is an input, not the flag's value
+    values = ["a.jpg", "--project", "p1", "--region=eu", "--save_main_session", b]
+    assert split_options(values, beam=True) == (["a.jpg", b], ["--project", "p1", "--region=eu",
+                                                                "--save_main_session"])
+    assert split_options(values, beam=False) == (["a.jpg", "p1", b], ["--project", "--region=eu",
+                                                                       "--save_main_session"])

@@ -294,3 +294,18 @@ def test_a_class_spelled_in_another_case_in_val_is_pointed_at(tmp_path):
     with pytest.raises(DataError, match=r"no training image: 'Watch' \(class names differ only in case: "
                                         r"'Watch' vs 'watch'"):
         load_dataset(tmp_path)
+
+
+def test_predict_reads_a_csv_input_as_train_does(tmp_path):
+    """Issue 22 item 5: `petal predict MODEL file.csv` read the first column (the labels) as paths."""
+    for name in ("a.jpg", "b.jpg"):
+        touch(tmp_path / "photos" / name)
+    (tmp_path / "data.csv").write_text("category,file,subset\nx,photos/a.jpg,train\ny,photos/b.jpg,test\n")
+    want = [str(tmp_path / "photos" / n) for n in ("a.jpg", "b.jpg")]
+    assert expand_inputs([str(tmp_path / "data.csv")]) == (want, [])
+    (tmp_path / "named.csv").write_text("kind,picture\nx,photos/a.jpg\ny,photos/b.jpg\n")
+    assert expand_inputs([str(tmp_path / "named.csv")], uri_column="Picture") == (want, [])
+    (tmp_path / "bare.csv").write_text("photos/a.jpg,x\nphotos/b.jpg,y\n")  # no header: the first column
+    assert expand_inputs([str(tmp_path / "bare.csv")]) == (want, [])
+    with pytest.raises(DataError, match="--uri-column: .* has no column 'path'"):
+        expand_inputs([str(tmp_path / "named.csv")], uri_column="path")

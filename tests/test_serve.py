@@ -202,11 +202,20 @@ def test_served_predictions_say_unknown_and_the_flag_turns_it_off(url, images, l
     want = local.predict(files)
     assert [r["unknown"] for r in rows] == [p.unknown for p in want] == [False, True]
     np.testing.assert_allclose([r["ood_score"] for r in rows], [p.ood_score for p in want], atol=1e-4)
+    # one meaning of "unknown" (issue 22 item 3): the rejected row's label is the answer
+    assert [r["label"] for r in rows] == [p.label for p in want] == [images[0].parent.name, "unknown"]
+    assert rows[1]["nearest"] == want[1].nearest != "unknown" and rows[1]["prediction"] is None
     off = httpx.post(f"{url}/v1/models/shapes:predict?unknown=false", content=json.dumps(body), timeout=60)
     assert [r["unknown"] for r in off.json()["predictions"]] == [False, False]
+    assert off.json()["predictions"][1]["label"] == want[1].nearest  # the old shape
     with open(cat, "rb") as f:
         up = httpx.post(f"{url}/v1/models/shapes:upload", files=[("file", ("cat.png", f, "image/png"))], timeout=60)
-    assert up.json()["predictions"][0]["unknown"] is True
+    assert up.json()["predictions"][0]["unknown"] is True and up.json()["predictions"][0]["label"] == "unknown"
+    v2 = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2],
+                      "data": [b64(Path(f).read_bytes()) for f in files]}]}
+    outputs = {o["name"]: o["data"] for o in httpx.post(f"{url}/v2/models/shapes/infer", json=v2,
+                                                        timeout=60).json()["outputs"]}
+    assert outputs["labels"] == [p.label for p in want] and outputs["nearest"] == [p.nearest for p in want]
 
 
 def test_a_bad_instance_gets_an_error_in_its_slot(url, images, local):

@@ -590,8 +590,27 @@ def check_trainable(ds: Dataset, eval_given: bool = False, split_given: bool = F
 
 # --------------------------------------------------------------------------- predict inputs
 
-def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
-    """Files, folders (searched recursively), CSVs (first column) and globs -> image URIs.
+def csv_uris(source: str, uri_column: str | None = None) -> list[str]:
+    """The image URIs of a CSV, read as `petal train` reads it: the column named `uri_column`, or
+    found by header name (uri, path, filename, image, file, ...), or the first column of a CSV
+    without a header; relative paths from the CSV's folder."""
+    reader = csv.reader(io.StringIO(_read_text(source), newline=""))
+    rows = [[c.strip() for c in r] for r in reader if any(c.strip() for c in r)]
+    if not rows:
+        return []
+    names = [c.lower() for c in rows[0]]
+    col = named_column(names, uri_column, "--uri-column", source) if uri_column else \
+        next((i for i, n in enumerate(names) if n in HEADER_WORDS), None)
+    if col is None:  # no header: the first column, unless the first row is a header of other names
+        refuse_unnamed_header(source, rows[0], [r[0] for r in rows[1:]])
+        col = 0
+    else:
+        rows = rows[1:]
+    return [_join(source, r[col]) for r in rows if len(r) > col and r[col]]
+
+
+def expand_inputs(inputs: list[str], uri_column: str | None = None) -> tuple[list[str], list[str]]:
+    """Files, folders (searched recursively), CSVs (their image column, see `csv_uris`) and globs -> image URIs.
 
     Returns (uris, problems); a problem is an input that matched nothing.
     """
@@ -611,11 +630,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
             if not found:
                 problems.append(f"{raw}: no images in this folder")
         elif path.suffix.lower() == ".csv" and path.is_file():
-            text = _read_text(str(path))
-            rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r and r[0].strip()]
-            if rows and rows[0][0].strip().lower() in HEADER_WORDS:
-                rows = rows[1:]
-            uris += [_join(str(path), r[0].strip()) for r in rows]
+            uris += csv_uris(str(path), uri_column)
         elif any(ch in raw for ch in "*?["):
             found = sorted(glob.glob(raw, recursive=True))
             uris += found

@@ -3,7 +3,9 @@ named with the command that has it; the `petal` group's own options."""
 
 from __future__ import annotations
 
+import difflib
 import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import click
@@ -69,7 +71,7 @@ class Command(PlainHelp, TyperCommand):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
-            return super().parse_args(ctx, args)
+            rest = super().parse_args(ctx, args)
         except BadParameter as e:  # typer words a bad choice as pydantic does
             e.message = e.message.removeprefix("Value error, ")
             raise
@@ -82,6 +84,52 @@ class Command(PlainHelp, TyperCommand):
                              f"not of `petal {self.name}`")
                 e.possibilities = None
             raise
+        if ctx.ignore_unknown_options:  # a command with --runner beam, whose options petal does not know
+            self.take_stray_options(ctx)
+        return rest
+
+    def take_stray_options(self, ctx: click.Context) -> None:
+        """Unknown --options that an argument swallowed as values (`petal predict M --ouput p.csv a.jpg`
+        read --ouput and p.csv as images) go to ctx.args: Beam's, with --runner beam; else an error
+        naming the closest option."""
+        beam = ctx.params.get("runner") == "beam"
+        for p in self.params:
+            value = ctx.params.get(p.name)
+            if not isinstance(p, TyperArgument) or not value:
+                continue
+            if isinstance(value, str):
+                if value.startswith("--") and not beam:
+                    self.refuse_option(ctx, value)
+                continue
+            kept, stray = split_options(list(value), beam)
+            ctx.params[p.name] = kept
+            ctx.args = [*stray, *ctx.args]
+        if not beam and (options := [a for a in ctx.args if a.startswith("--")]):
+            self.refuse_option(ctx, options[0])
+
+    def refuse_option(self, ctx: click.Context, given: str) -> None:
+        names = [o for p in self.params if not isinstance(p, TyperArgument) for o in (*p.opts, *p.secondary_opts)]
+        close = difflib.get_close_matches(given.split("=")[0], names, n=3, cutoff=0.6)
+        raise NoSuchOption(given.split("=")[0], possibilities=close, ctx=ctx)
+
+
+def split_options(values: list[str], beam: bool) -> tuple[list[str], list[str]]:
+    """An argument's values -> (values, --options among them). With `beam`, `--name value` takes its
+    value too, unless the value is an existing file (an input): Beam's options may come as either."""
+    kept, stray = [], []
+    i = 0
+    while i < len(values):
+        v = values[i]
+        if not v.startswith("--"):
+            kept.append(v)
+        else:
+            stray.append(v)
+            nxt = values[i + 1] if i + 1 < len(values) else None
+            if beam and "=" not in v and nxt is not None and not nxt.startswith("-") and not Path(nxt).exists():
+                stray.append(nxt)
+                i += 1
+        i += 1
+    return kept, stray
 
 
 def show_version(value: bool) -> None:

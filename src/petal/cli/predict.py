@@ -65,6 +65,9 @@ def predict(
     unknown: Annotated[bool, typer.Option(help=(
         "Call an image unlike every class 'unknown'; --no-unknown always names the nearest class."))] = True,
     precision: RunPrecision = None,
+    uri_column: Annotated[Optional[str], typer.Option(help=(
+        "In CSV inputs, the column holding the image paths (default: found by name: uri, path, filename, "
+        "image, file; without a header, the first column)."))] = None,
 ) -> None:
     """Predict labels for images with an exported model (or a served one, with --url).
     On a terminal: a table; in a pipe, or with --format: CSV or JSON rows."""
@@ -72,7 +75,7 @@ def predict(
     if errors:
         check_output(errors, "errors")
     fmt = fmt.value if fmt else None
-    uris = predict_inputs(model, inputs or [], url)
+    uris = predict_inputs(model, inputs or [], url, uri_column)
     if runner == "beam":
         from petal.beam import beam_predict
 
@@ -97,7 +100,8 @@ def predict(
         raise PetalError("predict: no image could be read")
 
 
-def predict_inputs(model: str | None, inputs: list[str], url: str | None) -> list[str]:
+def predict_inputs(model: str | None, inputs: list[str], url: str | None, uri_column: str | None = None
+                   ) -> list[str]:
     """MODEL and INPUTS -> the image URIs; with --url, MODEL is an input too."""
     from petal.data import expand_inputs
 
@@ -107,7 +111,7 @@ def predict_inputs(model: str | None, inputs: list[str], url: str | None) -> lis
         inputs = [model, *inputs] if model else inputs
     elif model is None:
         raise PetalError("predict: give a model folder (RUN/model), or --url of a running `petal serve`")
-    uris, problems = expand_inputs(inputs)
+    uris, problems = expand_inputs(inputs, uri_column)
     for p in problems:
         err.print(f"warning: {p}", style="yellow", markup=False)
     if not uris:

@@ -144,7 +144,8 @@ def print_predictions(preds) -> tuple[bool, list[tuple[str, str]]]:
             t.add_row(p.uri, "[red]error", "", p.error)
             continue
         ok = True
-        label = f"[yellow]unknown[/] (nearest: {escape(p.label)} {p.score:.2f})" if p.unknown else escape(p.label)
+        label = (f"[yellow]unknown[/] (nearest: {escape(p.nearest)} {p.nearest_score:.2f})" if p.unknown
+                 else escape(p.label))
         t.add_row(p.uri, label, f"{p.score:.3f}", ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]))
     out.print(t)
     return ok, failed

@@ -235,13 +235,15 @@ def v2_api(service: Service, limits: Limits, auth: list) -> APIRouter:
         return {"name": service.get(name).name, "ready": service.ready}
 
     @router.post("/models/{name}/infer", dependencies=auth, summary="Inference: images in, probabilities out")
-    async def infer(name: str, request: Request) -> JSONResponse:
+    async def infer(name: str, request: Request, unknown: bool = Query(
+            True, description="false: labels are always the nearest class")) -> JSONResponse:
         served = service.get(name)
 
         async def run(body: bytes) -> dict:
             doc, images = v2.parse_infer(body, request.headers.get(v2.HEADER_LENGTH), limits.max_images)
             scores = await service.infer_v2(served, images)
-            return v2.infer_response(served.name, served.version, doc, scores, served.model.labels)
+            return v2.infer_response(served.name, served.version, doc, scores, served.model.labels,
+                                     reject_unknown=unknown and served.model.reject_unknown)
 
         return JSONResponse(await within_limit(request.body(), run, limits.timeout_s))
 

@@ -9,8 +9,10 @@ resized as the bundle's preprocessing says, UINT8 [N, S, S, 3]. Tensor data come
 ("data": [...]; BYTES elements as base64 strings) or in the binary extension that
 `tritonclient` uses by default (an `Inference-Header-Content-Length` header, then the raw
 tensors; each BYTES element prefixed by its 4-byte little-endian length). Outputs, as JSON:
-"probabilities" FP32 [N, C], "labels" BYTES [N] (the top-1 label), and where the bundle
-has unknown detection "ood_score" FP32 [N] and "unknown" BOOL [N].
+"probabilities" FP32 [N, C], "labels" BYTES [N] (the answer: "unknown" for an image like none
+of the classes, else the top-1 class; `?unknown=false`: always the top-1 class), "nearest" BYTES
+[N] (the top-1 class), and where the bundle has unknown detection "ood_score" FP32 [N] and
+"unknown" BOOL [N].
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from petal.predictions import Scores
+from petal.predictions import UNKNOWN, Scores
 from petal.serve.protocol import RequestError, b64decode
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -96,14 +98,20 @@ def split_bytes(raw: bytes) -> list[bytes]:
     return out
 
 
-def infer_response(name: str, version: str, request: dict, scores: Scores, labels: list[str]) -> dict:
-    """The response document: every output as JSON data, in the order the protocol lists them."""
+def infer_response(name: str, version: str, request: dict, scores: Scores, labels: list[str],
+                   reject_unknown: bool = True) -> dict:
+    """The response document: every output as JSON data, in the order the protocol lists them.
+    "labels" are the answers ("unknown" for an image like none of the classes, unless
+    `reject_unknown` is False), "nearest" the top-1 classes."""
     n, c = scores.probabilities.shape
+    nearest = [labels[i] for i in scores.probabilities.argmax(1)]
+    unknown = [bool(u) and reject_unknown for u in scores.unknown] if scores.ood_score is not None else [False] * n
     outputs = [tensor("probabilities", "FP32", [n, c], scores.probabilities.reshape(-1).tolist()),
-               tensor("labels", "BYTES", [n], [labels[i] for i in scores.probabilities.argmax(1)])]
+               tensor("labels", "BYTES", [n], [UNKNOWN if u else k for k, u in zip(nearest, unknown)]),
+               tensor("nearest", "BYTES", [n], nearest)]
     if scores.ood_score is not None:
         outputs += [tensor("ood_score", "FP32", [n], scores.ood_score.tolist()),
-                    tensor("unknown", "BOOL", [n], [bool(u) for u in scores.unknown])]
+                    tensor("unknown", "BOOL", [n], unknown)]
     wanted = [o.get("name") for o in request.get("outputs") or [] if isinstance(o, dict)]
     doc: dict[str, Any] = {"model_name": name, "model_version": version,
                            "outputs": [o for o in outputs if not wanted or o["name"] in wanted]}
@@ -118,7 +126,8 @@ def tensor(name: str, datatype: str, shape: list[int], data: list) -> dict:
 
 def model_metadata(name: str, version: str, input_size: int, num_classes: int, has_unknown: bool) -> dict:
     outputs = [{"name": "probabilities", "datatype": "FP32", "shape": [-1, num_classes]},
-               {"name": "labels", "datatype": "BYTES", "shape": [-1]}]
+               {"name": "labels", "datatype": "BYTES", "shape": [-1]},
+               {"name": "nearest", "datatype": "BYTES", "shape": [-1]}]
     if has_unknown:
         outputs += [{"name": "ood_score", "datatype": "FP32", "shape": [-1]},
                     {"name": "unknown", "datatype": "BOOL", "shape": [-1]}]
