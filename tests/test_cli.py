@@ -318,3 +318,47 @@ def test_beam_options_among_inputs_go_to_beam(tmp_path):
                                                                 "--save_main_session"])
     assert split_options(values, beam=False) == (["a.jpg", "p1", b], ["--project", "--region=eu",
                                                                        "--save_main_session"])
+
+
+def all_commands():
+    """(words after `petal`, click command) of every command, `petal cache ...` too."""
+    import typer
+
+    from petal.cli import app
+
+    def walk(command, words):
+        yield words, command
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            yield from walk(sub, [*words, name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_brackets_in_help_are_shown_as_written(monkeypatch):
+    """Issue 22 item 11: the console markup ate `[bf16]` in `pip install 'petal[bf16]'`."""
+    from typer.testing import CliRunner
+
+    from petal.cli import app
+
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside a bracketed word
+    checked = 0
+    for words, command in all_commands():
+        texts = [p.help for p in command.params if getattr(p, "help", None)] + [command.help or ""]
+        brackets = {b for t in texts for b in re.findall(r"\[[^\]\s]*\]", t.replace("\\[", "["))}
+        shown = CliRunner().invoke(app, [*words, "--help"]).output
+        for b in brackets:
+            assert b in shown, f"petal {' '.join(words)} --help lost {b}"
+            checked += 1
+    assert checked >= 2  # --precision of train and embed, at least
+
+
+def test_a_forgotten_model_and_a_bundle_for_a_run_are_named(tmp_path, dataset, trained_run):
+    """Issue 22 item 9: `petal predict newphotos` said "no input images"; `petal export RUN/model`
+    said "settings.json is missing" without naming the run folder."""
+    r = petal("predict", dataset / "circles", check=False)
+    assert r.returncode == 2 and "the first argument must be a model bundle" in r.stderr
+    assert f"petal predict RUN/model {dataset / 'circles'}" in " ".join(r.stderr.split())
+    r = petal("predict", trained_run.run_dir, next((dataset / "circles").iterdir()), check=False)
+    assert r.returncode == 2 and f"did you mean {trained_run.model_dir}" in r.stderr
+    r = petal("export", trained_run.model_dir, check=False)
+    assert r.returncode == 2 and f"did you mean {trained_run.run_dir}, the run folder?" in " ".join(r.stderr.split())

@@ -220,7 +220,9 @@ class Run:
         if not run.path.is_dir():
             raise PetalError(f"run: {run.path} is not a folder (expected a finished `petal train` run)")
         if not run.settings_path.is_file():
-            raise PetalError(f"run: {run.path} is not a petal run folder: {run.settings_path} is missing")
+            parent = run.path.parent  # RUN/model given for RUN
+            hint = f"; did you mean {parent}, the run folder?" if (parent / "settings.json").is_file() else ""
+            raise PetalError(f"run: {run.path} is not a petal run folder: {run.settings_path} is missing{hint}")
         return run
 
     def read(self, what: Callable[[], Any]) -> Any:

@@ -111,12 +111,27 @@ def predict_inputs(model: str | None, inputs: list[str], url: str | None, uri_co
         inputs = [model, *inputs] if model else inputs
     elif model is None:
         raise PetalError("predict: give a model folder (RUN/model), or --url of a running `petal serve`")
+    elif not (Path(model) / "petal.json").is_file():
+        refuse_non_bundle(model)
     uris, problems = expand_inputs(inputs, uri_column)
     for p in problems:
         err.print(f"warning: {p}", style="yellow", markup=False)
     if not uris:
         raise PetalError("predict: no input images")
     return uris
+
+
+def refuse_non_bundle(model: str) -> None:
+    """`petal predict newphotos` (the model forgotten): say the first argument must be a bundle."""
+    path = Path(model)
+    if (path / "model" / "petal.json").is_file():
+        hint = f"; did you mean {path / 'model'}?"
+    elif path.exists():
+        hint = f" ({model} holds images, not a model: petal predict RUN/model {model})"
+    else:
+        hint = f" ({model} does not exist)"
+    raise PetalError(f"predict: the first argument must be a model bundle (a RUN/model folder with petal.json); "
+                     f"{model} is not one{hint}")
 
 
 def emit_predictions(preds, total: int, output: str | None, fmt: str | None) -> tuple[bool, list]:
