@@ -362,3 +362,58 @@ def test_a_forgotten_model_and_a_bundle_for_a_run_are_named(tmp_path, dataset, t
     assert r.returncode == 2 and f"did you mean {trained_run.model_dir}" in r.stderr
     r = petal("export", trained_run.model_dir, check=False)
     assert r.returncode == 2 and f"did you mean {trained_run.run_dir}, the run folder?" in " ".join(r.stderr.split())
+
+
+def test_ctrl_c_says_what_is_kept(monkeypatch, capsys, tmp_path):
+    """Issue 22 item 13: Ctrl-C exited 130 and printed nothing."""
+    import petal.data
+    from petal.cli.app import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(petal.data, "expand_inputs", interrupted)
+    monkeypatch.setattr(sys, "argv", ["petal", "classify", str(tmp_path / "a.jpg")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 130
+    assert "interrupted: the images embedded so far are kept" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, cache_dir):
+    """`petal train` as a new user runs it: train/ and test/ folders without val/, a class of 2
+    images, output piped into a narrow terminal."""
+    import shutil
+
+    from petal.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("first") / "photos"
+    make_dataset(root / "train", per_class=12, seed=1, classes=2)
+    make_dataset(root / "test", per_class=4, seed=2, classes=2)
+    spare = make_dataset(tmp_path_factory.mktemp("spare"), per_class=2, seed=3, classes=3)
+    shutil.copytree(spare / "triangles", root / "train" / "tiny")
+    out = tmp_path_factory.mktemp("runs") / "first"
+    return petal("train", root, "--out", out, "--epochs", "5", env={"COLUMNS": "50"})
+
+
+def test_a_class_without_eval_images_is_said_not_scored_zero(first_run):
+    """Issue 22 item 7: `tiny 0.000 0.000 0.000 0` read as a failed class; the imbalance advice
+    was only in audit.json."""
+    tiny = next(line for line in first_run.stdout.splitlines() if "tiny" in line and "no eval" in line)
+    assert "0.000" not in tiny
+    assert "warning: classes are imbalanced" in " ".join(first_run.stderr.split())
+
+
+def test_split_folders_are_one_info_line(first_run):
+    """Issue 22 items 2 and 8: train/ + test/ is a split layout, said once, as information."""
+    assert first_run.stderr.count("split folders in") == 1 and "warning: split folders" not in first_run.stderr
+    assert "images are the eval split" in " ".join(first_run.stderr.split())
+
+
+def test_the_summary_never_wraps_mid_phrase(first_run):
+    """Issue 22 item 15: `test: \\naccuracy 1.0000` in a narrow or piped terminal."""
+    lines = first_run.stdout.splitlines()
+    accuracy = [line for line in lines if line.startswith("accuracy")]
+    assert accuracy and all(re.fullmatch(r"accuracy.*\d\.\d{4}", line) for line in accuracy), lines
+    assert any(re.fullmatch(r"eval images \d+, train images \d+", line) for line in lines), lines

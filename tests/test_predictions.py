@@ -51,3 +51,23 @@ def test_without_rejection_the_old_shape_comes_back():
     assert prediction_row((False, None), nearest)["prediction"] == 1
     v2 = {o["name"]: o["data"] for o in infer_response("m", "1", {}, SCORES, LABELS, reject_unknown=False)["outputs"]}
     assert v2["labels"] == ["rose", "rose"] and v2["unknown"] == [False, False]
+
+
+def test_output_to_a_device_with_format(tmp_path):
+    """Issue 22 item 19: --output /dev/null was refused for lack of a suffix; with --format any path goes,
+    and a device is written to, never replaced by a renamed file."""
+    import os
+    import stat
+    from pathlib import Path
+
+    import pytest
+
+    from petal.errors import PetalError
+    from petal.predictions import write_predictions
+
+    assert write_predictions(Path(os.devnull), predictions(), "csv") == (2, [])
+    assert stat.S_ISCHR(os.stat(os.devnull).st_mode)
+    assert write_predictions(tmp_path / "preds.out", predictions(), "jsonl")[0] == 2
+    assert (tmp_path / "preds.out").read_text().count("\n") == 2
+    with pytest.raises(PetalError, match="or --format csv|jsonl"):
+        write_predictions(tmp_path / "preds.out", predictions())

@@ -170,8 +170,12 @@ def write_rows(f: TextIO, preds: Iterable[Prediction], fmt: str) -> tuple[int, l
 
 
 def write_predictions(path: Path, preds: Iterable[Prediction], fmt: str | None = None) -> tuple[int, list]:
-    """Many predictions to a .csv or .jsonl file (or `fmt`), atomically: see `write_rows`."""
+    """Many predictions to a .csv or .jsonl file (or `fmt`, any name), atomically: see `write_rows`.
+    A device or a named pipe (/dev/null) is written to as it is."""
     fmt = output_format(path, fmt)
+    if path.exists() and not path.is_file() and not path.is_dir():  # /dev/null, /dev/stderr, a named pipe:
+        with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:  # written to, never
+            return write_rows(f, preds, fmt)  # replaced by a renamed file
     check_output(path, "output")
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
         return write_rows(f, preds, fmt)

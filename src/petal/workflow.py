@@ -205,6 +205,8 @@ def audit_run(run: Run, ds: Dataset, feats: Features, reporter: Reporter) -> Aud
         write_audit(run.path, findings := audit_features(ds, feats))
         advance(1)
     reporter.message(findings.line() + f" (see {run.report_path})")
+    for advice in findings.advice:  # e.g. a class of 2 images beside classes of 60
+        reporter.message(f"warning: {advice}")
     return findings
 
 

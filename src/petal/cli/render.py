@@ -80,6 +80,9 @@ def print_metrics(metrics: dict, rows: int = 20) -> None:
     for col in ("class", "precision", "recall", "f1", "support"):
         t.add_column(col, justify="left" if col == "class" else "right")
     for c, m in per_class[:rows]:
+        if m["support"] == 0:  # not a failed class: nothing to measure it on
+            t.add_row(c, "no eval image", "", "", "0")
+            continue
         t.add_row(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     out.print(t)
     pairs = metrics.get("most_confused", [])[:5]
@@ -92,10 +95,9 @@ def print_metrics(metrics: dict, rows: int = 20) -> None:
     if len(metrics["per_class"]) > 5:  # the Inception eval's names beside (petal.metrics)
         parts.append(f"top-5 {metrics['top5_accuracy']:.4f} (precision@1 {metrics['accuracy']:.4f}, "
                      f"recall@5 {metrics['top5_accuracy']:.4f})")
-    parts.append(f"eval images {metrics['num_eval']}")
-    if "num_train" in metrics:
-        parts.append(f"train images {metrics['num_train']}")
-    out.print("   ".join(parts))
+    parts.append(f"eval images {metrics['num_eval']}"
+                 + (f", train images {metrics['num_train']}" if "num_train" in metrics else ""))
+    print_lines(parts)
     none = [c for c, m in metrics["per_class"].items() if m["support"] == 0]
     few = [c for c, m in metrics["per_class"].items() if 0 < m["support"] < 5]
     if metrics["num_eval"] < 30 or none or few:
@@ -126,8 +128,14 @@ def print_trust(metrics: dict) -> None:
     t = metrics.get("test")
     if t:
         parts.append(f"test: accuracy {t['accuracy']:.4f}, top-5 {t['top5_accuracy']:.4f} ({t['num_eval']} images)")
-    if parts:
-        out.print("   ".join(parts))
+    print_lines(parts)
+
+
+def print_lines(lines: list[str]) -> None:
+    """Figures one to a line, each short (under 60 characters), so that neither a narrow terminal
+    nor a pipe's 80 columns breaks one mid-phrase."""
+    for line in lines:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def print_predictions(preds) -> tuple[bool, list[tuple[str, str]]]:
