@@ -108,6 +108,22 @@ def test_model_specs_checks_names_and_bundles(model_dir, tmp_path):
         ServeConfig({})
 
 
+def test_the_served_name_is_the_bundles_own(model_dir, dataset, tmp_path):
+    """Issue 22 item 18: a run folder named "split" named the served model and the page "split"."""
+    import shutil
+
+    from petal.bundle import rename
+
+    bundle = tmp_path / "split" / "model"
+    shutil.copytree(model_dir, bundle)
+    assert list(model_specs(bundle, None, [])) == ["split"]  # no name given at export: the run folder's
+    rename(bundle, "flower finder")
+    assert list(model_specs(bundle, None, [])) == ["flower-finder"] and Model(bundle).name == "flower finder"
+    assert Model(bundle).predict([str(next(dataset.rglob("*.png")))])[0].error is None  # still a working bundle
+    with pytest.raises(PetalError, match="name: expected a name of 1 to"):
+        rename(bundle, "two\nlines")
+
+
 def test_api_key_from_env(monkeypatch):
     monkeypatch.setenv("PETAL_API_KEY", "from-env")
     assert api_key_from_env(None) == "from-env"

@@ -124,14 +124,14 @@ def predict_inputs(model: str | None, inputs: list[str], url: str | None, uri_co
 def refuse_non_bundle(model: str) -> None:
     """`petal predict newphotos` (the model forgotten): say the first argument must be a bundle."""
     path = Path(model)
-    if (path / "model" / "petal.json").is_file():
-        hint = f"; did you mean {path / 'model'}?"
-    elif path.exists():
-        hint = f" ({model} holds images, not a model: petal predict RUN/model {model})"
+    if not path.exists():
+        why = f"{model} does not exist"
+    elif (path / "model" / "petal.json").is_file():
+        why = f"{model} is not a petal model bundle (no petal.json); did you mean {path / 'model'}?"
     else:
-        hint = f" ({model} does not exist)"
-    raise PetalError(f"predict: the first argument must be a model bundle (a RUN/model folder with petal.json); "
-                     f"{model} is not one{hint}")
+        why = (f"{model} is not a petal model bundle (no petal.json); if it holds the images, give the model "
+               f"first: petal predict RUN/model {model}")
+    raise PetalError(f"predict: the first argument must be a model bundle (a RUN/model folder); {why}")
 
 
 def emit_predictions(preds, total: int, output: str | None, fmt: str | None) -> tuple[bool, list]:
