@@ -140,3 +140,36 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
                     color="white" if cm[i, j] > thresh else "black", fontsize=8)
     ax.set_title(title)
     save_png(fig, path)
+
+
+def plot_learning_curve(history_csv: Path, path: Path) -> Path | None:
+    """A fine-tuning run's history.csv (one row per epoch) -> loss and accuracy per epoch, train and
+    eval, at `path`; None without a history (a head run) or with a damaged one."""
+    try:
+        with open(history_csv, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        epochs = [int(r["epoch"]) for r in rows]
+        series = {k: [float(r[k]) for r in rows] for k in ("train_loss", "eval_loss", "train_accuracy",
+                                                           "eval_accuracy") if rows and all_have(rows, k)}
+    except (OSError, KeyError, ValueError):
+        return None
+    if not epochs or not series:
+        return None
+    fig, ax = new_axes(6, 3.5)
+    right = ax.twinx()
+    for key, values in series.items():
+        side, style = (ax, "-") if key.endswith("loss") else (right, "--")
+        side.plot(epochs, values, style, marker="o", label=key.replace("_", " "))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    right.set_ylabel("accuracy")
+    lines = ax.get_legend_handles_labels(), right.get_legend_handles_labels()
+    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="center right")
+    ax.set_title("learning curve")
+    save_png(fig, path)
+    return path
+
+
+def all_have(rows: list[dict], key: str) -> bool:
+    """Every row has a number under `key` (eval_* are missing without eval images)."""
+    return all(r.get(key) not in (None, "") for r in rows)

@@ -155,7 +155,7 @@ class Run:
         for path in (self.metrics_path, self.path / "confusion_matrix.png", self.path / "misclassified.csv",
                      self.reliability_path, self.coverage_path, self.report_path, self.path / "suspects.csv",
                      self.path / "duplicates.csv", self.path / "audit.json", self.calibration_path,
-                     self.unknown_path, self.head_path, self.history_path):
+                     self.unknown_path, self.head_path, self.history_path, self.path / "learning_curve.png"):
             path.unlink(missing_ok=True)
         shutil.rmtree(self.path / "test", ignore_errors=True)
         shutil.rmtree(self.tensorboard_dir, ignore_errors=True)  # not a second event file beside the old

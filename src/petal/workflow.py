@@ -23,7 +23,7 @@ from petal.embed import embed, require_usable
 from petal.errors import NothingUsableError, PetalError
 from petal.features import Features, load_features
 from petal.head import HeadClassifier, auto_epochs
-from petal.metrics import compute_metrics, write_report
+from petal.metrics import compute_metrics, plot_learning_curve, write_report
 from petal.onnx_graphs import check_backbone
 from petal.params import Real, check_param
 from petal.precision import FP32, INT8, Engine, check_precision
@@ -182,9 +182,12 @@ def load_reviewed(data: str | Path, labels_file: str | Path | None, eval_data: s
 
 def write_run_report(run: Run, metrics: dict, classes: list[str],
                      eval_set: tuple[list[str], np.ndarray, np.ndarray], findings: Audit | None) -> Path:
-    """RUN/report.html: metrics, confusion matrix with its images, top losses, plots, audit."""
+    """RUN/report.html: metrics, confusion matrix with its images, top losses, plots (a fine-tuned
+    run's learning curve too), audit."""
+    curve = plot_learning_curve(run.history_path, run.path / "learning_curve.png")
     return write_html_report(run.report_path, f"petal run {run.name}", metrics=metrics, classes=classes,
-                             eval_set=eval_set, audit=findings, plots=[run.reliability_path, run.coverage_path])
+                             eval_set=eval_set, audit=findings,
+                             plots=[run.reliability_path, run.coverage_path, *([curve] if curve else [])])
 
 
 def test_metrics(run: Run, classes: list[str], feats: Features, head: HeadClassifier) -> dict:
@@ -385,6 +388,8 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
     if unknown_data:
         metrics["unknown_data"] = evaluate_unknown(model, scores, y, unknown_data, out, reporter)
     atomic_write_csv(out / "errors.csv", ["uri", "reason"], ds.skipped + failed)
+    write_html_report(out / "report.html", f"petal evaluate {model.name} on {data}", metrics=metrics,
+                      classes=model.labels, eval_set=(uris, y, scores.probabilities), plots=[out / "coverage.png"])
     return metrics
 
 

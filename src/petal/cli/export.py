@@ -37,7 +37,7 @@ def evaluate(
                              reject_unknown=not no_unknown, reporter=RichReporter())
     print_metrics(metrics)
     print_trust(metrics)
-    out.print(f"report: {out_dir}")
+    out.print(f"report: {out_dir / 'report.html'}", markup=False, highlight=False)
 
 
 @commands.command(cls=Command)

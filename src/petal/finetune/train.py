@@ -278,7 +278,8 @@ class Trainer:
         views = [(split, run.pixels_dir / f"{split}.u8", [e.uri for e in ds.split(split)],
                   train_view(pre, self.c.augment.enabled) if split == TRAIN else pre) for split in SPLITS]
         if self.world.local_rank == 0:
-            with self.reporter.progress("decoding images", len(ds.examples)) as advance:
+            # the images of the splits decoded (a test split is not): a bar that ends at 100%, in a log too
+            with self.reporter.progress("decoding images", sum(len(v[2]) for v in views)) as advance:
                 files = {split: build_pixel_file(p, uris, view, workers=self.c.decode_workers, on_progress=advance)
                          for split, p, uris, view in views}
         self.world.barrier()
