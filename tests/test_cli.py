@@ -417,3 +417,5 @@ def test_the_summary_never_wraps_mid_phrase(first_run):
     accuracy = [line for line in lines if line.startswith("accuracy")]
     assert accuracy and all(re.fullmatch(r"accuracy.*\d\.\d{4}", line) for line in accuracy), lines
     assert any(re.fullmatch(r"eval images \d+, train images \d+", line) for line in lines), lines
+    assert any(re.fullmatch(r"next: petal predict \S+ IMAGE\.\.\.", line) for line in lines), lines
+    assert any(re.fullmatch(r" +petal evaluate \S+ DATA", line) for line in lines), lines

@@ -309,3 +309,22 @@ def test_predict_reads_a_csv_input_as_train_does(tmp_path):
     assert expand_inputs([str(tmp_path / "bare.csv")]) == (want, [])
     with pytest.raises(DataError, match="--uri-column: .* has no column 'path'"):
         expand_inputs([str(tmp_path / "named.csv")], uri_column="path")
+
+
+def test_split_folders_inside_class_folders_give_the_split(tmp_path):
+    """Found by the new-user trial of issue 22: roses/train/, roses/val/, roses/test/ were hash-split,
+    training on the test images."""
+    for c in ("roses", "tulips"):
+        for split, n in (("train", 4), ("val", 2), ("test", 2)):
+            for i in range(n):
+                touch(tmp_path / "data" / c / split / f"{c}_{split}_{i}.jpg")
+    ds = load_dataset(tmp_path / "data", eval_percent=50)
+    assert ds.classes == ["roses", "tulips"]
+    assert {Path(e.uri).name: e.split for e in ds.examples} == {
+        f"{c}_{s}_{i}.jpg": {"train": TRAIN, "val": EVAL, "test": TEST}[s]
+        for c in ("roses", "tulips") for s, n in (("train", 4), ("val", 2), ("test", 2)) for i in range(n)}
+    assert any("split folders inside the class folders" in n for n in ds.notes)
+    for c in ("roses", "tulips"):  # without val/: test/ is the eval split
+        for i in range(2):
+            (tmp_path / "data" / c / "val" / f"{c}_val_{i}.jpg").unlink()
+    assert {e.split for e in load_dataset(tmp_path / "data").examples} == {TRAIN, EVAL}

@@ -471,6 +471,25 @@ def _from_split_folders(root: Path, parts: dict[str, Path], reporter: Reporter |
     return rows, skipped, warnings, given, notes
 
 
+def nested_splits(root: Path, rows: list[tuple[str, str]]) -> tuple[dict[str, str], list[str]]:
+    """The class-first layout, roses/train/..., roses/val/..., roses/test/...: {uri: split} of the
+    images in split subfolders of their class folder, and a note saying so ({}, [] when there are
+    none). As with top-level split folders, test/ is the eval split when there is no val/."""
+    found = {}
+    for uri, _ in rows:
+        parts = Path(uri).relative_to(root).parts  # (class, maybe a split folder, ..., file)
+        if len(parts) > 2 and parts[1].lower() in SPLIT_NAMES and parts[1].lower() != "calibration":
+            found[uri] = SPLIT_NAMES[parts[1].lower()]
+    if TRAIN not in found.values() or not {EVAL, TEST} & set(found.values()):
+        return {}, []
+    notes = [f"split folders inside the class folders of {root} (e.g. {Path(next(iter(found))).parent}): "
+             "they give the split"]
+    if EVAL not in found.values():
+        found = {u: EVAL if s == TEST else s for u, s in found.items()}
+        notes.append("no val/ folder: the test/ images are the eval split")
+    return found, notes
+
+
 def refuse_split_names_as_classes(source: str, classes: list[str]) -> None:
     """Class folders that are all split names (train/ test/ alone, nothing in them recognised as a
     layout) would train a model whose labels are "train" and "test"."""
@@ -493,7 +512,8 @@ def _read_source(source: str, what: str = "data", columns: Columns = Columns(), 
             return _from_split_folders(root, parts, reporter)
         rows, skipped, warnings = _from_folder(root, reporter)
         refuse_split_names_as_classes(source, sorted({lab for _, lab in rows}))
-        return rows, skipped, warnings, {}, []
+        given, notes = nested_splits(root, rows)
+        return rows, skipped, warnings, given, notes
     if is_local(source) and not Path(local_path(source)).exists():
         raise DataError(f"{what}: no such folder or CSV file: {source}")
     rows, skipped, warnings, splits = _from_csv(source, columns)

@@ -132,8 +132,8 @@ def print_trust(metrics: dict) -> None:
 
 
 def print_lines(lines: list[str]) -> None:
-    """Figures one to a line, each short (under 60 characters), so that neither a narrow terminal
-    nor a pipe's 80 columns breaks one mid-phrase."""
+    """Figures (or commands) one to a line, each short, so that neither a narrow terminal nor a
+    pipe's 80 columns breaks one mid-phrase; a longer line (a long path) is left whole."""
     for line in lines:
         out.print(line, markup=False, highlight=False, soft_wrap=True)
 
@@ -192,12 +192,11 @@ def print_finetune_result(r) -> None:
 
 def print_run_end(run_dir: Path, model_dir: Path | None) -> None:
     """The end of `petal train` and `petal finetune`: the report, the model, the next commands."""
-    if (run_dir / "report.html").exists():
-        out.print(f"report: {run_dir / 'report.html'}", markup=False, highlight=False)
-    if model_dir:
-        out.print(f"model: {model_dir}", markup=False, highlight=False)
-        out.print(f"next: petal predict {model_dir} IMAGE...   petal evaluate {model_dir} DATA   "
-                  f"petal serve {model_dir}", markup=False, highlight=False)
+    lines = [f"report: {run_dir / 'report.html'}"] if (run_dir / "report.html").exists() else []
+    if model_dir:  # one command a line: a pipe's 80 columns never break one in two
+        lines += [f"model: {model_dir}", f"next: petal predict {model_dir} IMAGE...",
+                  f"      petal evaluate {model_dir} DATA", f"      petal serve {model_dir}"]
+    print_lines(lines)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
