@@ -408,7 +408,7 @@ def test_a_class_without_eval_images_is_said_not_scored_zero(first_run):
 def test_split_folders_are_one_info_line(first_run):
     """Issue 22 items 2 and 8: train/ + test/ is a split layout, said once, as information."""
     assert first_run.stderr.count("split folders in") == 1 and "warning: split folders" not in first_run.stderr
-    assert "images are the eval split" in " ".join(first_run.stderr.split())
+    assert "the test images are the eval split" in " ".join(first_run.stderr.split())
 
 
 def test_the_summary_never_wraps_mid_phrase(first_run):
@@ -419,3 +419,4 @@ def test_the_summary_never_wraps_mid_phrase(first_run):
     assert any(re.fullmatch(r"eval images \d+, train images \d+", line) for line in lines), lines
     assert any(re.fullmatch(r"next: petal predict \S+ IMAGE\.\.\.", line) for line in lines), lines
     assert any(re.fullmatch(r" +petal evaluate \S+ DATA", line) for line in lines), lines
+    assert all(not line.endswith(",") for line in lines), lines  # "most confused: a -> b (1), ..." whole

@@ -275,7 +275,12 @@ def test_train_and_test_folders_without_val_are_splits_not_classes(tmp_path, tra
     assert ds.classes == ["cats", "dogs"]
     counts = ds.counts()
     assert [counts["cats"][k] for k in (TRAIN, EVAL, TEST)] == [4, 2, 0]  # test/ is the eval split: said so
-    assert any("no val/ folder" in n and "eval split" in n for n in ds.notes)
+    assert any("no val split" in n and "test images are the eval split" in n for n in ds.notes)
+    other = tmp_path.parent / f"{tmp_path.name}-other"
+    for c in ("cats", "dogs"):
+        touch(other / c / f"other_{c}.jpg")
+    with_eval = load_dataset(tmp_path, eval_source=other)  # --eval: test/ stays the test split, never trained on
+    assert [with_eval.counts()["cats"][k] for k in (TRAIN, EVAL, TEST)] == [4, 1, 2]
 
 
 def test_class_folders_that_are_all_split_names_are_refused(tmp_path):

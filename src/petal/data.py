@@ -455,26 +455,20 @@ def _split_folders(root: Path) -> dict[str, Path]:
 
 def _from_split_folders(root: Path, parts: dict[str, Path], reporter: Reporter | None
                         ) -> tuple[list[tuple[str, str]], list, list, dict[str, str], list[str]]:
-    """(uri, label) rows, skipped, warnings, {uri: split} and notes of a train/ val/ test/ layout.
-    Without a val/ folder, test/ is the eval split (and said so)."""
-    has_eval = any(SPLIT_NAMES[name] == EVAL for name in parts)
+    """(uri, label) rows, skipped, warnings, {uri: split} and notes of a train/ val/ test/ layout."""
     notes = [f"split folders in {root}: {', '.join(sorted(parts))}"]
-    if not has_eval:
-        notes.append(f"no val/ folder in {root}: the {'/, '.join(n for n in sorted(parts) if SPLIT_NAMES[n] == TEST)}/ "
-                     "images are the eval split")
     rows, skipped, warnings, given = [], [], [], {}
     for name, path in sorted(parts.items()):
         r, s, w = _from_folder(path, reporter)
         rows, skipped, warnings = rows + r, skipped + s, warnings + w
-        split = SPLIT_NAMES[name] if has_eval or SPLIT_NAMES[name] != TEST else EVAL
-        given.update((u, split) for u, _ in r)
+        given.update((u, SPLIT_NAMES[name]) for u, _ in r)
     return rows, skipped, warnings, given, notes
 
 
 def nested_splits(root: Path, rows: list[tuple[str, str]]) -> tuple[dict[str, str], list[str]]:
     """The class-first layout, roses/train/..., roses/val/..., roses/test/...: {uri: split} of the
     images in split subfolders of their class folder, and a note saying so ({}, [] when there are
-    none). As with top-level split folders, test/ is the eval split when there is no val/."""
+    none)."""
     found = {}
     for uri, _ in rows:
         parts = Path(uri).relative_to(root).parts  # (class, maybe a split folder, ..., file)
@@ -482,12 +476,8 @@ def nested_splits(root: Path, rows: list[tuple[str, str]]) -> tuple[dict[str, st
             found[uri] = SPLIT_NAMES[parts[1].lower()]
     if TRAIN not in found.values() or not {EVAL, TEST} & set(found.values()):
         return {}, []
-    notes = [f"split folders inside the class folders of {root} (e.g. {Path(next(iter(found))).parent}): "
-             "they give the split"]
-    if EVAL not in found.values():
-        found = {u: EVAL if s == TEST else s for u, s in found.items()}
-        notes.append("no val/ folder: the test/ images are the eval split")
-    return found, notes
+    return found, [f"split folders inside the class folders of {root} (e.g. {Path(next(iter(found))).parent}): "
+                   "they give the split"]
 
 
 def refuse_split_names_as_classes(source: str, classes: list[str]) -> None:
@@ -552,6 +542,9 @@ def load_dataset(
     check_param("eval_percent", eval_percent, Real(0, 100, high_open=True))
     pattern = compile_group(group)
     rows, skipped, warnings, given, notes = _read_source(str(source), columns=columns, reporter=reporter)
+    if eval_source is None and given and EVAL not in given.values() and TEST in given.values():
+        given = {u: EVAL if split == TEST else split for u, split in given.items()}
+        notes.append(f"no val split in {source}: the test images are the eval split")
     tagged = [(u, lab, given.get(u) or assign_split(u, eval_percent, pattern)) for u, lab in rows]
     if eval_source is not None:
         erows, eskipped, ewarnings, _, enotes = _read_source(str(eval_source), "eval", columns, reporter)

@@ -87,8 +87,8 @@ def print_metrics(metrics: dict, rows: int = 20) -> None:
     out.print(t)
     pairs = metrics.get("most_confused", [])[:5]
     if pairs:
-        out.print("most confused: " + ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs),
-                  markup=False, highlight=False)
+        print_lines(["most confused: " + ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})"
+                                                   for p in pairs)])
     parts = [f"accuracy {metrics['accuracy']:.4f}"]
     if metrics.get("train_accuracy") is not None:  # side by side: overfitting shows
         parts[0] = f"accuracy: eval {metrics['accuracy']:.4f}, train {metrics['train_accuracy']:.4f}"
@@ -181,6 +181,9 @@ def print_failures(failed: list[tuple[str, str]], limit: int = 20) -> None:
 
 
 def print_finetune_result(r) -> None:
+    """The end of `petal finetune`; nothing for None (a worker process other than the first)."""
+    if r is None:
+        return
     if r.metrics.get("accuracy") is not None:
         best = next((h for h in r.history if h.get("epoch") == r.best_epoch), {})
         # the best epoch's accuracy on the (augmented) training batches, beside eval's

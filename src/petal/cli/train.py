@@ -204,11 +204,9 @@ def finetune(
                               random_brightness=random_brightness, random_color=random_color))
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet a worker: start the workers
         sys.exit(launch(nproc, sys.argv[1:]))
-    r = run_finetune(data, out_dir, config=config, labels_file=labels,
-                     columns=Columns(uri_column, label_column, split_column),
-                     eval_data=eval_data, eval_percent=eval_percent, backbone=backbone, cache_dir=cache,
+    r = run_finetune(data, out_dir, config=config, labels_file=labels, eval_data=eval_data, eval_percent=eval_percent,
+                     columns=Columns(uri_column, label_column, split_column), backbone=backbone, cache_dir=cache,
                      resume=resume, overwrite=overwrite, export=export, stop_after=stop_after, exclude=exclude,
                      relabel=relabel, group=group, reporter=RichReporter())
-    if r is not None:  # None: a worker process other than the first
-        print_finetune_result(r)
+    print_finetune_result(r)  # None: a worker process other than the first, which prints nothing
 
