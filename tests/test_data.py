@@ -333,3 +333,15 @@ def test_split_folders_inside_class_folders_give_the_split(tmp_path):
         for i in range(2):
             (tmp_path / "data" / c / "val" / f"{c}_val_{i}.jpg").unlink()
     assert {e.split for e in load_dataset(tmp_path / "data").examples} == {TRAIN, EVAL}
+
+
+def test_a_guessed_split_column_without_split_names_is_not_used(tmp_path):
+    """Found by the trial of issue 22: a k-fold `fold` column (0..4) skipped every row."""
+    names = [f"{c}{i}.jpg" for c in "xy" for i in range(5)]
+    for name in names:
+        touch(tmp_path / name)
+    (tmp_path / "folds.csv").write_text("file,label,fold\n" + "".join(f"{n},{n[0]},{i % 5}\n" for i, n in
+                                                                      enumerate(names)))
+    ds = load_dataset(tmp_path / "folds.csv", eval_percent=30)
+    assert len(ds.examples) == 10 and not ds.skipped and {e.split for e in ds.examples} <= {TRAIN, EVAL}
+    assert any("holds no split names (split '0'" in w for w in ds.warnings)

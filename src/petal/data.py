@@ -8,6 +8,7 @@ warnings. It reads no image bytes; that is the embed step's job.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import os
@@ -32,6 +33,7 @@ TEST = "test"  # given by the data (a test/ folder, a CSV split column): evaluat
 SPLIT_NAMES = {"train": TRAIN, "training": TRAIN, "val": EVAL, "valid": EVAL, "validation": EVAL, "dev": EVAL,
                "eval": EVAL, "test": TEST, "testing": TEST, "calibration": TRAIN}
 SPLIT_WORDS = ("split", "subset", "set", "fold", "partition", "stage")  # a CSV's split column, by header name
+NO_SPLIT = ""  # Columns.split for "this CSV has no split column", whatever its header says
 LIST_THREADS = 8  # class folders listed at once
 MIN_CALIBRATION = 10  # fewer images than this calibrate nothing
 HEADER_WORDS = {"uri", "url", "path", "image", "image_uri", "image_path", "file", "filename", "filepath",
@@ -409,8 +411,8 @@ def header_columns(cells: list[str], source: str, given: Columns = Columns()) ->
     if given.label:
         lcol = named_column(names, given.label, "--label-column", source)
     scol = next((names.index(w) for w in SPLIT_WORDS if w in names), None)
-    if given.split:
-        scol = named_column(names, given.split, "--split-column", source)
+    if given.split is not None:  # NO_SPLIT: none
+        scol = named_column(names, given.split, "--split-column", source) if given.split else None
     if ucol is None and lcol is None:
         return None
     if ucol is None or lcol is None:
@@ -507,6 +509,11 @@ def _read_source(source: str, what: str = "data", columns: Columns = Columns(), 
     if is_local(source) and not Path(local_path(source)).exists():
         raise DataError(f"{what}: no such folder or CSV file: {source}")
     rows, skipped, warnings, splits = _from_csv(source, columns)
+    bad = [reason for _, reason in skipped if reason.startswith("split ")]
+    if columns.split is None and bad and not splits:  # a guessed column (e.g. fold: 0..4) that gives no split
+        rows, skipped, warnings, splits = _from_csv(source, dataclasses.replace(columns, split=NO_SPLIT))
+        warnings.append(f"{source}: the split column holds no split names ({bad[0].split(' is not')[0]}, ...), so "
+                        "it is not used: the split is made by hash (name the split column with --split-column)")
     refuse_path_like_labels(source, rows)
     _check_schemes(source, rows)
     return rows, skipped, warnings, splits, []
