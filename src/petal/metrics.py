@@ -160,6 +160,9 @@ def plot_learning_curve(history_csv: Path, path: Path) -> Path | None:
     for key, values in series.items():
         side, style = (ax, "-") if key.endswith("loss") else (right, "--")
         side.plot(epochs, values, style, marker="o", label=key.replace("_", " "))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
     ax.set_xlabel("epoch")
     ax.set_ylabel("loss")
     right.set_ylabel("accuracy")
