@@ -423,6 +423,23 @@ def header_columns(cells: list[str], source: str, given: Columns = Columns()) ->
     return ucol, lcol, scol
 
 
+def refuse_paths_from_elsewhere(source: str, rows: list[tuple[str, str]], sample: int = 20) -> None:
+    """A CSV's relative paths are read from the CSV's folder. When none of the first `sample`
+    exists there but they all do from the current folder, the CSV was written from there:
+    say so, instead of failing every image with "file not found"."""
+    if not is_local(source) or not rows:
+        return
+    folder = os.path.dirname(os.path.abspath(local_path(source)))
+    local = [u for u, _ in rows[:sample] if is_local(u) and not scheme_of(u)]
+    if not local or any(os.path.exists(u) for u in local):
+        return
+    written = [os.path.relpath(u, folder) for u in local]
+    if folder != os.getcwd() and all(os.path.exists(w) for w in written):
+        raise DataError(f"{source}: its relative paths are read from the CSV's folder ({folder}), where none of "
+                        f"them exists (e.g. {os.path.abspath(local[0])}); they exist from the current folder: write them relative "
+                        "to the CSV's folder, or absolute")
+
+
 def refuse_path_like_labels(source: str, rows: list[tuple[str, str]]) -> None:
     """Labels that look like file names mean the columns were read the wrong way round."""
     pathy = [lab for _, lab in rows if "/" in lab or Path(lab).suffix.lower() in IMAGE_EXTENSIONS]
@@ -515,6 +532,7 @@ def _read_source(source: str, what: str = "data", columns: Columns = Columns(), 
         warnings.append(f"{source}: the split column holds no split names ({bad[0].split(' is not')[0]}, ...), so "
                         "it is not used: the split is made by hash (name the split column with --split-column)")
     refuse_path_like_labels(source, rows)
+    refuse_paths_from_elsewhere(source, rows)
     _check_schemes(source, rows)
     return rows, skipped, warnings, splits, []
 
