@@ -345,3 +345,18 @@ def test_a_guessed_split_column_without_split_names_is_not_used(tmp_path):
     ds = load_dataset(tmp_path / "folds.csv", eval_percent=30)
     assert len(ds.examples) == 10 and not ds.skipped and {e.split for e in ds.examples} <= {TRAIN, EVAL}
     assert any("holds no split names (split '0'" in w for w in ds.warnings)
+
+
+def test_csv_paths_written_from_the_current_folder_are_explained(tmp_path, monkeypatch):
+    """Found by the trial of issue 22: meta/labels.csv naming photos/a.jpg (from the current folder)
+    failed every image with "file not found"."""
+    for c in ("x", "y"):
+        touch(tmp_path / "photos" / f"{c}.jpg")
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "labels.csv").write_text("path,label\nphotos/x.jpg,x\nphotos/y.jpg,y\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"relative paths are read from the CSV's folder .*they exist from the "
+                                        r"current folder"):
+        load_dataset("meta/labels.csv")
+    (tmp_path / "meta" / "labels.csv").write_text("path,label\n../photos/x.jpg,x\n../photos/y.jpg,y\n")
+    assert len(load_dataset("meta/labels.csv", eval_percent=0).examples) == 2

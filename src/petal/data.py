@@ -436,8 +436,8 @@ def refuse_paths_from_elsewhere(source: str, rows: list[tuple[str, str]], sample
     written = [os.path.relpath(u, folder) for u in local]
     if folder != os.getcwd() and all(os.path.exists(w) for w in written):
         raise DataError(f"{source}: its relative paths are read from the CSV's folder ({folder}), where none of "
-                        f"them exists (e.g. {os.path.abspath(local[0])}); they exist from the current folder: write them relative "
-                        "to the CSV's folder, or absolute")
+                        f"them exists (e.g. {os.path.abspath(local[0])}); they exist from the current folder: "
+                        "write them relative to the CSV's folder, or absolute")
 
 
 def refuse_path_like_labels(source: str, rows: list[tuple[str, str]]) -> None:
