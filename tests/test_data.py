@@ -360,3 +360,13 @@ def test_csv_paths_written_from_the_current_folder_are_explained(tmp_path, monke
         load_dataset("meta/labels.csv")
     (tmp_path / "meta" / "labels.csv").write_text("path,label\n../photos/x.jpg,x\n../photos/y.jpg,y\n")
     assert len(load_dataset("meta/labels.csv", eval_percent=0).examples) == 2
+
+
+def test_classes_one_folder_down_are_pointed_at(tmp_path):
+    for c in ("roses", "tulips"):
+        touch(tmp_path / "data" / "flowers" / c / f"{c}.jpg")
+    with pytest.raises(DataError, match=r"one class folder, 'flowers', which holds folders roses, tulips: if those "
+                                        r"are the classes, give .*flowers"):
+        load_dataset(tmp_path / "data")
+    assert load_dataset(tmp_path / "data" / "flowers", eval_percent=0).classes == ["roses", "tulips"]
+    assert load_dataset(tmp_path / "data", require_train=False).classes == ["flowers"]  # evaluating: albums are fine

@@ -484,6 +484,17 @@ def _from_split_folders(root: Path, parts: dict[str, Path], reporter: Reporter |
     return rows, skipped, warnings, given, notes
 
 
+def refuse_one_level_up(root: Path, classes: list[str]) -> None:
+    """Training data/ holding only flowers/, which holds roses/ and tulips/: the classes are one level
+    down. (Evaluating one class with albums in it is fine.)"""
+    if len(classes) != 1 or not (root / classes[0]).is_dir():
+        return
+    inner = sorted(p.name for p in (root / classes[0]).iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(inner) >= 2:
+        raise DataError(f"{root} holds one class folder, {classes[0]!r}, which holds folders {', '.join(inner[:5])}"
+                        f"{' ...' if len(inner) > 5 else ''}: if those are the classes, give {root / classes[0]}")
+
+
 def nested_splits(root: Path, rows: list[tuple[str, str]]) -> tuple[dict[str, str], list[str]]:
     """The class-first layout, roses/train/..., roses/val/..., roses/test/...: {uri: split} of the
     images in split subfolders of their class folder, and a note saying so ({}, [] when there are
@@ -600,6 +611,8 @@ def load_dataset(
     examples = [Example(absolute(u), lab, s) for u, lab, s in tagged]
     ds = Dataset(examples, classes, skipped, warnings, notes)
     if require_train:
+        if is_local(str(source)) and Path(local_path(str(source))).is_dir():
+            refuse_one_level_up(Path(local_path(str(source))), sorted({e.label for e in examples}))
         check_trainable(ds, eval_given=eval_source is not None, split_given=bool(given))
     elif not examples:
         raise DataError(f"no labeled images found in {source}")
