@@ -116,7 +116,7 @@ def test_the_served_name_is_the_bundles_own(model_dir, dataset, tmp_path):
 
     bundle = tmp_path / "split" / "model"
     shutil.copytree(model_dir, bundle)
-    assert list(model_specs(bundle, None, [])) == ["split"]  # no name given at export: the run folder's
+    assert list(model_specs(bundle, None, [])) == ["shapes"]  # the name it was exported with, wherever it is now
     rename(bundle, "flower finder")
     assert list(model_specs(bundle, None, [])) == ["flower-finder"] and Model(bundle).name == "flower finder"
     assert Model(bundle).predict([str(next(dataset.rglob("*.png")))])[0].error is None  # still a working bundle
