@@ -2,7 +2,7 @@
 
     python benchmarks/finetune_flowers.py [FOLDER] [--out RUN] [--cache DIR] [--epochs N] [--unfreeze N]
 
-Runs `petal.finetune.finetune` (the same as `petal finetune FOLDER`)
+Runs `petal.runs.finetune.finetune` (the same as `petal finetune FOLDER`)
 from an empty run folder and, unless --cache is given, an empty cache: the
 wall time covers everything a first run does (decoding, the one-off export of
 the frozen trunk's ONNX graph, training, evaluation, export and its parity
@@ -22,8 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from petal.finetune import FinetuneConfig, finetune
 from petal.progress import Reporter
+from petal.runs.finetune import FinetuneConfig, finetune
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flower_photos"
 

@@ -19,10 +19,12 @@ from PIL import Image
 
 from petal.backbones import get_backbone
 from petal.errors import PetalError
-from petal.finetune import AugmentConfig, FinetuneConfig, finetune
-from petal.finetune.data import EpochBatches, augment_image, center_view
-from petal.finetune.model import FineTuneNet, OnnxTrunk, trunk_onnx_path
-from petal.workflow import export_run
+from petal.runs.finetune import AugmentConfig, FinetuneConfig, finetune
+from petal.runs.finetune.data import EpochBatches, augment_image, center_view
+from petal.runs.finetune.model import FineTuneNet, OnnxTrunk, trunk_onnx_path
+from petal.runs.reexport import export_run
+from petal.runs.retrain import stored_spec
+from petal.spec import DataSpec, RunSpec
 
 CFG = get_backbone("efficientnet_lite0")
 TINY = dict(epochs=1, batch_size=4, unfreeze=1, dropout=0.0)  # dropout off: runs compare exactly
@@ -40,6 +42,11 @@ def tiny(tmp_path_factory):
     from petal.synthetic import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("tiny") / "shapes", per_class=6, seed=2)
+
+
+def spec(data, out, config: FinetuneConfig, cache) -> RunSpec:
+    """A fine-tuning run of `data` (a quarter in eval) into `out`."""
+    return RunSpec(DataSpec(data, eval_percent=25), out, cache_dir=cache, trainer=config)
 
 
 def last_state(run) -> dict:
@@ -124,7 +131,7 @@ def test_finetune_exports_a_bundle_that_matches(tmp_path, dataset, ft_cache):
 
     run = tmp_path / "run"
     config = FinetuneConfig(**{**TINY, "epochs": 2, "batch_size": 8, "dropout": 0.2, "calibration_percent": 40})
-    r = finetune(dataset, run, config=config, eval_percent=25, cache_dir=ft_cache)
+    r = finetune(spec(dataset, run, config, ft_cache))
     assert r.epochs_done == 2 and r.best_epoch in (1, 2) and len(r.history) == 2
     assert r.metrics["accuracy"] >= 0.75 and r.metrics["num_eval"] == 12
     assert 0 <= r.metrics["ece"] <= 1 and r.metrics["unknown"]["kept_eval"] > 0  # calibrated on the set-aside images
@@ -141,7 +148,7 @@ def test_finetune_exports_a_bundle_that_matches(tmp_path, dataset, ft_cache):
     assert (run / "checkpoints" / "best.pt").exists() and not (run / "pixels").exists()
     assert list((run / "tensorboard").glob("events.*"))
     with pytest.raises(PetalError, match="already holds a finished run; pass --overwrite"):
-        finetune(dataset, run, config=FinetuneConfig(**TINY), eval_percent=25, cache_dir=ft_cache)
+        finetune(spec(dataset, run, FinetuneConfig(**TINY), ft_cache))
     # `petal export RUN` re-exports a fine-tuning run too, through the run folder alone
     first = json.loads((run / "model" / "petal.json").read_text())
     shutil.rmtree(run / "model")
@@ -151,20 +158,18 @@ def test_finetune_exports_a_bundle_that_matches(tmp_path, dataset, ft_cache):
     assert [p.label for p in petal.load(again).predict([str(p) for p in sorted(dataset.glob("squares/*"))[:4]])
             ] == [p.label for p in preds]
     with pytest.raises(PetalError, match=r"finetune\.lr"):  # other settings: refused before any work
-        finetune(dataset, run, config=FinetuneConfig(**{**TINY, "epochs": 2, "batch_size": 8, "dropout": 0.2,
+        finetune(spec(dataset, run, FinetuneConfig(**{**TINY, "epochs": 2, "batch_size": 8, "dropout": 0.2,
                                                         "calibration_percent": 40,
-                                                        "lr": 1.0}), eval_percent=25, cache_dir=ft_cache,
+                                                        "lr": 1.0}), ft_cache),
                  resume=True)
 
 
 def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, tiny, ft_cache):
     config = FinetuneConfig(**{**TINY, "epochs": 2, "dropout": 0.2})  # dropout on: seeded per epoch
-    whole = finetune(tiny, tmp_path / "whole", config=config, eval_percent=25, cache_dir=ft_cache, export=False)
-    part = finetune(tiny, tmp_path / "part", config=config, eval_percent=25, cache_dir=ft_cache,
-                    export=False, stop_after=1)
+    whole = finetune(spec(tiny, tmp_path / "whole", config, ft_cache), export=False)
+    part = finetune(spec(tiny, tmp_path / "part", config, ft_cache), export=False, stop_after=1)
     assert part.epochs_done == 1 and part.model_dir is None and not part.metrics
-    done = finetune(tiny, tmp_path / "part", config=config, eval_percent=25, cache_dir=ft_cache,
-                    export=False, resume=True)
+    done = finetune(stored_spec(tmp_path / "part"), export=False, resume=True)  # the run's own spec, nothing else
     assert done.epochs_done == 2 and done.best_epoch == whole.best_epoch
     assert_same_weights(last_state(tmp_path / "whole"), last_state(tmp_path / "part"))
     assert [h["train_loss"] for h in done.history] == [h["train_loss"] for h in whole.history]
@@ -172,8 +177,7 @@ def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, tiny, ft_cach
 
 def test_two_cpu_processes_match_one(tmp_path, tiny, ft_cache):
     """`--nproc 2` (torchrun, gloo) and 1 process, same global batch: the same weights."""
-    finetune(tiny, tmp_path / "one", config=FinetuneConfig(**TINY), eval_percent=25, cache_dir=ft_cache,
-             export=False)
+    finetune(spec(tiny, tmp_path / "one", FinetuneConfig(**TINY), ft_cache), export=False)
     cmd = [sys.executable, "-m", "petal", "train", str(tiny), "--out", str(tmp_path / "two"), "--finetune",
            "--epochs", "1", "--batch-size", "4", "--unfreeze", "1", "--dropout", "0", "--eval-percent", "25",
            "--no-export", "--nproc", "2"]
@@ -191,7 +195,7 @@ def test_two_cpu_processes_match_one(tmp_path, tiny, ft_cache):
 
 def test_from_scratch_learns_batchnorm_statistics(tmp_path, tiny, ft_cache):
     config = FinetuneConfig(epochs=1, batch_size=6, pretrained=False, augment=AugmentConfig(enabled=False))
-    r = finetune(tiny, tmp_path / "scratch", config=config, eval_percent=25, cache_dir=ft_cache, export=False)
+    r = finetune(spec(tiny, tmp_path / "scratch", config, ft_cache), export=False)
     assert r.epochs_done == 1 and np.isfinite(r.history[0]["train_loss"])
     state = last_state(tmp_path / "scratch")
     assert not torch.equal(state["top.0.bn.running_mean"], torch.zeros(32))  # the stem is trained

@@ -14,9 +14,9 @@ import pytest
 
 import petal
 from petal.errors import PetalError
-from petal.finetune.config import AugmentConfig, FinetuneConfig
 from petal.head import HeadClassifier
 from petal.params import Int, OneOf, Real, Rule, Validated, check_param, env_int
+from petal.runs.finetune.config import AugmentConfig, FinetuneConfig
 from petal.serve.config import Batching, Limits, ServeConfig
 
 SRC = Path(petal.__file__).parent

@@ -30,7 +30,7 @@ def evaluate(
     no_unknown: Annotated[bool, typer.Option("--no-unknown", help="Never call an image unknown.")] = False,
 ) -> None:
     """Evaluate an exported model on labeled data: metrics.json, confusion matrix, misclassified.csv."""
-    from petal.workflow import evaluate_model
+    from petal.runs.evaluate import evaluate_model
 
     metrics = evaluate_model(model, data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column),
                              unknown_data=unknown_data,
@@ -61,9 +61,9 @@ def export(
 
         out.print(export_web(run, web, ort_dir).summary(), markup=False)
         return
-    from petal.workflow import export_run
+    from petal.runs.reexport import export_run
 
-    path = export_run(run, cache, precision, force, RichReporter())
+    path = export_run(run, cache, precision=precision, force=force, reporter=RichReporter())
     out.print(f"model: {path}")
     if precision == "int8":
         print_quantized(path)

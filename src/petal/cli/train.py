@@ -1,13 +1,16 @@
-"""`petal train` and `petal finetune`."""
+"""`petal train`, `petal finetune` and `petal retrain`."""
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import replace
 from enum import Enum
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperOption
 
 from petal.backbones import DEFAULT_BACKBONE
 from petal.cli.command import Command
@@ -29,18 +32,14 @@ from petal.cli.options import (
     RunOut,
     UriColumn,
     Workers,
+    data_spec,
 )
-from petal.cli.render import (
-    RichReporter,
-    out,
-    print_finetune_result,
-    print_metrics,
-    print_run_end,
-    print_trust,
-)
-from petal.data import Columns
-from petal.finetune.config import AugmentConfig, FinetuneConfig
+from petal.cli.render import RichReporter, print_finetune_result, print_train_result
+from petal.errors import PetalError
 from petal.head import HeadClassifier
+from petal.runs.finetune.config import AugmentConfig, FinetuneConfig
+from petal.spec import FINETUNE as FINETUNE_KIND
+from petal.spec import RunSpec
 from petal.unknown import DEFAULT_KEEP
 
 commands = typer.Typer()  # this module's commands, added to `petal` by petal.cli.app
@@ -77,7 +76,10 @@ LoaderWorkers = Annotated[Optional[int], typer.Option(help=(
     "DataLoader worker processes (default: half the cores with --trunk-runtime onnx, else 1; "
     "on a GPU, the cores less one, up to 8)."))]
 TrunkRuntime = Annotated[str, typer.Option(help="Frozen layers in 'onnx' (fast on a CPU), 'torch', or 'auto'.")]
-Resume = Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")]
+Resume = Annotated[Optional[Path], typer.Option(metavar="RUN", help=(
+    "Continue the fine-tuning run RUN from its last checkpoint, with its own settings (RUN/settings.json): "
+    "give no DATA and no options but --stop-after, --nproc and --no-export."))]
+RESUME_WITH = ("resume", "stop_after", "nproc", "export")  # what --resume RUN may be given with
 StopAfter = Annotated[Optional[int], typer.Option(help="End after this epoch; --resume continues.")]
 Nproc = Annotated[int, typer.Option(help="Data-parallel processes on this machine, started through torchrun.")]
 CalibrationPercent = Annotated[float, typer.Option(help=(
@@ -126,30 +128,25 @@ def train(
     """Embed, train a head, calibrate it, evaluate and export: a folder of labeled images in,
     a model out that says "unknown" for images unlike every class. (To train backbone layers
     too: `petal finetune`.)"""
-    from petal.workflow import train as run_train
+    from petal.runs.head import train as run_train
 
     head = HeadClassifier(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
                           weight_decay=weight_decay, label_smoothing=label_smoothing,
                           class_weight=class_weight.value if class_weight else None, seed=seed)
-    r = run_train(data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column),
-                  eval_data=eval_data, eval_percent=eval_percent,
-                  backbone=backbone, cache_dir=cache, head=head, workers=workers, export=export,
-                  overwrite=overwrite, keep=keep, exclude=exclude, relabel=relabel, group=group, rehash=rehash,
-                  precision=precision, reporter=RichReporter())
-    e = r.embed
-    out.print(f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed"
-              + (f" (see {r.run_dir / 'errors.csv'})" if e["failed"] or e["skipped"] else ""))
-    if r.metrics.get("accuracy") is not None:
-        print_metrics(r.metrics)
-        print_trust(r.metrics)
-    print_run_end(r.run_dir, r.model_dir)
+    data_ = data_spec(data, labels=labels, uri_column=uri_column, label_column=label_column, eval_data=eval_data,
+                      eval_percent=eval_percent, group=group, exclude=exclude, relabel=relabel)
+    spec = RunSpec(data_, out_dir, backbone=backbone, precision=precision, cache_dir=cache, overwrite=overwrite,
+                   keep=keep, trainer=head)
+    print_train_result(run_train(spec, workers=workers, rehash=rehash, export=export, reporter=RichReporter()))
 
 
 @commands.command(cls=Command, short_help=(
     "Fine-tune the top backbone blocks and a new classifier: slower than train, usually more accurate."))
 def finetune(
-    data: Data,
-    out_dir: RunOut,
+    ctx: typer.Context,
+    data: Annotated[Optional[str], typer.Argument(help=(
+        "Folder of class folders, or a CSV with image and label columns (not with --resume)."))] = None,
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder to write.")] = None,
     labels: LabelsFile = None,
     uri_column: UriColumn = None,
     label_column: LabelColumn = None,
@@ -177,11 +174,11 @@ def finetune(
     workers: Workers = None,
     loader_workers: LoaderWorkers = None,
     trunk_runtime: TrunkRuntime = FTC.trunk_runtime,
-    resume: Resume = False,
+    resume: Resume = None,
     stop_after: StopAfter = None,
     nproc: Nproc = 1,
     calibration_percent: CalibrationPercent = FTC.calibration_percent,
-    keep: Annotated[float, typer.Option(help="Share of known images the 'unknown' threshold keeps.")] = FTC.keep,
+    keep: Annotated[float, typer.Option(help="Share of known images the 'unknown' threshold keeps.")] = DEFAULT_KEEP,
     exclude: Exclude = None,
     relabel: Relabel = None,
     group: Group = None,
@@ -189,22 +186,62 @@ def finetune(
     overwrite: FinetuneOverwrite = False,
 ) -> None:
     """Fine-tune the top backbone blocks and a new classifier on augmented images (docs/finetune.md)."""
-    from petal.finetune.distributed import launch
-    from petal.finetune.train import finetune as run_finetune
+    from petal.runs.finetune.distributed import launch
+    from petal.runs.finetune.train import finetune as run_finetune
 
-    config = FinetuneConfig(
-        epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult,
-        warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing,
-        dropout=dropout, unfreeze=unfreeze, pretrained=pretrained, seed=seed, trunk_runtime=trunk_runtime,
-        workers=loader_workers, decode_workers=workers, calibration_percent=calibration_percent, keep=keep,
-        augment=AugmentConfig(enabled=augment, flip=flip, random_scale=random_scale, random_crop=random_crop,
-                              random_brightness=random_brightness, random_color=random_color))
+    if resume is not None:
+        spec = resumed_spec(ctx, resume)
+    elif data is None or out_dir is None:
+        raise PetalError("finetune: give DATA and --out, or --resume RUN to continue a run")
+    else:
+        config = FinetuneConfig(
+            epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult,
+            warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing, dropout=dropout,
+            unfreeze=unfreeze, pretrained=pretrained, seed=seed, trunk_runtime=trunk_runtime,
+            loader_workers=loader_workers, decode_workers=workers, calibration_percent=calibration_percent,
+            augment=AugmentConfig(enabled=augment, flip=flip, random_scale=random_scale, random_crop=random_crop,
+                                  random_brightness=random_brightness, random_color=random_color))
+        data_ = data_spec(data, labels=labels, uri_column=uri_column, label_column=label_column,
+                          eval_data=eval_data, eval_percent=eval_percent, group=group, exclude=exclude,
+                          relabel=relabel)
+        spec = RunSpec(data_, out_dir, backbone=backbone, cache_dir=cache, overwrite=overwrite, keep=keep,
+                       trainer=config)
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet a worker: start the workers
         sys.exit(launch(nproc, sys.argv[1:]))
-    r = run_finetune(data, out_dir, config=config, labels_file=labels, columns=Columns(uri_column, label_column),
-                     eval_data=eval_data, eval_percent=eval_percent, backbone=backbone, cache_dir=cache,
-                     resume=resume, overwrite=overwrite, export=export, stop_after=stop_after, exclude=exclude,
-                     relabel=relabel, group=group, reporter=RichReporter())
+    r = run_finetune(spec, resume=resume is not None, export=export, stop_after=stop_after, reporter=RichReporter())
     if r is not None:  # None: a worker process other than the first
         print_finetune_result(r)
 
+
+def resumed_spec(ctx: typer.Context, run: Path) -> RunSpec:
+    """RUN's own spec, for --resume RUN. An option given beside it (but RESUME_WITH) is refused by
+    name: the run goes on with the settings it started with."""
+    from petal.runs.retrain import stored_spec
+
+    given = [(p.opts[0] if isinstance(p, TyperOption) else p.name.upper()) for p in ctx.command.params
+             if p.name not in RESUME_WITH and getattr(ctx.get_parameter_source(p.name), "name", "DEFAULT") != "DEFAULT"]
+    if given:
+        raise PetalError(f"resume: --resume RUN goes on with the settings in RUN/settings.json; leave out "
+                         f"{', '.join(given)}")
+    return replace(stored_spec(run, kind=FINETUNE_KIND), overwrite=False)
+
+
+@commands.command(cls=Command, short_help=(
+    "Train a run again with its own settings on the data as it is now (after fixing labels, say)."))
+def retrain(
+    run: Annotated[Path, typer.Argument(help="A run folder of `petal train` or `petal finetune`.")],
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help=(
+        "The new run folder (default: RUN itself, replaced)."))] = None,
+    workers: Workers = None,
+    export: Export = True,
+    overwrite: Overwrite = False,
+    rehash: Rehash = False,
+) -> None:
+    """Train RUN again as its settings.json says, on the data as it is now: the reviewed CSVs
+    (--exclude, --relabel) are read again, and only new images are embedded."""
+    from petal.runs.finetune.train import FinetuneResult
+    from petal.runs.retrain import retrain as run_retrain
+
+    r = run_retrain(run, out_dir, overwrite=overwrite, workers=workers, rehash=rehash, export=export,
+                    reporter=RichReporter())
+    print_finetune_result(r) if isinstance(r, FinetuneResult) else print_train_result(r)
