@@ -145,7 +145,7 @@ class Run:
         return self.metrics_path.exists() or self.model_dir.exists()
 
     @classmethod
-    def create(cls, out: str | Path, data: str | Path, overwrite: bool) -> Run:
+    def create(cls, out: str | Path, *, data: str | Path, overwrite: bool) -> Run:
         """A run to write at `out`. Refuses to replace a finished run without `overwrite`,
         and a folder inside the data. Nothing is created yet: see `make()`."""
         run = cls(check_output(out, "out", folder=True))
@@ -211,7 +211,7 @@ class Run:
     def write_history(self, history: list[dict]) -> None:
         atomic_write_csv(self.history_path, list(history[-1]), [list(h.values()) for h in history])
 
-    def write_metrics(self, classes: list[str], eval_uris: list[str], y_eval: np.ndarray,
+    def write_metrics(self, classes: list[str], *, eval_uris: list[str], y_eval: np.ndarray,
                       predict_proba: Callable[[], np.ndarray], extra: dict, reporter: Reporter,
                       no_eval_note: str = "") -> dict:
         """Evaluate on the eval split and write metrics.json and its report; with no eval
@@ -292,12 +292,13 @@ class Run:
     def parity_uris(self) -> list[str]:
         """The images the export's parity check runs on, from split.csv."""
         rows = self.split_rows()
-        return parity_uris([r["uri"] for r in rows if r["split"] == EVAL], [r["uri"] for r in rows])
+        return parity_uris(eval_uris=[r["uri"] for r in rows if r["split"] == EVAL],
+                           train_uris=[r["uri"] for r in rows])
 
 
 # --------------------------------------------------------------------------- what every run checks
 
-def parity_uris(eval_uris: list[str], train_uris: list[str]) -> list[str]:
+def parity_uris(*, eval_uris: list[str], train_uris: list[str]) -> list[str]:
     """The images the export's parity check runs on: the eval split, else some train images."""
     return (eval_uris or train_uris[:PARITY_FALLBACK])[:PARITY_LIMIT]
 

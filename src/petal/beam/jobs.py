@@ -343,7 +343,7 @@ def _output_kind(prefix: str) -> tuple[str, str]:
     return prefix, ".csv"
 
 
-def _add_predict_steps(p: beam.Pipeline, work: _WorkDir, model: Model, model_uri: str, top_k: int, prefix: str,
+def _add_predict_steps(p: beam.Pipeline, work: _WorkDir, model: Model, *, model_uri: str, top_k: int, prefix: str,
                        kind: str, dead_letter: str, ours: PetalOptions) -> None:
     """URIs in WORK -> PREFIX-SSSSS-of-NNNNN.csv|.jsonl, and the dead letter."""
     images = _read_images(p, work.path("uris.jsonl"), model.preprocess, None, ours.decode_threads)
@@ -381,7 +381,8 @@ def beam_predict(model_dir: Path, uris: list[str], output_prefix: str, pipeline_
         work.write_lines("uris.jsonl", map(json.dumps, uris))
         model_uri = work.stage(model.path / "model.onnx", "model.onnx")
         p = pipeline if pipeline is not None else _pipeline(options)
-        _add_predict_steps(p, work, model, model_uri, top_k, prefix, kind, dead_letter, ours)
+        _add_predict_steps(p, work, model, model_uri=model_uri, top_k=top_k, prefix=prefix, kind=kind,
+                           dead_letter=dead_letter, ours=ours)
         counts = _counters(_run(p))
     finally:
         work.delete()

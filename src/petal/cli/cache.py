@@ -50,6 +50,7 @@ def cache_info_command(
 @cache_app.command("verify", cls=Command)
 def cache_verify_command(
     data: Data,
+    *,
     sample: Annotated[int, typer.Option(min=0, help="Images to recompute, drawn at random; 0: all.")] = 200,
     backbone: Backbone = DEFAULT_BACKBONE,
     cache: Cache = None,

@@ -48,6 +48,7 @@ commands = typer.Typer()  # this module's commands, added to `petal` by petal.cl
 def embed(
     ctx: typer.Context,
     data: Annotated[str, typer.Argument(help="Folder of class folders, or a CSV with image and label columns.")],
+    *,
     labels: Annotated[Optional[Path], typer.Option(help="dict.txt for a CSV.")] = None,
     uri_column: UriColumn = None,
     label_column: LabelColumn = None,
@@ -96,6 +97,7 @@ def embed(
     "Find likely label errors, duplicates, train/eval leakage, outliers and class imbalance."))
 def audit(
     data: Data,
+    *,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the findings.")] = Path("petal-audit"),
     labels: LabelsFile = None,
     uri_column: UriColumn = None,

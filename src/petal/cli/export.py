@@ -18,6 +18,7 @@ commands = typer.Typer()  # this module's commands, added to `petal` by petal.cl
 @commands.command(cls=Command)
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Exported model folder (RUN/model).")],
+    *,
     data: Annotated[str, typer.Argument(help="Labeled folder or CSV.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("petal-eval"),
     labels: Annotated[Optional[Path], typer.Option(help=(
@@ -43,6 +44,7 @@ def evaluate(
 @commands.command(cls=Command)
 def export(
     run: Annotated[Path, typer.Argument(help="A run folder written by `petal train` (with --web: or a bundle).")],
+    *,
     cache: Cache = None,
     web: Annotated[Optional[Path], typer.Option(help=(
         "Instead, write a static web page that classifies photos in the browser (onnxruntime-web) "

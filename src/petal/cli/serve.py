@@ -31,6 +31,7 @@ Precision = Annotated[Optional[str], typer.Option(help=(
 @commands.command("serve", cls=Command)
 def serve(
     model: ModelPath = None,
+    *,
     name: Annotated[Optional[str], typer.Option(help="URL name of MODEL (default: its run folder).")] = None,
     models: Annotated[Optional[list[str]], typer.Option("--model", help="More models: NAME=PATH (repeat).")
                       ] = None,
@@ -113,6 +114,7 @@ def require_serving_packages() -> None:
 @commands.command("encode-request", cls=Command)
 def encode_request(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    *,
     output: Annotated[Optional[Path], typer.Option(help=(
         "Write here instead of stdout; split requests go to NAME-1.json, NAME-2.json, ..."))] = None,
     max_per_request: Annotated[Optional[int], typer.Option(min=1, help=(

@@ -93,6 +93,7 @@ FinetuneOverwrite = Annotated[bool, typer.Option("--overwrite", help=(
     'Embed, train a head, calibrate, evaluate and export a model that says "unknown" when unsure.'))
 def train(
     data: Data,
+    *,
     out_dir: RunOut,
     labels: LabelsFile = None,
     uri_column: UriColumn = None,
@@ -146,6 +147,7 @@ def finetune(
     ctx: typer.Context,
     data: Annotated[Optional[str], typer.Argument(help=(
         "Folder of class folders, or a CSV with image and label columns (not with --resume)."))] = None,
+    *,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="Run folder to write.")] = None,
     labels: LabelsFile = None,
     uri_column: UriColumn = None,
@@ -230,6 +232,7 @@ def resumed_spec(ctx: typer.Context, run: Path) -> RunSpec:
     "Train a run again with its own settings on the data as it is now (after fixing labels, say)."))
 def retrain(
     run: Annotated[Path, typer.Argument(help="A run folder of `petal train` or `petal finetune`.")],
+    *,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help=(
         "The new run folder (default: RUN itself, replaced)."))] = None,
     workers: Workers = None,

@@ -82,7 +82,7 @@ class Outputs(torch.nn.Module):
         return (m.top[-1](features) * self.inv_t).softmax(-1), features
 
 
-def export_model(out: Path, predictor: Predictor, classes: list[str], parity_uris: list[str], metrics: dict,
+def export_model(out: Path, predictor: Predictor, *, classes: list[str], parity_uris: list[str], metrics: dict,
                  training: dict) -> Path:
     """Export the predictor's model (on the CPU, eval mode), its temperature and unknown
     detector as a bundle folder at `out`."""

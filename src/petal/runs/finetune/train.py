@@ -139,9 +139,10 @@ def check_same_run(saved: dict, now: dict) -> None:
     naming what differs (each fine-tuning setting by name)."""
     if saved != now:
         keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if "finetune" in keys:
+        if "finetune" in keys:  # each setting by name, beside the other differences
             a, b = saved.get("finetune", {}), now.get("finetune", {})
-            keys = [f"finetune.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            keys = [k for k in keys if k != "finetune"] + [
+                f"finetune.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         raise PetalError("resume: the checkpoint was made with other settings or data ("
                          + ", ".join(keys) + " differ); use the same options, or a new --out")
 
@@ -405,8 +406,8 @@ class Trainer:
         require_training_images(ds.classes, (ds.classes[i] for i in labels[TRAIN]))
         keys = {u: key for px in pixels.values() for u, key in px.keys.items()}
         failed = [f for px in pixels.values() for f in px.failed]
-        warnings = record(run, self.spec, ds, keys, failed, self.reporter, {"world_size": world.size}) \
-            if world.main else []
+        warnings = record(run, self.spec, ds, keys=keys, failed=failed, reporter=self.reporter,
+                          extra={"world_size": world.size}) if world.main else []
         return Prepared(ds, pixels, labels, warnings, fingerprint, ckpt)
 
     def saved_checkpoint(self, run: Run, fingerprint: dict, *, resume: bool) -> dict | None:
@@ -495,9 +496,9 @@ class Trainer:
         metrics = finish(run, classes, self.ending(predictor, pr, outputs, best["epoch"]), self.reporter)
         model_dir = None
         if export:
-            parity = parity_images(run, pr.pixels[EVAL].uris, pr.pixels[TRAIN].uris, self.reporter,
-                                   f" epoch {best['epoch']}")
-            model_dir = export_model(run.model_dir, predictor, classes, parity, metrics,
+            parity = parity_images(eval_uris=pr.pixels[EVAL].uris, train_uris=pr.pixels[TRAIN].uris,
+                                   reporter=self.reporter, what=f" epoch {best['epoch']}")
+            model_dir = export_model(run.model_dir, predictor, classes=classes, parity_uris=parity, metrics=metrics,
                                      training=training_record(self.c, best["epoch"], run))
         return metrics, model_dir
 
@@ -580,5 +581,5 @@ def export_finetuned(run: Run, settings: RunSettings) -> Path:
     metrics = run.metrics()
     predictor = Predictor(model, TorchTrunk(model, torch.device("cpu"), contextlib.nullcontext),
                           run.temperature(), run.unknown())
-    return export_model(run.model_dir, predictor, settings.classes, run.parity_uris(), metrics,
-                        training=training_record(config, metrics.get("best_epoch"), run))
+    return export_model(run.model_dir, predictor, classes=settings.classes, parity_uris=run.parity_uris(),
+                        metrics=metrics, training=training_record(config, metrics.get("best_epoch"), run))
