@@ -67,7 +67,7 @@ from petal.embed import EmbedResult, feature_cache, require_usable
 from petal.errors import PetalError
 from petal.predictions import CSV_HEADER
 from petal.preprocess import Preprocess
-from petal.storage import default_cache_dir, is_local, local_path
+from petal.storage import cache_folder, is_local, local_path
 
 if TYPE_CHECKING:
     from apache_beam.runners.runner import PipelineResult
@@ -311,7 +311,7 @@ def beam_embed(ds: Dataset, backbone: str, cache_dir: Path | None, pipeline_args
 
     start = time.perf_counter()
     cfg = get_backbone(backbone)
-    cache_dir = Path(cache_dir or default_cache_dir())
+    cache_dir = cache_folder(cache_dir)
     cache = feature_cache(cfg, cache_dir)  # the launcher's producer; see docs/beam.md on the workers
     options = _options(pipeline_args)
     uris = [e.uri for e in ds.examples]

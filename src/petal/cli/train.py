@@ -7,6 +7,7 @@ import sys
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, Optional
 
 import typer
@@ -191,28 +192,30 @@ def finetune(
     from petal.runs.finetune.distributed import launch
     from petal.runs.finetune.train import finetune as run_finetune
 
-    if resume is not None:
-        spec = resumed_spec(ctx, resume)
-    elif data is None or out_dir is None:
-        raise PetalError("finetune: give DATA and --out, or --resume RUN to continue a run")
-    else:
-        config = FinetuneConfig(
-            epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_mult=backbone_lr_mult,
-            warmup_epochs=warmup_epochs, weight_decay=weight_decay, label_smoothing=label_smoothing, dropout=dropout,
-            unfreeze=unfreeze, pretrained=pretrained, seed=seed, trunk_runtime=trunk_runtime,
-            loader_workers=loader_workers, decode_workers=workers, calibration_percent=calibration_percent,
-            augment=AugmentConfig(enabled=augment, flip=flip, random_scale=random_scale, random_crop=random_crop,
-                                  random_brightness=random_brightness, random_color=random_color))
-        data_ = data_spec(data, labels=labels, uri_column=uri_column, label_column=label_column,
-                          eval_data=eval_data, eval_percent=eval_percent, group=group, exclude=exclude,
-                          relabel=relabel)
-        spec = RunSpec(data_, out_dir, backbone=backbone, cache_dir=cache, overwrite=overwrite, keep=keep,
-                       trainer=config)
+    spec = resumed_spec(ctx, resume) if resume is not None else finetune_spec(SimpleNamespace(**ctx.params))
     if nproc > 1 and "WORLD_SIZE" not in os.environ:  # not yet a worker: start the workers
         sys.exit(launch(nproc, sys.argv[1:]))
     r = run_finetune(spec, resume=resume is not None, export=export, stop_after=stop_after, reporter=RichReporter())
     if r is not None:  # None: a worker process other than the first
         print_finetune_result(r)
+
+
+def finetune_spec(o: SimpleNamespace) -> RunSpec:
+    """The spec of `petal finetune DATA --out RUN [options]`, from the command's options `o`."""
+    if o.data is None or o.out_dir is None:
+        raise PetalError("finetune: give DATA and --out, or --resume RUN to continue a run")
+    config = FinetuneConfig(
+        epochs=o.epochs, batch_size=o.batch_size, lr=o.lr, backbone_lr_mult=o.backbone_lr_mult,
+        warmup_epochs=o.warmup_epochs, weight_decay=o.weight_decay, label_smoothing=o.label_smoothing,
+        dropout=o.dropout, unfreeze=o.unfreeze, pretrained=o.pretrained, seed=o.seed, trunk_runtime=o.trunk_runtime,
+        loader_workers=o.loader_workers, decode_workers=o.workers, calibration_percent=o.calibration_percent,
+        augment=AugmentConfig(enabled=o.augment, flip=o.flip, random_scale=o.random_scale, random_crop=o.random_crop,
+                              random_brightness=o.random_brightness, random_color=o.random_color))
+    data = data_spec(o.data, labels=o.labels, uri_column=o.uri_column, label_column=o.label_column,
+                     eval_data=o.eval_data, eval_percent=o.eval_percent, group=o.group, exclude=o.exclude,
+                     relabel=o.relabel)
+    return RunSpec(data, o.out_dir, backbone=o.backbone, cache_dir=o.cache, overwrite=o.overwrite, keep=o.keep,
+                   trainer=config)
 
 
 def resumed_spec(ctx: typer.Context, run: Path) -> RunSpec:
@@ -247,4 +250,7 @@ def retrain(
 
     r = run_retrain(run, out_dir, overwrite=overwrite, workers=workers, rehash=rehash, export=export,
                     reporter=RichReporter())
-    print_finetune_result(r) if isinstance(r, FinetuneResult) else print_train_result(r)
+    if isinstance(r, FinetuneResult):
+        print_finetune_result(r)
+    else:
+        print_train_result(r)

@@ -24,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -546,8 +546,10 @@ class Trainer:
 
 
 def tuned_features(pr: Prepared, outputs: dict) -> Features:
-    """Every decoded image's features under the fine-tuned model, split by split, as the audit reads them."""
-    by_uri = {e.uri: e for e in pr.ds.examples}
+    """Every decoded image's features under the fine-tuned model, split by split, as the audit reads
+    them. The calibration images count as training images there (they were set aside from them):
+    the same photo in both is no train/eval leak."""
+    by_uri = {e.uri: replace(e, split=TRAIN) if e.split == CALIBRATION else e for e in pr.ds.examples}
     examples, bounds = [], {}
     for split in SPLITS:
         bounds[split] = slice(len(examples), len(examples) + len(pr.pixels[split].uris))
