@@ -325,8 +325,9 @@ class Trainer:
         self.train_epochs(run, st, min(c.epochs, stop_after) if stop_after else c.epochs, pr.fingerprint)
         if not world.main:
             return None
-        result = FinetuneResult(run.path, None, {}, st.best["epoch"], len(st.history), st.history,
-                                time.perf_counter() - start, pr.warnings)
+        result = FinetuneResult(run_dir=run.path, model_dir=None, metrics={}, best_epoch=st.best["epoch"],
+                                epochs_done=len(st.history), history=st.history,
+                                seconds=time.perf_counter() - start, warnings=pr.warnings)
         if len(st.history) < c.epochs:  # stopped early: --resume goes on
             return result
         run.write_history(st.history)
