@@ -24,6 +24,7 @@ from pathlib import Path
 
 from petal.progress import Reporter
 from petal.runs.finetune import FinetuneConfig, finetune
+from petal.spec import DataSpec, RunSpec
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flower_photos"
 
@@ -50,7 +51,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    r = finetune(args.data, out, config=config, cache_dir=cache, reporter=Log())
+    r = finetune(RunSpec(DataSpec(args.data), out, cache_dir=cache, trainer=config), reporter=Log())
     wall = time.perf_counter() - start
     summary = {
         "epochs": r.epochs_done, "best_epoch": r.best_epoch, "wall_seconds": round(wall, 1),
