@@ -203,7 +203,7 @@ def test_cli_resume_needs_only_the_run_and_keeps_its_settings(tmp_path, tiny, ft
     (tmp_path / "drop.csv").write_text(f"uri\n{left_out}\n")
     run, env = tmp_path / "r", {"PETAL_CACHE_DIR": str(ft_cache)}
     petal("finetune", tiny, "--out", run, "--epochs", "2", "--batch-size", "4", "--unfreeze", "1", "--dropout", "0",
-          "--eval-percent", "25", "--exclude", tmp_path / "drop.csv", "--group", r"^(\w+)_\d+", "--stop-after", "1",
+          "--eval-percent", "25", "--exclude", tmp_path / "drop.csv", "--group", r"^(\w+_\d+)\.", "--stop-after", "1",
           env=env)
     before = json.loads((run / "settings.json").read_text())
     r = petal("finetune", "--resume", run, "--epochs", "3", env=env, check=False)
@@ -213,7 +213,7 @@ def test_cli_resume_needs_only_the_run_and_keeps_its_settings(tmp_path, tiny, ft
     after = json.loads((run / "settings.json").read_text())
     assert after == before and after["format"] == 3
     data = after["spec"]["data"]
-    assert data["exclude"] == str(tmp_path / "drop.csv") and data["group"] == r"^(\w+)_\d+"
+    assert data["exclude"] == str(tmp_path / "drop.csv") and data["group"] == r"^(\w+_\d+)\."
     assert after["spec"]["finetune"]["epochs"] == 2 and str(left_out) not in (run / "split.csv").read_text()
     assert (run / "model" / "petal.json").exists()
 

@@ -25,7 +25,7 @@ def test_retrain_after_a_label_fix_rereads_the_review_and_embeds_only_new_images
     data = shutil.copytree(dataset, tmp_path / "data")
     fix = tmp_path / "fix.csv"
     fix.write_text("uri,suggested\n")  # nothing reviewed yet
-    spec = RunSpec(DataSpec(data, eval_percent=25.0, relabel=fix, group=r"^(\w+?)_\d+"), tmp_path / "r1",
+    spec = RunSpec(DataSpec(data, eval_percent=25.0, relabel=fix, group=r"^(\w+_\d+)\."), tmp_path / "r1",
                    cache_dir=cache_dir, trainer=HeadClassifier(epochs=5, seed=0))
     first = train(spec, export=False)
     # the user reviews: one circle was a square; and adds a new image
@@ -42,7 +42,7 @@ def test_retrain_after_a_label_fix_rereads_the_review_and_embeds_only_new_images
     again, before = (json.loads((run / "settings.json").read_text())["spec"]
                      for run in (tmp_path / "r2", first.run_dir))
     assert {**again, "out": None} == {**before, "out": None} and again["out"] == str(tmp_path / "r2")
-    assert before["data"]["group"] == r"^(\w+?)_\d+" and before["head"]["epochs"] == 5
+    assert before["data"]["group"] == r"^(\w+_\d+)\." and before["head"]["epochs"] == 5
 
 
 def test_a_stored_spec_is_the_one_the_run_was_made_with(trained_run):
