@@ -60,6 +60,7 @@ Seed = Annotated[int, typer.Option(help="Random seed: the same seed and data giv
 class ClassWeight(str, Enum):
     balanced = "balanced"
 
+
 # `petal finetune`'s own options, declared here so that its signature reads as a list
 Unfreeze = Annotated[Optional[int], typer.Option(help=(
     f"Backbone blocks trained, from the top; 0: head only; -1: all (default {FTC.unfreeze}; "

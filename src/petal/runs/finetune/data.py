@@ -115,7 +115,6 @@ def build_pixel_file(
 # --------------------------------------------------------------------------- augmentation
 
 
-
 def augment_image(img: np.ndarray, out_size: int, crop_pct: float, aug: AugmentConfig,
                   rng: np.random.Generator, resample: str = "bilinear") -> np.ndarray:
     """(R, R, 3) uint8, the image's central square -> (out_size, out_size, 3) uint8.
