@@ -46,8 +46,7 @@ from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
 from petal.precision import FP32
 from petal.progress import Reporter
-from petal.runs.finetune.config import FinetuneConfig
-from petal.spec import FINETUNE, HEAD, DataSpec, RunSpec
+from petal.spec import FINETUNE, HEAD, DataSpec, RunSpec, trainer_of
 from petal.storage import atomic_path, atomic_write_csv, atomic_write_text, check_output, read_csv
 from petal.unknown import DEFAULT_KEEP
 
@@ -108,7 +107,7 @@ def spec_of_format_2(d: dict, out: str) -> RunSpec:
     kind = d.get("kind") or (FINETUNE if FINETUNE in d else HEAD)
     params = d[kind]
     keep = (params if kind == FINETUNE else d).get("keep", DEFAULT_KEEP)
-    trainer = HeadClassifier(**params) if kind == HEAD else FinetuneConfig.from_dict(params)
+    trainer = trainer_of(kind, params)
     data = DataSpec(d["data"], labels_file=d.get("labels_file"), eval_source=d.get("eval_data"),
                     eval_percent=d["eval_percent"])
     return RunSpec(data, out, backbone=d["backbone"]["name"], precision=d.get("precision", FP32),

@@ -34,6 +34,13 @@ TEXT_OR_NONE = Instance(str, none_ok=True)
 KEEP = Real(0.5, 1, high_open=True, what="a share in [0.5, 1)")
 
 
+def trainer_of(kind: str, params: dict) -> HeadClassifier | FinetuneConfig:
+    """The trainer a run of `kind` was made with, from its parameters as settings.json keeps them."""
+    if kind not in (HEAD, FINETUNE):
+        raise PetalError(f"kind: expected {HEAD!r} or {FINETUNE!r}, got {kind!r}")
+    return HeadClassifier(**params) if kind == HEAD else FinetuneConfig.from_dict(params)
+
+
 def _path(value: Any) -> Any:
     """A path or URI as a spec keeps it: a string, local paths absolute; anything else as given
     (the parameter's rule then names it)."""
@@ -138,8 +145,6 @@ class RunSpec(Validated):
     def from_dict(cls, d: dict) -> RunSpec:
         """As `to_dict` wrote it; keys this petal does not know are ignored."""
         kind = d.get("kind", HEAD)
-        if kind not in (HEAD, FINETUNE):
-            raise PetalError(f"kind: expected {HEAD!r} or {FINETUNE!r}, got {kind!r}")
-        trainer = HeadClassifier(**d[HEAD]) if kind == HEAD else FinetuneConfig.from_dict(d[FINETUNE])
+        trainer = trainer_of(kind, d[kind])
         return cls(DataSpec.from_dict(d["data"]), d["out"], backbone=d["backbone"], precision=d["precision"],
                    cache_dir=d["cache_dir"], overwrite=d["overwrite"], keep=d["keep"], trainer=trainer)
