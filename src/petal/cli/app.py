@@ -34,8 +34,8 @@ TRAINING_MODULES = ("torch", "onnx", "onnxscript", "pyarrow", "sklearn", "scipy"
 INTERRUPTED = ("interrupted: the images embedded so far are kept in the cache (and a fine-tuning run's last "
                "checkpoint): run the same command to go on")
 
-TRAINING_COMMANDS = frozenset({"train", "finetune", "embed", "audit", "evaluate", "export", "classify", "demo",
-                               "cache"})
+TRAINING_COMMANDS = frozenset({"train", "finetune", "retrain", "embed", "audit", "evaluate", "export", "classify",
+                               "demo", "cache"})
 
 
 def missing_training_module() -> str | None:

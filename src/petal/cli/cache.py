@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -34,9 +33,9 @@ def cache_info_command(
     """Each embeddings folder: who produced its features (graph, decoder, runtime), shards, rows,
     size; then the exported models and the hash memo, and how to free space."""
     from petal.cache_check import cache_info, cache_parts
-    from petal.storage import default_cache_dir
+    from petal.storage import cache_folder
 
-    root = Path(cache or default_cache_dir())
+    root = cache_folder(cache)
     folders, parts = cache_info(root), cache_parts(root)
     if as_json:
         print(json.dumps(folders, indent=1))
@@ -58,6 +57,7 @@ def cache_info_command(
 @cache_app.command("verify", cls=Command)
 def cache_verify_command(
     data: Data,
+    *,
     sample: Annotated[int, typer.Option(min=0, help="Images to recompute, drawn at random; 0: all.")] = 200,
     backbone: Backbone = DEFAULT_BACKBONE,
     cache: Cache = None,
@@ -66,9 +66,9 @@ def cache_verify_command(
     """Recompute a sample of DATA's cached features and compare: the largest difference per shard."""
     from petal.backbones import get_backbone
     from petal.cache_check import verify
-    from petal.storage import default_cache_dir
+    from petal.storage import cache_folder
 
-    r = verify(data, get_backbone(backbone), Path(cache or default_cache_dir()), sample or None,
+    r = verify(data, get_backbone(backbone), cache_folder(cache), sample or None,
                reporter=None if as_json else RichReporter())
     if as_json:
         print(json.dumps(r))

@@ -22,12 +22,14 @@ def demo(
     """Make a small synthetic labeled image set and run the whole flow on it."""
     from petal.bundle import load
     from petal.run import Run
+    from petal.runs.head import train as run_train
+    from petal.spec import DataSpec, RunSpec
     from petal.synthetic import make_dataset
-    from petal.workflow import train as run_train
 
     data = make_dataset(out_dir / "data", per_class=24)
     out.print(f"[bold]1. synthetic data[/] in {data}")
-    r = run_train(data, out_dir / "run", cache_dir=cache, eval_percent=25.0, overwrite=True, reporter=RichReporter())
+    spec = RunSpec(DataSpec(data, eval_percent=25.0), out_dir / "run", cache_dir=cache, overwrite=True)
+    r = run_train(spec, reporter=RichReporter())
     print_metrics(r.metrics)
     out.print("[bold]2. predictions from the exported bundle, on eval images it was not trained on")
     m = load(out_dir / "run" / "model")

@@ -180,6 +180,17 @@ def print_failures(failed: list[tuple[str, str]], limit: int = 20) -> None:
         err.print(f"... and {len(failed) - limit} more", style="yellow")
 
 
+def print_train_result(r) -> None:
+    """The end of `petal train`: what was embedded, the figures, the files."""
+    e = r.embed
+    out.print(f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed"
+              + (f" (see {r.run_dir / 'errors.csv'})" if e["failed"] or e["skipped"] else ""))
+    if r.metrics.get("accuracy") is not None:
+        print_metrics(r.metrics)
+        print_trust(r.metrics)
+    print_run_end(r.run_dir, r.model_dir)
+
+
 def print_finetune_result(r) -> None:
     """The end of `petal finetune`; nothing for None (a worker process other than the first)."""
     if r is None:
