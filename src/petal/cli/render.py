@@ -183,8 +183,8 @@ def print_failures(failed: list[tuple[str, str]], limit: int = 20) -> None:
 def print_train_result(r) -> None:
     """The end of `petal train`: what was embedded, the figures, the files."""
     e = r.embed
-    out.print(f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed"
-              + (f" (see {r.run_dir / 'errors.csv'})" if e["failed"] or e["skipped"] else ""))
+    print_lines([f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed"
+                 + (f" (see {r.run_dir / 'errors.csv'})" if e["failed"] or e["skipped"] else "")])
     if r.metrics.get("accuracy") is not None:
         print_metrics(r.metrics)
         print_trust(r.metrics)
