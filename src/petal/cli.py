@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click.exceptions import BadParameter, NoSuchOption
 
 from petal.backbones import DEFAULT_BACKBONE
+from petal.calibration import ece_line, format_score
 from petal.data import Columns
 from petal.errors import PetalError
 from petal.finetune.config import AugmentConfig, FinetuneConfig
@@ -247,8 +248,7 @@ def print_trust(metrics: dict) -> None:
     """Calibration and unknown-detection figures, where the metrics have them."""
     parts = []
     if metrics.get("ece") is not None:
-        parts.append(f"calibration error (ECE) {metrics['ece']:.3f}"
-                     + (f" (uncalibrated {metrics['ece_uncalibrated']:.3f})" if "ece_uncalibrated" in metrics else ""))
+        parts.append(ece_line(metrics))
     u = metrics.get("unknown") or {}
     kept = u.get("kept", u.get("kept_eval"))
     if kept is not None and u.get("accuracy_kept") is not None:
@@ -278,7 +278,7 @@ def print_predictions(preds) -> tuple[bool, list[tuple[str, str]]]:
             continue
         ok = True
         label = f"[yellow]unknown[/] (nearest: {escape(p.label)} {p.score:.2f})" if p.unknown else escape(p.label)
-        t.add_row(p.uri, label, f"{p.score:.3f}", ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]))
+        t.add_row(p.uri, label, format_score(p.score), ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]))
     out.print(t)
     return ok, failed
 
@@ -811,7 +811,7 @@ def demo(
     m = load(out_dir / "run" / "model")
     samples = [row["uri"] for row in Run.open(r.run_dir).split_rows() if row["split"] == "eval"][:6]
     for p in m.predict(samples, top_k=2):
-        out.print(f"  {p.uri}: {p.label} ({p.score:.3f})", markup=False)
+        out.print(f"  {p.uri}: {p.label} ({format_score(p.score)})", markup=False)
     out.print(f"done: try `petal predict {out_dir / 'run' / 'model'} IMAGE`")
 
 

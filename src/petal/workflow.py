@@ -14,10 +14,10 @@ from pathlib import Path
 
 import numpy as np
 
-from petal.audit import Audit, audit, write_audit
+from petal.audit import Audit, audit, bank_leave_out, write_audit
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
 from petal.bundle import TRAIN_KEYS, in_train_keys
-from petal.calibration import FOLDS, expected_calibration_error, reliability_diagram, softmax
+from petal.calibration import FOLDS, calibration_figures, expected_calibration_error, reliability_diagram, softmax
 from petal.data import EVAL, TEST, TRAIN, Columns, Dataset, load_dataset
 from petal.embed import embed, require_usable
 from petal.errors import NothingUsableError, PetalError
@@ -130,7 +130,7 @@ def train(
         backbone=cfg.identity(), cache_dir=str(cache_dir), classes=ds.classes, params=head.get_params(),
         extra={"keep": keep, "precision": precision}))
     fit_head(run, head, (Xtr, ytr), (Xev, yev), len(ds.classes), reporter)
-    unknown = fit_trust(run, head, Xtr, ytr, keep, reporter)
+    unknown = fit_trust(run, head, Xtr, ytr, keep, reporter, bank_leave_out(findings, [e.uri for e in tr]))
     metrics = evaluate_head(run, ds.classes, feats, head, unknown, findings, result.summary(), reporter)
     model_dir = export_trained(run, cfg, head, ds.classes, feats, cache_dir, metrics, unknown, precision,
                                reporter) if export else None
@@ -160,7 +160,8 @@ def evaluate_head(run: Run, classes: list[str], feats: Features, head: HeadClass
         logits = head.decision_function(Xev)  # (N, C) before calibration
         probs_ev = softmax(logits, head.temperature_)  # (N, C) calibrated, computed once: 400 MB at 100k x 1000
         extra = {"num_train": len(tr), "train_accuracy": float((head.predict(Xs) == ys).mean()),
-                 "embed": embed_summary, **eval_trust(run, unknown, Xev, yev, logits, probs_ev, head.temperature_),
+                 "embed": embed_summary, "calibrator": head.calibration_,
+                 **eval_trust(run, unknown, Xev, yev, logits, probs_ev, head.temperature_),
                  **test_metrics(run, classes, feats, head)}
         del logits
         metrics = run.write_metrics(classes, [e.uri for e in ev], yev, lambda: probs_ev, extra, reporter)
@@ -232,16 +233,21 @@ def audit_data(data: str | Path, out: str | Path, *, labels_file: str | Path | N
 
 
 def fit_trust(run: Run, head: HeadClassifier, X: np.ndarray, y: np.ndarray, keep: float,
-              reporter: Reporter) -> KnnUnknown:
+              reporter: Reporter, leave_out: np.ndarray | None = None) -> KnnUnknown:
     """Calibrate the head's temperature out of fold, then fit the unknown detector on the
-    training embeddings X (N, D) with those held-out probabilities; both saved in the run.
+    training embeddings X (N, D) with those held-out probabilities, but for the (N,) bool
+    `leave_out` (the audit's outliers and strong label suspects); both saved in the run.
     Past CALIBRATION_CAP images, on a stratified sample of that many: a temperature and a
     threshold are two numbers, and 5 more heads on a million images would take an hour."""
     rows = capped_sample(y, CALIBRATION_CAP, head.seed)
     Xs, ys = (X, y) if len(rows) == len(y) else (X[rows], y[rows])
+    leave_out = None if leave_out is None else leave_out[rows]
     with reporter.progress("calibrating (out-of-fold heads)", FOLDS) as advance:
         head.calibrate(Xs, ys, folds=FOLDS, on_fold=advance)
-    unknown = KnnUnknown.fit(Xs, ys, head.oof_proba_, keep=keep, seed=head.seed)
+    unknown = KnnUnknown.fit(Xs, ys, head.oof_proba_, keep=keep, seed=head.seed, leave_out=leave_out)
+    if unknown.left_out:
+        reporter.message(f"unknown detector: {unknown.left_out} audit outliers and strong label suspects left out "
+                         "of its bank")
     run.write_head(head)  # now with its temperature
     run.write_unknown(unknown)
     return unknown
@@ -253,11 +259,11 @@ def eval_trust(run: Run, unknown: KnnUnknown, X: np.ndarray, y: np.ndarray, logi
     calibrated probabilities (N, C) on them."""
     ood = unknown.score(X, probs)
     return trust_metrics(run, y, logits, Scores(probs, ood, ood > unknown.threshold), temperature, unknown.keep,
-                         unknown.threshold)
+                         unknown.threshold, unknown.left_out)
 
 
 def trust_metrics(run: Run, y: np.ndarray, logits: np.ndarray, scores: Scores, temperature: float,
-                  keep: float | None, threshold: float | None = None) -> dict:
+                  keep: float | None, threshold: float | None = None, left_out: int = 0) -> dict:
     """On the eval split (y: (N,) ids, logits before calibration, the calibrated Scores): ECE
     before and after calibration, with a reliability diagram in the run, and the share of
     images kept as known, with the accuracy on those."""
@@ -265,12 +271,11 @@ def trust_metrics(run: Run, y: np.ndarray, logits: np.ndarray, scores: Scores, t
         return {}
     uncalibrated = softmax(logits)
     reliability_diagram(run.reliability_path, y, {"uncalibrated": uncalibrated, "calibrated": scores.probabilities})
-    out = {"ece": expected_calibration_error(scores.probabilities, y),
-           "ece_uncalibrated": expected_calibration_error(uncalibrated, y), "temperature": temperature}
+    out = {**calibration_figures(scores.probabilities, uncalibrated, y), "temperature": temperature}
     if scores.unknown is not None:
         kept, right = ~scores.unknown, scores.probabilities.argmax(1) == y
         coverage_curve(run.coverage_path, scores.ood_score, right, threshold)
-        out["unknown"] = {"keep": keep, "kept_eval": float(kept.mean()),
+        out["unknown"] = {"keep": keep, "kept_eval": float(kept.mean()), "bank_left_out": left_out,
                           "accuracy_kept": float(right[kept].mean()) if kept.any() else None}
     return out
 
