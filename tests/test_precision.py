@@ -86,7 +86,7 @@ def test_the_gate_refuses_with_figures_and_force_records_them(trained_run, cache
                 train_uris=[r["uri"] for r in rows if r["split"] == "train"], eval_uris=[r["uri"] for r in ev],
                 eval_labels=np.array([settings.classes.index(r["label"]) for r in ev]),
                 min_agreement=1.01, classes=settings.classes, unknown=run.unknown())  # no model can pass
-    with pytest.raises(ExportRefused, match="refused.*agrees with fp32.*--force") as refused:
+    with pytest.raises(ExportRefused, match=r"refused.*top-1 agreement .* < 101%.*--force") as refused:
         export_int8(tmp_path / "m", **args)
     assert not (tmp_path / "m").exists() and not refused.value.figures["passed"]
     path, figures = export_int8(tmp_path / "m", force=True, **args)

@@ -200,7 +200,8 @@ class KnnUnknown:
         """This detector with its bank on `dims` principal axes (ReducedBank): the same
         statistics and threshold, scores within float noise of the full bank's where the
         residual is small; the bank costs (M + D) x (dims + 1) numbers instead of M x D."""
-        if dims >= self.bank.shape[1] - 1:
+        m, d = self.bank.shape
+        if (m + d) * (min(dims, m) + 1) >= m * d:  # a small bank: its axes would cost more than its rows
             return self
         return replace(self, reduced=ReducedBank.of(self.bank, dims))
 
