@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
 from petal.bundle import TRAIN_KEYS, train_keys_digest
-from petal.calibration import fit_temperature, softmax
+from petal.calibration import choose_temperature, softmax
 from petal.data import (
     CALIBRATION,
     EVAL,
@@ -564,7 +564,7 @@ class Trainer:
             return predictor
         with self.reporter.progress("calibrating", 2) as advance:
             cal_features, cal_logits = predictor.features_logits(cal.open())
-            predictor.temperature = fit_temperature(cal_logits, y_cal)
+            predictor.temperature, _ = choose_temperature(cal_logits, y_cal)  # identity unless it wins out of fold
             advance(1)
             bank = predictor.features_logits(pr.pixels[TRAIN].open())[0]  # (N, D) on the served view
             predictor.unknown = KnnUnknown.fit_held_out(bank, pr.labels[TRAIN], cal_features,
