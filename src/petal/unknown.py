@@ -128,22 +128,12 @@ class KnnUnknown:
         """From training embeddings X (N, D), class ids y (N,) and, optionally, held-out
         (out-of-fold) probabilities (N, C) of the same images; kNN held out by leave-one-out.
         `leave_out` (N,) bool: images kept out of the bank and of its statistics (the audit's
-        outliers and strong label suspects: a shop sign filed under roses would accept
-        shop signs as roses)."""
-        if leave_out is not None and leave_out.any() and not leave_out.all():
-            keep_rows = ~leave_out
-            X, y = X[keep_rows], np.asarray(y)[keep_rows]
-            held_out_probs = None if held_out_probs is None else held_out_probs[keep_rows]
-        u = cls.fit_all(X, y, held_out_probs, keep, k, msp_weight, cap, seed)
-        u.left_out = int(leave_out.sum()) if leave_out is not None and not leave_out.all() else 0
-        return u
-
-    @classmethod
-    def fit_all(cls, X: np.ndarray, y: np.ndarray, held_out_probs: np.ndarray | None, keep: float, k: int,
-                msp_weight: float, cap: int, seed: int) -> KnnUnknown:
-        """`fit` on every row given."""
-        Xn = normalize(X)
-        rows = capped_sample(y, cap, seed)
+        outliers and strong label suspects: a shop sign filed under roses would accept shop
+        signs as roses). They still count, scored against the bank, for the threshold: it
+        keeps `keep` of the known images as they come, odd ones included."""
+        clean = np.ones(len(X), bool) if leave_out is None or leave_out.all() else ~leave_out
+        Xn, ids = normalize(X), np.flatnonzero(clean)
+        rows = ids[capped_sample(np.asarray(y)[clean], cap, seed)]
         bank = Xn[rows].astype(np.float16).astype(np.float32)
         k = max(1, min(k, len(bank) - 1))  # a tiny bank: the k-th of the others must exist
         held = np.ones(len(Xn), bool)
@@ -151,7 +141,9 @@ class KnnUnknown:
         knn = np.empty(len(Xn), np.float32)  # bank rows: their (k+1)-th neighbour is the k-th among the others
         knn[rows] = 1 - kth_similarity(Xn[rows], bank, k + 1)
         knn[held] = 1 - kth_similarity(Xn[held], bank, k)
-        return cls.from_held_out(bank, knn, held_out_probs, keep, k, msp_weight)
+        u = cls.from_held_out(bank, knn, held_out_probs, keep, k, msp_weight, clean)
+        u.left_out = int((~clean).sum())
+        return u
 
     @classmethod
     def fit_held_out(cls, X: np.ndarray, y: np.ndarray, X_held: np.ndarray, held_probs: np.ndarray,
@@ -166,11 +158,13 @@ class KnnUnknown:
 
     @classmethod
     def from_held_out(cls, bank: np.ndarray, knn: np.ndarray, probs: np.ndarray | None, keep: float, k: int,
-                      msp_weight: float) -> KnnUnknown:
-        """Statistics and the `keep` threshold from held-out kNN distances (N,) and probabilities (N, C)."""
-        u = cls(bank, 0.0, spread(knn), k=k, keep=keep)
+                      msp_weight: float, stats_rows: np.ndarray | None = None) -> KnnUnknown:
+        """Statistics (from the `stats_rows` (N,) bool, default all) and the `keep` threshold
+        (from all) of held-out kNN distances (N,) and probabilities (N, C)."""
+        rows = slice(None) if stats_rows is None else stats_rows
+        u = cls(bank, 0.0, spread(knn[rows]), k=k, keep=keep)
         if probs is not None and msp_weight > 0:
-            u.msp_stats, u.msp_weight = spread(1 - probs.max(1)), msp_weight
+            u.msp_stats, u.msp_weight = spread(1 - probs[rows].max(1)), msp_weight
         u.threshold = float(np.quantile(u.combine(knn, probs), keep))
         return u
 
