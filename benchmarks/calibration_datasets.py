@@ -26,8 +26,8 @@ from petal.calibration import calibration_figures, softmax
 from petal.data import EVAL, TRAIN, load_dataset
 from petal.embed import embed
 from petal.head import HeadClassifier
+from petal.runs.common import embed_dataset
 from petal.storage import default_cache_dir
-from petal.workflow import embed_dataset
 
 FLOWERS = "/work/shared/datasets/flower_photos"
 

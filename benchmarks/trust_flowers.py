@@ -36,9 +36,9 @@ from petal.embed import embed
 from petal.features import load_features
 from petal.head import HeadClassifier
 from petal.progress import Reporter
+from petal.runs.common import audit_features, embed_dataset
 from petal.storage import default_cache_dir
 from petal.unknown import DEFAULT_KEEP, KnnUnknown, auroc
-from petal.workflow import audit_features, embed_dataset
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flower_photos"
 
@@ -49,7 +49,7 @@ def split_arrays(folder: str):
     result, cache = embed_dataset(ds)
     feats = load_features(ds, result.keys, cache, Reporter())
     (tr, Xtr, ytr), (_, Xev, yev) = feats.split(TRAIN), feats.split(EVAL)
-    leave_out = bank_leave_out(audit_features(ds, feats), [e.uri for e in tr])
+    leave_out = bank_leave_out(audit_features(ds.classes, feats), [e.uri for e in tr])
     return ds.classes, (np.asarray(Xtr, np.float32), ytr), (np.asarray(Xev, np.float32), yev), leave_out
 
 

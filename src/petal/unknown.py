@@ -122,7 +122,7 @@ class KnnUnknown:
     reduced: ReducedBank | None = None  # set by `reduce`: the bank the scores are computed with instead
 
     @classmethod
-    def fit(cls, X: np.ndarray, y: np.ndarray, held_out_probs: np.ndarray | None = None,
+    def fit(cls, X: np.ndarray, y: np.ndarray, held_out_probs: np.ndarray | None = None, *,
             keep: float = DEFAULT_KEEP, k: int = K, msp_weight: float = MSP_WEIGHT, cap: int = BANK_CAP,
             seed: int = 0, leave_out: np.ndarray | None = None) -> KnnUnknown:
         """From training embeddings X (N, D), class ids y (N,) and, optionally, held-out
@@ -146,7 +146,7 @@ class KnnUnknown:
         return u
 
     @classmethod
-    def fit_held_out(cls, X: np.ndarray, y: np.ndarray, X_held: np.ndarray, held_probs: np.ndarray,
+    def fit_held_out(cls, X: np.ndarray, y: np.ndarray, X_held: np.ndarray, held_probs: np.ndarray, *,
                      keep: float = DEFAULT_KEEP, k: int = K, msp_weight: float = MSP_WEIGHT,
                      cap: int = BANK_CAP, seed: int = 0) -> KnnUnknown:
         """The bank from training embeddings X (N, D) with ids y; statistics and threshold
