@@ -29,7 +29,7 @@ from petal.head import HeadClassifier
 from petal.runs.common import embed_dataset
 from petal.storage import default_cache_dir
 
-FLOWERS = "/work/shared/datasets/flower_photos"
+FLOWERS = str(Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flower_photos")
 
 
 def embedded(paths: list[str]) -> np.ndarray:
