@@ -105,6 +105,10 @@ def trust_lines(metrics: dict) -> str:
         before = (f" (before calibration {metrics['ece_uncalibrated']:.3f})"
                   if metrics.get("ece_uncalibrated") is not None else "")
         lines.append(f"calibration error (ECE) <b>{metrics['ece']:.3f}</b>{before}")
+    if "ece_adaptive" in metrics:
+        lo, hi = metrics["ece_adaptive_interval"]
+        lines.append(f'adaptive calibration error <b id="ece-adaptive">{metrics["ece_adaptive"]:.3f}</b> (95% interval '
+                     f"{lo:.3f} to {hi:.3f}; before calibration {metrics['ece_adaptive_uncalibrated']:.3f})")
     u = metrics.get("unknown") or {}
     kept = u.get("kept", u.get("kept_eval"))
     if kept is not None and u.get("accuracy_kept") is not None:
