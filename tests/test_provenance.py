@@ -3,6 +3,7 @@ second producer is a warning, `petal cache verify` recomputes and compares, and 
 the cached features its head was trained on. Real Lite0 features of small synthetic images."""
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -98,7 +99,10 @@ def test_cache_info_shows_models_and_the_hash_memo_and_how_to_free_space(tmp_pat
 
     own = tmp_path / "cache"
     shutil.copytree(cache_dir / "models", own / "models")
-    petal("embed", dataset, "--cache", own)
+    data = shutil.copytree(dataset, tmp_path / "data")
+    for image in data.rglob("*.*"):  # an hour old: the memo keeps no hash of a file written just now
+        os.utime(image, (image.stat().st_atime - 3600, image.stat().st_mtime - 3600))
+    petal("embed", data, "--cache", own)
     parts = cache_parts(own)
     assert [Path(p["folder"]).name for p in parts] == ["embeddings", "hashes", "models"]
     assert all(p["bytes"] > 0 and p["files"] >= 1 for p in parts)
