@@ -79,7 +79,8 @@ def test_b64_accepts_standard_urlsafe_unpadded_and_wrapped():
 @pytest.mark.parametrize("body, status, message", [
     (b"not json", 400, "expected JSON"),
     (b"\xff\xfe\x00garbage", 400, "expected JSON"),
-    (b"[" * 100_000, 400, "nested too deeply"),
+    (b"[" * 100_000, 413, "holds 100,000 JSON arrays and objects"),
+    (b"[" * 1000, 400, "nested too deeply"),
     (b"[1, 2]", 400, 'expected a JSON object {"instances"'),
     (b'{"inputs": []}', 400, "got an object with keys ['inputs']"),
     (b'{"instances": 5}', 400, "expected a non-empty list, got int 5"),
@@ -234,12 +235,12 @@ def test_a_bad_instance_gets_an_error_in_its_slot(url, images, local):
 
 
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(url, images):
-    for body in [b"", b"{", b"[" * 50_000, b'{"instances": "x"}', b"\x00" * 1000]:
+    for body in [b"", b"{", b"[" * 1000, b'{"instances": "x"}', b"\x00" * 1000]:
         r = predict(url, body)
         assert r.status_code == 400, (body[:20], r.status_code, r.text)
         assert r.json()["error"].startswith(("body:", "instances:"))
-    r = httpx.post(f"{url}/v1/models/shapes:predict", data={"not": "json"})
-    assert r.status_code == 400
+    r = httpx.post(f"{url}/v1/models/shapes:predict", data={"not": "json"})  # a form: not a JSON route's type
+    assert r.status_code == 415 and "content-type: expected application/json" in r.json()["error"]
     r = httpx.get(f"{url}/v1/models/shapes:predict")  # a GET on a POST route: 405, not "model not found"
     assert r.status_code == 405 and "use POST" in r.json()["error"]
     r = httpx.post(f"{url}/v1/models/nope:predict", content=b"{}")
@@ -351,7 +352,7 @@ def test_timeouts_slow_inference_503_slow_upload_408(model_dir, images):
         batcher.predict = fast
         release.set()
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30) as s:
-            s.sendall(b"POST /v1/models/shapes:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+            s.sendall(b"POST /v1/models/shapes:predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n{")
             status, answer = read_response(s)  # the rest of the body never comes
         assert status == 408 and json.loads(answer)["error"] == "request body not received within 2 s"
         assert predict(url, request_for(images[:1])).status_code == 200  # still serving
@@ -389,7 +390,7 @@ def test_cli_serve_shuts_down_gracefully_finishing_in_flight_requests(model_dir,
                 time.sleep(0.1)
         body = json.dumps(request_for(images[:2])).encode()
         conn = socket.create_connection(("127.0.0.1", port), timeout=60)
-        conn.sendall(b"POST /v1/models/shapes:predict HTTP/1.1\r\nHost: x\r\n"
+        conn.sendall(b"POST /v1/models/shapes:predict HTTP/1.1\r\nHost: localhost\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
         for _ in range(600):  # until the server is handling it
             if "petal_requests_in_flight 2.0" in httpx.get(f"{base}/metrics").text:  # it, and this scrape

@@ -89,10 +89,12 @@ def test_malformed_v2_bodies_are_400_not_500(client, model_dir):
     from serve_helpers import running
 
     with running(ServeConfig({"shapes": model_dir})) as (url, _):
-        for body, says in ((b"[" * 100_000, "invalid JSON"), (b'{"inputs": []}', "expected"),
-                           (b'{"inputs": [{"name": "images", "shape": [1], "datatype": "FP32"}]}', "BYTES")):
+        for body, status, says in ((b"[" * 100_000, 413, "arrays and objects"), (b"[" * 1000, 400, "nested too deeply"),
+                                   (b'{"inputs": []}', 400, "inputs: List should have at least 1 item"),
+                                   (b'{"inputs": [{"name": "images", "shape": [1], "datatype": "FP32"}]}', 400,
+                                    "BYTES")):
             r = httpx.post(f"{url}/v2/models/shapes/infer", content=body, timeout=60)
-            assert r.status_code == 400 and says in r.json()["error"], (r.status_code, r.text[:200])
+            assert r.status_code == status and says in r.json()["error"], (r.status_code, r.text[:200])
         r = httpx.post(f"{url}/v2/models/shapes/infer", content=b'{"inputs": []}',
                        headers={"Inference-Header-Content-Length": "999"}, timeout=60)
         assert r.status_code == 400 and "outside the body" in r.json()["error"]
