@@ -60,6 +60,20 @@ def request_pixels(datas: list[bytes | str], pre: Preprocess) -> int:
     return sum(decode_pixels(d, pre) for d in datas if isinstance(d, bytes))
 
 
+def check_runs(name: str, model: Model) -> None:
+    """One inference on a blank image before the server says it is ready: a bundle that loads
+    but cannot answer (a graph at odds with its petal.json) stops the start, never a request."""
+    s = model.preprocess.input_size
+    try:
+        probabilities = model.scores(np.zeros((1, s, s, 3), np.uint8)).probabilities
+    except Exception as e:  # noqa: BLE001 - whatever ONNX Runtime raises, the bundle is unusable
+        raise PetalError(f"model {name!r}: {model.path} loads but cannot predict ({type(e).__name__}: "
+                         f"{str(e)[:300]}); export it again") from None
+    if probabilities.shape != (1, len(model.labels)):
+        raise PetalError(f"model {name!r}: {model.path} gives scores of shape {list(probabilities.shape)} for "
+                         f"one image, expected [1, {len(model.labels)}]; export it again")
+
+
 @dataclass
 class ServedModel:
     name: str
@@ -103,6 +117,7 @@ class Service:
             # all cores without spinning beat half the cores, at every concurrency.)
             model = Model(path, threads=self.config.threads, spin=False, reject_unknown=self.config.reject_unknown,
                           precision=self.config.precision)
+            check_runs(name, model)
             on_batch = self.metrics.batch_callback(name) if self.metrics else None
             max_batch = self.config.batching.max_batch
             predict = partial(model.scores, batch_size=max_batch)  # a big request: in chunks
