@@ -127,3 +127,36 @@ def test_busy_is_a_503_counted_in_requests_and_health_probes_still_answer():
     first, second, health = asyncio.run(scenario())
     assert (first, second.status_code, health) == (200, 503, 200)
     assert "server busy" in second.json()["error"] and second.headers["retry-after"] == "1"
+
+
+def encoded(size: tuple[int, int], fmt: str, **kw) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (40, 160, 90)).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_the_default_pixel_budget_refuses_cheap_requests_that_cost_seconds_to_decode(model_dir):
+    """Item 11: three 6000 x 6000 lossless WebPs (a few KB) cost seconds of decoding; the default budget
+    refuses them from their headers. JPEG photos count at their draft scale, so nine 12 MP ones pass."""
+    webp, jpeg = encoded((6000, 6000), "WEBP", lossless=True), encoded((4000, 3000), "JPEG")
+    with running(ServeConfig({"shapes": model_dir})) as (url, _):
+        start = time.perf_counter()
+        r = request_many(url, [webp] * 3)
+        assert r.status_code == 413 and "108,000,000 pixels decoded" in r.json()["error"], r.text[:300]
+        assert time.perf_counter() - start < 2.0
+        r = request_many(url, [jpeg] * 9)  # 108 MP in full, 1.7 MP decoded
+        assert r.status_code == 200 and all("error" not in p for p in r.json()["predictions"]), r.text[:300]
+    from petal.backbones import get_backbone
+    from petal.images import decode_pixels
+
+    assert decode_pixels(jpeg, get_backbone("efficientnet_lite0").preprocess) == 500 * 375  # 1/8 scale
+    assert Limits().max_request_pixels <= 150_000_000  # a few seconds of decoding, not 1e9
+
+
+def request_many(url: str, images: list[bytes]) -> httpx.Response:
+    body = {"instances": [{"image_bytes": {"b64": b64(image)}} for image in images]}
+    return httpx.post(f"{url}/v1/models/shapes:predict", json=body, timeout=60)

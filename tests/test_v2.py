@@ -131,15 +131,15 @@ def v2_url(model_dir):
 
 
 def test_the_image_limit_counts_every_element_not_the_first_dimension(v2_url):
-    """Item 2: BYTES [1, 3000] is 3000 images, refused before a single one is split or decoded."""
+    """Item 2: BYTES [1, 300] is 300 images, refused before a single one is split or decoded."""
     import base64
 
     import httpx
 
     png = one_pixel_png()
-    body, headers = binary_request([1, 3000], [png] * 3000)
+    body, headers = binary_request([1, 300], [png] * 300)
     r = httpx.post(v2_url, content=body, headers=headers, timeout=60)
-    assert r.status_code == 413 and "at most 8 images per request, got 3,000" in r.json()["error"], r.text[:300]
+    assert r.status_code == 413 and "at most 8 images per request, got 300 " in r.json()["error"], r.text[:300]
     doc = {"inputs": [{"name": "images", "shape": [1, 30], "datatype": "BYTES",
                        "data": [base64.b64encode(png).decode()] * 30}]}
     r = httpx.post(v2_url, json=doc, timeout=60)
@@ -188,18 +188,17 @@ CLIENT_MISTAKES = [  # (JSON text of the request, status, what the error names)
 ]
 
 
-def test_client_mistakes_are_4xx_with_one_log_line(v2_url, caplog):
-    """Item 9: every one of these was a 500 with a traceback (or, for BYTES [1, 2**32, 2**32], a 200
+@pytest.mark.parametrize(("text", "status", "says"), CLIENT_MISTAKES, ids=[says for _, _, says in CLIENT_MISTAKES])
+def test_client_mistakes_are_4xx_with_one_log_line(v2_url, caplog, text, status, says):
+    """Item 9: the issue's cases were 500s with a traceback (or, for BYTES [1, 2**32, 2**32], a 200
     with no outputs)."""
     import httpx
 
     caplog.set_level("INFO")
-    for text, status, says in CLIENT_MISTAKES:
-        caplog.clear()
-        r = httpx.post(v2_url, content=text.encode(), headers={"Content-Type": "application/json"}, timeout=60)
-        assert r.status_code == status and says in r.json()["error"], (text[:120], r.status_code, r.text[:300])
-        assert not [rec for rec in caplog.records if rec.levelname == "ERROR" or rec.exc_info], text[:120]
-        assert len([rec for rec in caplog.records if rec.name == "petal.serve"]) == 1, text[:120]
+    r = httpx.post(v2_url, content=text.encode(), headers={"Content-Type": "application/json"}, timeout=60)
+    assert r.status_code == status and says in r.json()["error"], (r.status_code, r.text[:300])
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR" or rec.exc_info]
+    assert len([rec for rec in caplog.records if rec.name == "petal.serve"]) == 1
 
 
 def test_healthz_answers_while_a_huge_body_is_refused(model_dir):
@@ -223,11 +222,11 @@ def test_healthz_answers_while_a_huge_body_is_refused(model_dir):
                 done.set()
 
             threading.Thread(target=send, daemon=True).start()
-            slowest = 0.0
-            while not done.is_set():
+            slowest, end = 0.0, time.perf_counter() + 20
+            while not done.is_set() and time.perf_counter() < end:
                 start = time.perf_counter()
                 assert httpx.get(f"{url}/healthz", timeout=30).status_code == 200
                 slowest = max(slowest, time.perf_counter() - start)
                 time.sleep(0.02)
-            assert answers[0].status_code == 413, answers[0].text[:300]
             assert slowest < 1.0, f"/healthz took {slowest:.2f} s while {target} was parsed"
+            assert done.wait(10) and answers[0].status_code == 413, answers[0].text[:300] if answers else "no answer"
