@@ -3,6 +3,7 @@ client against a real uvicorn on 127.0.0.1 serving the session's trained bundle.
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -151,9 +152,12 @@ def test_the_image_limit_counts_every_element_not_the_first_dimension(v2_url):
 BYTES_1 = {"name": "images", "shape": [1], "datatype": "BYTES"}
 UINT8_1 = {"name": "images", "shape": [1, 224, 224, 3], "datatype": "UINT8"}
 PIXELS = [0] * (224 * 224 * 3)
+PNG = json.dumps(base64.b64encode(one_pixel_png()).decode())  # a real image: these requests get past decoding
 CLIENT_MISTAKES = [  # (JSON text of the request, status, what the error names)
-    ('{"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}], "parameters": 5}',
+    ('{"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [' + PNG + ']}], "parameters": 5}',
      400, "parameters"),
+    ('{"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [' + PNG + '], "parameters": 5}]}',
+     400, "inputs.0.parameters"),
     ('{"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": "abc"}}]}',
      400, "binary_data_size"),
     ('{"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "parameters": {"binary_data_size": [1]}}]}',
@@ -168,21 +172,24 @@ CLIENT_MISTAKES = [  # (JSON text of the request, status, what the error names)
     (json.dumps({"inputs": [{**UINT8_1, "shape": [1, 2**32, 2**32, 3], "data": [0]}]}), 400, "shape.1"),
     (json.dumps({"inputs": [{**UINT8_1, "shape": [1, 2**31 - 1, 2**31 - 1, 3], "data": [0]}]}), 400,
      "this model takes UINT8 [N, 224, 224, 3]"),
+    (json.dumps({"inputs": [{**BYTES_1, "shape": [1, 2**32, 2**32], "data": []}]}), 400, "shape.1: Input should be"),
     (json.dumps({"inputs": [{**BYTES_1, "shape": [1, 2**31 - 1, 2**31 - 1], "data": []}]}), 413,
      "at most 8 images"),
     (json.dumps({"inputs": [{**BYTES_1, "shape": [0], "data": []}]}), 400, "at least one image"),
     (json.dumps({"inputs": [{**BYTES_1, "data": ["not base64!"]}]}), 400, "images.data[0]: b64"),
     (json.dumps({"inputs": [{**BYTES_1, "data": [5]}]}), 400, "images.data[0]: b64"),
-    (json.dumps({"inputs": [{**BYTES_1, "data": ["AA=="]}], "outputs": 5}), 400, "outputs"),
-    (json.dumps({"inputs": [{**BYTES_1, "data": ["AA=="]}], "outputs": [{"name": "nope"}]}), 400,
+    ('{"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [' + PNG + ']}], "outputs": 5}',
+     400, "outputs"),
+    ('{"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [' + PNG + ']}], '
+     '"outputs": [{"name": "nope"}]}', 400,
      "no output named 'nope'"),
-    ('{"id": NaN, "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}]}', 400,
+    ('{"id": NaN, "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [' + PNG + ']}]}', 400,
      "NaN is not JSON"),
     ('{"id": 1e400, "inputs": []}', 400, "out of range"),
-    ('{"id": "\\ud800", "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}]}',
+    ('{"id": "\\ud800", "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [' + PNG + ']}]}',
      400, "id"),
-    ('{"id": 5, "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": ["AA=="]}]}', 400, "id"),
-    ('{"inputs": [{"name": "images", "shape": [true], "datatype": "BYTES", "data": ["AA=="]}]}', 400, "shape.0"),
+    ('{"id": 5, "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [' + PNG + ']}]}', 400, "id"),
+    ('{"inputs": [{"name": "images", "shape": [true], "datatype": "BYTES", "data": [' + PNG + ']}]}', 400, "shape.0"),
     ('{"inputs": [5]}', 400, "inputs.0"),
     ('{"inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": "AA=="}]}', 400, "data"),
 ]
