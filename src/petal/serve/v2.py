@@ -146,7 +146,7 @@ def parse_infer(body: bytes, header_length: str | None, served: Served) -> tuple
             if offset + spec.binary_size > len(binary):
                 raise RequestError(f"images: binary_data_size {spec.binary_size} goes past the "
                                    f"{len(binary)} bytes of binary data sent")
-            raw = bytes(binary[offset:offset + spec.binary_size]) if spec.binary_size else None
+            raw = binary[offset:offset + spec.binary_size] if spec.binary_size else None  # a view: no copy
             return request, images_input(spec, raw, served)
         offset += spec.binary_size
     raise RequestError('inputs: expected an input named "images" (BYTES [N] files or UINT8 [N, S, S, 3] pixels)')
@@ -158,7 +158,7 @@ def check_outputs(request: InferRequest, available: list[str]) -> None:
         raise RequestError(f"outputs: no output named {unknown[0][:60]!r}; this model gives {', '.join(available)}")
 
 
-def images_input(spec: InputTensor, raw: bytes | None, served: Served) -> ImagesInput:
+def images_input(spec: InputTensor, raw: memoryview | None, served: Served) -> ImagesInput:
     """The "images" tensor, its element count checked against the limit before any data is split."""
     shape, count = spec.shape, math.prod(spec.shape)
     if spec.datatype == "BYTES":
@@ -215,7 +215,7 @@ def uint8_data(data: list | None) -> np.ndarray:
     return a.astype(np.uint8)
 
 
-def split_bytes(raw: bytes, count: int) -> list[bytes]:
+def split_bytes(raw: memoryview, count: int) -> list[bytes]:
     """A binary BYTES tensor of `count` elements: each a 4-byte little-endian length, then its bytes."""
     out, i = [], 0
     while i < len(raw) and len(out) < count:
@@ -224,7 +224,7 @@ def split_bytes(raw: bytes, count: int) -> list[bytes]:
         (size,) = struct.unpack_from("<I", raw, i)
         if i + 4 + size > len(raw):
             raise RequestError("images: a BYTES element is longer than the data sent")
-        out.append(raw[i + 4:i + 4 + size])
+        out.append(bytes(raw[i + 4:i + 4 + size]))
         i += 4 + size
     if len(out) != count or i != len(raw):
         raise RequestError(f"images: the shape says {count} files; the binary data holds "
