@@ -185,7 +185,8 @@ CLIENT_MISTAKES = [  # (JSON text of the request, status, what the error names)
      "no output named 'nope'"),
     ('{"id": NaN, "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [' + PNG + ']}]}', 400,
      "NaN is not JSON"),
-    ('{"id": 1e400, "inputs": []}', 400, "out of range"),
+    ('{"id": 1e400, "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [' + PNG + ']}]}',
+     400, "id: Input should be a valid string"),
     ('{"id": "\\ud800", "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [' + PNG + ']}]}',
      400, "id"),
     ('{"id": 5, "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [' + PNG + ']}]}', 400, "id"),
@@ -209,8 +210,8 @@ def test_client_mistakes_are_4xx_with_one_log_line(v2_url, caplog, text, status,
 
 
 def test_healthz_answers_while_a_huge_body_is_refused(model_dir):
-    """Item 10: 8M zero-length BYTES elements (32 MB) and a 15M-element row key used to hold the
-    event loop for seconds; /healthz must answer meanwhile, and the requests are refused."""
+    """Item 10: 8M zero-length BYTES elements (32 MB), a 15M-element row key and 7M floats as pixels
+    used to hold the event loop for seconds; /healthz must answer meanwhile, and the requests are refused."""
     import threading
     import time
 
@@ -220,7 +221,10 @@ def test_healthz_answers_while_a_huge_body_is_refused(model_dir):
         body, headers = binary_request([1, 8_000_000], [b""] * 8_000_000)
         key = b"[" + b"0," * 15_000_000 + b"0]"
         row = b'{"instances": [{"image_bytes": {"b64": "AA=="}, "key": ' + key + b"}]}"
-        posts = [(f"{url}/v2/models/shapes/infer", body, headers), (f"{url}/v1/models/shapes:predict", row, {})]
+        floats = b'{"inputs": [{"name": "images", "shape": [1, 224, 224, 3], "datatype": "UINT8", "data": [' + \
+            b"0.5," * 7_000_000 + b"0.5]}]}"
+        posts = [(f"{url}/v2/models/shapes/infer", body, headers), (f"{url}/v1/models/shapes:predict", row, {}),
+                 (f"{url}/v2/models/shapes/infer", floats, {})]
         for target, content, extra in posts:
             answers, done = [], threading.Event()
 

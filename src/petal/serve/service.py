@@ -171,7 +171,7 @@ class Service:
         """An Open Inference Protocol request body -> its response document. Raises RequestError
         for a malformed request, or naming the first image that cannot be used."""
         model = served.model
-        spec = v2.Served(self.limits.max_images, model.preprocess.input_size,
+        spec = v2.ModelInputs(self.limits.max_images, model.preprocess.input_size,
                          v2.output_names("ood_score" in model.outputs))
         request, images = await self._parse(v2.parse_infer, body, header_length, spec)
         del body
