@@ -86,14 +86,25 @@ DECODE_BUDGET = PixelBudget(DEFAULT_MAX_PIXELS)
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-def header_pixels(data: bytes) -> int:
-    """Width x height from the header alone, nothing decoded; 0 for what is no readable
-    image (decoding it then says why)."""
+def decode_pixels(data: bytes, pre: Preprocess) -> int:
+    """The pixels `load_pixels` will decode, from the header alone: width x height, or for a
+    JPEG its size at the draft scale it will be decoded at; 0 for what is no readable image
+    (decoding it then says why). What a server budgets per request."""
     try:
-        w, h = open_image(data, max_pixels=2**62).size
+        img = open_image(data, max_pixels=2**62)
     except ImageError:
         return 0
+    draft(img, pre)  # sets the size only: nothing is decoded
+    w, h = img.size
     return w * h
+
+
+def draft(img: Image.Image, pre: Preprocess) -> None:
+    """Let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale when it is far larger than needed:
+    much faster, and the result still has >= the pixels the resize needs. The same for every
+    path (training, prediction, serving), so the pixels a model sees never depend on which."""
+    if img.format == "JPEG":
+        img.draft("RGB", (pre.resize_size, pre.resize_size))
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -167,11 +178,7 @@ def load_pixels(data: bytes, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXE
     """Encoded image bytes -> (S, S, 3) uint8 RGB as `pre` says. Raises ImageError with the reason."""
     img = open_image(data, max_pixels)
     try:
-        if img.format == "JPEG":
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is far
-            # larger than needed: much faster, and the result still has >= the
-            # pixels the resize needs.
-            img.draft("RGB", (pre.resize_size, pre.resize_size))
+        draft(img, pre)
         w, h = img.size  # after draft: what will really be decoded
         with DECODE_BUDGET.hold(w * h):
             img.load()
