@@ -139,8 +139,12 @@ def copy_folder(uri: str, dest: Path) -> Path:
         raise PetalError(f"model: cannot list {uri} ({type(e).__name__}: {e})") from None
     if not files:
         raise PetalError(f"model: no files at {uri}")
+    inside = Path(dest).resolve()
     for f in files:
-        target = dest / os.path.relpath(f, root)
+        # a key holding `..` (`model/../../../tmp/x`) would be written outside `dest`
+        target = (inside / os.path.relpath(f, root)).resolve()
+        if not target.is_relative_to(inside) or target == inside:
+            raise PetalError(f"model: {uri} holds {f!r}, which leads out of the folder; refused")
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get(f, str(target))
     return dest
