@@ -240,3 +240,27 @@ def test_addresses_that_are_not_global_are_refused(monkeypatch):
         with pytest.raises(ImageError, match=f"refused: {host.strip('[]')} is "):
             read_bytes(f"http://{host}/x.png")  # refused before any connection is tried
     assert http_reader.refusal(ipaddress.ip_address("8.8.8.8")) is None
+
+
+def test_only_the_schemes_petal_means_are_read(servers, tmp_path, monkeypatch):
+    """ftp:// and webhdfs:// would skip the address check; local:// and zip://...::file:// would reach
+    local files from a remote CSV. None is read, from any CSV or the command line."""
+    a, _ = servers
+    monkeypatch.setenv(http_reader.ALLOW_ENV, "127.0.0.1/32")
+    zipped = tmp_path / "x.zip"
+    import zipfile
+
+    with zipfile.ZipFile(zipped, "w") as z:
+        z.writestr("a.png", png())
+    hostile = ["ftp://127.0.0.2:2121/f.png", "webhdfs://127.0.0.2:8802/f.png", "local:///etc/hosts",
+               f"zip://a.png::file://{zipped}", "gs://bucket/a.png::file:///etc/hosts"]
+    for uri in hostile:
+        with pytest.raises(ImageError, match=r"URIs are not read|chained URIs \(A::B\) are not read"):
+            read_bytes(uri)
+    (tmp_path / "rows.csv").write_text("uri,label\n" + "".join(f"{u},red\n" for u in hostile) + f"{a}/a.png,red\n")
+    Handler.files["/hostile.csv"] = (tmp_path / "rows.csv").read_bytes()
+    for source in (str(tmp_path / "rows.csv"), f"{a}/hostile.csv"):
+        ds = load_dataset(source, eval_percent=0, require_train=False)
+        assert [e.uri for e in ds.examples] == [f"{a}/a.png"]
+        reasons = list(dict(ds.skipped).values())
+        assert len(reasons) == len(hostile) and all("are not read" in r for r in reasons), reasons

@@ -23,7 +23,16 @@ from petal.errors import DataError, ImageError, PetalError
 from petal.images import IMAGE_EXTENSIONS
 from petal.params import Real, check_param
 from petal.progress import Reporter
-from petal.storage import HTTP_SCHEMES, absolute, check_scheme, is_local, local_path, read_bytes, scheme_of
+from petal.storage import (
+    HTTP_SCHEMES,
+    absolute,
+    check_scheme,
+    is_local,
+    local_path,
+    read_bytes,
+    scheme_of,
+    scheme_problem,
+)
 
 TRAIN, EVAL = "train", "eval"
 CALIBRATION = "calibration"  # set aside from train by `petal finetune`: held out, never trained on
@@ -355,7 +364,9 @@ def parse_row(cells: list[str], columns: tuple[int, int, int | None], source: st
         return "empty uri"
     if "\n" in path or "\r" in path:
         return "uri contains a line break (an unbalanced quote?)"
-    return label_problem(label) or remote_row_problem(source, path) or (path, label, split)
+    why = scheme_problem(path)
+    return label_problem(label) or (why and f"{path}: {why}") or remote_row_problem(source, path) \
+        or (path, label, split)
 
 
 def refuse_unnamed_header(source: str, first_row: list[str] | None, uris: list[str]) -> None:

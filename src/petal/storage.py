@@ -33,11 +33,15 @@ SCHEME_PACKAGES = {
     "s3a": "s3fs",
     "az": "adlfs",
     "abfs": "adlfs",
+    "abfss": "adlfs",
     "hf": "huggingface_hub",
 }
 
 
 HTTP_SCHEMES = ("http", "https")  # read by petal.http_reader, not fsspec
+# The schemes petal reads, and no other: fsspec knows dozens (ftp://, webhdfs://, local://,
+# zip://...::file://), which would skip the URI policy or reach the machine's own files.
+READ_SCHEMES = frozenset({"", "file", *HTTP_SCHEMES, *SCHEME_PACKAGES})
 
 
 def scheme_of(uri: str) -> str:
@@ -60,8 +64,21 @@ def absolute(uri: str | os.PathLike) -> str:
     return os.path.abspath(local_path(uri)) if is_local(uri) else uri
 
 
+def scheme_problem(uri: str) -> str | None:
+    """Why petal does not read `uri` whatever the machine has installed, or None."""
+    scheme = scheme_of(uri)
+    if scheme not in READ_SCHEMES:
+        return (f"{scheme}:// URIs are not read (petal reads local paths, http(s):// and cloud storage: "
+                f"{', '.join(s + '://' for s in SCHEME_PACKAGES)})")
+    if "::" in uri and not is_local(uri) and scheme not in HTTP_SCHEMES:
+        return "chained URIs (A::B) are not read"
+    return None
+
+
 def check_scheme(uri: str) -> None:
-    """Raise PetalError early if the URI's scheme cannot be read here."""
+    """Raise PetalError early if the URI's scheme is not read by petal or cannot be read here."""
+    if why := scheme_problem(uri):
+        raise PetalError(why)
     scheme = scheme_of(uri)
     if is_local(uri) or scheme in HTTP_SCHEMES:
         return
@@ -82,6 +99,8 @@ MAX_FILE_BYTES = 1 << 30
 
 def read_bytes(uri: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The whole file. Raises ImageError (the item's problem) if it cannot be read."""
+    if why := scheme_problem(uri):
+        raise ImageError(why)
     try:
         if is_local(uri):
             path = local_path(uri)
