@@ -26,7 +26,9 @@ import base64
 import dataclasses
 import datetime as dt
 import json
+import os
 import platform
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from importlib import metadata
@@ -171,6 +173,21 @@ def write_bundle(out: str | Path, graph: bytes, info: BundleInfo,
     return Path(out)
 
 
+def regular_file(path: Path) -> Path:
+    """`path`, if it is a regular file itself; PetalError otherwise. lstat: a bundle's file that is
+    a symbolic link (`labels.txt -> /etc/passwd`) is refused, not followed, and so is a FIFO or a
+    device, which a read would block on or never finish."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        raise PetalError(f"model: {path.parent} is a damaged bundle ({path.name} missing); export it again") from None
+    if stat.S_ISLNK(mode):
+        raise PetalError(f"model: {path} is a symbolic link; a bundle's files must be regular files")
+    if not stat.S_ISREG(mode):
+        raise PetalError(f"model: {path} is not a regular file (a folder, pipe or device); export it again")
+    return path
+
+
 def read_info(path: Path) -> BundleInfo:
     """petal.json of the bundle at `path`, any readable format. Raises PetalError saying
     what is wrong: no bundle there, a damaged one, or a newer format."""
@@ -181,7 +198,7 @@ def read_info(path: Path) -> BundleInfo:
         hint = f"; did you mean {path / 'model'}?" if (path / "model" / "petal.json").is_file() else ""
         raise PetalError(f"model: {path} is not a petal model bundle (no petal.json){hint}")
     try:
-        return BundleInfo.from_dict(json.loads(meta_path.read_text(encoding="utf-8")))
+        return BundleInfo.from_dict(json.loads(regular_file(meta_path).read_text(encoding="utf-8")))
     except PetalError as e:
         raise PetalError(f"model: {path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - JSON, OS, key and type errors alike
@@ -207,8 +224,8 @@ class Model:
         self.info = read_info(self.path)
         self.precision = bundle_precision(self.path, self.info.quantization, precision)
         try:
-            self.labels: list[str] = (self.path / "labels.txt").read_text(encoding="utf-8").splitlines()
-            self.session = session_for(self.path / "model.onnx", self.precision, threads, spin)
+            self.labels: list[str] = regular_file(self.path / "labels.txt").read_text(encoding="utf-8").splitlines()
+            self.session = session_for(regular_file(self.path / "model.onnx"), self.precision, threads, spin)
         except PetalError:  # refused, with its reason
             raise
         except Exception as e:  # noqa: BLE001 - OS and ONNX Runtime errors alike
