@@ -30,3 +30,45 @@ def test_a_remote_folder_copy_stays_inside_its_destination(tmp_path):
         assert (dest / "sub" / "labels.txt").read_bytes() == b"a\n"
     finally:
         fs.store.clear()
+
+
+def test_files_over_the_size_cap_are_refused_unread(tmp_path, monkeypatch):
+    """Each decode thread holds a whole file: four sparse 1 GB files with --workers 4 took 4.3 GB.
+    The cap (256 MiB, PETAL_MAX_FILE_MB or `petal --max-file-mb`) refuses from the size alone."""
+    import builtins
+
+    from petal import storage
+    from petal.errors import ImageError
+
+    monkeypatch.delenv(storage.MAX_FILE_ENV, raising=False)
+    assert storage.max_file_bytes() == 256 << 20
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as f:
+        f.truncate(300 << 20)  # sparse: no disk used
+    real_open = builtins.open
+
+    def no_open(path, *a, **kw):
+        assert str(path) != str(big), "the file was opened"
+        return real_open(path, *a, **kw)
+
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", no_open)
+        with pytest.raises(ImageError, match=r"file too large: 314,572,800 bytes, limit 268,435,456 "
+                                             r"\(raise it with PETAL_MAX_FILE_MB or `petal --max-file-mb`\)"):
+            storage.read_bytes(str(big))
+    monkeypatch.setenv(storage.MAX_FILE_ENV, "400")
+    assert storage.max_file_bytes() == 400 << 20
+    monkeypatch.setenv(storage.MAX_FILE_ENV, "lots")
+    with pytest.raises(PetalError, match="PETAL_MAX_FILE_MB: expected a size in MiB above 0"):
+        storage.read_bytes(str(big))
+
+
+def test_the_cli_size_cap_names_the_file(tmp_path, cache_dir):
+    from test_cli import petal
+
+    big = tmp_path / "big.jpg"
+    with open(big, "wb") as f:
+        f.truncate(2 << 20)
+    r = petal("--max-file-mb", "1", "classify", big, check=False)
+    assert r.returncode == 2
+    assert f"{big}: error: file too large: 2,097,152 bytes, limit 1,048,576" in r.stderr.replace("\n", "")

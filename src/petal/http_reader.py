@@ -181,20 +181,21 @@ class _Redirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
-def http_read(uri: str, max_bytes: int) -> bytes:
-    """The body at `uri`, at most `max_bytes`; ImageError with the reason otherwise."""
+def http_read(uri: str, max_bytes: int, too_large_hint: str = "") -> bytes:
+    """The body at `uri`, at most `max_bytes`; ImageError with the reason otherwise (past the
+    size: "file too large", then `too_large_hint`, e.g. how to raise the cap)."""
     fetch = _Fetch()
     opener = urllib.request.build_opener(_HTTPHandler(fetch), _HTTPSHandler(fetch), _Redirects)
     watchdog = threading.Timer(TOTAL_TIMEOUT_S, fetch.cut_off)
     watchdog.daemon = True
     watchdog.start()
     try:
-        return _read(opener, uri, max_bytes, fetch)
+        return _read(opener, uri, max_bytes, fetch, too_large_hint)
     finally:
         watchdog.cancel()
 
 
-def _read(opener: urllib.request.OpenerDirector, uri: str, max_bytes: int, fetch: _Fetch) -> bytes:
+def _read(opener: urllib.request.OpenerDirector, uri: str, max_bytes: int, fetch: _Fetch, hint: str) -> bytes:
     too_slow = ImageError(f"too slow: not read within {TOTAL_TIMEOUT_S:.0f} s")
     try:
         with opener.open(urllib.request.Request(uri, headers={"User-Agent": "petal"}),
@@ -204,7 +205,7 @@ def _read(opener: urllib.request.OpenerDirector, uri: str, max_bytes: int, fetch
                 parts.append(chunk)
                 size += len(chunk)
                 if size > max_bytes:
-                    raise ImageError(f"file too large: over {max_bytes:,} bytes")
+                    raise ImageError(f"file too large: over {max_bytes:,} bytes {hint}".rstrip())
             if fetch.cut:  # the watchdog ended the body early
                 raise too_slow
             return b"".join(parts)

@@ -92,15 +92,34 @@ def check_scheme(uri: str) -> None:
         raise PetalError(f"cannot read {scheme}:// URIs ({e}){hint}") from None
 
 
-# No image petal accepts (64 MP, see petal.images) needs more bytes than this even
-# uncompressed at 16 bits x 4 channels (512 MB); a larger file is refused unread.
-MAX_FILE_BYTES = 1 << 30
+# A file over this many MiB is refused unread: each decode thread holds a whole file, so the
+# cap times --workers bounds that memory. 256 MiB holds any photo; only an uncompressed 16-bit
+# image near the 64 MP pixel limit (see petal.images) is larger, and PETAL_MAX_FILE_MB lifts it.
+MAX_FILE_ENV = "PETAL_MAX_FILE_MB"
+DEFAULT_MAX_FILE_MB = 256
+TOO_LARGE_HINT = f"(raise it with {MAX_FILE_ENV} or `petal --max-file-mb`)"
 
 
-def read_bytes(uri: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """The whole file. Raises ImageError (the item's problem) if it cannot be read."""
+def max_file_bytes() -> int:
+    """The size cap on one file read, from $PETAL_MAX_FILE_MB (MiB) or the default."""
+    value = os.environ.get(MAX_FILE_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_FILE_MB << 20
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = -1.0
+    if not 0 < mb < 2**40:
+        raise PetalError(f"{MAX_FILE_ENV}: expected a size in MiB above 0 (e.g. 512), got {value!r}")
+    return int(mb * (1 << 20))
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole file, at most `max_bytes` (default: `max_file_bytes()`), refused from its size
+    before reading where the size is known. Raises ImageError (the item's problem) otherwise."""
     if why := scheme_problem(uri):
         raise ImageError(why)
+    max_bytes = max_file_bytes() if max_bytes is None else max_bytes
     try:
         if is_local(uri):
             path = local_path(uri)
@@ -111,19 +130,19 @@ def read_bytes(uri: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
             if not stat.S_ISREG(st.st_mode):
                 raise ImageError("not a regular file (a pipe, socket or device)")
             if st.st_size > max_bytes:
-                raise ImageError(f"file too large: {st.st_size:,} bytes, limit {max_bytes:,}")
+                raise ImageError(f"file too large: {st.st_size:,} bytes, limit {max_bytes:,} {TOO_LARGE_HINT}")
             with open(path, "rb") as f:
                 return f.read()
         if scheme_of(uri) in HTTP_SCHEMES:  # under petal's URI policy: public hosts, time-outs
             from petal.http_reader import http_read
 
-            return http_read(uri, max_bytes)
+            return http_read(uri, max_bytes, TOO_LARGE_HINT)
         import fsspec
 
         with fsspec.open(uri, "rb") as f:
             data = f.read(max_bytes + 1)  # no more than the limit, whatever the server sends
         if len(data) > max_bytes:
-            raise ImageError(f"file too large: over {max_bytes:,} bytes")
+            raise ImageError(f"file too large: over {max_bytes:,} bytes {TOO_LARGE_HINT}")
         return data
     except ImageError:
         raise
