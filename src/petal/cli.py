@@ -15,8 +15,6 @@ from typing import Annotated, NoReturn, Optional
 
 import click
 import typer
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -35,6 +33,7 @@ except ImportError:  # pragma: no cover - older typer uses click itself
     from click.exceptions import BadParameter, NoSuchOption
 
 from petal.backbones import DEFAULT_BACKBONE
+from petal.console import SafeConsole, plain_markup
 from petal.data import Columns
 from petal.errors import PetalError
 from petal.finetune.config import AugmentConfig, FinetuneConfig
@@ -116,8 +115,8 @@ FTC = FinetuneConfig()  # the defaults of the fine-tuning options
 
 app = typer.Typer(cls=PetalGroup, add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Train your own image classifier by transfer learning, offline, fast on a CPU.")
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # messages hold paths: never wrap them
+out = SafeConsole()  # labels and paths are shown as text: no markup, no terminal control (petal.console)
+err = SafeConsole(stderr=True, soft_wrap=True)  # messages hold paths: never wrap them
 
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Embedding cache folder "
                                                "(default: $PETAL_CACHE_DIR or the user cache dir).")]
@@ -178,7 +177,7 @@ class RichReporter(Reporter):
                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
                    TimeRemainingColumn()]
         with Progress(*columns, console=err) as bar:
-            task = bar.add_task(description, total=total, rate="")
+            task = bar.add_task(plain_markup(description), total=total, rate="")  # e.g. "listing PATH"
 
             def advance(n: int) -> None:
                 bar.advance(task, n)
@@ -201,7 +200,7 @@ def print_dataset(ds, splits: bool = True, rows: int = 30) -> None:
         n = [counts[c][k] for k in names]
         t.add_row(c, *map(str, n if splits else [sum(n)]))
     totals = [len(ds.split(k)) for k in names]
-    t.add_row("[bold]total", *map(str, totals if splits else [sum(totals)]))
+    t.add_row("total", *map(str, totals if splits else [sum(totals)]), style="bold")
     out.print(t)
     for reason, n in ds.skipped_reasons().most_common():
         out.print(f"skipped {n}: {reason}", markup=False)
@@ -278,11 +277,12 @@ def print_predictions(preds) -> tuple[bool, list[tuple[str, str]]]:
     for p in preds:
         if p.error:
             failed.append((p.uri, p.error))
-            t.add_row(p.uri, "[red]error", "", p.error)
+            t.add_row(p.uri, "error", "", p.error, style="red")
             continue
         ok = True
-        label = f"[yellow]unknown[/] (nearest: {escape(p.label)} {p.score:.2f})" if p.unknown else escape(p.label)
-        t.add_row(p.uri, label, f"{p.score:.3f}", ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]))
+        label = f"unknown (nearest: {p.label} {p.score:.2f})" if p.unknown else p.label
+        t.add_row(p.uri, label, f"{p.score:.3f}", ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]),
+                  style="yellow" if p.unknown else None)
     out.print(t)
     return ok, failed
 
@@ -789,7 +789,7 @@ def classify(
             err.print(f"{p.uri}: error: {p.error}", style="red", markup=False)
             continue
         ok += 1
-        out.print(f"[bold]{p.uri}", highlight=False)
+        out.print(p.uri, style="bold", highlight=False)
         for name, score in p.top:
             out.print(f"  {score:6.3f}  {name}", markup=False, highlight=False)
     if not ok:
@@ -808,10 +808,10 @@ def demo(
     from petal.workflow import train as run_train
 
     data = make_dataset(out_dir / "data", per_class=24)
-    out.print(f"[bold]1. synthetic data[/] in {data}")
+    out.print(f"1. synthetic data in {data}", style="bold")
     r = run_train(data, out_dir / "run", cache_dir=cache, eval_percent=25.0, overwrite=True, reporter=RichReporter())
     print_metrics(r.metrics)
-    out.print("[bold]2. predictions from the exported bundle, on eval images it was not trained on")
+    out.print("2. predictions from the exported bundle, on eval images it was not trained on", style="bold")
     m = load(out_dir / "run" / "model")
     samples = [row["uri"] for row in Run.open(r.run_dir).split_rows() if row["split"] == "eval"][:6]
     for p in m.predict(samples, top_k=2):

@@ -574,7 +574,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
             if rows and rows[0][0].strip().lower() in HEADER_WORDS:
                 rows = rows[1:]
             uris += [_join(str(path), r[0].strip()) for r in rows]
-        elif any(ch in raw for ch in "*?["):
+        elif any(ch in raw for ch in "*?[") and not os.path.lexists(path):  # `p[1].jpg` is a file first
             found = sorted(glob.glob(raw, recursive=True))
             uris += found
             if not found:
