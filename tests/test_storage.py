@@ -72,3 +72,23 @@ def test_the_cli_size_cap_names_the_file(tmp_path, cache_dir):
     r = petal("--max-file-mb", "1", "classify", big, check=False)
     assert r.returncode == 2
     assert f"{big}: error: file too large: 2,097,152 bytes, limit 1,048,576" in r.stderr.replace("\n", "")
+
+
+def test_csv_cells_a_spreadsheet_would_run_are_quoted_and_read_back(tmp_path):
+    """A label `=HYPERLINK(...)` (or +, -, @) is a formula in a spreadsheet: written with an
+    apostrophe; petal's readers (read_csv, data CSVs) take it off again."""
+    import csv
+
+    from petal.data import load_dataset
+    from petal.storage import atomic_write_csv, read_csv
+
+    labels = ['=HYPERLINK("http://x","y")', "+cmd", "-x", "@SUM(A1)", "'=already", "plain", "\tz"]
+    rows = [(str(tmp_path / f"{i}.png"), lab, "-0.5") for i, lab in enumerate(labels)]
+    atomic_write_csv(tmp_path / "rows.csv", ["uri", "label", "score"], rows)
+    with open(tmp_path / "rows.csv", newline="") as f:
+        raw = list(csv.reader(f))[1:]
+    assert [r[1] for r in raw] == ["'" + lab if lab != "plain" else lab for lab in labels]
+    assert all(r[2] == "-0.5" for r in raw)  # a number stays a number
+    assert [(r["uri"], r["label"], r["score"]) for r in read_csv(tmp_path / "rows.csv")] == rows
+    ds = load_dataset(tmp_path / "rows.csv", eval_percent=0, require_train=False)
+    assert sorted(e.label for e in ds.examples) == sorted(labels[:-1])  # "\tz": a control character, refused

@@ -32,6 +32,7 @@ from petal.storage import (
     read_bytes,
     scheme_of,
     scheme_problem,
+    sheet_value,
 )
 
 TRAIN, EVAL = "train", "eval"
@@ -317,7 +318,7 @@ def _from_csv(uri: str, columns: Columns = Columns()) -> tuple[list[tuple[str, s
         if row is None:
             break
         where = f"{uri}:{lineno}"
-        cells = [c.strip() for c in row]
+        cells = [sheet_value(c.strip()) for c in row]  # petal's own CSVs (split.csv...) as written
         if not any(cells):
             continue  # blank line
         if first:
@@ -570,10 +571,10 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
                 problems.append(f"{raw}: no images in this folder")
         elif path.suffix.lower() == ".csv" and path.is_file():
             text = _read_text(str(path))
-            rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r and r[0].strip()]
-            if rows and rows[0][0].strip().lower() in HEADER_WORDS:
-                rows = rows[1:]
-            uris += [_join(str(path), r[0].strip()) for r in rows]
+            firsts = [r[0].strip() for r in csv.reader(io.StringIO(text, newline="")) if r and r[0].strip()]
+            if firsts and firsts[0].lower() in HEADER_WORDS:
+                firsts = firsts[1:]
+            uris += [_join(str(path), sheet_value(u)) for u in firsts]
         elif any(ch in raw for ch in "*?[") and not os.path.lexists(path):  # `p[1].jpg` is a file first
             found = sorted(glob.glob(raw, recursive=True))
             uris += found

@@ -12,8 +12,6 @@ top-5 accuracy; they are reported under both names for comparison with published
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
@@ -90,12 +88,9 @@ def write_report(out: Path, metrics: dict, classes: list[str], uris: list[str],
     atomic_write_csv(out / "confusion_matrix.csv", ["true \\ predicted", *classes],
                      ([name, *row] for name, row in zip(classes, cm.tolist())))
     plot_confusion(cm, classes, out / "confusion_matrix.png")
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["uri", "true_label", "predicted_label", "confidence"])
-    for i in np.flatnonzero(pred != y_true):
-        w.writerow([uris[i], classes[y_true[i]], classes[pred[i]], f"{probs[i, pred[i]]:.4f}"])
-    atomic_write_text(out / "misclassified.csv", buf.getvalue())
+    atomic_write_csv(out / "misclassified.csv", ["uri", "true_label", "predicted_label", "confidence"],
+                     ([uris[i], classes[y_true[i]], classes[pred[i]], f"{probs[i, pred[i]]:.4f}"]
+                      for i in np.flatnonzero(pred != y_true)))
 
 
 def new_axes(width: float, height: float):

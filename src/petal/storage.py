@@ -271,19 +271,66 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
+# A cell a spreadsheet would run as a formula (=, +, -, @; tab and CR too) is written with a
+# leading apostrophe, which spreadsheets show as text; `sheet_value` takes it off again, so
+# petal's own CSVs read back exactly (a label "-x", "=HYPERLINK(...)" or "'=x" alike).
+FORMULA_START = frozenset("=+-@\t\r")
+
+
+def _formula_like(cell: str) -> bool:
+    """Would `cell` be written with an apostrophe? Numbers (-0.5) are read as numbers: not."""
+    if cell[:1] == "'":
+        return _formula_like(cell[1:])  # "'=x" gets its own apostrophe, or it would read back as "=x"
+    if cell[:1] not in FORMULA_START:
+        return False
+    try:
+        float(cell)
+    except ValueError:
+        return True
+    return False
+
+
+def sheet_row(cells: Iterable[Any]) -> list[Any]:
+    """One CSV row, each text cell safe to open in a spreadsheet (formula injection)."""
+    return ["'" + c if isinstance(c, str) and _formula_like(c) else c for c in cells]
+
+
+def sheet_value(cell: str) -> str:
+    """A cell as `sheet_row` wrote it -> the value it was given."""
+    return cell[1:] if cell[:1] == "'" and _formula_like(cell[1:]) else cell
+
+
 def atomic_write_csv(path: str | os.PathLike, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    """A CSV file users may open in a spreadsheet: every row goes through `sheet_row`."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
-    w.writerows(rows)
+    w.writerows(map(sheet_row, rows))
     atomic_write_text(path, buf.getvalue())
+
+
+def read_csv_lines(path: str | os.PathLike) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """(header, [(line, row)]) of a CSV with a header, as written by `atomic_write_csv`; `line`
+    is where the row starts. A row the csv module refuses raises csv.Error naming its line."""
+    # surrogateescape: file names that are not UTF-8 come back as they were written
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f)
+        rows, line = [], 1
+        try:
+            header = list(reader.fieldnames or [])  # reads the header
+            while True:
+                line = reader.line_num + 1
+                row = next(reader, None)
+                if row is None:
+                    return header, rows
+                rows.append((line, {k: sheet_value(v) if isinstance(v, str) else v for k, v in row.items()}))
+        except csv.Error as e:  # e.g. a field over the csv module's size limit
+            raise csv.Error(f"line {line}: {e}") from None  # where the row starts
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     """A CSV with a header, as written by `atomic_write_csv`, as one dict per row."""
-    # surrogateescape: file names that are not UTF-8 come back as they were written
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        return list(csv.DictReader(f))
+    return [row for _, row in read_csv_lines(path)[1]]
 
 
 @contextlib.contextmanager
