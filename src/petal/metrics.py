@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from petal.storage import atomic_path, atomic_write_csv, atomic_write_text
+from petal.storage import OutputFolder, atomic_path, atomic_write_csv, atomic_write_text
 
 INLINE_CLASSES = 100  # up to this many classes the full confusion matrix is also in metrics.json
 PLOT_CLASSES = 30  # classes in confusion_matrix.png: those with the most errors
@@ -76,6 +76,13 @@ def confusion_counts(y_true: np.ndarray, pred: np.ndarray, num_classes: int) -> 
     cm = np.zeros((num_classes, num_classes), np.int64)
     np.add.at(cm, (np.asarray(y_true), np.asarray(pred)), 1)
     return cm
+
+
+# `petal evaluate --out`: write_report's files, errors.csv, and with --unknown unknown.json and coverage.png;
+# metrics.json (with a confusion matrix) marks an earlier one
+EVALUATION_OUTPUT = OutputFolder(
+    frozenset({"metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "misclassified.csv", "errors.csv",
+               "unknown.json", "coverage.png"}), "metrics.json", ("confusion_matrix", "num_eval"))
 
 
 def write_report(out: Path, metrics: dict, classes: list[str], uris: list[str],

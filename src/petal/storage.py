@@ -14,12 +14,14 @@ import contextlib
 import csv
 import functools
 import io
+import json
 import os
 import shutil
 import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -206,10 +208,43 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def check_output(path: str | os.PathLike, option: str, *, folder: bool = False) -> Path:
+@dataclass(frozen=True)
+class OutputFolder:
+    """What a command writes into its --out folder: `names`; an earlier output of it holds
+    `marker`, a JSON object with `keys`. Anything else there is the user's."""
+
+    names: frozenset[str]
+    marker: str
+    keys: tuple[str, ...]
+
+    def problem(self, folder: Path) -> str | None:
+        """Why writing into `folder` could overwrite or mix with the user's files, or None."""
+        if not folder.is_dir():
+            return None
+        present = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        if not present:
+            return None
+        others = [n for n in present if n not in self.names]
+        if others:
+            return f"holds files of its own ({', '.join(others[:3])})"
+        try:
+            earlier = json.loads((folder / self.marker).read_text("utf-8"))
+            if isinstance(earlier, dict) and all(k in earlier for k in self.keys):
+                return None
+        except (OSError, ValueError):
+            pass
+        return f"holds {', '.join(present[:3])}, not written by petal (no {self.marker} of petal's)"
+
+
+def check_output(path: str | os.PathLike, option: str, *, folder: bool = False,
+                 owned: OutputFolder | None = None) -> Path:
     """Refuse, before any work, an output that cannot be written: a file where a folder
-    is wanted or the reverse, a parent that is a file, or a folder we may not write in."""
+    is wanted or the reverse, a parent that is a file, or a folder we may not write in;
+    with `owned`, a folder holding files that are not an earlier output of the command."""
     path = Path(path)
+    if owned is not None and (why := owned.problem(path)):
+        raise PetalError(f"{option}: {path} {why}; petal would overwrite or mix with them: "
+                         "choose an empty or new folder")
     want = "folder" if folder else "file"
     if path.exists() and path.is_dir() != folder:
         raise PetalError(f"{option}: {path} is {'a file' if folder else 'a folder'}; expected a {want}")

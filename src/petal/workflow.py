@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from petal.audit import Audit, audit, write_audit
+from petal.audit import AUDIT_OUTPUT, Audit, audit, write_audit
 from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
 from petal.bundle import TRAIN_KEYS, in_train_keys
 from petal.calibration import FOLDS, expected_calibration_error, reliability_diagram, softmax
@@ -23,7 +23,7 @@ from petal.embed import embed, require_usable
 from petal.errors import NothingUsableError, PetalError
 from petal.features import Features, load_features
 from petal.head import HeadClassifier, auto_epochs
-from petal.metrics import compute_metrics, write_report
+from petal.metrics import EVALUATION_OUTPUT, compute_metrics, write_report
 from petal.onnx_graphs import check_backbone
 from petal.params import Real, check_param
 from petal.precision import FP32, INT8, Engine, check_precision
@@ -222,7 +222,7 @@ def audit_data(data: str | Path, out: str | Path, *, labels_file: str | Path | N
                reporter: Reporter | None = None) -> Audit:
     """`petal audit`: embed (from the cache where it can), audit, and write the findings into `out`."""
     reporter = reporter or Reporter()
-    out = check_output(out, "out", folder=True)
+    out = check_output(out, "out", folder=True, owned=AUDIT_OUTPUT)  # not over the user's own files
     ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter, columns)
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers, absolute(data), rehash)
     findings = audit_features(ds, load_features(ds, result.keys, cache, reporter))
@@ -357,7 +357,7 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
     from petal.bundle import Model
 
     reporter = reporter or Reporter()
-    check_output(out, "out", folder=True)
+    check_output(out, "out", folder=True, owned=EVALUATION_OUTPUT)  # not over the user's own files
     model = Model(model_dir, reject_unknown=reject_unknown)
     if unknown_data and "ood_score" not in model.outputs:
         raise PetalError(f"unknown: {model_dir} has no unknown detector: it was exported before petal had one "
