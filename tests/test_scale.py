@@ -229,3 +229,14 @@ def test_memo_sees_a_file_replaced_with_its_timestamps_kept(tmp_path):
         f.write(b"B" * 100)
     os.utime(path, (old, old))  # ... and the old times, as cp --preserve=timestamps leaves them
     assert HashMemo.open(tmp_path, "src").lookup(str(path), file_stat(str(path))) is None
+
+
+def test_memo_saves_with_a_file_name_that_is_not_utf8(tmp_path):
+    memo = HashMemo.open(tmp_path, "src")
+    old = time.time_ns() - 10**11
+    memo.remember("/x/caf\udce9.png", (1, old, 11, old), "a" * 64)  # os.fsdecode of b"caf\xe9.png"
+    memo.remember("/x/b.png", (2, old, 12, old), "b" * 64)
+    memo.save()
+    again = HashMemo.open(tmp_path, "src")
+    assert again.lookup("/x/b.png", (2, old, 12, old)) == "b" * 64
+    assert again.lookup("/x/caf\udce9.png", (1, old, 11, old)) is None  # hashed again each run

@@ -104,7 +104,7 @@ class HashMemo:
 
     def remember(self, uri: str, stat: Stat | None, key: str) -> None:
         """`key` hashed just now from the bytes of `uri`, read after `stat` was taken."""
-        if stat is not None and stat[1] < (time.time() - RACY_SECONDS) * 1e9:
+        if stat is not None and stat[1] < (time.time() - RACY_SECONDS) * 1e9 and _storable(uri):
             self._new[uri] = (stat, key)
 
     def save(self) -> None:
@@ -138,6 +138,16 @@ class HashMemo:
         })
         with atomic_path(self.path) as tmp:
             pq.write_table(table, tmp)
+
+
+def _storable(uri: str) -> bool:
+    """A name the memo's string column can hold: a file name that is not UTF-8 (surrogates from
+    os.fsdecode) is hashed every run instead."""
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _same_file(a: os.stat_result, b: os.stat_result | None) -> bool:
