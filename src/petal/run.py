@@ -135,6 +135,8 @@ class Run:
     def is_run(self) -> bool:
         """Only a run's own settings.json marks a folder as a run (a model/ or test/ folder may be
         the user's)."""
+        if not self.settings_path.is_file():  # a FIFO would block the read
+            return False
         try:
             RunSettings.from_dict(json.loads(self.settings_path.read_text("utf-8")))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
