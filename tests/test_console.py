@@ -25,7 +25,7 @@ def test_the_console_prints_markup_and_escapes_as_text():
 def test_cli_tables_and_bars_show_hostile_labels_and_paths(tmp_path):
     """A label `x[/red]y` crashed `petal train` (MarkupError in the data table), a path holding
     `[/bold]` `petal predict`'s table, and a folder's name in a progress bar would too."""
-    from petal import cli
+    from petal.cli import render as cli
     from petal.data import Dataset, Example
     from petal.predictions import Prediction
 
