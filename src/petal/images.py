@@ -4,6 +4,8 @@ Embedding, prediction, evaluation, serving and the Beam pipelines all call
 `load_pixels`, so what the model is trained on is exactly what it is served.
 
 Policy for awkward files:
+- only JPEG, PNG, GIF, WebP, BMP and TIFF are opened (`FORMATS`): Pillow knows some forty
+  formats, and some run outside programs (EPS runs Ghostscript, with no time limit);
 - every mode Pillow reads becomes 8-bit RGB; transparency is composited on white;
 - EXIF orientation is applied, so photos come out upright;
 - animated images use their first frame;
@@ -36,6 +38,8 @@ from petal.preprocess import Preprocess
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 )
+# the formats petal reads, as Pillow names them; any other is refused from its first bytes
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: larger than any camera photo, far below a bomb
 
 
@@ -112,12 +116,15 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     if not data:
         raise ImageError("empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as e:  # past Pillow's hard limit, before our own check
         count = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{int(count.group(1)):,} pixels" if count else f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
         raise ImageError(f"image too large: {size}, limit {max_pixels:,} (possible decompression bomb)") from None
     except UnidentifiedImageError:
+        other = known_format(data)
+        if other:
+            raise ImageError(f"{other} images are not read (petal reads {', '.join(FORMATS)})") from None
         raise ImageError("not an image (unrecognised format)") from None
     except Exception as e:  # Pillow raises many types on garbage headers
         raise ImageError(f"not a readable image: {e}") from None
@@ -130,6 +137,21 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             "(possible decompression bomb)"
         )
     return img
+
+
+def known_format(data: bytes) -> str | None:
+    """The name of a format Pillow knows but petal does not read, from the magic bytes only
+    (each plugin's accept test: nothing is parsed or run); None if none matches."""
+    Image.init()
+    head = data[:64]
+    for name, (_, accept) in Image.OPEN.items():
+        if name not in FORMATS and accept is not None:
+            try:
+                if accept(head):
+                    return name
+            except Exception:  # noqa: BLE001 - a plugin's test that fails on odd bytes: not that format
+                continue
+    return None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
