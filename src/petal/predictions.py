@@ -23,7 +23,7 @@ from typing import TextIO
 import numpy as np
 
 from petal.errors import PetalError
-from petal.storage import atomic_path, check_output
+from petal.storage import atomic_path, check_output, sheet_row
 
 UNKNOWN = "unknown"  # the label of a prediction that is like none of the classes
 # One meaning everywhere (library, CLI, CSV/JSONL, REST, KServe v2, pages): "label" is the answer,
@@ -131,10 +131,11 @@ def scored_prediction(labels: Sequence[str], uri: str, s: Scores, top_k: int = 5
 
 
 def csv_row(p: Prediction) -> list[str]:
-    """One prediction as the CSV row every writer (local or Beam) uses."""
+    """One prediction as the CSV row every writer (local or Beam) uses, safe to open in a
+    spreadsheet (`storage.sheet_row`)."""
     ood = "" if p.ood_score is None else f"{p.ood_score:.6f}"
     top = json.dumps([{**t, "score": round(t["score"], 6)} for t in p.top_rows()])  # JSON's "top", as `score`
-    return [p.uri, p.label, f"{p.score:.6f}", top, str(p.unknown).lower(), ood, p.nearest]
+    return sheet_row([p.uri, p.label, f"{p.score:.6f}", top, str(p.unknown).lower(), ood, p.nearest])
 
 
 def output_format(path: str | Path, fmt: str | None) -> str:
