@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -13,6 +14,7 @@ from petal.serve.protocol import prediction_row
 from petal.serve.v2 import infer_response
 
 LABELS = ["daisy", "rose"]
+REQUEST = SimpleNamespace(outputs=None, id=None)  # a v2 request that asks for every output
 # two images: a rose kept (0.6), an image like neither rejected although its nearest class scores 0.9
 SCORES = Scores(np.array([[0.4, 0.6], [0.1, 0.9]], np.float32), np.array([0.2, 3.0], np.float32),
                 np.array([False, True]))
@@ -40,7 +42,7 @@ def test_every_output_format_agrees():
     write_rows(f, [kept, rejected], "csv")
     rows = list(csv.DictReader(io.StringIO(f.getvalue())))
     assert [r["label"] for r in rows] == ["rose", "unknown"] and float(rows[1]["score"]) < float(rows[0]["score"])
-    v2 = {o["name"]: o["data"] for o in infer_response("m", "1", {}, SCORES, LABELS)["outputs"]}
+    v2 = {o["name"]: o["data"] for o in infer_response("m", "1", REQUEST, SCORES, LABELS)["outputs"]}
     assert v2["labels"] == ["rose", "unknown"] and v2["nearest"] == ["rose", "rose"] and v2["unknown"] == [False, True]
     assert csv_row(rejected)[1] == "unknown" and csv_row(rejected)[-1] == "rose"
 
@@ -49,7 +51,8 @@ def test_without_rejection_the_old_shape_comes_back():
     kept, nearest = predictions(reject_unknown=False)
     assert (nearest.label, nearest.unknown, nearest.score) == ("rose", False, np.float32(0.9))
     assert prediction_row((False, None), nearest)["prediction"] == 1
-    v2 = {o["name"]: o["data"] for o in infer_response("m", "1", {}, SCORES, LABELS, reject_unknown=False)["outputs"]}
+    doc = infer_response("m", "1", REQUEST, SCORES, LABELS, reject_unknown=False)
+    v2 = {o["name"]: o["data"] for o in doc["outputs"]}
     assert v2["labels"] == ["rose", "rose"] and v2["unknown"] == [False, False]
 
 

@@ -12,6 +12,7 @@ top-5 accuracy; they are reported under both names for comparison with published
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -152,7 +153,7 @@ def plot_learning_curve(history_csv: Path, path: Path) -> Path | None:
         epochs = [int(r["epoch"]) for r in rows]
         series = {k: [float(r[k]) for r in rows] for k in ("train_loss", "eval_loss", "train_accuracy",
                                                            "eval_accuracy") if rows and all_have(rows, k)}
-    except (OSError, KeyError, ValueError):
+    except (OSError, KeyError, ValueError, csv.Error):
         return None
     if not epochs or not series:
         return None
