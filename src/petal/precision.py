@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from petal.backbones import BackboneConfig
+from petal.backbone_config import BackboneConfig
 from petal.errors import PetalError
 
 if TYPE_CHECKING:
@@ -146,8 +146,8 @@ class Engine:
         petal.embed.feature_cache): fp32 the plain backbone name; the others add the precision,
         and int8 its calibration digest."""
         if self.precision == FP32:
-            return self.cfg.name
-        return f"{self.cfg.name}-{self.precision}" + (f"q{INT8_RECIPE_VERSION}-{self.digest}" if self.digest else "")
+            return self.cfg.slug
+        return f"{self.cfg.slug}-{self.precision}" + (f"q{INT8_RECIPE_VERSION}-{self.digest}" if self.digest else "")
 
     def graph_path(self, cache_dir: Path, on_message: Callable[[str], None] | None = None) -> Path:
         """The ONNX graph to run: the cached fp32 backbone, or its int8 quantization (made on

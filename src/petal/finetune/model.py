@@ -137,7 +137,7 @@ def trunk_onnx_path(model: FineTuneNet, cache_dir: Path) -> Path:
     """The pretrained trunk as an ONNX graph, exported once per (backbone, cut) into the cache."""
     if not model.pretrained:
         raise ValueError("only a pretrained trunk is the same in every run")
-    path = Path(cache_dir) / "models" / f"{model.cfg.name}-trunk{model.cut}-g{TRUNK_GRAPH_VERSION}.onnx"
+    path = Path(cache_dir) / "models" / f"{model.cfg.slug}-trunk{model.cut}-g{TRUNK_GRAPH_VERSION}.onnx"
     if not path.is_file():
         proto = to_onnx(TrunkInput(model), model.cfg, "activations")
         with atomic_path(path) as tmp:
