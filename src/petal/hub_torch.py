@@ -22,25 +22,25 @@ from petal.errors import PetalError
 from petal.hub import FAMILIES
 from petal.models import Preprocess
 
-# family -> (the vision tower inside the loaded model, its embedding modules, its layer list, its final norm)
+# family -> (its embedding modules, its layer list, its final norm), inside the vision tower
 PARTS = {
-    "dinov2": ("", ("embeddings",), "encoder.layer", "layernorm"),
-    "vit": ("", ("embeddings",), "layers", "layernorm"),
-    "clip": ("vision_model", ("embeddings", "pre_layrnorm"), "encoder.layers", "post_layernorm"),
-    "siglip": ("vision_model", ("embeddings",), "encoder.layers", "post_layernorm"),
-    "convnext": ("", ("embeddings",), "encoder.stages", "layernorm"),
+    "dinov2": (("embeddings",), "encoder.layer", "layernorm"),
+    "vit": (("embeddings",), "layers", "layernorm"),
+    "clip": (("embeddings", "pre_layrnorm"), "encoder.layers", "post_layernorm"),
+    "siglip": (("embeddings",), "encoder.layers", "post_layernorm"),
+    "convnext": (("embeddings",), "encoder.stages", "layernorm"),
 }
 
 
 class Layer(nn.Module):
     """One encoder layer or stage: (N, T, C) -> (N, T, C), no attention mask (images have no padding)."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, layer: nn.Module, masked: bool) -> None:
         super().__init__()
-        self.layer = layer
+        self.layer, self.masked = layer, masked  # masked: the layer takes an attention mask (None here)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        out = self.layer(h)
+        out = self.layer(h, None) if self.masked else self.layer(h)
         return out[0] if isinstance(out, tuple) else out
 
 
@@ -88,11 +88,12 @@ def units(cfg: BackboneConfig, pretrained: bool = True) -> list[nn.Module]:
     if cfg.arch.family not in PARTS:
         raise PetalError(f"backbone {cfg.name}: family {cfg.arch.family!r} is not a Hugging Face family petal "
                          f"can build in PyTorch ({sorted(PARTS)})")
-    root, embed, layers, norm = PARTS[cfg.arch.family]
-    tower = _get(load_model(cfg, pretrained), root)
+    embed, layers, norm = PARTS[cfg.arch.family]
+    model = load_model(cfg, pretrained)
+    tower = getattr(model, "vision_model", model)  # CLIP and SigLIP wrap it in some transformers versions
     head = tower.head if cfg.arch.pooling == "map" else None
     first = nn.Sequential(*(_get(tower, e) for e in embed))
-    return [first, *(Layer(m) for m in _get(tower, layers)), Pool(_get(tower, norm), cfg.arch.pooling, head)]
+    return [first, *(Layer(m, cfg.arch.family != "convnext") for m in _get(tower, layers)), Pool(_get(tower, norm), cfg.arch.pooling, head)]
 
 
 class HubFeatures(nn.Module):
