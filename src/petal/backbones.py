@@ -54,14 +54,19 @@ def register_backbone(cfg: BackboneConfig, *, replace: bool = False) -> Backbone
 _GIVEN: dict[str, BackboneConfig] = {}  # onnx: backbones resolved with preprocessing options, by name
 
 
-def onnx_with_options(name: str, **options) -> str:
-    """`onnx:PATH` with its preprocessing given as options (petal.onnx_backbone.preprocess_options:
-    image_size, crop_pct, resample, mean, std on the 0..1 scale): resolved now and kept for this
-    process. Returns the name to pass on (the absolute path)."""
+def with_options(name: str, *, image_size: int | None = None, crop_pct: float | None = None,
+                 mean: str | None = None, std: str | None = None) -> str:
+    """The backbone name to pass on: `name` itself, or, where preprocessing options are given, the
+    `onnx:PATH` backbone resolved with them (mean and std as "R,G,B" on the 0..1 scale) and kept
+    for this process under its absolute path."""
+    if image_size is None and crop_pct is None and mean is None and std is None:
+        return name
     scheme, _, rest = name.partition(":")
     if scheme != "onnx" or not rest:
         raise PetalError(f"--image-size, --mean and --std: they give the preprocessing of an onnx:PATH backbone, "
                          f"not of {name!r} (which has its own)")
+    options = {"image_size": image_size, "crop_pct": crop_pct, "mean": onnx_backbone.triple(mean, "--mean"),
+               "std": onnx_backbone.triple(std, "--std")}
     cfg = onnx_backbone.resolve(rest, options)
     _GIVEN[cfg.name] = cfg
     return cfg.name
@@ -82,6 +87,22 @@ def get_backbone(name: str) -> BackboneConfig:
         return onnx_backbone.resolve(rest)
     raise PetalError(f"backbone: expected one of {sorted(_REGISTRY)}, or hf:NAME_OR_PATH, or onnx:PATH; "
                      f"got {name!r}")
+
+
+# img/s of the network on pre-decoded batches, by name or family: benchmarks/backbones.py on
+# this project's 2-core machine, at each family's real size (docs/backbones.md)
+MEASURED_IMG_S: dict[str, float] = {}
+
+
+def listing() -> list[dict]:
+    """`petal backbones`: the registered backbones, an example of each Hugging Face family, onnx:."""
+    rows = [{"name": c.name, "weights": c.weights.describe(), "feature_dim": c.feature_dim,
+             "img_s": MEASURED_IMG_S.get(c.name)} for c in registered()]
+    rows += [{"name": f"hf:{fam.example}", "weights": "Hugging Face Hub, at run time (or hf:FOLDER)",
+              "feature_dim": fam.example_dim, "img_s": MEASURED_IMG_S.get(f)} for f, fam in hub.FAMILIES.items()]
+    rows.append({"name": "onnx:PATH", "weights": "your ONNX file, with --image-size, --mean, --std",
+                 "feature_dim": None, "img_s": None})
+    return rows
 
 
 def imagenet_classes() -> list[str]:

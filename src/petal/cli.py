@@ -121,7 +121,14 @@ err = Console(stderr=True, soft_wrap=True)  # messages hold paths: never wrap th
 
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Embedding cache folder "
                                                "(default: $PETAL_CACHE_DIR or the user cache dir).")]
-Backbone = Annotated[str, typer.Option(help="Backbone from the registry.")]
+Backbone = Annotated[str, typer.Option(help=(
+    "A registered backbone (petal backbones), hf:HUB_ID_OR_FOLDER (pip install 'petal[hub]'), or onnx:FILE.onnx "
+    "(docs/backbones.md)."))]
+ImageSize = Annotated[Optional[int], typer.Option(min=1, help=(
+    "onnx: backbones: the image side the graph takes (default: the graph's own)."))]
+CropPct = Annotated[Optional[float], typer.Option(help="onnx: backbones: crop share of the resized image (0.875).")]
+Mean = Annotated[Optional[str], typer.Option(help="onnx: backbones: channel means R,G,B on the 0..1 scale.")]
+Std = Annotated[Optional[str], typer.Option(help="onnx: backbones: channel stds R,G,B on the 0..1 scale.")]
 Workers = Annotated[Optional[int], typer.Option(min=1, help="Decode threads (default: all cores).")]
 Rehash = Annotated[bool, typer.Option("--rehash", help=(
     "Read and hash every image again; by default a file whose size, mtime and inode are unchanged "
@@ -397,12 +404,15 @@ def train(
     overwrite: Overwrite = False,
     rehash: Rehash = False,
     precision: Precision = "fp32",
+    image_size: ImageSize = None, crop_pct: CropPct = None, mean: Mean = None, std: Std = None,
 ) -> None:
     """Embed, train a head, calibrate it, evaluate and export: a folder of labeled images in,
     a model out that says "unknown" for images unlike every class. (To train backbone layers
     too: `petal finetune`.)"""
+    from petal.backbones import with_options
     from petal.workflow import train as run_train
 
+    backbone = with_options(backbone, image_size=image_size, crop_pct=crop_pct, mean=mean, std=std)
     head = HeadClassifier(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
                           weight_decay=weight_decay, label_smoothing=label_smoothing,
                           class_weight=class_weight.value if class_weight else None, seed=seed)
@@ -530,11 +540,14 @@ def embed(
     runner: Annotated[str, typer.Option(help=RUNNER_HELP)] = "local",
     rehash: Rehash = False,
     precision: Precision = "fp32",
+    image_size: ImageSize = None, crop_pct: CropPct = None, mean: Mean = None, std: Std = None,
 ) -> None:
     """Embed images into the cache (only those not cached yet)."""
+    from petal.backbones import with_options
     from petal.data import load_dataset
     from petal.workflow import embed_dataset
 
+    backbone = with_options(backbone, image_size=image_size, crop_pct=crop_pct, mean=mean, std=std)
     check_runner(runner, ctx.args)
     if errors:
         check_output(errors, "errors")
@@ -815,6 +828,22 @@ def demo(
     out.print(f"done: try `petal predict {out_dir / 'run' / 'model'} IMAGE`")
 
 
+@app.command("backbones", cls=Command)
+def backbones_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
+) -> None:
+    """The backbones --backbone takes: name, where the weights come from, feature dim, measured img/s."""
+    from petal.backbones import listing
+
+    rows = listing()
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        dim, speed = r["feature_dim"] or "from the graph", f"{r['img_s']:g} img/s" if r["img_s"] else "not measured"
+        out.print(f"{r['name']}\n  {r['weights']}; {dim} features; {speed}", markup=False, highlight=False)
+
+
 cache_app = typer.Typer(cls=PetalGroup, no_args_is_help=True, help=(
     "What the embedding cache holds, and whether it agrees with this machine."))
 app.add_typer(cache_app, name="cache")
@@ -838,7 +867,8 @@ def cache_info_command(
         who = (f"graph {p['graph_sha256'][:12]}, Pillow {p['pillow']}, libjpeg {p['libjpeg']}, "
                f"onnxruntime {p['onnxruntime']}" if p else "made before provenance was recorded: not read")
         out.print(f"{f['folder']}: {f['rows']:,} features in {f['shards']} shards, {f['bytes'] / 2**20:.1f} MB"
-                  f"{' (this machine)' if f['current'] else ''}\n  {who}", markup=False, highlight=False)
+                  f"{' (this machine)' if f['current'] else ''}\n  backbone {f['backbone']}; {who}",
+                  markup=False, highlight=False)
 
 
 @cache_app.command("verify", cls=Command)

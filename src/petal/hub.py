@@ -32,6 +32,7 @@ class HubFamily:
     model_types: tuple[str, ...]  # config.json "model_type" values of this family
     pooling: str  # petal.backbone_config.POOLINGS
     example: str  # a Hub id, for `petal backbones`
+    example_dim: int  # its feature dim with this pooling
     linear_probe: str  # the published linear-probe figure (for the docs and `petal backbones`)
 
 
@@ -39,15 +40,15 @@ class HubFamily:
 # token concatenated with the mean patch token; CLIP and SigLIP their pooled image embedding;
 # ConvNeXt (and EfficientNet) the global average.
 FAMILIES: dict[str, HubFamily] = {
-    "dinov2": HubFamily("Dinov2Model", ("dinov2",), "cls+mean", "facebook/dinov2-small",
+    "dinov2": HubFamily("Dinov2Model", ("dinov2",), "cls+mean", "facebook/dinov2-small", 768,
                         "ViT-S/14: ImageNet 81.1%, Oxford Flowers-102 ~99% (DINOv2 paper)"),
-    "vit": HubFamily("ViTModel", ("vit",), "cls+mean", "google/vit-base-patch16-224-in21k",
+    "vit": HubFamily("ViTModel", ("vit",), "cls+mean", "google/vit-base-patch16-224-in21k", 1536,
                      "ViT-B/16 (IN-21k): ImageNet ~75-80% (linear probe, ViT paper's few-shot/probe figures)"),
-    "clip": HubFamily("CLIPVisionModel", ("clip", "clip_vision_model"), "cls", "openai/clip-vit-base-patch32",
+    "clip": HubFamily("CLIPVisionModel", ("clip", "clip_vision_model"), "cls", "openai/clip-vit-base-patch32", 768,
                       "ViT-B/32: ImageNet 76.1%, Flowers-102 96.9% (CLIP paper, linear probe)"),
     "siglip": HubFamily("SiglipVisionModel", ("siglip", "siglip_vision_model"), "map",
-                        "google/siglip-base-patch16-224", "ViT-B/16: comparable to CLIP ViT-B/16 (SigLIP paper)"),
-    "convnext": HubFamily("ConvNextModel", ("convnext",), "mean+norm", "facebook/convnext-tiny-224",
+                        "google/siglip-base-patch16-224", 768, "ViT-B/16: comparable to CLIP ViT-B/16 (SigLIP paper)"),
+    "convnext": HubFamily("ConvNextModel", ("convnext",), "mean+norm", "facebook/convnext-tiny-224", 768,
                           "ConvNeXt-T (IN-1k supervised): ImageNet 82.1% fine-tuned; probes near its features"),
 }
 

@@ -25,8 +25,8 @@ def processor(family: str, side: int) -> dict:
     """The preprocessor_config.json of the family's published models, at `side` px."""
     short = round(side * 256 / 224)
     return {
-        "dinov2": {"size": {"shortest_edge": short}, "do_center_crop": True, "crop_size": {"height": side, "width": side},
-                   "resample": 3, **IMAGENET},
+        "dinov2": {"size": {"shortest_edge": short}, "do_center_crop": True,
+                   "crop_size": {"height": side, "width": side}, "resample": 3, **IMAGENET},
         "vit": {"size": {"height": side, "width": side}, "resample": 2, **HALF},
         "clip": {"size": {"shortest_edge": side}, "do_center_crop": True, "crop_size": {"height": side, "width": side},
                  "resample": 3, **CLIP_NORM},

@@ -76,6 +76,8 @@ def load_model(cfg: BackboneConfig, pretrained: bool = True) -> nn.Module:
     except ImportError:
         raise PetalError(f"backbone {cfg.name}: exporting or fine-tuning it needs transformers: "
                          "pip install 'petal[hub]'") from None
+    transformers.logging.disable_progress_bar()  # petal reports its own progress; the export is announced
+    transformers.logging.set_verbosity_error()
     cls = getattr(transformers, FAMILIES[cfg.arch.family].model_class)
     folder = cfg.weights_path()
     if pretrained:
@@ -93,7 +95,8 @@ def units(cfg: BackboneConfig, pretrained: bool = True) -> list[nn.Module]:
     tower = getattr(model, "vision_model", model)  # CLIP and SigLIP wrap it in some transformers versions
     head = tower.head if cfg.arch.pooling == "map" else None
     first = nn.Sequential(*(_get(tower, e) for e in embed))
-    return [first, *(Layer(m, cfg.arch.family != "convnext") for m in _get(tower, layers)), Pool(_get(tower, norm), cfg.arch.pooling, head)]
+    masked = cfg.arch.family != "convnext"  # transformer layers take an attention mask; ConvNeXt stages do not
+    return [first, *(Layer(m, masked) for m in _get(tower, layers)), Pool(_get(tower, norm), cfg.arch.pooling, head)]
 
 
 class HubFeatures(nn.Module):

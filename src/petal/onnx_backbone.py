@@ -60,6 +60,20 @@ def preprocess_options(where: str, *, image_size: int | None, crop_pct: float | 
                       std=tuple(255.0 * s for s in std))
 
 
+def triple(text: str | None, option: str) -> list[float] | None:
+    """"0.485,0.456,0.406" -> [0.485, 0.456, 0.406]."""
+    if text is None:
+        return None
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3:
+        raise PetalError(f"{option}: expected three numbers R,G,B on the 0..1 scale (e.g. 0.485,0.456,0.406), "
+                         f"got {text!r}")
+    return values
+
+
 def sidecar(path: Path) -> Path:
     return path.with_suffix(".preprocess.json")
 

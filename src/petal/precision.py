@@ -106,10 +106,11 @@ def quantize_backbone(fp32_path: Path, out: Path, pixels: np.ndarray) -> None:
 
 def float_nodes(graph) -> list[str]:
     """The nodes int8 keeps in float: the stem conv and the first depthwise conv, each with the
-    ReLU6 (Clip) that reads it."""
+    ReLU6 (Clip) that reads it. (A ViT-style graph has only its patch-embedding conv, ConvNeXt
+    no ReLU6: what a graph lacks is not kept.)"""
     convs = [n for n in graph.node if n.op_type == "Conv"]
     depthwise = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    keep = [convs[0], depthwise[0]]
+    keep = convs[:1] + depthwise[:1]
     relu6 = [n for n in graph.node if n.op_type == "Clip" and any(n.input[0] == k.output[0] for k in keep)]
     return [n.name for n in keep + relu6]
 
