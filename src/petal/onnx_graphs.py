@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from petal.backbone_config import LITE, BackboneConfig
+from petal.errors import PetalError
 from petal.storage import atomic_path
 
 if TYPE_CHECKING:
@@ -99,7 +100,7 @@ def front_ended(cfg: BackboneConfig) -> onnx.ModelProto:
 
     from petal.onnx_backbone import graph_io, load_graph
 
-    model = load_graph(cfg.weights_path(), cfg.name)
+    model = at_opset(load_graph(cfg.weights_path(), cfg.name), cfg.name)
     io = graph_io(model, cfg.name)
     g, pre = model.graph, cfg.preprocess
     shape = (1, 3, 1, 1) if io.layout == "NCHW" else (1, 1, 1, 3)
@@ -111,12 +112,9 @@ def front_ended(cfg: BackboneConfig) -> onnx.ModelProto:
         front.append(node("Transpose", ["petal_x"], ["petal_xt"], perm=[0, 3, 1, 2]))
     front += [node("Sub", [front[-1].output[0], "petal_mean"], ["petal_c"]),
               node("Mul", ["petal_c", "petal_inv_std"], [io.input])]
-    if io.rank == 4:  # ReduceMean takes its axes as an attribute before opset 18, as an input since
-        if opset_of(model) >= 18:
-            g.initializer.append(numpy_helper.from_array(np.array([2, 3], np.int64), "petal_hw"))
-            pool = [node("ReduceMean", [io.output, "petal_hw"], ["features"], keepdims=0)]
-        else:
-            pool = [node("ReduceMean", [io.output], ["features"], axes=[2, 3], keepdims=0)]
+    if io.rank == 4:
+        g.initializer.append(numpy_helper.from_array(np.array([2, 3], np.int64), "petal_hw"))
+        pool = [node("ReduceMean", [io.output, "petal_hw"], ["features"], keepdims=0)]
     else:
         pool = [] if io.output == "features" else [node("Identity", [io.output], ["features"])]
     nodes = front + list(g.node) + pool
@@ -128,8 +126,18 @@ def front_ended(cfg: BackboneConfig) -> onnx.ModelProto:
     return model
 
 
-def opset_of(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+def at_opset(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """The graph at petal's opset (a bundle merges it with the head, and merging wants one opset)."""
+    from onnx import version_converter
+
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    if version == OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, OPSET)
+    except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors per op
+        raise PetalError(f"{where}: its graph is at opset {version}, and converting it to opset {OPSET} "
+                         f"(which petal's bundles use) failed: {e}") from None
 
 
 def images_module_to_onnx(module: torch.nn.Module, cfg: BackboneConfig, outputs: list[str]) -> onnx.ModelProto:
