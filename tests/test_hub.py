@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from petal import hub
-from petal.backbones import get_backbone
+from petal.backbones import get_backbone, with_options
 from petal.errors import PetalError
 
 pytest.importorskip("transformers")
@@ -210,3 +210,30 @@ def test_serve_and_int8_with_a_hub_backbone(hub_runs, dataset, cache_dir):
     int8_dir = export_run(run.run_dir, cache_dir, precision="int8", force=True)
     assert json.loads((int8_dir / "petal.json").read_text())["quantization"]["precision"] == "int8"
     assert len(load(int8_dir).predict([str(p) for p in images])) == 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_finetune_trains_the_last_layers_of_a_hub_backbone(family, hub_models, dataset, cache_dir, tmp_path):
+    """`petal finetune --backbone hf:...`: the top layer and the head trained (the trunk in ONNX on
+    a CPU), exported; the bundle predicts without torch."""
+    from petal.bundle import load
+    from petal.finetune import FinetuneConfig, finetune
+
+    config = FinetuneConfig(epochs=1, batch_size=8, unfreeze=1, dropout=0.0)
+    r = finetune(dataset, tmp_path / "run", config=config, eval_percent=25, backbone=f"hf:{hub_models[family]}",
+                 cache_dir=cache_dir)
+    assert r.epochs_done == 1 and r.metrics["num_eval"] == 12
+    meta = json.loads((tmp_path / "run" / "model" / "petal.json").read_text())
+    assert meta["backbone"]["name"] == f"hf:{hub_models[family]}" and meta["training"]["kind"] == "finetune"
+    assert len(load(tmp_path / "run" / "model").predict([str(p) for p in sorted(dataset.glob("*/*"))[:3]])) == 3
+    assert list((cache_dir / "models").glob(f"{get_backbone(f'hf:{hub_models[family]}').slug}-trunk*.onnx"))
+
+
+def test_finetune_refuses_a_family_it_cannot_train_by_name(tmp_path, dataset):
+    from petal.finetune import finetune
+    from test_onnx_backbone import extractor
+
+    name = with_options(f"onnx:{extractor(tmp_path / 'm.onnx')}", mean="0,0,0", std="1,1,1")
+    with pytest.raises(PetalError, match="the 'onnx' family cannot be fine-tuned.*use petal train"):
+        finetune(dataset, tmp_path / "run", backbone=name)
+    assert not (tmp_path / "run").exists()

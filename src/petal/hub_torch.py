@@ -1,6 +1,6 @@
 """Hugging Face vision models in PyTorch, as petal's backbones: a list of units.
 
-    units(cfg) -> [embed, layer 0, ..., layer L-1, pool]     (torch modules, applied in turn)
+    units_of(cfg) -> [embed, layer 0, ..., layer L-1, pool]     (torch modules, applied in turn)
 
 `embed` takes normalised (N, 3, S, S) pixels and gives tokens (N, T, C) (feature maps for
 ConvNeXt); each layer maps them to the same shape; `pool` applies the model's final norm and
@@ -85,7 +85,7 @@ def load_model(cfg: BackboneConfig, pretrained: bool = True) -> nn.Module:
     return cls(cls.config_class.from_pretrained(folder)).eval()
 
 
-def units(cfg: BackboneConfig, pretrained: bool = True) -> list[nn.Module]:
+def units_of(cfg: BackboneConfig, pretrained: bool = True) -> list[nn.Module]:
     """[embed, layers..., pool] of a hub backbone (see the module docstring)."""
     if cfg.arch.family not in PARTS:
         raise PetalError(f"backbone {cfg.name}: family {cfg.arch.family!r} is not a Hugging Face family petal "
@@ -104,7 +104,7 @@ class HubFeatures(nn.Module):
 
     def __init__(self, cfg: BackboneConfig) -> None:
         super().__init__()
-        self.pre, self.net = Preprocess(cfg), nn.Sequential(*units(cfg))
+        self.pre, self.net = Preprocess(cfg), nn.Sequential(*units_of(cfg))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.net(self.pre(images))

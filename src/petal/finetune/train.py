@@ -58,7 +58,14 @@ from petal.finetune.data import (
 )
 from petal.finetune.distributed import World, close_world, init_world
 from petal.finetune.export import Predictor, export_model
-from petal.finetune.model import FineTuneNet, OnnxTrunk, TorchTrunk, TrunkCollate, trunk_onnx_path
+from petal.finetune.model import (
+    FineTuneNet,
+    OnnxTrunk,
+    TorchTrunk,
+    TrunkCollate,
+    check_finetunable,
+    trunk_onnx_path,
+)
 from petal.params import Int, check_param, env_int
 from petal.progress import Reporter
 from petal.review import apply_review
@@ -135,7 +142,7 @@ def finetune(
     finished run or a checkpoint (without either, such a folder is refused).
     """
     config = config or FinetuneConfig()
-    get_backbone(backbone).weights_path()  # before any slow work: the weights package is installed
+    check_finetunable(get_backbone(backbone))  # before any slow work: a family torch trains, its weights here
     if stop_after is not None:
         check_param("stop_after", stop_after, Int(1, what="an epoch >= 1"))
     world = init_world()
