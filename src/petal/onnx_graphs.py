@@ -42,6 +42,10 @@ def backbone_onnx_path(cfg: BackboneConfig, cache_dir: Path,
     """The cached backbone graph, exported on first use (about 15 s; `on_export`
     hears about it first, so a progress bar does not stall unexplained)."""
     path = cfg.graph_file(cache_dir, GRAPH_VERSION)
+    if not path.is_file() and cfg.parts:  # an ensemble: its parts' graphs, side by side
+        graph = concat_graph([backbone_onnx_path(p, cache_dir, on_export) for p in cfg.parts])
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(graph.SerializeToString())
     if not path.is_file():
         cfg.weights_path()  # a missing weights package is named before any news of an export
         if on_export:
@@ -90,6 +94,31 @@ def lite_graph(cfg: BackboneConfig) -> onnx.ModelProto:
             return features, self.net._fc(features).softmax(-1)
 
     return images_module_to_onnx(Graph(), cfg, ["features", "imagenet_probs"])
+
+
+def concat_graph(paths: list[Path]) -> onnx.ModelProto:
+    """Backbone graphs run on the same `images`, their `features` concatenated: (N, D1 + D2 + ...).
+    Each graph's names get a prefix (p0/, p1/, ...); their other outputs are dropped."""
+    import onnx
+    from onnx import TensorProto, compose, helper
+
+    nodes, inits, dims, irs = [], [], [], []
+    for i, path in enumerate(paths):
+        part = compose.add_prefix(onnx.load(str(path)), f"p{i}/")
+        nodes += [helper.make_node("Identity", [INPUT], [f"p{i}/{INPUT}"]), *part.graph.node]
+        inits += part.graph.initializer
+        dims.append(next(o for o in part.graph.output if o.name == f"p{i}/features").type.tensor_type.shape.dim[1])
+        irs.append(part.ir_version)
+    nodes.append(helper.make_node("Concat", [f"p{i}/features" for i in range(len(paths))], ["features"], axis=1))
+    size = onnx.load(str(paths[0])).graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    graph = helper.make_graph(
+        nodes, "petal_ensemble", [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["batch", size, size, 3])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", sum(d.dim_value for d in dims)])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=max(irs))
+    model = onnx.utils.Extractor(model).extract_model([INPUT], ["features"])  # prune the unused outputs' nodes
+    onnx.checker.check_model(model)
+    return model
 
 
 def front_ended(cfg: BackboneConfig) -> onnx.ModelProto:
