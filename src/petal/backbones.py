@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from petal import hub, onnx_backbone
 from petal.backbone_config import LITE, Architecture, BackboneConfig, WeightsSource, ensemble, lite
 from petal.errors import PetalError
+from petal.hub import FAMILIES
+from petal.hub import resolve as resolve_hub
+from petal.onnx_backbone import resolve as resolve_onnx
+from petal.onnx_backbone import triple
 
 __all__ = ["Architecture", "BackboneConfig", "WeightsSource", "DEFAULT_BACKBONE", "register_backbone",
            "get_backbone", "registered", "imagenet_classes", "LITE"]
@@ -67,9 +70,9 @@ def with_options(name: str, *, image_size: int | None = None, crop_pct: float | 
     if scheme != "onnx" or not rest:
         raise PetalError(f"--image-size, --mean and --std: they give the preprocessing of an onnx:PATH backbone, "
                          f"not of {name!r} (which has its own)")
-    options = {"image_size": image_size, "crop_pct": crop_pct, "mean": onnx_backbone.triple(mean, "--mean"),
-               "std": onnx_backbone.triple(std, "--std")}
-    cfg = onnx_backbone.resolve(rest, options)
+    options = {"image_size": image_size, "crop_pct": crop_pct, "mean": triple(mean, "--mean"),
+               "std": triple(std, "--std")}
+    cfg = resolve_onnx(rest, options)
     _GIVEN[cfg.name] = cfg
     return cfg.name
 
@@ -89,9 +92,9 @@ def get_backbone(name: str) -> BackboneConfig:
         return ensemble([get_backbone(p) for p in parts])
     scheme, sep, rest = name.partition(":")
     if sep and scheme == "hf" and rest:
-        return hub.resolve(rest)
+        return resolve_hub(rest)
     if sep and scheme == "onnx" and rest:
-        return onnx_backbone.resolve(rest)
+        return resolve_onnx(rest)
     raise PetalError(f"backbone: expected one of {sorted(_REGISTRY)}, or hf:NAME_OR_PATH, or onnx:PATH; "
                      f"got {name!r}")
 
@@ -106,7 +109,7 @@ def listing() -> list[dict]:
     rows = [{"name": c.name, "weights": c.weights.describe(), "feature_dim": c.feature_dim,
              "img_s": MEASURED_IMG_S.get(c.name)} for c in registered()]
     rows += [{"name": f"hf:{fam.example}", "weights": "Hugging Face Hub, at run time (or hf:FOLDER)",
-              "feature_dim": fam.example_dim, "img_s": MEASURED_IMG_S.get(f)} for f, fam in hub.FAMILIES.items()]
+              "feature_dim": fam.example_dim, "img_s": MEASURED_IMG_S.get(f)} for f, fam in FAMILIES.items()]
     rows.append({"name": "onnx:PATH", "weights": "your ONNX file, with --image-size, --mean, --std",
                  "feature_dim": None, "img_s": None})
     return rows
