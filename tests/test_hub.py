@@ -264,3 +264,27 @@ def test_an_ensemble_concatenates_its_parts_features(hub_models, dataset, cache_
     assert len(load(r.model_dir).predict([str(p) for p in sorted(dataset.glob("*/*"))[:3]])) == 3
     with pytest.raises(PetalError, match="the parts must see the same pixels.*28 px, crop 0.875.*28 px, crop 1.000"):
         get_backbone(f"hf:{hub_models['dinov2']}+hf:{hub_models['clip']}")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_web_page_runs_a_hub_bundle(family, hub_runs, dataset, tmp_path):
+    """The exported page (onnxruntime-web in Chromium) answers as the Python predictor for each
+    family's graph."""
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    from petal.bundle import Model
+    from petal.webpage import export_web, find_ort
+    from petal.webpage.browser import chromium, chromium_path, classify, open_page, serve_folder
+
+    if not chromium_path():
+        pytest.skip("no Chromium browser found (apt-get install chromium, or set PETAL_CHROMIUM)")
+    try:
+        find_ort()
+    except PetalError:
+        pytest.skip("onnxruntime-web is not installed")
+    run = hub_runs[family]
+    export_web(run.run_dir, tmp_path / "site")
+    images = sorted(dataset.glob("*/*"))[::8]
+    want = Model(run.model_dir).predict([str(p) for p in images])
+    with chromium() as browser, serve_folder(tmp_path / "site") as url:
+        got = classify(open_page(browser, url), images)
+    assert [(g["label"], g["unknown"], g["error"]) for g in got] == [(p.label, p.unknown, None) for p in want]
