@@ -109,12 +109,13 @@ class PhaseLog:
 def child(phases_path: str, argv: list[str]) -> None:
     """Run the petal CLI on argv with the tiny backbone registered, logging phases."""
     from petal import cli, tiny
+    from petal.cli import data, train
 
     tiny.register(argv[argv.index("--cache") + 1])
     log = PhaseLog(str(Path(argv[1]).resolve()))
     sys.addaudithook(log.audit)
 
-    class PhaseReporter(cli.RichReporter):
+    class PhaseReporter(train.RichReporter):
         def message(self, text: str) -> None:
             if text.startswith("exporting"):
                 log.start("export")
@@ -126,7 +127,7 @@ def child(phases_path: str, argv: list[str]) -> None:
             with super().progress(description, total) as advance:
                 yield advance
 
-    cli.RichReporter = PhaseReporter
+    train.RichReporter = data.RichReporter = PhaseReporter  # what `petal train` and `petal embed` draw with
     try:
         cli.app(argv, standalone_mode=False)
     finally:

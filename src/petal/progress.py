@@ -1,7 +1,7 @@
 """How long work reports progress: one interface for every step.
 
 Library functions take a `Reporter` and call it; the default reports nothing. The
-CLI passes one that draws rich progress bars (`petal.cli.RichReporter`); a script
+CLI passes one that draws rich progress bars (`petal.cli.render.RichReporter`); a script
 can subclass it to log.
 
     with reporter.progress("embedding", total=len(uris)) as advance:
