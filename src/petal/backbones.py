@@ -99,9 +99,11 @@ def get_backbone(name: str) -> BackboneConfig:
                      f"got {name!r}")
 
 
-# img/s of the network on pre-decoded batches, by name or family: benchmarks/backbones.py on
-# this project's 2-core machine, at each family's real size (docs/backbones.md)
-MEASURED_IMG_S: dict[str, float] = {}
+# img/s of the network on pre-decoded batches, by name or family: `benchmarks/backbones.py --rounds 5`
+# on this project's 2-core machine under a load average of 12-18 (all low; the ratios hold), at
+# each family's real size: DINOv2 ViT-S/14, ViT-B/16, CLIP B/32, SigLIP B/16, ConvNeXt-T (docs/backbones.md)
+MEASURED_IMG_S: dict[str, float] = {"efficientnet_lite0": 11.3, "dinov2": 1.0, "vit": 0.4, "clip": 1.7,
+                                    "siglip": 0.4, "convnext": 1.2}
 
 
 def listing() -> list[dict]:
