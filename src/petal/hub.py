@@ -12,6 +12,7 @@ cache (petal.hub_torch); bundles, serving and int8 run that graph, without them.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -134,8 +135,10 @@ def read_json(path: Path, spec: str) -> dict:
         raise PetalError(f"hf:{spec}: {path} is not valid JSON ({e})") from None
 
 
+@functools.cache
 def hub_snapshot(repo_id: str) -> Path:
-    """The Hub model's files on this machine (downloaded by huggingface_hub, or from its cache offline)."""
+    """The Hub model's files on this machine (downloaded by huggingface_hub, or from its cache offline);
+    asked once a process (a run resolves its backbone several times)."""
     try:
         from huggingface_hub import snapshot_download
     except ImportError:
