@@ -139,12 +139,14 @@ def flowers(folder: Path, work: Path) -> None:
     """Eval accuracy on real data (default seed) with float32 and float16-stored embeddings,
     and with bfloat16 training products: what the large-data defaults would do to flowers."""
     from petal.head import HeadClassifier
-    from petal.workflow import train
+    from petal.runs.head import train
+    from petal.spec import DataSpec, RunSpec
 
     for name, dtype, compute in (("float32", "float32", "float32"), ("float16 storage", "float16", "float32"),
                                  ("bfloat16 compute", "float32", "bfloat16"), ("both", "float16", "bfloat16")):
-        r = train(folder, work / "flowers" / name.replace(" ", "-"), head=HeadClassifier(compute=compute),
-                  feature_dtype=dtype, export=False, overwrite=True)
+        spec = RunSpec(DataSpec(folder), work / "flowers" / name.replace(" ", "-"), overwrite=True,
+                       trainer=HeadClassifier(compute=compute))
+        r = train(spec, feature_dtype=dtype, export=False)
         print(f"flowers, {name:<17}: eval accuracy {r.metrics['accuracy']:.4f}")
 
 

@@ -45,12 +45,18 @@ def hub_models(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def hub_runs(hub_models, dataset, cache_dir, tmp_path_factory) -> dict:
     """family -> a finished `petal train` run with that backbone."""
-    from petal.head import HeadClassifier
-    from petal.workflow import train
-
     out = tmp_path_factory.mktemp("hub-runs")
-    return {f: train(dataset, out / f, backbone=f"hf:{path}", cache_dir=cache_dir, eval_percent=25.0,
-                     head=HeadClassifier(epochs=20, seed=0)) for f, path in hub_models.items()}
+    return {f: train_with(f"hf:{path}", dataset, out / f, cache_dir, epochs=20) for f, path in hub_models.items()}
+
+
+def train_with(backbone: str, data: Path, out: Path, cache_dir: Path, epochs: int):
+    """`petal train` with `backbone`, a quarter of `data` in eval."""
+    from petal.head import HeadClassifier
+    from petal.runs.head import train
+    from petal.spec import DataSpec, RunSpec
+
+    return train(RunSpec(DataSpec(data, eval_percent=25.0), out, backbone=backbone, cache_dir=cache_dir,
+                         trainer=HeadClassifier(epochs=epochs, seed=0)))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -194,9 +200,9 @@ def test_serve_and_int8_with_a_hub_backbone(hub_runs, dataset, cache_dir):
     import httpx
 
     from petal.bundle import load
+    from petal.runs.reexport import export_run
     from petal.serve import protocol
     from petal.serve.config import ServeConfig
-    from petal.workflow import export_run
     from serve_helpers import running
 
     run = hub_runs["dinov2"]
@@ -217,11 +223,12 @@ def test_finetune_trains_the_last_layers_of_a_hub_backbone(family, hub_models, d
     """`petal finetune --backbone hf:...`: the top layer and the head trained (the trunk in ONNX on
     a CPU), exported; the bundle predicts without torch."""
     from petal.bundle import load
-    from petal.finetune import FinetuneConfig, finetune
+    from petal.runs.finetune import FinetuneConfig, finetune
+    from petal.spec import DataSpec, RunSpec
 
     config = FinetuneConfig(epochs=1, batch_size=8, unfreeze=1, dropout=0.0)
-    r = finetune(dataset, tmp_path / "run", config=config, eval_percent=25, backbone=f"hf:{hub_models[family]}",
-                 cache_dir=cache_dir)
+    r = finetune(RunSpec(DataSpec(dataset, eval_percent=25), tmp_path / "run", backbone=f"hf:{hub_models[family]}",
+                         cache_dir=cache_dir, trainer=config))
     assert r.epochs_done == 1 and r.metrics["num_eval"] == 12
     meta = json.loads((tmp_path / "run" / "model" / "petal.json").read_text())
     assert meta["backbone"]["name"] == f"hf:{hub_models[family]}" and meta["training"]["kind"] == "finetune"
@@ -230,12 +237,13 @@ def test_finetune_trains_the_last_layers_of_a_hub_backbone(family, hub_models, d
 
 
 def test_finetune_refuses_a_family_it_cannot_train_by_name(tmp_path, dataset):
-    from petal.finetune import finetune
+    from petal.runs.finetune import FinetuneConfig, finetune
+    from petal.spec import DataSpec, RunSpec
     from test_onnx_backbone import extractor
 
     name = with_options(f"onnx:{extractor(tmp_path / 'm.onnx')}", mean="0,0,0", std="1,1,1")
     with pytest.raises(PetalError, match="the 'onnx' family cannot be fine-tuned.*use petal train"):
-        finetune(dataset, tmp_path / "run", backbone=name)
+        finetune(RunSpec(DataSpec(dataset), tmp_path / "run", backbone=name, trainer=FinetuneConfig()))
     assert not (tmp_path / "run").exists()
 
 
@@ -243,11 +251,9 @@ def test_an_ensemble_concatenates_its_parts_features(hub_models, dataset, cache_
     """`--backbone A+B`: both graphs on the same pixels, features side by side; trained and
     predicted like any backbone. Parts that see different pixels are refused."""
     from petal.bundle import load
-    from petal.head import HeadClassifier
     from petal.hub_random import save_random
     from petal.onnx_graphs import backbone_onnx_path
     from petal.runtime import make_session
-    from petal.workflow import train
 
     other = save_random("dinov2", tmp_path / "dino+2", seed=2)  # a '+' inside a path stays in it
     name = f"hf:{hub_models['dinov2']}+hf:{other}"
@@ -259,8 +265,7 @@ def test_an_ensemble_concatenates_its_parts_features(hub_models, dataset, cache_
         return make_session(backbone_onnx_path(c, cache_dir)).run(["features"], {"images": pixels})[0]
 
     np.testing.assert_allclose(run(cfg), np.concatenate([run(p) for p in cfg.parts], axis=1), atol=1e-6)
-    r = train(dataset, tmp_path / "run", backbone=name, cache_dir=cache_dir, eval_percent=25.0,
-              head=HeadClassifier(epochs=5, seed=0))
+    r = train_with(name, dataset, tmp_path / "run", cache_dir, epochs=5)
     assert len(load(r.model_dir).predict([str(p) for p in sorted(dataset.glob("*/*"))[:3]])) == 3
     with pytest.raises(PetalError, match="the parts must see the same pixels.*28 px, crop 0.875.*28 px, crop 1.000"):
         get_backbone(f"hf:{hub_models['dinov2']}+hf:{hub_models['clip']}")

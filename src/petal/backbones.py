@@ -61,11 +61,12 @@ _GIVEN: dict[str, BackboneConfig] = {}  # onnx: backbones resolved with preproce
 
 def with_options(name: str, *, image_size: int | None = None, crop_pct: float | None = None,
                  mean: str | None = None, std: str | None = None) -> str:
-    """The backbone name to pass on: `name` itself, or, where preprocessing options are given, the
-    `onnx:PATH` backbone resolved with them (mean and std as "R,G,B" on the 0..1 scale) and kept
-    for this process under its absolute path."""
+    """The backbone name to record and pass on: `name` resolved to its canonical form (an alias's
+    full name; a folder or file as an absolute path, so that the run can be re-exported from
+    anywhere), or, where preprocessing options are given, the `onnx:PATH` backbone resolved with
+    them (mean and std as "R,G,B" on the 0..1 scale) and kept for this process under that name."""
     if image_size is None and crop_pct is None and mean is None and std is None:
-        return name
+        return get_backbone(name).name
     scheme, _, rest = name.partition(":")
     if scheme != "onnx" or not rest:
         raise PetalError(f"--image-size, --mean and --std: they give the preprocessing of an onnx:PATH backbone, "

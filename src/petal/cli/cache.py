@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -33,9 +32,9 @@ def cache_info_command(
 ) -> None:
     """Each cache folder: who produced its features (graph, decoder, runtime), shards, rows, size."""
     from petal.cache_check import cache_info
-    from petal.storage import default_cache_dir
+    from petal.storage import cache_folder
 
-    folders = cache_info(Path(cache or default_cache_dir()))
+    folders = cache_info(cache_folder(cache))
     if as_json:
         print(json.dumps(folders, indent=1))
         return
@@ -51,6 +50,7 @@ def cache_info_command(
 @cache_app.command("verify", cls=Command)
 def cache_verify_command(
     data: Data,
+    *,
     sample: Annotated[int, typer.Option(min=0, help="Images to recompute, drawn at random; 0: all.")] = 200,
     backbone: Backbone = DEFAULT_BACKBONE,
     cache: Cache = None,
@@ -59,9 +59,9 @@ def cache_verify_command(
     """Recompute a sample of DATA's cached features and compare: the largest difference per shard."""
     from petal.backbones import get_backbone
     from petal.cache_check import verify
-    from petal.storage import default_cache_dir
+    from petal.storage import cache_folder
 
-    r = verify(data, get_backbone(backbone), Path(cache or default_cache_dir()), sample or None,
+    r = verify(data, get_backbone(backbone), cache_folder(cache), sample or None,
                reporter=None if as_json else RichReporter())
     if as_json:
         print(json.dumps(r))

@@ -32,6 +32,7 @@ from petal.cli.options import (
     UriColumn,
     Workers,
     check_runner,
+    data_spec,
 )
 from petal.cli.render import (
     RichReporter,
@@ -51,6 +52,7 @@ commands = typer.Typer()  # this module's commands, added to `petal` by petal.cl
 def embed(
     ctx: typer.Context,
     data: Annotated[str, typer.Argument(help="Folder of class folders, or a CSV with image and label columns.")],
+    *,
     labels: Annotated[Optional[Path], typer.Option(help="dict.txt for a CSV.")] = None,
     uri_column: UriColumn = None,
     label_column: LabelColumn = None,
@@ -67,7 +69,7 @@ def embed(
     """Embed images into the cache (only those not cached yet)."""
     from petal.backbones import with_options
     from petal.data import load_dataset
-    from petal.workflow import embed_dataset
+    from petal.runs.common import embed_dataset
 
     backbone = with_options(backbone, image_size=image_size, crop_pct=crop_pct, mean=mean, std=std)
     check_runner(runner, ctx.args)
@@ -85,8 +87,8 @@ def embed(
             raise PetalError("--precision: --runner beam embeds in fp32 only")
         result, cache_obj = beam_embed(ds, backbone, cache, ctx.args)
     else:
-        result, cache_obj = embed_dataset(ds, backbone, cache, RichReporter(), workers, absolute(data), rehash,
-                                          precision)
+        result, cache_obj = embed_dataset(ds, backbone=backbone, cache_dir=cache, reporter=RichReporter(),
+                                          workers=workers, source=absolute(data), rehash=rehash, precision=precision)
     print_failures(result.failed)
     if errors:
         atomic_write_csv(errors, ["uri", "reason"], ds.skipped + result.failed)
@@ -102,6 +104,7 @@ def embed(
     "Find likely label errors, duplicates, train/eval leakage, outliers and class imbalance."))
 def audit(
     data: Data,
+    *,
     out_dir: Annotated[Path, typer.Option("--out", help="Folder for the findings.")] = Path("petal-audit"),
     labels: LabelsFile = None,
     uri_column: UriColumn = None,
@@ -119,12 +122,12 @@ def audit(
 ) -> None:
     """Find likely label errors, duplicates, train/eval leakage, outliers and class imbalance
     (suspects.csv, duplicates.csv, report.html in --out). Files are never moved."""
-    from petal.workflow import audit_data
+    from petal.runs.audit import audit_data
 
-    found = audit_data(data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column),
-                       eval_data=eval_data, eval_percent=eval_percent,
-                       backbone=backbone, cache_dir=cache, workers=workers, exclude=exclude, relabel=relabel,
-                       group=group, rehash=rehash, reporter=RichReporter() if not as_json else None)
+    data_ = data_spec(data, labels=labels, uri_column=uri_column, label_column=label_column, eval_data=eval_data,
+                      eval_percent=eval_percent, group=group, exclude=exclude, relabel=relabel)
+    found = audit_data(data_, out_dir, backbone=backbone, cache_dir=cache, workers=workers, rehash=rehash,
+                       reporter=RichReporter() if not as_json else None)
     if as_json:
         print(json.dumps({**found.summary(), "out": str(out_dir)}))
         return

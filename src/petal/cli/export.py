@@ -18,6 +18,7 @@ commands = typer.Typer()  # this module's commands, added to `petal` by petal.cl
 @commands.command(cls=Command)
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Exported model folder (RUN/model).")],
+    *,
     data: Annotated[str, typer.Argument(help="Labeled folder or CSV.")],
     out_dir: Annotated[Path, typer.Option("--out", help="Report folder.")] = Path("petal-eval"),
     labels: Annotated[Optional[Path], typer.Option(help=(
@@ -30,7 +31,7 @@ def evaluate(
     no_unknown: Annotated[bool, typer.Option("--no-unknown", help="Never call an image unknown.")] = False,
 ) -> None:
     """Evaluate an exported model on labeled data: metrics.json, confusion matrix, misclassified.csv."""
-    from petal.workflow import evaluate_model
+    from petal.runs.evaluate import evaluate_model
 
     metrics = evaluate_model(model, data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column),
                              unknown_data=unknown_data,
@@ -43,6 +44,7 @@ def evaluate(
 @commands.command(cls=Command)
 def export(
     run: Annotated[Path, typer.Argument(help="A run folder written by `petal train` (with --web: or a bundle).")],
+    *,
     cache: Cache = None,
     web: Annotated[Optional[Path], typer.Option(help=(
         "Instead, write a static web page that classifies photos in the browser (onnxruntime-web) "
@@ -61,9 +63,9 @@ def export(
 
         out.print(export_web(run, web, ort_dir).summary(), markup=False)
         return
-    from petal.workflow import export_run
+    from petal.runs.reexport import export_run
 
-    path = export_run(run, cache, precision, force, RichReporter())
+    path = export_run(run, cache, precision=precision, force=force, reporter=RichReporter())
     out.print(f"model: {path}")
     if precision == "int8":
         print_quantized(path)

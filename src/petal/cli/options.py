@@ -7,7 +7,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from petal.data import Columns
 from petal.errors import PetalError
+from petal.spec import DataSpec
 
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Embedding cache folder "
                                                "(default: $PETAL_CACHE_DIR or the user cache dir).")]
@@ -52,6 +54,14 @@ Group = Annotated[Optional[str], typer.Option(help=(
     "Regex on file names; images sharing its capture (e.g. one shoot: '^(.*)_\\d+') stay on one side "
     "of the eval split."))]
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished run already in --out.")]
+
+
+def data_spec(data: str, *, labels: Path | None, uri_column: str | None, label_column: str | None,
+              eval_data: str | None, eval_percent: float, group: str | None = None, exclude: Path | None = None,
+              relabel: Path | None = None) -> DataSpec:
+    """The DataSpec of the data options that `train`, `finetune` and `audit` share."""
+    return DataSpec(data, labels_file=labels, columns=Columns(uri_column, label_column), eval_source=eval_data,
+                    eval_percent=eval_percent, group=group, exclude=exclude, relabel=relabel)
 
 
 RUNNER_HELP = "'local', or 'beam' to run as an Apache Beam pipeline; extra --options go to Beam."

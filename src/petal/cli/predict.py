@@ -49,6 +49,7 @@ def predict(
     ctx: typer.Context,
     model: Annotated[Optional[str], typer.Argument(help=(
         "Exported model folder (RUN/model). Not given with --url: then every argument is an input."))] = None,
+    *,
     inputs: Annotated[Optional[list[str]], typer.Argument(help="Image files, folders, CSVs or globs.")] = None,
     top_k: Annotated[int, typer.Option(min=1, help="Labels per image, best first.")] = 5,
     output: Annotated[Optional[str], typer.Option(help=(
@@ -150,6 +151,7 @@ def counted(preds, advance):
 @commands.command(cls=Command)
 def classify(
     images: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    *,
     backbone: Backbone = DEFAULT_BACKBONE,
     top_k: Annotated[int, typer.Option(min=1, help="ImageNet names per image, best first.")] = 5,
     cache: Cache = None,

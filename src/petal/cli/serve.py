@@ -31,6 +31,7 @@ Precision = Annotated[Optional[str], typer.Option(help=(
 @commands.command("serve", cls=Command)
 def serve(
     model: ModelPath = None,
+    *,
     name: Annotated[Optional[str], typer.Option(help="URL name of MODEL (default: its run folder).")] = None,
     models: Annotated[Optional[list[str]], typer.Option("--model", help="More models: NAME=PATH (repeat).")
                       ] = None,
@@ -79,9 +80,10 @@ def serve(
     model_path, host, port = apply_vertex(model, host, port, vertex)
     config = ServeConfig(
         models=model_specs(model_path, name, models or []),
-        limits=Limits(int(max_body_mb * 1024 * 1024), max_images, max_pixels, max_request_pixels, timeout,
-                      header_timeout, body_timeout, max_concurrency),
-        batching=Batching(max_batch, batch_wait_ms),
+        limits=Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images, max_pixels=max_pixels,
+                      max_request_pixels=max_request_pixels, timeout_s=timeout, header_timeout_s=header_timeout,
+                      body_timeout_s=body_timeout, max_concurrency=max_concurrency),
+        batching=Batching(max_batch=max_batch, max_wait_ms=batch_wait_ms),
         api_key=api_key_from_env(api_key, api_key_file), threads=threads, decode_workers=workers,
         reject_unknown=unknown, precision=precision, vertex=vertex)
     check_port(host, port)
@@ -113,6 +115,7 @@ def require_serving_packages() -> None:
 @commands.command("encode-request", cls=Command)
 def encode_request(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    *,
     output: Annotated[Optional[Path], typer.Option(help=(
         "Write here instead of stdout; split requests go to NAME-1.json, NAME-2.json, ..."))] = None,
     max_per_request: Annotated[Optional[int], typer.Option(min=1, help=(
