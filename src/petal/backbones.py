@@ -100,11 +100,11 @@ def get_backbone(name: str) -> BackboneConfig:
                      f"got {name!r}")
 
 
-# img/s of the network on pre-decoded batches, by name or family: `benchmarks/backbones.py --rounds 5`
-# on this project's 2-core machine under a load average of 12-18 (all low; the ratios hold), at
-# each family's real size: DINOv2 ViT-S/14, ViT-B/16, CLIP B/32, SigLIP B/16, ConvNeXt-T (docs/backbones.md)
-MEASURED_IMG_S: dict[str, float] = {"efficientnet_lite0": 11.3, "dinov2": 1.0, "vit": 0.4, "clip": 1.7,
-                                    "siglip": 0.4, "convnext": 1.2}
+# img/s of the network on pre-decoded batches, by name or family: `benchmarks/backbones.py --rounds 3`
+# on this project's 2-core machine at a load average of about 1, at each family's real size:
+# DINOv2 ViT-S/14, ViT-B/16, CLIP B/32, SigLIP B/16, ConvNeXt-T (docs/backbones.md)
+MEASURED_IMG_S: dict[str, float] = {"efficientnet_lite0": 185.6, "dinov2": 13.6, "vit": 5.1, "clip": 21.1,
+                                    "siglip": 5.0, "convnext": 15.8}
 
 
 def listing() -> list[dict]:
