@@ -50,6 +50,14 @@ for (const td of document.querySelectorAll('td[data-cell]')) {
 }"""
 
 
+def script_json(value: object) -> str:
+    """JSON to put inside a page's <script> element. Every `<` (and `>`, `&`) is written as a
+    \\u escape, which JSON.parse reads back as the same character: a file name such as
+    `<!--<script>a.jpg` would otherwise put the HTML parser in the "double-escaped" script state
+    and swallow the rest of the page (the audit section), and `</script>` would end the element."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def thumbnail(uri: str) -> str:
     """A small JPEG of the image as a data: URI; an empty string if it cannot be read."""
     from PIL import Image
@@ -115,7 +123,7 @@ def confusion_section(classes: list[str], uris: list[str], y: np.ndarray, probs:
         body.append("<tr>" + "".join(row) + "</tr>")
     head = "".join(f"<th>{html.escape(classes[j])}</th>" for j in shown)
     note = f" ({len(shown)} of {c} classes: those with the most errors)" if len(shown) < c else ""
-    data = json.dumps(cells).replace("</", "<\\/")  # no "</script>" inside the JSON
+    data = script_json(cells)
     return (f"<h2>Confusion matrix{note}</h2><p class=muted>rows: true class, columns: predicted; "
             f'click a cell for its images</p><table class="cm"><tr><th>true \\ predicted</th>{head}</tr>'
             f'{"".join(body)}</table><h3 id="cell-title"></h3><div class="thumbs" id="cell-images"></div>'
