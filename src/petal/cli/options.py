@@ -13,7 +13,15 @@ from petal.spec import DataSpec
 
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Embedding cache folder "
                                                "(default: $PETAL_CACHE_DIR or the user cache dir).")]
-Backbone = Annotated[str, typer.Option(help="Backbone from the registry.")]
+Backbone = Annotated[str, typer.Option(help=(
+    "A registered backbone (petal backbones), hf:HUB_ID_OR_FOLDER (the hub extra), onnx:FILE.onnx, "
+    "or A+B (docs/backbones.md)."))]
+# the preprocessing of an onnx: backbone (train, embed)
+ImageSize = Annotated[Optional[int], typer.Option(min=1, help=(
+    "onnx: backbones: the image side the graph takes (default: the graph's own)."))]
+CropPct = Annotated[Optional[float], typer.Option(help="onnx: backbones: crop share of the resized image (0.875).")]
+Mean = Annotated[Optional[str], typer.Option(help="onnx: backbones: channel means R,G,B on the 0..1 scale.")]
+Std = Annotated[Optional[str], typer.Option(help="onnx: backbones: channel stds R,G,B on the 0..1 scale.")]
 Workers = Annotated[Optional[int], typer.Option(min=1, help="Decode threads (default: all cores).")]
 Rehash = Annotated[bool, typer.Option("--rehash", help=(
     "Read and hash every image again; by default a file whose size, mtime, inode and ctime are unchanged "

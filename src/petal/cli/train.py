@@ -13,24 +13,28 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperOption
 
-from petal.backbones import DEFAULT_BACKBONE
+from petal.backbones import DEFAULT_BACKBONE, with_options
 from petal.cli.command import Command
 from petal.cli.options import (
     Backbone,
     Cache,
+    CropPct,
     Data,
     EvalData,
     EvalPercent,
     Exclude,
     Export,
     Group,
+    ImageSize,
     LabelColumn,
     LabelsFile,
+    Mean,
     Overwrite,
     Precision,
     Rehash,
     Relabel,
     RunOut,
+    Std,
     UriColumn,
     Workers,
     data_spec,
@@ -127,12 +131,14 @@ def train(
     overwrite: Overwrite = False,
     rehash: Rehash = False,
     precision: Precision = "fp32",
+    image_size: ImageSize = None, crop_pct: CropPct = None, mean: Mean = None, std: Std = None,
 ) -> None:
     """Embed, train a head, calibrate it, evaluate and export: a folder of labeled images in,
     a model out that says "unknown" for images unlike every class. (To train backbone layers
     too: `petal finetune`.)"""
     from petal.runs.head import train as run_train
 
+    backbone = with_options(backbone, image_size=image_size, crop_pct=crop_pct, mean=mean, std=std)
     head = HeadClassifier(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
                           weight_decay=weight_decay, label_smoothing=label_smoothing,
                           class_weight=class_weight.value if class_weight else None, seed=seed)
@@ -215,8 +221,8 @@ def finetune_spec(o: SimpleNamespace) -> RunSpec:
     data = data_spec(o.data, labels=o.labels, uri_column=o.uri_column, label_column=o.label_column,
                      eval_data=o.eval_data, eval_percent=o.eval_percent, group=o.group, exclude=o.exclude,
                      relabel=o.relabel)
-    return RunSpec(data, o.out_dir, backbone=o.backbone, cache_dir=o.cache, overwrite=o.overwrite, keep=o.keep,
-                   trainer=config)
+    return RunSpec(data, o.out_dir, backbone=with_options(o.backbone), cache_dir=o.cache, overwrite=o.overwrite,
+                   keep=o.keep, trainer=config)
 
 
 def resumed_spec(ctx: typer.Context, run: Path) -> RunSpec:
