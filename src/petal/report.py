@@ -50,8 +50,8 @@ for (const td of document.querySelectorAll('td[data-cell]')) {
 }"""
 
 
-def thumbnail(uri: str) -> str:
-    """A small JPEG of the image as a data: URI; an empty string if it cannot be read."""
+def jpeg_thumbnail(uri: str, size: int = THUMB) -> bytes:
+    """A JPEG of the image at most `size` px on a side; b"" if it cannot be read."""
     from PIL import Image
 
     from petal.images import open_image, to_rgb
@@ -59,12 +59,18 @@ def thumbnail(uri: str) -> str:
 
     try:
         img = to_rgb(open_image(read_bytes(uri)))
-        img.thumbnail((THUMB, THUMB), Image.Resampling.BILINEAR)
+        img.thumbnail((size, size), Image.Resampling.BILINEAR)
         buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=70)
-    except Exception:  # noqa: BLE001 - a thumbnail that fails leaves a blank, never a broken report
-        return ""
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        img.save(buf, "JPEG", quality=70 if size <= THUMB else 85)
+    except Exception:  # noqa: BLE001 - a thumbnail that fails leaves a blank, never a broken page
+        return b""
+    return buf.getvalue()
+
+
+def thumbnail(uri: str) -> str:
+    """A small JPEG of the image as a data: URI; an empty string if it cannot be read."""
+    data = jpeg_thumbnail(uri)
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii") if data else ""
 
 
 def png_uri(path: Path) -> str:

@@ -1,0 +1,108 @@
+"""The review's decisions on disk: RUN/review.csv and RUN/labeled.csv, one row per decision.
+
+    review.csv   uri, label, action, was, card, step
+                 action "relabel" (label: the new one), "keep" (label: the one it had) or
+                 "exclude" (label empty); `petal train --relabel` reads uri,label and
+                 `--exclude` the rows whose action is "exclude" (petal.review)
+    labeled.csv  uri, label, card, step
+                 a label given to a new photo; an empty label: skipped (not one of the classes
+                 and no new class named). `petal train --labeled` adds the labeled rows.
+
+Every decision rewrites the file atomically (petal.storage), so a killed server or a closed
+tab loses nothing; `step` numbers the user's actions, so that undo removes one action
+(a whole map selection at once). Reopening reads the file and goes on where it stopped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from petal.data import TRAIN, Dataset, Example
+from petal.errors import DataError
+from petal.progress import Reporter
+from petal.storage import absolute, atomic_write_csv, read_csv
+
+REVIEW_FILE, LABELED_FILE = "review.csv", "labeled.csv"
+REVIEW_COLUMNS = ["uri", "label", "action", "was", "card", "step"]
+LABELED_COLUMNS = ["uri", "label", "card", "step"]
+RELABEL, KEEP, EXCLUDE, SKIP = "relabel", "keep", "exclude", "skip"
+
+
+class DecisionLog:
+    """One CSV of decisions, rows in the order they were made; rewritten whole on each change."""
+
+    def __init__(self, path: str | Path, columns: list[str]) -> None:
+        self.path, self.columns = Path(path), columns
+        self.rows: list[dict[str, str]] = self._read() if self.path.exists() else []
+        self.step = max((int(r["step"]) for r in self.rows if r.get("step", "").isdigit()), default=0)
+
+    def _read(self) -> list[dict[str, str]]:
+        try:
+            rows = read_csv(self.path)
+        except (OSError, UnicodeDecodeError) as e:
+            raise DataError(f"review: cannot read {self.path}: {e}") from None
+        missing = [c for c in ("uri", "label", "card", "step") if rows and c not in rows[0]]
+        if missing:
+            raise DataError(f"review: {self.path} lacks the column(s) {', '.join(missing)}: it was not "
+                            "written by petal review; move it away to start a new review")
+        return rows
+
+    def add(self, rows: list[dict[str, str]], step: int) -> None:
+        """Record one action (one or more rows, numbered `step`) and save."""
+        self.step = step
+        self.rows += [{**r, "step": str(step)} for r in rows]
+        self.save()
+
+    def undo(self) -> list[dict[str, str]]:
+        """Remove the last action's rows and save; returns them ([] when there is none)."""
+        if not self.rows:
+            return []
+        last = self.rows[-1]["step"]
+        gone = [r for r in self.rows if r["step"] == last]
+        self.rows = [r for r in self.rows if r["step"] != last]
+        self.step = int(self.rows[-1]["step"]) if self.rows else 0
+        self.save()
+        return gone
+
+    def save(self) -> None:
+        atomic_write_csv(self.path, self.columns, ([r.get(c, "") for c in self.columns] for r in self.rows))
+
+    def last_step(self) -> int:
+        return int(self.rows[-1]["step"]) if self.rows else 0
+
+    def cards(self) -> set[str]:
+        """The ids of the cards decided."""
+        return {r["card"] for r in self.rows}
+
+    def latest(self) -> dict[str, dict[str, str]]:
+        """uri -> its last decision."""
+        return {r["uri"]: r for r in self.rows}
+
+
+def labeled_rows(path: str | Path) -> list[tuple[str, str]]:
+    """(uri, label) of every labeled row of a labeled.csv (or any CSV with uri and label
+    columns); skipped photos (an empty label) are left out."""
+    try:
+        rows = read_csv(path)
+    except FileNotFoundError:
+        raise DataError(f"labeled: no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"labeled: cannot read {path}: {e}") from None
+    if rows and not {"uri", "label"} <= set(rows[0]):
+        raise DataError(f"labeled: {path} needs 'uri' and 'label' columns (it has {', '.join(rows[0])})")
+    return [(r["uri"], r["label"].strip()) for r in rows if r["label"].strip()]
+
+
+def add_labeled(ds: Dataset, path: str | Path | None, reporter: Reporter | None = None) -> Dataset:
+    """`ds` plus the labeled rows of `path` as training images (a new label: a new class, after
+    the others so that old class ids stay). Photos already in the data are not added twice."""
+    if path is None:
+        return ds
+    have = {absolute(e.uri) for e in ds.examples}
+    rows = [(u, lab) for u, lab in labeled_rows(path) if absolute(u) not in have]
+    classes = ds.classes + sorted({lab for _, lab in rows} - set(ds.classes))
+    extra = [Example(u, lab, TRAIN) for u, lab in rows]
+    (reporter or Reporter()).message(
+        f"labeled: {len(extra)} new image(s) added for training from {path}"
+        + (f", new class(es): {', '.join(classes[len(ds.classes):])}" if len(classes) > len(ds.classes) else ""))
+    return Dataset(ds.examples + extra, classes, ds.skipped, ds.warnings)

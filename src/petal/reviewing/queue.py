@@ -1,0 +1,112 @@
+"""New photos to label, in the order a label teaches the model most.
+
+    q = unlabeled_queue(run, "new_photos/")    # embeds them (cache), scores them with the run's head
+    q.cards                                     # NEW cards in queue order, then UNKNOWN ones
+
+The order (`queue_order`): uncertainty times diversity, greedily. Uncertainty is one minus
+the margin between the two best calibrated probabilities; diversity is a photo's cosine
+distance to the nearest image already covered (the run's training bank, then every photo
+picked before it): the k-center greedy idea, weighted by uncertainty so that a far but
+certain photo does not go first. The first GREEDY photos are ordered so; the rest follow by
+uncertainty. Photos the unknown detector rejects are grouped apart (UNKNOWN cards, last):
+"none of these", to label as a new class or to skip. Files are never moved.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from petal.backbones import get_backbone
+from petal.data import expand_inputs
+from petal.embed import embed
+from petal.errors import NothingUsableError, PetalError
+from petal.precision import FP32
+from petal.progress import Reporter
+from petal.reviewing.cards import NEW, UNKNOWN, Card
+from petal.run import Run
+from petal.storage import absolute
+from petal.unknown import normalize
+
+GREEDY = 1000  # photos ordered by the greedy rule; the rest by uncertainty alone
+TOP = 3  # classes shown per photo
+
+
+@dataclass
+class Queue:
+    cards: list[Card]
+    uris: list[str]  # every embedded photo
+    X: np.ndarray  # (N, D) their embeddings
+    failed: list[tuple[str, str]]
+
+
+def margin_uncertainty(probs: np.ndarray) -> np.ndarray:
+    """(N, C) probabilities -> (N,) 1 - (best - second best): 1 when the two best tie."""
+    if probs.shape[1] < 2:
+        return np.zeros(len(probs), np.float32)
+    top2 = -np.partition(-probs, 1, axis=1)[:, :2]
+    return (1 - (top2[:, 0] - top2[:, 1])).astype(np.float32)
+
+
+def queue_order(X: np.ndarray, uncertainty: np.ndarray, covered: np.ndarray | None = None,
+                greedy: int = GREEDY) -> np.ndarray:
+    """Indices of X (N, D) in labeling order: greedily the photo of the largest uncertainty x
+    (cosine distance to the nearest covered row), where `covered` (M, D) starts as the known
+    images and grows by each pick; past `greedy` picks, the rest by uncertainty."""
+    Xn = normalize(np.asarray(X, np.float32))
+    n = len(Xn)
+    dist = np.ones(n, np.float32)  # cosine distance to the nearest covered row
+    covered = np.zeros((0, Xn.shape[1]), np.float32) if covered is None else covered
+    for i in range(0, len(covered), 4096):  # (4096, N) similarities at a time
+        dist = np.minimum(dist, 1 - (normalize(np.asarray(covered[i:i + 4096], np.float32)) @ Xn.T).max(0))
+    order, taken = [], np.zeros(n, bool)
+    for _ in range(min(greedy, n)):
+        gain = np.where(taken, -np.inf, uncertainty * np.maximum(dist, 0))
+        i = int(np.argmax(gain))
+        order.append(i)
+        taken[i] = True
+        dist = np.minimum(dist, 1 - Xn @ Xn[i])
+    rest = np.flatnonzero(~taken)
+    return np.array(order + rest[np.argsort(-uncertainty[rest], kind="stable")].tolist(), np.int64)
+
+
+def unlabeled_queue(run: Run, folder: str | Path, cache_dir: str | Path | None = None,
+                    reporter: Reporter | None = None) -> Queue:
+    """Embed the photos under `folder` (from the cache when it can) and queue them for labeling."""
+    reporter = reporter or Reporter()
+    settings = run.settings()
+    uris, problems = expand_inputs([str(folder)])
+    if problems or not uris:
+        raise PetalError(f"unlabeled: {problems[0] if problems else f'no images in {folder}'}")
+    if settings.extra.get("precision", FP32) != FP32:
+        raise PetalError("unlabeled: only runs trained on fp32 features can score new photos here for now")
+    cfg = get_backbone(settings.backbone["name"])
+    with reporter.progress("embedding new photos", len(uris)) as advance:
+        result, cache = embed(uris, cfg, Path(cache_dir or settings.cache_dir), on_progress=advance,
+                              on_message=reporter.message, source=absolute(folder))
+    ok = [u for u in uris if u in result.keys]  # readable ones
+    if not ok:
+        raise NothingUsableError(f"unlabeled: none of the {len(uris)} photos in {folder} could be read")
+    X = cache.get([result.keys[u] for u in ok])
+    return Queue(score_cards(run, ok, X), ok, X, result.failed)
+
+
+def score_cards(run: Run, uris: list[str], X: np.ndarray) -> list[Card]:
+    """NEW cards in queue order, then UNKNOWN cards (rejected by the unknown detector) by ood score."""
+    settings = run.settings()
+    head, unknown = run.head(settings), run.unknown()
+    probs = head.predict_proba(X)  # (N, C) calibrated
+    classes = settings.classes
+    rejected = unknown.score(X, probs) > unknown.threshold if unknown else np.zeros(len(uris), bool)
+    u = margin_uncertainty(probs)
+    known = np.flatnonzero(~rejected)
+    order = known[queue_order(X[known], u[known], unknown.bank if unknown else None)] if len(known) else known
+
+    def card(i: int, kind: str) -> Card:
+        best = np.argsort(-probs[i])[:TOP]
+        return Card(f"{kind}:{uris[i]}", kind, [uris[i]], [""], classes[best[0]] if kind == NEW else "",
+                    float(u[i]), top=[(classes[j], round(float(probs[i, j]), 4)) for j in best])
+
+    return [card(int(i), NEW) for i in order] + [card(int(i), UNKNOWN) for i in np.flatnonzero(rejected)]
