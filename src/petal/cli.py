@@ -320,6 +320,8 @@ Exclude = Annotated[Optional[Path], typer.Option(help=(
     "Leave out the images listed in this CSV (a 'uri' column, e.g. a reviewed suspects.csv)."))]
 Relabel = Annotated[Optional[Path], typer.Option(help=(
     "Give the images in this CSV its 'suggested' (or 'label') column as their label."))]
+Labeled = Annotated[Optional[Path], typer.Option(help=(
+    "Add the photos of this CSV of uri,label (RUN/labeled.csv of `petal review`) as training images."))]
 Group = Annotated[Optional[str], typer.Option(help=(
     "Regex on file names; images sharing its capture (e.g. one shoot: '^(.*)_\\d+') stay on one side "
     "of the eval split."))]
@@ -392,6 +394,7 @@ def train(
         "that threshold are answered 'unknown'."))] = DEFAULT_KEEP,
     exclude: Exclude = None,
     relabel: Relabel = None,
+    labeled: Labeled = None,
     group: Group = None,
     export: Export = True,
     overwrite: Overwrite = False,
@@ -409,8 +412,8 @@ def train(
     r = run_train(data, out_dir, labels_file=labels, columns=Columns(uri_column, label_column),
                   eval_data=eval_data, eval_percent=eval_percent,
                   backbone=backbone, cache_dir=cache, head=head, workers=workers, export=export,
-                  overwrite=overwrite, keep=keep, exclude=exclude, relabel=relabel, group=group, rehash=rehash,
-                  precision=precision, reporter=RichReporter())
+                  overwrite=overwrite, keep=keep, exclude=exclude, relabel=relabel, labeled=labeled, group=group,
+                  rehash=rehash, precision=precision, reporter=RichReporter())
     e = r.embed
     out.print(f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed"
               + (f" (see {r.run_dir / 'errors.csv'})" if e["failed"] or e["skipped"] else ""))
@@ -870,10 +873,11 @@ def cache_verify_command(
 
 
 def _register_optional_commands() -> None:
-    """Commands that live in their own modules (serving)."""
-    from petal import cli_serve
+    """Commands that live in their own modules (serving, reviewing)."""
+    from petal import cli_review, cli_serve
 
     cli_serve.register(app, Command)
+    cli_review.register(app, Command, RichReporter)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -886,6 +890,7 @@ TRAINING_MODULES = frozenset({"torch", "onnx", "onnxscript", "pyarrow", "sklearn
 
 
 TRAINING_COMMANDS = frozenset({"train", "finetune", "embed", "audit", "evaluate", "export", "classify", "demo",
+                               "review", "retrain",
                                "cache"})
 
 

@@ -5,7 +5,8 @@
     petal train flower_photos/ --out runs/v2 --exclude audit/dropped.csv --relabel audit/suspects.csv
 
 `--exclude FILE`: a CSV with a `uri` column (suspects.csv and duplicates.csv' `uri_a`
-work as they are); those images are left out. `--relabel FILE`: a CSV with `uri` and
+work as they are); those images are left out; a CSV with an `action` column (RUN/review.csv
+of `petal review`) leaves out its rows whose action is "exclude". `--relabel FILE`: a CSV with `uri` and
 `suggested` (as suspects.csv has) or `label`; those images get that label, which must be
 one of the classes. Matching is by path, so a warm cache makes the rerun take seconds.
 """
@@ -46,8 +47,9 @@ def apply_review(ds: Dataset, exclude: str | Path | None = None, relabel: str | 
     if exclude is None and relabel is None:
         return ds
     reporter = reporter or Reporter()
-    drop = {_same(r.get("uri") or r.get("uri_a", "")) for r in _rows(exclude, "exclude", ("uri", "uri_a"))} \
-        if exclude else set()
+    # a review.csv (petal review) lists every decision: only its "exclude" rows are left out
+    drop = {_same(r.get("uri") or r.get("uri_a", "")) for r in _rows(exclude, "exclude", ("uri", "uri_a"))
+            if r.get("action", "exclude") == "exclude"} if exclude else set()
     new_label: dict[str, str] = {}
     for r in _rows(relabel, "relabel", ("uri",)) if relabel else []:
         # suspects.csv: "suggested" is the new label ("" for an outlier: nothing to relabel to)

@@ -31,6 +31,7 @@ from petal.predictions import Scores
 from petal.progress import Reporter
 from petal.report import write_html_report
 from petal.review import apply_review
+from petal.reviewing.log import add_labeled
 from petal.run import (
     FINETUNE,
     HEAD,
@@ -92,6 +93,7 @@ def train(
     keep: float = DEFAULT_KEEP,
     exclude: str | Path | None = None,
     relabel: str | Path | None = None,
+    labeled: str | Path | None = None,
     group: str | None = None,
     rehash: bool = False,
     feature_dtype: str | None = None,
@@ -101,6 +103,7 @@ def train(
     """embed -> audit the data -> train the head -> calibrate it, fit the unknown detector ->
     evaluate -> export, into the run folder `out`. `keep`: the share of known images the
     unknown threshold keeps; `exclude`/`relabel`: reviewed audit findings (petal.review);
+    `labeled`: a CSV of uri,label (RUN/labeled.csv of `petal review`) added as training images;
     `group`: a regex whose capture keeps related images on one side of the split; `rehash`:
     read and hash every file, whatever the hash memo says; `feature_dtype`: "float32" or
     "float16" embeddings in memory (default: float16 only past petal.features.FLOAT16_BYTES);
@@ -113,7 +116,8 @@ def train(
     check_backbone(cfg, cache_dir)  # before the data scan: a missing weights package is said at once
     run = Run.create(out, data, overwrite)
 
-    ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter, columns)
+    ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter, columns,
+                       labeled)
     run.make(clear=overwrite)  # only once the data is known to be usable
 
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers, absolute(data), rehash, precision)
@@ -171,11 +175,12 @@ def evaluate_head(run: Run, classes: list[str], feats: Features, head: HeadClass
 
 def load_reviewed(data: str | Path, labels_file: str | Path | None, eval_data: str | Path | None,
                   eval_percent: float, group: str | None, exclude: str | Path | None, relabel: str | Path | None,
-                  reporter: Reporter, columns: Columns = Columns()) -> Dataset:
-    """The labeled data, split, with reviewed audit findings applied; shown to the reporter."""
+                  reporter: Reporter, columns: Columns = Columns(), labeled: str | Path | None = None) -> Dataset:
+    """The labeled data, split, with reviewed audit findings applied and newly labeled photos
+    added for training; shown to the reporter."""
     ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent, group=group,
                       columns=columns, reporter=reporter)
-    ds = apply_review(ds, exclude, relabel, reporter)
+    ds = add_labeled(apply_review(ds, exclude, relabel, reporter), labeled, reporter)
     reporter.dataset(ds)
     return ds
 

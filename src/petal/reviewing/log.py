@@ -15,6 +15,7 @@ tab loses nothing; `step` numbers the user's actions, so that undo removes one a
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 from petal.data import TRAIN, Dataset, Example
@@ -106,3 +107,22 @@ def add_labeled(ds: Dataset, path: str | Path | None, reporter: Reporter | None 
         f"labeled: {len(extra)} new image(s) added for training from {path}"
         + (f", new class(es): {', '.join(classes[len(ds.classes):])}" if len(classes) > len(ds.classes) else ""))
     return Dataset(ds.examples + extra, classes, ds.skipped, ds.warnings)
+
+
+def copy_labeled(path: str | Path, data_dir: str | Path) -> list[Path]:
+    """Copy the labeled photos of a labeled.csv into DATA/<label>/ (a class folder each), never
+    moving or overwriting a file: a name taken by other bytes gets a -2, -3... suffix; a copy
+    already there is left alone. Returns the files written."""
+    written = []
+    for uri, label in labeled_rows(path):
+        src = Path(uri)
+        folder = Path(data_dir) / label
+        folder.mkdir(parents=True, exist_ok=True)
+        dest, n = folder / src.name, 1
+        while dest.exists() and dest.read_bytes() != src.read_bytes():
+            n += 1
+            dest = folder / f"{src.stem}-{n}{src.suffix}"
+        if not dest.exists():
+            shutil.copy2(src, dest)
+            written.append(dest)
+    return written

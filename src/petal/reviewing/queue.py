@@ -28,7 +28,7 @@ from petal.progress import Reporter
 from petal.reviewing.cards import NEW, UNKNOWN, Card
 from petal.run import Run
 from petal.storage import absolute
-from petal.unknown import normalize
+from petal.unknown import KnnUnknown, normalize
 
 GREEDY = 1000  # photos ordered by the greedy rule; the rest by uncertainty alone
 TOP = 3  # classes shown per photo
@@ -93,20 +93,28 @@ def unlabeled_queue(run: Run, folder: str | Path, cache_dir: str | Path | None =
     return Queue(score_cards(run, ok, X), ok, X, result.failed)
 
 
-def score_cards(run: Run, uris: list[str], X: np.ndarray) -> list[Card]:
-    """NEW cards in queue order, then UNKNOWN cards (rejected by the unknown detector) by ood score."""
-    settings = run.settings()
-    head, unknown = run.head(settings), run.unknown()
-    probs = head.predict_proba(X)  # (N, C) calibrated
-    classes = settings.classes
-    rejected = unknown.score(X, probs) > unknown.threshold if unknown else np.zeros(len(uris), bool)
-    u = margin_uncertainty(probs)
+def labeling_order(X: np.ndarray, probs: np.ndarray, unknown: KnnUnknown | None) -> tuple[np.ndarray, np.ndarray]:
+    """New photos X (N, D) with their calibrated probabilities (N, C) -> (indices of the photos the
+    unknown detector keeps, in queue order; indices of those it rejects, most unlike first)."""
+    ood = unknown.score(X, probs) if unknown else np.zeros(len(X), np.float32)
+    rejected = ood > unknown.threshold if unknown else np.zeros(len(X), bool)
     known = np.flatnonzero(~rejected)
+    u = margin_uncertainty(probs)
     order = known[queue_order(X[known], u[known], unknown.bank if unknown else None)] if len(known) else known
+    out = np.flatnonzero(rejected)
+    return order, out[np.argsort(-ood[out], kind="stable")]
+
+
+def score_cards(run: Run, uris: list[str], X: np.ndarray) -> list[Card]:
+    """NEW cards in queue order, then UNKNOWN cards (rejected by the unknown detector)."""
+    settings = run.settings()
+    probs = run.head(settings).predict_proba(X)  # (N, C) calibrated
+    order, rejected = labeling_order(X, probs, run.unknown())
+    u, classes = margin_uncertainty(probs), settings.classes
 
     def card(i: int, kind: str) -> Card:
         best = np.argsort(-probs[i])[:TOP]
         return Card(f"{kind}:{uris[i]}", kind, [uris[i]], [""], classes[best[0]] if kind == NEW else "",
                     float(u[i]), top=[(classes[j], round(float(probs[i, j]), 4)) for j in best])
 
-    return [card(int(i), NEW) for i in order] + [card(int(i), UNKNOWN) for i in np.flatnonzero(rejected)]
+    return [card(int(i), NEW) for i in order] + [card(int(i), UNKNOWN) for i in rejected]
