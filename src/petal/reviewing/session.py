@@ -44,6 +44,7 @@ class ReviewSession:
         self.cards, self.classes = cards, list(classes)
         self.map_labels = map_labels or {}
         self.by_id = {c.id: c for c in cards}
+        self.single = {c.uris[0]: c.id for c in cards if len(c.uris) == 1}  # uri -> its one-image card
         self.review = DecisionLog(Path(run_dir) / REVIEW_FILE, REVIEW_COLUMNS)
         self.labeled = DecisionLog(Path(run_dir) / LABELED_FILE, LABELED_COLUMNS)
         self.lock = threading.Lock()
@@ -100,21 +101,18 @@ class ReviewSession:
 
     def done(self) -> set[str]:
         """Cards answered: on their own, or (one image) through a map selection."""
-        decided = self.review.cards() | self.labeled.cards()
-        on_map = {r["uri"] for r in self.review.rows if r["card"] == MAP_CARD}
-        return {c.id for c in self.cards if c.id in decided or (len(c.uris) == 1 and c.uris[0] in on_map)}
+        decided = (self.review.decided | self.labeled.decided) & self.by_id.keys()
+        on_map = (self.single.get(u) for u, r in self.review.latest.items() if r["card"] == MAP_CARD)
+        return decided | {c for c in on_map if c}
 
     def progress(self) -> dict:
         """How many cards are reviewed and left, and how many images changed (relabelled,
         excluded or newly labeled, by their latest decision)."""
-        done = self.done()
-        latest = self.review.latest()
-        changed = sum(r["action"] in (RELABEL, EXCLUDE) and (r["action"] == EXCLUDE or r["label"] != r["was"])
-                      for r in latest.values())
-        labeled = sum(bool(r["label"]) for r in self.labeled.latest().values())
-        return {"reviewed": len(done), "left": len(self.cards) - len(done), "changed": changed + labeled,
-                "relabelled": sum(r["action"] == RELABEL and r["label"] != r["was"] for r in latest.values()),
-                "excluded": sum(r["action"] == EXCLUDE for r in latest.values()), "labeled": labeled,
+        reviewed = len(self.done())
+        tally = self.review.tally + self.labeled.tally
+        return {"reviewed": reviewed, "left": len(self.cards) - reviewed,
+                "changed": tally["relabelled"] + tally["excluded"] + tally["labeled"],
+                "relabelled": tally["relabelled"], "excluded": tally["excluded"], "labeled": tally["labeled"],
                 "classes": self.classes}
 
     # ------------------------------------------------------------------ rows

@@ -136,7 +136,9 @@ function answer(action, extra = {}) {
 }
 
 function send(path, body) {
-  pending = pending.then(() => api(path, body)).then((p) => {
+  let t0 = 0;
+  pending = pending.then(() => { t0 = performance.now(); return api(path, body); }).then((p) => {
+    (window.petalTimings = window.petalTimings || []).push(performance.now() - t0);  // ms a POST took
     state.progress = p;
     if (p.classes) state.classes = p.classes;
     showProgress();
@@ -230,8 +232,9 @@ const PetalMap = (() => {
                    "#bcbd22", "#17becf"];
   let pts = null, grid = null, base = null, selected = new Set(), drag = null;
 
-  const px = (i) => PAD + pts.x[i] * (W - 2 * PAD);
-  const py = (i) => PAD + (1 - pts.y[i]) * (H - 2 * PAD);
+  let X = null, Y = null, byLabel = null;  // pixel positions, and the points sorted by label: once per map
+  const px = (i) => X[i];
+  const py = (i) => Y[i];
   const color = (lab) => lab < 0 ? "#999" : PALETTE[lab % PALETTE.length];
 
   async function open() {
@@ -244,6 +247,14 @@ const PetalMap = (() => {
   }
 
   function buildGrid() {  // a bucket per CELL px: hovering finds the nearest point among a few
+    const n = pts.x.length;
+    X = new Float32Array(n);
+    Y = new Float32Array(n);
+    for (let i = 0; i < n; i++) {
+      X[i] = PAD + pts.x[i] * (W - 2 * PAD);
+      Y[i] = PAD + (1 - pts.y[i]) * (H - 2 * PAD);
+    }
+    sortByLabel();
     grid = new Map();
     for (let i = 0; i < pts.x.length; i++) {
       const key = Math.floor(px(i) / CELL) + "," + Math.floor(py(i) / CELL);
@@ -252,19 +263,19 @@ const PetalMap = (() => {
     }
   }
 
+  function sortByLabel() {
+    byLabel = Int32Array.from({ length: pts.x.length }, (_, i) => i).sort((a, b) => pts.label[a] - pts.label[b]);
+  }
+
   function draw() {  // every point once, a colour at a time; flagged ones on top with a dark ring
     const t0 = performance.now();
     const n = pts.x.length, done = doneUris();
     ctx.clearRect(0, 0, W, H);
-    const byColor = new Map();
-    for (let i = 0; i < n; i++) {
+    let last = null;
+    for (const i of byLabel) {  // one fillStyle change per class
       const c = color(pts.label[i]);
-      if (!byColor.has(c)) byColor.set(c, []);
-      byColor.get(c).push(i);
-    }
-    for (const [c, idx] of byColor) {
-      ctx.fillStyle = c;
-      for (const i of idx) ctx.fillRect(px(i) - 1.5, py(i) - 1.5, 3, 3);
+      if (c !== last) { ctx.fillStyle = c; last = c; }
+      ctx.fillRect(X[i] - 1.5, Y[i] - 1.5, 3, 3);
     }
     ctx.lineWidth = 1.2;
     for (let i = 0; i < n; i++) {
@@ -364,7 +375,10 @@ const PetalMap = (() => {
     const ids = new Set(img);
     send("select", { img, action, label }).then((p) => {
       if (!p) return;
-      if (action === "relabel") for (const i of selected) if (ids.has(pts.img[i])) pts.label[i] = state.classes.indexOf(label);
+      if (action === "relabel") {
+        for (const i of selected) if (ids.has(pts.img[i])) pts.label[i] = state.classes.indexOf(label);
+        sortByLabel();
+      }
       setStatus(`${img.length} image(s) ${action === "relabel" ? "relabelled " + label : "excluded"}`);
       selected = new Set();
       reloadDecisions().then(refresh);
