@@ -1,0 +1,215 @@
+"""petal.reviewing: the decision logs and what train reads of them, the labeling queue, the
+review server's locks, retrain, and the page in a real Chromium (keyboard flow, reload and
+server kill, the map's selection, the token)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from petal.data import load_dataset
+from petal.review import apply_review
+from petal.reviewing.cards import DUPLICATE, NEW, SUSPECT, Card, run_cards
+from petal.reviewing.log import add_labeled, copy_labeled
+from petal.reviewing.queue import margin_uncertainty, queue_order
+from petal.reviewing.session import ReviewSession
+from petal.run import Run
+from petal.storage import absolute, read_csv
+
+
+def cards_for(dataset: Path) -> tuple[list[Card], list[str]]:
+    """Three one-image cards and a duplicate pair over the synthetic set's first images."""
+    ds = load_dataset(dataset, eval_percent=0.0)
+    ex = [e for e in ds.examples][:5]
+    u = [absolute(e.uri) for e in ex]
+    other = next(c for c in ds.classes if c != ex[0].label)
+    cards = [Card(f"label:{u[0]}", SUSPECT, [u[0]], [ex[0].label], other, 0.9),
+             Card(f"label:{u[1]}", SUSPECT, [u[1]], [ex[1].label], other, 0.8),
+             Card(f"label:{u[2]}", SUSPECT, [u[2]], [ex[2].label], other, 0.7),
+             Card(f"dup:{u[3]}|{u[4]}", DUPLICATE, [u[3], u[4]], [ex[3].label, ex[4].label], "", 1.0, "exact")]
+    return cards, ds.classes
+
+
+def test_review_csv_is_what_train_relabels_and_excludes(tmp_path, dataset):
+    cards, classes = cards_for(dataset)
+    s = ReviewSession(tmp_path, cards, classes, {c.uris[0]: c.labels[0] for c in cards})
+    s.decide(cards[0].id, "accept")  # -> the suggested label
+    s.decide(cards[1].id, "keep")
+    s.decide(cards[2].id, "exclude")
+    p = s.decide(cards[3].id, "exclude", which=1)  # the right image of the pair
+    assert (p["reviewed"], p["left"], p["relabelled"], p["excluded"], p["changed"]) == (4, 0, 1, 2, 3)
+
+    review = tmp_path / "review.csv"
+    ds = apply_review(load_dataset(dataset, eval_percent=0.0), exclude=review, relabel=review)
+    label = {absolute(e.uri): e.label for e in ds.examples}
+    assert label[cards[0].uris[0]] == cards[0].suggested != cards[0].labels[0]
+    assert label[cards[1].uris[0]] == cards[1].labels[0]  # kept: unchanged, and not excluded
+    assert cards[2].uris[0] not in label and cards[3].uris[1] not in label  # excluded
+    assert label[cards[3].uris[0]] == cards[3].labels[0]  # the pair's other image stays
+    with pytest.raises(ValueError, match="which"):
+        s.decide(cards[3].id, "exclude")
+    with pytest.raises(ValueError, match="label: expected one of the classes"):
+        s.decide(cards[0].id, "relabel", label="nope")
+
+
+def test_undo_takes_back_one_action_and_a_new_session_resumes(tmp_path, dataset):
+    cards, classes = cards_for(dataset)
+    on_map = {c.uris[0]: c.labels[0] for c in cards}
+    s = ReviewSession(tmp_path, cards, classes, on_map)
+    s.decide(cards[0].id, "keep")
+    p = s.select([cards[1].uris[0], cards[2].uris[0]], "relabel", classes[0])  # one action, two images
+    assert p["reviewed"] == 3  # one-image cards answered through the map count as reviewed
+    assert s.undo()["undone"] == ""  # the whole selection went
+    assert [r["card"] for r in read_csv(tmp_path / "review.csv")] == [cards[0].id]
+    s.decide(cards[2].id, "exclude")
+
+    again = ReviewSession(tmp_path, cards, classes, on_map)  # a restarted server
+    assert again.progress()["reviewed"] == 2 and again.done() == {cards[0].id, cards[2].id}
+    assert again.undo()["undone"] == cards[2].id
+    assert ReviewSession(tmp_path, cards, classes).done() == {cards[0].id}
+
+
+def test_labeled_photos_join_training_as_a_new_class_and_are_copied_only_when_asked(tmp_path, dataset):
+    new = sorted(dataset.glob("*/*"))[:3]
+    cards = [Card(f"new:{p}", NEW, [str(p)], [""], "circles") for p in new]
+    s = ReviewSession(tmp_path, cards, ["circles", "squares"])
+    s.decide(cards[0].id, "accept")
+    s.decide(cards[1].id, "relabel", label="hexagons")  # "none of these": a new class
+    s.decide(cards[2].id, "skip")
+    assert s.progress()["classes"][-1] == "hexagons"
+    ds = load_dataset(dataset, eval_percent=0.0)
+    first = ds.examples[0]
+    labeled = tmp_path / "labeled.csv"
+    more = add_labeled(ds, labeled)
+    assert len(more.examples) == len(ds.examples)  # the photos are in the data already: not twice
+    copies = copy_labeled(labeled, tmp_path / "data")
+    assert sorted(p.parent.name for p in copies) == ["circles", "hexagons"]
+    assert all(p.exists() for p in new)  # copied, never moved
+    with open(tmp_path / "extra.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["uri", "label"], [str(tmp_path / "data" / "hexagons" / new[1].name), "hexagons"]])
+    grown = add_labeled(ds, tmp_path / "extra.csv")
+    assert grown.classes == ds.classes + ["hexagons"] and grown.examples[0] == first
+    assert grown.examples[-1].split == "train" and grown.examples[-1].label == "hexagons"
+
+
+def test_queue_weighs_uncertainty_by_distance_to_what_is_covered():
+    probs = np.array([[0.5, 0.5], [0.9, 0.1], [0.55, 0.45], [0.52, 0.48]])
+    np.testing.assert_allclose(margin_uncertainty(probs), [1.0, 0.2, 0.9, 0.96], atol=1e-6)
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(3, 64))
+    X = np.stack([base[0], base[0] + 1e-3, base[1], base[2]])  # photos 0 and 1: the same
+    u = np.array([1.0, 0.99, 0.6, 0.5], np.float32)
+    assert queue_order(X, u).tolist()[:2] == [0, 2]  # the twin of the first is not second
+    assert queue_order(X, u, covered=base[1:2]).tolist()[:2] == [0, 3]  # photo 2 is like a known one: not next
+
+
+# --------------------------------------------------------------------------- a run with planted errors
+
+@pytest.fixture(scope="module")
+def flipped_run(tmp_path_factory, dataset, cache_dir) -> tuple[Path, dict[str, str]]:
+    """A head run on the synthetic set with 3 labels flipped (export skipped): (run folder,
+    {flipped uri: its true label})."""
+    from petal.head import HeadClassifier
+    from petal.workflow import train
+
+    tmp = tmp_path_factory.mktemp("flipped")
+    ds = load_dataset(dataset, eval_percent=25.0)
+    rows = [[absolute(e.uri), e.label] for e in ds.examples]
+    truth = {}
+    for i in (0, 17, 34):
+        truth[rows[i][0]] = rows[i][1]
+        rows[i][1] = next(c for c in ds.classes if c != rows[i][1])
+    with open(tmp / "data.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["uri", "label"], *rows])
+    run = train(tmp / "data.csv", tmp / "run", cache_dir=cache_dir, eval_percent=25.0, export=False,
+                head=HeadClassifier(epochs=20, seed=0)).run_dir
+    return run, truth
+
+
+@pytest.fixture()
+def review_dir(flipped_run, tmp_path) -> Path:
+    """A fresh copy of the run, so that each test's decisions start from none."""
+    return Path(shutil.copytree(flipped_run[0], tmp_path / "run"))
+
+
+def test_cards_put_the_planted_errors_first_with_their_true_label_suggested(review_dir, flipped_run):
+    truth = flipped_run[1]
+    cards = run_cards(Run.open(review_dir))
+    top = [c for c in cards if c.kind == SUSPECT][:3]
+    assert {c.uris[0]: c.suggested for c in top} == truth
+    assert [c.tier for c in cards] == sorted(c.tier for c in cards)  # conflicts, suspects, outliers, pairs
+
+
+def test_server_refuses_without_the_token_and_cross_site_posts(review_dir):
+    import httpx
+
+    from petal.reviewing.server import review_server
+    from petal.reviewing.workbench import open_review
+
+    wb = open_review(review_dir, with_map=False)
+    card = wb.session.cards[0].id
+    with review_server(wb) as url:
+        base, token = url.split("?")[0], url.split("token=")[1]
+        with httpx.Client() as anon:
+            assert anon.get(base).status_code == 403  # the page itself, without ?token=
+            assert anon.get(base + "?token=wrong").status_code == 403
+            for path in ("api/cards", "api/map", "api/image/0"):
+                assert anon.get(base + path).status_code == 403, path
+            assert anon.post(base + "api/decide", json={"card": card, "action": "keep"}).status_code == 403
+            assert anon.get(base + "api/cards", headers={"Host": f"evil.example:{base.split(':')[2]}"}
+                            ).status_code == 403  # DNS rebinding: another name for this address
+        with httpx.Client() as browser:
+            page = browser.get(url)
+            assert page.status_code == 200 and "HttpOnly" in page.headers["set-cookie"]
+            assert "samesite=strict" in page.headers["set-cookie"].lower()
+            assert browser.get(base + "api/cards").status_code == 200  # the cookie reads
+            # a form or fetch from another site carries the cookie, but no token header: refused
+            assert browser.post(base + "api/decide", json={"card": card, "action": "keep"}).status_code == 403
+            ok = {"X-Petal-Token": token}
+            assert browser.post(base + "api/decide", json={"card": card, "action": "keep"},
+                                headers={**ok, "Origin": "http://evil.example"}).status_code == 403
+            assert not (review_dir / "review.csv").exists()
+            r = browser.post(base + "api/decide", json={"card": card, "action": "keep"}, headers=ok)
+            assert r.status_code == 200 and r.json()["reviewed"] == 1
+            bad = browser.post(base + "api/decide", json={"card": card, "action": "burn"}, headers=ok)
+            assert bad.status_code == 400 and "action: expected one of" in bad.json()["error"]
+            assert browser.get(base + f"api/image/{len(wb.images)}").status_code == 404
+            img = browser.get(base + "api/image/0")
+            assert img.status_code == 200 and img.content[:2] == b"\xff\xd8"  # a JPEG
+    assert [r["card"] for r in read_csv(review_dir / "review.csv")] == [card]
+
+
+def test_retrain_applies_the_review_and_compares(review_dir, flipped_run, dataset):
+    from petal.reviewing.retrain import retrain
+
+    truth = flipped_run[1]
+    cards = [c for c in run_cards(Run.open(review_dir)) if c.kind == SUSPECT]
+    s = ReviewSession(review_dir, cards, Run.open(review_dir).settings().classes)
+    for c in cards:
+        s.decide(c.id, "relabel", label=truth[c.uris[0]]) if c.uris[0] in truth else s.decide(c.id, "keep")
+    photo = review_dir.parent / "new" / "photo.png"  # a new photo, outside the data
+    photo.parent.mkdir()
+    shutil.copyfile(next(iter(sorted(dataset.glob("circles/*.png")))), photo)
+    with open(review_dir / "labeled.csv", "w", newline="") as f:  # as petal review writes it
+        csv.writer(f).writerows([["uri", "label", "card", "step"], [str(photo), "ovals", f"new:{photo}", "99"]])
+    r = retrain(review_dir, export=False)
+    assert r.new == review_dir.parent / "run-2"
+    label = {absolute(x["uri"]): x["label"] for x in read_csv(r.new / "split.csv")}
+    assert all(label[u] == t for u, t in truth.items())  # every planted error fixed in the new run
+    assert json.loads((r.new / "settings.json").read_text())["classes"][-1] == "ovals"
+    assert label[absolute(photo)] == "ovals"
+    rows = {w: (a, b) for w, a, b in r.rows}
+    assert rows["accuracy"] == (r.old_metrics["accuracy"], r.new_metrics["accuracy"])
+    assert "ECE" in rows and "kept share" in rows and "ovals f1" in rows
+    assert 'id="retrain"' in (r.new / "report.html").read_text()
+    assert (r.new / "review.csv").read_bytes() == (review_dir / "review.csv").read_bytes()  # goes on from there
