@@ -117,7 +117,7 @@ def test_queue_weighs_uncertainty_by_distance_to_what_is_covered():
 
 @pytest.fixture(scope="module")
 def flipped_run(tmp_path_factory, dataset, cache_dir) -> tuple[Path, dict[str, str]]:
-    """A head run on the synthetic set with 3 labels flipped (export skipped): (run folder,
+    """A head run on the synthetic set with 5 labels flipped (export skipped): (run folder,
     {flipped uri: its true label})."""
     from petal.head import HeadClassifier
     from petal.workflow import train
@@ -126,7 +126,7 @@ def flipped_run(tmp_path_factory, dataset, cache_dir) -> tuple[Path, dict[str, s
     ds = load_dataset(dataset, eval_percent=25.0)
     rows = [[absolute(e.uri), e.label] for e in ds.examples]
     truth = {}
-    for i in (0, 17, 34):
+    for i in (0, 9, 17, 26, 34):
         truth[rows[i][0]] = rows[i][1]
         rows[i][1] = next(c for c in ds.classes if c != rows[i][1])
     with open(tmp / "data.csv", "w", newline="") as f:
@@ -145,7 +145,7 @@ def review_dir(flipped_run, tmp_path) -> Path:
 def test_cards_put_the_planted_errors_first_with_their_true_label_suggested(review_dir, flipped_run):
     truth = flipped_run[1]
     cards = run_cards(Run.open(review_dir))
-    top = [c for c in cards if c.kind == SUSPECT][:3]
+    top = [c for c in cards if c.kind == SUSPECT][:len(truth)]
     assert {c.uris[0]: c.suggested for c in top} == truth
     assert [c.tier for c in cards] == sorted(c.tier for c in cards)  # conflicts, suspects, outliers, pairs
 
@@ -213,3 +213,128 @@ def test_retrain_applies_the_review_and_compares(review_dir, flipped_run, datase
     assert "ECE" in rows and "kept share" in rows and "ovals f1" in rows
     assert 'id="retrain"' in (r.new / "report.html").read_text()
     assert (r.new / "review.csv").read_bytes() == (review_dir / "review.csv").read_bytes()  # goes on from there
+
+
+# --------------------------------------------------------------------------- the page in Chromium
+
+def needs_browser() -> None:
+    pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
+    from petal.webpage.browser import chromium_path
+
+    if not chromium_path():
+        pytest.skip("no Chromium browser found (apt-get install chromium, or set PETAL_CHROMIUM)")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    needs_browser()
+    from petal.webpage.browser import chromium
+
+    with chromium() as b:
+        yield b
+
+
+def start_review(run: Path) -> tuple[subprocess.Popen, str]:
+    """`petal review RUN` in its own process on a free port; (process, the printed URL)."""
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.Popen([sys.executable, "-m", "petal.cli", "review", str(run), "--port", "0", "--no-map"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    for line in proc.stdout:
+        if m := re.search(r"open (http://\S+)", line):
+            return proc, m.group(1)
+    raise AssertionError(f"petal review did not print its URL (exit {proc.wait()})")
+
+
+def saved(page, n: int) -> None:
+    page.wait_for_function(f"Number(document.body.dataset.saved || 0) >= {n}", timeout=30_000)
+
+
+def test_keyboard_flow_survives_a_reload_and_a_killed_server(browser, review_dir):
+    proc, url = start_review(review_dir)
+    try:
+        page = browser.new_context().new_page()
+        problems = []
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']")
+        cards = page.evaluate("state.cards")
+        classes = page.evaluate("state.classes")
+        assert [c["kind"] for c in cards[:3]] == ["label"] * 3
+        at = lambda: page.get_attribute("#card", "data-id")  # noqa: E731 - the card shown
+        assert at() == cards[0]["id"]
+        page.keyboard.press("Enter")  # accept the suggestion
+        saved(page, 1)
+        assert at() == cards[1]["id"]  # moved on by itself
+        page.keyboard.press("k")  # keep
+        saved(page, 2)
+        page.keyboard.press("2")  # relabel to the second class...
+        saved(page, 3)
+        page.keyboard.press("u")  # ...no: undo, the same card comes back
+        saved(page, 4)
+        assert at() == cards[2]["id"]
+        page.click("text=exclude it")  # the mouse works too
+        saved(page, 5)
+        want = [(cards[0]["id"], "relabel", cards[0]["suggested"]), (cards[1]["id"], "keep", cards[1]["labels"][0]),
+                (cards[2]["id"], "exclude", "")]
+        got = lambda: [(r["card"], r["action"], r["label"]) for r in read_csv(review_dir / "review.csv")]  # noqa: E731
+        assert got() == want and classes[1] not in [r[2] for r in got()[2:]]
+        assert page.inner_text("#progress").startswith(f"reviewed 3 · left {len(cards) - 3} · changed 2")
+
+        page.reload()  # a closed tab loses nothing
+        page.wait_for_selector("body[data-ready='1']")
+        assert at() == cards[3]["id"] and page.inner_text("#progress").startswith("reviewed 3")
+
+        proc.send_signal(signal.SIGKILL)  # a killed server neither
+        proc.wait()
+        proc, url = start_review(review_dir)
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']")
+        assert at() == cards[3]["id"] and page.inner_text("#progress").startswith("reviewed 3")
+        assert got() == want and not problems
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_map_selection_relabels_in_one_action_and_undo_takes_it_back(browser, review_dir):
+    from petal.reviewing.server import review_server
+    from petal.reviewing.workbench import open_review
+
+    wb = open_review(review_dir)
+    with review_server(wb) as url:
+        page = browser.new_context().new_page()
+        page.goto(url)
+        page.wait_for_selector("body[data-ready='1']")
+        page.keyboard.press("m")
+        page.wait_for_function("window.petalMapStats")
+        assert page.evaluate("window.petalMapStats.points") == len(wb.map.uris)
+        box = page.locator("#map").bounding_box()
+        page.mouse.move(box["x"] + 5, box["y"] + 5)  # a box over the left half of the map
+        page.mouse.down()
+        page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] - 5, steps=8)
+        page.mouse.up()
+        chosen = page.evaluate("[...PetalMap.selected()].map(i => state.cards && i)")
+        xy = wb.map.xy
+        inside = {u for u, (x, _) in zip(wb.map.uris, xy) if 12 + x * (900 - 24) <= 900 / 2}
+        assert 0 < len(chosen) and {wb.map.uris[i] for i in chosen} == inside  # what the box covers, no more
+        classes = wb.session.classes
+        page.keyboard.press("1")  # all of them -> the first class, in one action
+        saved(page, 1)
+        rows = read_csv(review_dir / "review.csv")
+        assert {r["uri"] for r in rows} == inside and {(r["card"], r["label"], r["step"]) for r in rows} == {
+            ("map", classes[0], "1")}
+        page.keyboard.press("u")
+        saved(page, 2)
+        assert read_csv(review_dir / "review.csv") == []
+
+
+def test_page_refuses_a_browser_without_the_token(browser, review_dir):
+    from petal.reviewing.server import review_server
+    from petal.reviewing.workbench import open_review
+
+    with review_server(open_review(review_dir, with_map=False)) as url:
+        page = browser.new_context().new_page()
+        answer = page.goto(url.split("?")[0])
+        assert answer.status == 403 and "token" in page.inner_text("body")
+        assert page.evaluate("fetch('api/cards').then(r => r.status)") == 403
