@@ -302,6 +302,8 @@ def test_map_selection_relabels_in_one_action_and_undo_takes_it_back(browser, re
     from petal.reviewing.workbench import open_review
 
     wb = open_review(review_dir)
+    report = (review_dir / "report.html").read_text()
+    assert report.count('id="feature-map"') == 1 and len(wb.map.uris) == len(read_csv(review_dir / "split.csv"))
     with review_server(wb) as url:
         page = browser.new_context().new_page()
         page.goto(url)

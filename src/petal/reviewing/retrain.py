@@ -23,6 +23,7 @@ from pathlib import Path
 from petal.errors import PetalError
 from petal.head import HeadClassifier
 from petal.progress import Reporter
+from petal.report import insert_section
 from petal.reviewing.log import LABELED_FILE, REVIEW_FILE
 from petal.run import HEAD, Run
 from petal.storage import atomic_write_text
@@ -103,9 +104,6 @@ def retrain(run_dir: str | Path, out: str | Path | None = None, *, cache_dir: st
             shutil.copyfile(path, new / path.name)
     rows = compare(run.metrics(), result.metrics)
     atomic_write_text(new / COMPARISON_FILE, json.dumps({"old": str(run.path), "rows": rows}, indent=1) + "\n")
-    report = new / "report.html"
-    if report.exists():
-        text = report.read_text("utf-8")
-        at = text.find("</h1>") + len("</h1>")
-        atomic_write_text(report, text[:at] + comparison_html(rows, str(run.path)) + text[at:])
+    if (new / "report.html").exists():
+        insert_section(new / "report.html", "retrain", comparison_html(rows, str(run.path)), at_top=True)
     return RetrainResult(run.path, new, rows, run.metrics(), result.metrics)

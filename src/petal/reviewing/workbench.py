@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from petal.progress import Reporter
+from petal.report import insert_section, map_section
 from petal.reviewing.cards import NEW, OUTLIER, SUSPECT, UNKNOWN, run_cards
 from petal.reviewing.featuremap import FeatureMap, run_map
 from petal.reviewing.queue import unlabeled_queue
@@ -72,4 +73,17 @@ def open_review(run_dir: str | Path, *, unlabeled: str | Path | None = None, cac
     images = list(dict.fromkeys([u for c in cards for u in c.uris] + (fmap.uris if fmap else [])))
     labels = dict(zip(fmap.uris, fmap.labels)) if fmap else {}
     session = ReviewSession(run.path, cards, settings.classes, {u: lab for u, lab in labels.items() if lab})
-    return Workbench(run, session, fmap, images, {u: i for i, u in enumerate(images)})
+    wb = Workbench(run, session, fmap, images, {u: i for i, u in enumerate(images)})
+    if fmap is not None and run.report_path.exists():
+        report_map(wb)
+    return wb
+
+
+def report_map(wb: Workbench) -> None:
+    """The feature map, static, into RUN/report.html (replacing an earlier one)."""
+    points = wb.map_points()
+    classes = wb.session.classes + (["unlabeled"] if -1 in points["label"] else [])
+    labels = [i if i >= 0 else len(classes) - 1 for i in points["label"]]
+    flagged = [f in (FLAGGED, REJECTED) for f in points["flag"]]
+    insert_section(wb.run.report_path, "map", map_section(wb.map.xy, labels, classes, flagged, wb.map.uris,
+                                                          wb.map.method))
