@@ -100,15 +100,13 @@ def train(
     precision: str = FP32,
     reporter: Reporter | None = None,
 ) -> TrainResult:
-    """embed -> audit the data -> train the head -> calibrate it, fit the unknown detector ->
-    evaluate -> export, into the run folder `out`. `keep`: the share of known images the
-    unknown threshold keeps; `exclude`/`relabel`: reviewed audit findings (petal.review);
-    `labeled`: a CSV of uri,label (RUN/labeled.csv of `petal review`) added as training images;
-    `group`: a regex whose capture keeps related images on one side of the split; `rehash`:
-    read and hash every file, whatever the hash memo says; `feature_dtype`: "float32" or
-    "float16" embeddings in memory (default: float16 only past petal.features.FLOAT16_BYTES);
-    `precision`: the backbone's (an int8 one makes an int8 bundle).
-    A finished run already in `out` is replaced only with `overwrite=True`."""
+    """embed -> audit the data -> train the head -> calibrate it, fit the unknown detector -> evaluate ->
+    export, into the run folder `out`. `keep`: the share of known images the unknown threshold keeps;
+    `exclude`/`relabel`: reviewed audit findings (petal.review); `labeled`: new labels (uri,label CSV);
+    `group`: a regex whose capture keeps related images on one side of the split; `rehash`: read and
+    hash every file, whatever the hash memo says; `feature_dtype`: "float32" or "float16" embeddings in
+    memory (default: float16 only past petal.features.FLOAT16_BYTES); `precision`: the backbone's (an
+    int8 one makes an int8 bundle). A finished run already in `out` is replaced only with `overwrite=True`."""
     check_param("keep", keep, Real(0.5, 1, high_open=True, what="a share in [0.5, 1)"))
     reporter, head, cfg = reporter or Reporter(), head or HeadClassifier(), get_backbone(backbone)
     check_precision(precision)
@@ -116,8 +114,7 @@ def train(
     check_backbone(cfg, cache_dir)  # before the data scan: a missing weights package is said at once
     run = Run.create(out, data, overwrite)
 
-    ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter, columns,
-                       labeled)
+    ds = load_reviewed(data, labels_file, eval_data, eval_percent, group, exclude, relabel, reporter, columns, labeled)
     run.make(clear=overwrite)  # only once the data is known to be usable
 
     result, cache = embed_dataset(ds, backbone, cache_dir, reporter, workers, absolute(data), rehash, precision)
