@@ -117,7 +117,7 @@ def head_accuracy(X: np.ndarray, y: np.ndarray, Xe: np.ndarray, ye: np.ndarray, 
 
 
 def label_part(run_dir: Path, seeds: int, per_class: int = 20, budget: int = 100) -> dict:
-    from petal.reviewing.queue import labeling_order
+    from petal.reviewing.queue import labeling_order, margin_uncertainty, queue_order
     from petal.unknown import KnnUnknown
 
     run = Run(run_dir)
@@ -126,7 +126,7 @@ def label_part(run_dir: Path, seeds: int, per_class: int = 20, budget: int = 100
     y = np.array([classes.index(r["label"]) for r in rows])
     tr, ev = (np.array([i for i, r in enumerate(rows) if r["split"] == s]) for s in (TRAIN, EVAL))
     Xe, ye = X[ev], y[ev]
-    out = {"petal": [], "random": [], "random_more": {}}
+    out = {"petal": [], "petal_no_unknown_group": [], "random": [], "random_more": {}}
     sizes = [budget, 2 * budget, 3 * budget, 5 * budget, 8 * budget]
     more: dict[int, list[float]] = {n: [] for n in sizes}
     for seed in range(seeds):
@@ -137,18 +137,24 @@ def label_part(run_dir: Path, seeds: int, per_class: int = 20, budget: int = 100
         head.fit(X[start], y[start], num_classes=len(classes))
         head.calibrate(X[start], y[start])
         unknown = KnnUnknown.fit(X[start], y[start], head.oof_proba_, seed=seed)
-        order, rejected = labeling_order(X[pool], head.predict_proba(X[pool]), unknown)
-        picked = pool[np.concatenate([order, rejected])[:budget]]
-        out["petal"].append(head_accuracy(X[np.r_[start, picked]], y[np.r_[start, picked]], Xe, ye, seed))
+        probs = head.predict_proba(X[pool])
+        order, rejected = labeling_order(X[pool], probs, unknown)
+        for arm, ranked in (("petal", np.concatenate([order, rejected])),  # as `petal review --unlabeled` queues
+                            ("petal_no_unknown_group", queue_order(X[pool], margin_uncertainty(probs)))):
+            picked = pool[ranked[:budget]]
+            out[arm].append(head_accuracy(X[np.r_[start, picked]], y[np.r_[start, picked]], Xe, ye, seed))
         shuffled = rng.permutation(pool)
         for n in sizes:
             more[n].append(head_accuracy(X[np.r_[start, shuffled[:n]]], y[np.r_[start, shuffled[:n]]], Xe, ye, seed))
         out["random"].append(more[budget][-1])
-    for k in ("petal", "random"):
+    for k in ("petal", "petal_no_unknown_group", "random"):
         out[f"{k}_mean"], out[f"{k}_std"] = round(float(np.mean(out[k])), 4), round(float(np.std(out[k])), 4)
+        diff = np.array(out[k]) - np.array(out["random"])  # paired: the same 100 starting labels
+        out[f"{k}_minus_random"] = (round(float(diff.mean()), 4), round(float(diff.std()), 4))
     out["random_more"] = {n: round(float(np.mean(v)), 4) for n, v in more.items()}
-    matched = [n for n in sizes if out["random_more"][n] >= out["petal_mean"]]
-    out["random_labels_to_match"] = matched[0] if matched else f"> {sizes[-1]}"
+    for k in ("petal", "petal_no_unknown_group"):
+        matched = [n for n in sizes if out["random_more"][n] >= out[f"{k}_mean"]]
+        out[f"{k}_random_labels_to_match"] = matched[0] if matched else f"> {sizes[-1]}"
     return out
 
 

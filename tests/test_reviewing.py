@@ -102,15 +102,15 @@ def test_labeled_photos_join_training_as_a_new_class_and_are_copied_only_when_as
     assert grown.examples[-1].split == "train" and grown.examples[-1].label == "hexagons"
 
 
-def test_queue_weighs_uncertainty_by_distance_to_what_is_covered():
+def test_queue_puts_uncertain_photos_first_and_near_copies_of_queued_ones_later():
     probs = np.array([[0.5, 0.5], [0.9, 0.1], [0.55, 0.45], [0.52, 0.48]])
     np.testing.assert_allclose(margin_uncertainty(probs), [1.0, 0.2, 0.9, 0.96], atol=1e-6)
     rng = np.random.default_rng(0)
     base = rng.normal(size=(3, 64))
     X = np.stack([base[0], base[0] + 1e-3, base[1], base[2]])  # photos 0 and 1: the same
     u = np.array([1.0, 0.99, 0.6, 0.5], np.float32)
-    assert queue_order(X, u).tolist()[:2] == [0, 2]  # the twin of the first is not second
-    assert queue_order(X, u, covered=base[1:2]).tolist()[:2] == [0, 3]  # photo 2 is like a known one: not next
+    assert queue_order(X, u).tolist() == [0, 2, 3, 1]  # the twin of the first waits
+    assert queue_order(X, u, near=1e-9).tolist() == [0, 1, 2, 3]  # no penalty: by uncertainty alone
 
 
 # --------------------------------------------------------------------------- a run with planted errors

@@ -3,13 +3,20 @@
     q = unlabeled_queue(run, "new_photos/")    # embeds them (cache), scores them with the run's head
     q.cards                                     # NEW cards in queue order, then UNKNOWN ones
 
-The order (`queue_order`): uncertainty times diversity, greedily. Uncertainty is one minus
-the margin between the two best calibrated probabilities; diversity is a photo's cosine
-distance to the nearest image already covered (the run's training bank, then every photo
-picked before it): the k-center greedy idea, weighted by uncertainty so that a far but
-certain photo does not go first. The first GREEDY photos are ordered so; the rest follow by
-uncertainty. Photos the unknown detector rejects are grouped apart (UNKNOWN cards, last):
-"none of these", to label as a new class or to skip. Files are never moved.
+The order (`queue_order`): uncertainty, with diversity. Uncertainty is one minus the margin
+between the two best calibrated probabilities; greedily, the next photo is the one of the
+largest uncertainty x min(1, its cosine distance to the nearest photo already queued / NEAR),
+so that near-copies of a queued photo wait (the k-center idea, as a penalty). The first
+GREEDY photos are ordered so; the rest follow by uncertainty. Photos the unknown detector
+rejects are grouped apart (UNKNOWN cards, last): "none of these", to label as a new class or
+to skip. Files are never moved.
+
+Measured (benchmarks/review_loop.py --parts label, tf_flowers, 20 labels per class, 100 more,
+5 seeds; eval accuracy): margin alone 0.861, this order 0.864, random 0.842; rewarding distance
+from the training images (k-center from the labeled set, times uncertainty) 0.851 and pure
+k-center 0.816: far photos are atypical ones, so distance is used only to skip near-copies.
+Grouping the unknown detector's rejections last costs some of the gain there (0.850): with 100
+labeled photos it rejects 5% of ordinary flowers, among the most uncertain.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from petal.storage import absolute
 from petal.unknown import KnnUnknown, normalize
 
 GREEDY = 1000  # photos ordered by the greedy rule; the rest by uncertainty alone
+NEAR = 0.2  # cosine distance under which a photo counts as like one queued (tf_flowers' median nearest: 0.24)
 TOP = 3  # classes shown per photo
 
 
@@ -50,20 +58,16 @@ def margin_uncertainty(probs: np.ndarray) -> np.ndarray:
     return (1 - (top2[:, 0] - top2[:, 1])).astype(np.float32)
 
 
-def queue_order(X: np.ndarray, uncertainty: np.ndarray, covered: np.ndarray | None = None,
-                greedy: int = GREEDY) -> np.ndarray:
+def queue_order(X: np.ndarray, uncertainty: np.ndarray, greedy: int = GREEDY, near: float = NEAR) -> np.ndarray:
     """Indices of X (N, D) in labeling order: greedily the photo of the largest uncertainty x
-    (cosine distance to the nearest covered row), where `covered` (M, D) starts as the known
-    images and grows by each pick; past `greedy` picks, the rest by uncertainty."""
+    min(1, cosine distance to the nearest photo picked before it / `near`), so that a photo like
+    one already queued waits; past `greedy` picks, the rest by uncertainty."""
     Xn = normalize(np.asarray(X, np.float32))
     n = len(Xn)
-    dist = np.ones(n, np.float32)  # cosine distance to the nearest covered row
-    covered = np.zeros((0, Xn.shape[1]), np.float32) if covered is None else covered
-    for i in range(0, len(covered), 4096):  # (4096, N) similarities at a time
-        dist = np.minimum(dist, 1 - (normalize(np.asarray(covered[i:i + 4096], np.float32)) @ Xn.T).max(0))
+    dist = np.full(n, np.inf, np.float32)  # cosine distance to the nearest photo picked
     order, taken = [], np.zeros(n, bool)
     for _ in range(min(greedy, n)):
-        gain = np.where(taken, -np.inf, uncertainty * np.maximum(dist, 0))
+        gain = np.where(taken, -np.inf, uncertainty * np.minimum(1, dist / near))
         i = int(np.argmax(gain))
         order.append(i)
         taken[i] = True
@@ -100,7 +104,7 @@ def labeling_order(X: np.ndarray, probs: np.ndarray, unknown: KnnUnknown | None)
     rejected = ood > unknown.threshold if unknown else np.zeros(len(X), bool)
     known = np.flatnonzero(~rejected)
     u = margin_uncertainty(probs)
-    order = known[queue_order(X[known], u[known], unknown.bank if unknown else None)] if len(known) else known
+    order = known[queue_order(X[known], u[known])] if len(known) else known
     out = np.flatnonzero(rejected)
     return order, out[np.argsort(-ood[out], kind="stable")]
 
