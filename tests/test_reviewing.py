@@ -340,3 +340,22 @@ def test_page_refuses_a_browser_without_the_token(browser, review_dir):
         answer = page.goto(url.split("?")[0])
         assert answer.status == 403 and "token" in page.inner_text("body")
         assert page.evaluate("fetch('api/cards').then(r => r.status)") == 403
+
+
+def test_unlabeled_photos_are_queued_scored_and_labeled_into_labeled_csv(review_dir, tmp_path, cache_dir):
+    from petal.reviewing.workbench import open_review
+    from petal.synthetic import make_dataset
+
+    new = make_dataset(tmp_path / "new", per_class=3, seed=7)  # photos the run has never seen
+    (new / "notes.txt").write_text("not an image")
+    wb = open_review(review_dir, unlabeled=new, cache_dir=cache_dir)
+    fresh = [c for c in wb.session.cards if c.kind in (NEW, "unknown")]
+    photos = sorted(str(p) for p in new.glob("*/*.*"))
+    assert sorted(c.uris[0] for c in fresh) == photos  # each photo once; the text file is not one
+    assert all(len(c.top) == 3 and abs(sum(p for _, p in c.top) - 1) < 0.05 for c in fresh if c.kind == NEW)
+    assert wb.map is not None and set(photos) <= set(wb.map.uris)
+    card = next(c for c in fresh if c.kind == NEW)
+    wb.session.decide(card.id, "accept")
+    row = read_csv(review_dir / "labeled.csv")[0]
+    assert (row["uri"], row["label"], row["card"]) == (card.uris[0], card.suggested, card.id)
+    assert not (review_dir / "review.csv").exists()  # audit decisions and new labels stay apart
