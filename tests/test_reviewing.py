@@ -190,8 +190,6 @@ def test_server_refuses_without_the_token_and_cross_site_posts(review_dir):
 
 
 def test_retrain_applies_the_review_and_compares(review_dir, flipped_run, dataset):
-    from petal.reviewing.retrain import retrain
-
     truth = flipped_run[1]
     cards = [c for c in run_cards(Run.open(review_dir)) if c.kind == SUSPECT]
     s = ReviewSession(review_dir, cards, Run.open(review_dir).settings().classes)
@@ -202,17 +200,23 @@ def test_retrain_applies_the_review_and_compares(review_dir, flipped_run, datase
     shutil.copyfile(next(iter(sorted(dataset.glob("circles/*.png")))), photo)
     with open(review_dir / "labeled.csv", "w", newline="") as f:  # as petal review writes it
         csv.writer(f).writerows([["uri", "label", "card", "step"], [str(photo), "ovals", f"new:{photo}", "99"]])
-    r = retrain(review_dir, export=False)
-    assert r.new == review_dir.parent / "run-2"
-    label = {absolute(x["uri"]): x["label"] for x in read_csv(r.new / "split.csv")}
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    done = subprocess.run([sys.executable, "-m", "petal.cli", "retrain", str(review_dir), "--no-export"],
+                          capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
+    new = review_dir.parent / "run-2"
+    label = {absolute(x["uri"]): x["label"] for x in read_csv(new / "split.csv")}
     assert all(label[u] == t for u, t in truth.items())  # every planted error fixed in the new run
-    assert json.loads((r.new / "settings.json").read_text())["classes"][-1] == "ovals"
+    assert json.loads((new / "settings.json").read_text())["classes"][-1] == "ovals"
     assert label[absolute(photo)] == "ovals"
-    rows = {w: (a, b) for w, a, b in r.rows}
-    assert rows["accuracy"] == (r.old_metrics["accuracy"], r.new_metrics["accuracy"])
+    old, now = (json.loads((d / "metrics.json").read_text()) for d in (review_dir, new))
+    rows = {w: (a, b) for w, a, b in json.loads((new / "retrain.json").read_text())["rows"]}
+    assert rows["accuracy"] == (old["accuracy"], now["accuracy"])
     assert "ECE" in rows and "kept share" in rows and "ovals f1" in rows
-    assert 'id="retrain"' in (r.new / "report.html").read_text()
-    assert (r.new / "review.csv").read_bytes() == (review_dir / "review.csv").read_bytes()  # goes on from there
+    assert re.search(r"^accuracy +[0-9.]+ +[0-9.]+ +[+-][0-9.]+$", done.stdout, re.M)  # old, new, change
+    assert 'id="retrain"' in (new / "report.html").read_text()
+    assert (new / "review.csv").read_bytes() == (review_dir / "review.csv").read_bytes()  # goes on from there
 
 
 # --------------------------------------------------------------------------- the page in Chromium

@@ -54,12 +54,13 @@ def retrain_command(reporter: type[Reporter]):  # noqa: ANN201 - a typer command
         out: Annotated[Optional[Path], typer.Option(help="The new run folder (default: RUN-2, RUN-3, ...).")] = None,
         cache: Annotated[Optional[Path], typer.Option(help="Embedding cache (default: the run's).")] = None,
         overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a finished run in --out.")] = False,
+        export: Annotated[bool, typer.Option(help="Write NEW/model at the end.")] = True,
     ) -> None:
         """Train RUN again on today's data with its review (RUN/review.csv) and new labels
         (RUN/labeled.csv), then compare the old and new metrics."""
         from petal.reviewing.retrain import retrain as run_retrain
 
-        r = run_retrain(run, out, cache_dir=cache, overwrite=overwrite, reporter=reporter())
+        r = run_retrain(run, out, cache_dir=cache, overwrite=overwrite, export=export, reporter=reporter())
         typer.echo(f"{'':22}{'old':>10}{'new':>10}{'change':>10}")
         for what, a, b in r.rows:
             def cell(v: float | None) -> str:
