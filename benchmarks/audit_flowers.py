@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from petal.data import load_dataset
-from petal.workflow import audit_data
+from petal.runs.audit import audit_data
+from petal.spec import DataSpec
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flower_photos"
 
@@ -41,7 +42,7 @@ def planted(folder: str, percent: float, seed: int, tmp: Path) -> dict:
             label = rng.choice([c for c in ds.classes if c != e.label]) if i in flip else e.label
             w.writerow([str(Path(e.uri).resolve()), label])
     flipped = {str(Path(ds.examples[i].uri).resolve()) for i in flip}
-    found = audit_data(str(path), tmp / f"audit-{seed}")
+    found = audit_data(DataSpec(str(path)), tmp / f"audit-{seed}")
     ranked = [s.uri for s in found.suspects if s.reason == "label"]
     k = len(flipped)
     return {"flipped": k, "precision_at_k": round(sum(u in flipped for u in ranked[:k]) / k, 3),
@@ -56,9 +57,9 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        audit_data(args.folder, Path(tmp) / "warmup")  # fills the cache if it is cold
+        audit_data(DataSpec(args.folder), Path(tmp) / "warmup")  # fills the cache if it is cold
         t0 = time.perf_counter()
-        found = audit_data(args.folder, Path(tmp) / "audit")
+        found = audit_data(DataSpec(args.folder), Path(tmp) / "audit")
         seconds = time.perf_counter() - t0
         draws = [planted(args.folder, args.flip, seed, Path(tmp)) for seed in range(args.seeds)]
     report = {"seconds": round(seconds, 1), "summary": found.summary(),

@@ -2,7 +2,7 @@
 
     python benchmarks/finetune_flowers.py [FOLDER] [--out RUN] [--cache DIR] [--epochs N] [--unfreeze N]
 
-Runs `petal.finetune.finetune` (the same as `petal finetune FOLDER`)
+Runs `petal.runs.finetune.finetune` (the same as `petal finetune FOLDER`)
 from an empty run folder and, unless --cache is given, an empty cache: the
 wall time covers everything a first run does (decoding, the one-off export of
 the frozen trunk's ONNX graph, training, evaluation, export and its parity
@@ -22,8 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from petal.finetune import FinetuneConfig, finetune
 from petal.progress import Reporter
+from petal.runs.finetune import FinetuneConfig, finetune
+from petal.spec import DataSpec, RunSpec
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flower_photos"
 
@@ -50,7 +51,7 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    r = finetune(args.data, out, config=config, cache_dir=cache, reporter=Log())
+    r = finetune(RunSpec(DataSpec(args.data), out, cache_dir=cache, trainer=config), reporter=Log())
     wall = time.perf_counter() - start
     summary = {
         "epochs": r.epochs_done, "best_epoch": r.best_epoch, "wall_seconds": round(wall, 1),

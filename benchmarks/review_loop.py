@@ -35,13 +35,19 @@ from petal.data import EVAL, TRAIN, load_dataset
 from petal.head import HeadClassifier
 from petal.reviewing.cards import DUPLICATE, run_cards
 from petal.reviewing.featuremap import run_embeddings
-from petal.reviewing.retrain import retrain
 from petal.reviewing.session import ReviewSession
 from petal.run import Run
+from petal.runs.head import train as train_spec
+from petal.runs.retrain import retrain
+from petal.spec import DataSpec, RunSpec
 from petal.storage import absolute
-from petal.workflow import train
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flower_photos"
+
+
+def train(data: str, out: Path) -> Path:
+    """A head run with petal's defaults (no export: the benchmark reads the head): its folder."""
+    return train_spec(RunSpec(DataSpec(str(data), eval_percent=10.0), str(out)), export=False).run_dir
 
 
 def true_accuracy(run: Run, truth: dict[str, str], eval_uris: list[str]) -> float:
@@ -85,19 +91,19 @@ def truthful_review(run: Run, truth: dict[str, str], budget: int) -> int:
 def clean_part(folder: str, out: Path, draws: int) -> dict:
     ds = load_dataset(folder, eval_percent=10.0)
     truth = {absolute(e.uri): e.label for e in ds.examples}
-    clean = Run(train(folder, out / "clean", export=False).run_dir)
+    clean = Run(train(folder, out / "clean"))
     eval_uris = [absolute(r["uri"]) for r in clean.split_rows() if r["split"] == EVAL]
     result = {"clean_accuracy": true_accuracy(clean, truth, eval_uris), "draws": []}
     for seed in range(draws):
         flips = flipped_csv(folder, seed, out / f"flipped-{seed}.csv")
-        run = Run(train(str(out / f"flipped-{seed}.csv"), out / f"flipped-{seed}", export=False).run_dir)
+        run = Run(train(str(out / f"flipped-{seed}.csv"), out / f"flipped-{seed}"))
         t0 = time.perf_counter()
         keys = truthful_review(run, truth, len(flips))
         review_s = time.perf_counter() - t0
         latest = ReviewSession(run.path, [], []).review.latest
         fixed = sum(absolute(u) in flips and r["action"] == "relabel" and r["label"] == truth[absolute(u)]
                     for u, r in latest.items())
-        new = Run(retrain(run.path, out / f"retrained-{seed}", export=False).new)
+        new = Run(retrain(run.path, out / f"retrained-{seed}", export=False).run_dir)
         result["draws"].append({"flips": len(flips), "fixed": fixed, "fixed_share": round(fixed / len(flips), 3),
                                 "keypresses": keys, "keys_per_fix": round(keys / max(fixed, 1), 2),
                                 "flipped_accuracy": true_accuracy(run, truth, eval_uris),
@@ -307,7 +313,7 @@ def main() -> None:
             print(json.dumps({"page": report["page"]}), flush=True)
         base = out / "base"
         if {"map", "label"} & set(parts) and not Run(base).finished:
-            train(args.folder, base, export=False)
+            train(args.folder, base)
         if "map" in parts:
             report["map"] = map_part(base)
             print(json.dumps({"map": report["map"]}), flush=True)

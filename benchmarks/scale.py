@@ -109,12 +109,13 @@ class PhaseLog:
 def child(phases_path: str, argv: list[str]) -> None:
     """Run the petal CLI on argv with the tiny backbone registered, logging phases."""
     from petal import cli, tiny
+    from petal.cli import data, train
 
     tiny.register(argv[argv.index("--cache") + 1])
     log = PhaseLog(str(Path(argv[1]).resolve()))
     sys.addaudithook(log.audit)
 
-    class PhaseReporter(cli.RichReporter):
+    class PhaseReporter(train.RichReporter):
         def message(self, text: str) -> None:
             if text.startswith("exporting"):
                 log.start("export")
@@ -126,7 +127,7 @@ def child(phases_path: str, argv: list[str]) -> None:
             with super().progress(description, total) as advance:
                 yield advance
 
-    cli.RichReporter = PhaseReporter
+    train.RichReporter = data.RichReporter = PhaseReporter  # what `petal train` and `petal embed` draw with
     try:
         cli.app(argv, standalone_mode=False)
     finally:
@@ -138,12 +139,14 @@ def flowers(folder: Path, work: Path) -> None:
     """Eval accuracy on real data (default seed) with float32 and float16-stored embeddings,
     and with bfloat16 training products: what the large-data defaults would do to flowers."""
     from petal.head import HeadClassifier
-    from petal.workflow import train
+    from petal.runs.head import train
+    from petal.spec import DataSpec, RunSpec
 
     for name, dtype, compute in (("float32", "float32", "float32"), ("float16 storage", "float16", "float32"),
                                  ("bfloat16 compute", "float32", "bfloat16"), ("both", "float16", "bfloat16")):
-        r = train(folder, work / "flowers" / name.replace(" ", "-"), head=HeadClassifier(compute=compute),
-                  feature_dtype=dtype, export=False, overwrite=True)
+        spec = RunSpec(DataSpec(folder), work / "flowers" / name.replace(" ", "-"), overwrite=True,
+                       trainer=HeadClassifier(compute=compute))
+        r = train(spec, feature_dtype=dtype, export=False)
         print(f"flowers, {name:<17}: eval accuracy {r.metrics['accuracy']:.4f}")
 
 

@@ -43,13 +43,14 @@ JSON = {"content-type": "application/json"}
 def train_small_model(out: Path, cache: Path | None) -> Path:
     """A bundle trained on a small synthetic set (the backbone is what costs, not the head)."""
     from petal.head import HeadClassifier
+    from petal.runs.head import train
+    from petal.spec import DataSpec, RunSpec
     from petal.synthetic import make_dataset
-    from petal.workflow import train
 
     print("training a small synthetic model...", flush=True)
     data = make_dataset(out / "data", per_class=16, seed=1)
-    return train(data, out / "run", cache_dir=cache, eval_percent=25.0,
-                 head=HeadClassifier(epochs=20, seed=0)).model_dir
+    return train(RunSpec(DataSpec(data, eval_percent=25.0), out / "run", cache_dir=cache,
+                         trainer=HeadClassifier(epochs=20, seed=0))).model_dir
 
 
 def pick_jpegs(folder: Path, n: int) -> list[Path]:

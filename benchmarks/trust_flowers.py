@@ -27,10 +27,10 @@ from petal.calibration import expected_calibration_error, softmax
 from petal.data import EVAL, TRAIN, load_dataset
 from petal.embed import embed
 from petal.head import HeadClassifier
+from petal.runs.common import embed_dataset
 from petal.storage import default_cache_dir
 from petal.synthetic import foreign_photos
 from petal.unknown import DEFAULT_KEEP, MSP_WEIGHT, K, KnnUnknown, auroc
-from petal.workflow import embed_dataset
 
 DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "flower_photos"
 

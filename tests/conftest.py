@@ -33,11 +33,12 @@ def dataset(tmp_path_factory) -> Path:
 def trained_run(tmp_path_factory, dataset, cache_dir):
     """A finished `petal train` run on the synthetic set (TrainResult)."""
     from petal.head import HeadClassifier
-    from petal.workflow import train
+    from petal.runs.head import train
+    from petal.spec import DataSpec, RunSpec
 
     out = tmp_path_factory.mktemp("runs") / "shapes"
-    return train(dataset, out, cache_dir=cache_dir, eval_percent=25.0,
-                 head=HeadClassifier(epochs=20, seed=0))
+    return train(RunSpec(DataSpec(dataset, eval_percent=25.0), out, cache_dir=cache_dir,
+                         trainer=HeadClassifier(epochs=20, seed=0)))
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from petal.audit import audit, nearest
+from petal.runs.audit import audit_data
+from petal.runs.head import train
+from petal.spec import DataSpec, RunSpec
 from petal.synthetic import foreign_photos, make_dataset
-from petal.workflow import audit_data, train
 from test_cli import petal
 
 
@@ -40,7 +42,7 @@ def test_nearest_excludes_itself_and_orders_by_similarity():
 
 
 def test_audit_finds_planted_problems(dirty, tmp_path, cache_dir):
-    found = audit_data(dirty["root"], tmp_path / "audit", cache_dir=cache_dir)
+    found = audit_data(DataSpec(dirty["root"]), tmp_path / "audit", cache_dir=cache_dir)
     labels = [s.uri for s in found.suspects if s.reason == "label"]
     assert set(dirty["flipped"]) <= set(labels[:6]), labels[:6]  # the flips are at the very top
     moved = {s.uri: s for s in found.suspects if s.uri in dirty["flipped"]}
@@ -76,8 +78,8 @@ def test_cli_audit_json_and_acting_on_it(dirty, tmp_path, cache_dir):
         w = csv.DictWriter(f, ["uri", "label", "suggested", "score", "reason"])
         w.writeheader()
         w.writerows(r for r in rows if r["uri"] in dirty["flipped"])
-    r = train(dirty["root"], tmp_path / "run", cache_dir=cache_dir, eval_percent=25.0, exclude=tmp_path / "drop.csv",
-              relabel=tmp_path / "fix.csv")
+    data = DataSpec(dirty["root"], eval_percent=25.0, exclude=tmp_path / "drop.csv", relabel=tmp_path / "fix.csv")
+    r = train(RunSpec(data, tmp_path / "run", cache_dir=cache_dir))
     with open(tmp_path / "run" / "split.csv") as f:
         split = {row["uri"]: row["label"] for row in csv.DictReader(f)}
     assert dirty["cat"] not in split and os.path.exists(dirty["cat"])
@@ -95,7 +97,7 @@ def test_split_folders_train_with_a_test_split_and_leaks_are_named(tmp_path, cac
         make_dataset(root / split, per_class=12 if split == "train" else 4, seed=seed)
     leak = root / "test" / "circles" / "leaked.jpg"
     shutil.copy(root / "train" / "circles" / "circles_001.jpg", leak)
-    r = train(root, tmp_path / "run", cache_dir=cache_dir)
+    r = train(RunSpec(DataSpec(root), tmp_path / "run", cache_dir=cache_dir))
     assert r.metrics["num_eval"] == 12 and r.metrics["test"]["num_eval"] == 13
     assert json.loads((r.run_dir / "test" / "metrics.json").read_text())["num_eval"] == 13
     with open(r.run_dir / "duplicates.csv") as f:
@@ -120,7 +122,7 @@ def test_audit_of_a_single_image_and_clearing_a_run(tmp_path):
 def test_audit_files_name_absolute_paths(tmp_path, dirty, cache_dir, monkeypatch):
     """suspects.csv works with --exclude from any folder: its paths do not depend on the cwd."""
     monkeypatch.chdir(dirty["root"].parent)
-    audit_data(dirty["root"].name, tmp_path / "a", cache_dir=cache_dir)
+    audit_data(DataSpec(dirty["root"].name), tmp_path / "a", cache_dir=cache_dir)
     with open(tmp_path / "a" / "suspects.csv") as f:
         uris = [row["uri"] for row in csv.DictReader(f)]
     assert uris and all(os.path.isabs(u) and os.path.exists(u) for u in uris)

@@ -187,9 +187,8 @@ def test_cli_names_its_options_and_version():
 def test_help_names_values_plainly_and_describes_every_option():
     import typer
 
-    from petal.cli import _register_optional_commands, app
+    from petal.cli import app
 
-    _register_optional_commands()
     for name, command in typer.main.get_command(app).commands.items():
         assert all(p.help for p in command.params), f"petal {name}: an option without a description"
         text = petal(name, "--help").stdout
@@ -279,7 +278,7 @@ def test_predict_prints_nothing_when_no_image_is_read(model_dir, tmp_path):
 
 
 def test_class_lists_in_warnings_say_how_many_more():
-    from petal.cli import names
+    from petal.cli.render import names
 
     assert names(["a", "b"]) == "a, b"
     assert names([f"c{i}" for i in range(8)]) == "c0, c1, c2, c3, c4 and 3 more"

@@ -281,8 +281,10 @@ def hook(event, args):
 
 sys.addaudithook(hook)
 from petal.head import HeadClassifier
-from petal.workflow import train
-train(sys.argv[1], run, cache_dir=sys.argv[3], eval_percent=25.0, head=HeadClassifier(epochs=2, hidden=0))
+from petal.runs.head import train
+from petal.spec import DataSpec, RunSpec
+train(RunSpec(DataSpec(sys.argv[1], eval_percent=25.0), run, cache_dir=sys.argv[3],
+              trainer=HeadClassifier(epochs=2, hidden=0)))
 print(json.dumps(written))
 """
 

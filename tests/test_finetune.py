@@ -19,10 +19,13 @@ from PIL import Image
 
 from petal.backbones import get_backbone
 from petal.errors import PetalError
-from petal.finetune import AugmentConfig, FinetuneConfig, finetune
-from petal.finetune.data import EpochBatches, augment_image, center_view
-from petal.finetune.model import FineTuneNet, OnnxTrunk, trunk_onnx_path
-from petal.workflow import export_run
+from petal.runs.finetune import AugmentConfig, FinetuneConfig, finetune
+from petal.runs.finetune.data import EpochBatches, augment_image, center_view
+from petal.runs.finetune.model import FineTuneNet, OnnxTrunk, trunk_onnx_path
+from petal.runs.finetune.train import check_same_run, lr_factor
+from petal.runs.reexport import export_run
+from petal.runs.retrain import stored_spec
+from petal.spec import DataSpec, RunSpec
 
 CFG = get_backbone("efficientnet_lite0")
 TINY = dict(epochs=1, batch_size=4, unfreeze=1, dropout=0.0)  # dropout off: runs compare exactly
@@ -40,6 +43,11 @@ def tiny(tmp_path_factory):
     from petal.synthetic import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("tiny") / "shapes", per_class=6, seed=2)
+
+
+def spec(data, out, config: FinetuneConfig, cache) -> RunSpec:
+    """A fine-tuning run of `data` (a quarter in eval) into `out`."""
+    return RunSpec(DataSpec(data, eval_percent=25), out, cache_dir=cache, trainer=config)
 
 
 def last_state(run) -> dict:
@@ -108,6 +116,23 @@ def test_processes_split_each_global_batch():
         EpochBatches(37, 1, seed=0, world=2)
 
 
+def test_learning_rate_warms_up_linearly_then_decays_as_a_cosine_to_zero():
+    f = [lr_factor(s, 4, 10) for s in range(12)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]  # step s of the warmup: (s + 1) / warmup
+    assert f[4] == 1.0 and f[7] == pytest.approx(0.5) and f[10] == pytest.approx(0.0)  # half way: half
+    assert all(a > b for a, b in zip(f[4:10], f[5:11])) and f[11] == pytest.approx(0.0)  # past the end: stays 0
+    assert lr_factor(0, 0, 10) == 1.0 and lr_factor(5, 0, 10) == pytest.approx(0.5)  # no warmup: decay at once
+
+
+def test_a_checkpoint_of_other_settings_or_data_is_refused_naming_what_differs():
+    saved = {"format": 1, "finetune": {"lr": 0.001, "epochs": 12}, "classes": ["a", "b"], "train": "x1"}
+    check_same_run(saved, json.loads(json.dumps(saved)))  # the same run: no complaint
+    with pytest.raises(PetalError, match=r"\(finetune\.lr differ\)"):
+        check_same_run(saved, {**saved, "finetune": {"lr": 0.01, "epochs": 12}})
+    with pytest.raises(PetalError, match=r"\(classes, train, finetune\.epochs differ\); use the same options"):
+        check_same_run(saved, {**saved, "classes": ["a"], "train": "x2", "finetune": {"lr": 0.001, "epochs": 3}})
+
+
 def test_errors_name_the_parameter():
     with pytest.raises(PetalError, match=r"unfreeze: expected -1 \(all\) .* got -2"):
         FinetuneConfig(unfreeze=-2)
@@ -124,7 +149,7 @@ def test_finetune_exports_a_bundle_that_matches(tmp_path, dataset, ft_cache):
 
     run = tmp_path / "run"
     config = FinetuneConfig(**{**TINY, "epochs": 2, "batch_size": 8, "dropout": 0.2, "calibration_percent": 40})
-    r = finetune(dataset, run, config=config, eval_percent=25, cache_dir=ft_cache)
+    r = finetune(spec(dataset, run, config, ft_cache))
     assert r.epochs_done == 2 and r.best_epoch in (1, 2) and len(r.history) == 2
     assert r.metrics["accuracy"] >= 0.75 and r.metrics["num_eval"] == 12
     assert 0 <= r.metrics["ece"] <= 1 and r.metrics["unknown"]["kept_eval"] > 0  # calibrated on the set-aside images
@@ -136,12 +161,13 @@ def test_finetune_exports_a_bundle_that_matches(tmp_path, dataset, ft_cache):
     assert meta["calibration"]["temperature"] > 0 and meta["unknown"]["threshold"] is not None
     preds = petal.load(run / "model").predict([str(p) for p in sorted(dataset.glob("squares/*"))[:4]])
     assert all(p.label == "squares" for p in preds) and all(p.ood_score is not None for p in preds)
-    assert {"metrics.json", "confusion_matrix.png", "history.csv", "split.csv", "settings.json"} <= {
-        p.name for p in run.iterdir()}
+    assert {"metrics.json", "confusion_matrix.png", "history.csv", "split.csv", "settings.json", "audit.json",
+            "suspects.csv", "duplicates.csv"} <= {p.name for p in run.iterdir()}  # audited as a head run is
+    assert 'id="audit-line"' in (run / "report.html").read_text()
     assert (run / "checkpoints" / "best.pt").exists() and not (run / "pixels").exists()
     assert list((run / "tensorboard").glob("events.*"))
     with pytest.raises(PetalError, match="already holds a finished run; pass --overwrite"):
-        finetune(dataset, run, config=FinetuneConfig(**TINY), eval_percent=25, cache_dir=ft_cache)
+        finetune(spec(dataset, run, FinetuneConfig(**TINY), ft_cache))
     # `petal export RUN` re-exports a fine-tuning run too, through the run folder alone
     first = json.loads((run / "model" / "petal.json").read_text())
     shutil.rmtree(run / "model")
@@ -151,29 +177,50 @@ def test_finetune_exports_a_bundle_that_matches(tmp_path, dataset, ft_cache):
     assert [p.label for p in petal.load(again).predict([str(p) for p in sorted(dataset.glob("squares/*"))[:4]])
             ] == [p.label for p in preds]
     with pytest.raises(PetalError, match=r"finetune\.lr"):  # other settings: refused before any work
-        finetune(dataset, run, config=FinetuneConfig(**{**TINY, "epochs": 2, "batch_size": 8, "dropout": 0.2,
+        finetune(spec(dataset, run, FinetuneConfig(**{**TINY, "epochs": 2, "batch_size": 8, "dropout": 0.2,
                                                         "calibration_percent": 40,
-                                                        "lr": 1.0}), eval_percent=25, cache_dir=ft_cache,
+                                                        "lr": 1.0}), ft_cache),
                  resume=True)
 
 
 def test_resume_after_a_stop_equals_an_uninterrupted_run(tmp_path, tiny, ft_cache):
     config = FinetuneConfig(**{**TINY, "epochs": 2, "dropout": 0.2})  # dropout on: seeded per epoch
-    whole = finetune(tiny, tmp_path / "whole", config=config, eval_percent=25, cache_dir=ft_cache, export=False)
-    part = finetune(tiny, tmp_path / "part", config=config, eval_percent=25, cache_dir=ft_cache,
-                    export=False, stop_after=1)
+    whole = finetune(spec(tiny, tmp_path / "whole", config, ft_cache), export=False)
+    part = finetune(spec(tiny, tmp_path / "part", config, ft_cache), export=False, stop_after=1)
     assert part.epochs_done == 1 and part.model_dir is None and not part.metrics
-    done = finetune(tiny, tmp_path / "part", config=config, eval_percent=25, cache_dir=ft_cache,
-                    export=False, resume=True)
+    done = finetune(stored_spec(tmp_path / "part"), export=False, resume=True)  # the run's own spec, nothing else
     assert done.epochs_done == 2 and done.best_epoch == whole.best_epoch
     assert_same_weights(last_state(tmp_path / "whole"), last_state(tmp_path / "part"))
     assert [h["train_loss"] for h in done.history] == [h["train_loss"] for h in whole.history]
 
 
+def test_cli_resume_needs_only_the_run_and_keeps_its_settings(tmp_path, tiny, ft_cache):
+    """`petal finetune DATA --out R --exclude x.csv --group REGEX ...` stopped after an epoch, then
+    `petal finetune --resume R` and nothing else finishes it with the same settings."""
+    from test_cli import petal
+
+    left_out = sorted(tiny.glob("circles/*"))[0]
+    (tmp_path / "drop.csv").write_text(f"uri\n{left_out}\n")
+    run, env = tmp_path / "r", {"PETAL_CACHE_DIR": str(ft_cache)}
+    petal("finetune", tiny, "--out", run, "--epochs", "2", "--batch-size", "4", "--unfreeze", "1", "--dropout", "0",
+          "--eval-percent", "25", "--exclude", tmp_path / "drop.csv", "--group", r"^(\w+_\d+)\.", "--stop-after", "1",
+          env=env)
+    before = json.loads((run / "settings.json").read_text())
+    r = petal("finetune", "--resume", run, "--epochs", "3", env=env, check=False)
+    assert r.returncode == 2 and "leave out --epochs" in r.stderr  # the run keeps its own settings
+    r = petal("finetune", "--resume", run, env=env)
+    assert "resuming after epoch 1 of 2" in r.stderr and "epochs 2, best" in r.stdout
+    after = json.loads((run / "settings.json").read_text())
+    assert after == before and after["format"] == 3
+    data = after["spec"]["data"]
+    assert data["exclude"] == str(tmp_path / "drop.csv") and data["group"] == r"^(\w+_\d+)\."
+    assert after["spec"]["finetune"]["epochs"] == 2 and str(left_out) not in (run / "split.csv").read_text()
+    assert (run / "model" / "petal.json").exists()
+
+
 def test_two_cpu_processes_match_one(tmp_path, tiny, ft_cache):
     """`--nproc 2` (torchrun, gloo) and 1 process, same global batch: the same weights."""
-    finetune(tiny, tmp_path / "one", config=FinetuneConfig(**TINY), eval_percent=25, cache_dir=ft_cache,
-             export=False)
+    finetune(spec(tiny, tmp_path / "one", FinetuneConfig(**TINY), ft_cache), export=False)
     cmd = [sys.executable, "-m", "petal", "train", str(tiny), "--out", str(tmp_path / "two"), "--finetune",
            "--epochs", "1", "--batch-size", "4", "--unfreeze", "1", "--dropout", "0", "--eval-percent", "25",
            "--no-export", "--nproc", "2"]
@@ -191,7 +238,7 @@ def test_two_cpu_processes_match_one(tmp_path, tiny, ft_cache):
 
 def test_from_scratch_learns_batchnorm_statistics(tmp_path, tiny, ft_cache):
     config = FinetuneConfig(epochs=1, batch_size=6, pretrained=False, augment=AugmentConfig(enabled=False))
-    r = finetune(tiny, tmp_path / "scratch", config=config, eval_percent=25, cache_dir=ft_cache, export=False)
+    r = finetune(spec(tiny, tmp_path / "scratch", config, ft_cache), export=False)
     assert r.epochs_done == 1 and np.isfinite(r.history[0]["train_loss"])
     state = last_state(tmp_path / "scratch")
     assert not torch.equal(state["top.0.bn.running_mean"], torch.zeros(32))  # the stem is trained

@@ -13,8 +13,9 @@ from petal.bundle import BUNDLE_FORMAT, BundleInfo, load
 from petal.errors import PetalError
 from petal.predictions import prediction, ranked
 from petal.run import RUN_FORMAT, Run, RunSettings
+from petal.runs.evaluate import evaluate_model
+from petal.runs.reexport import export_run
 from petal.serve.protocol import prediction_row
-from petal.workflow import export_run
 from test_cli import petal
 
 CFG = get_backbone("efficientnet_lite0")
@@ -104,17 +105,44 @@ def test_run_object_reads_what_it_wrote_and_refuses_what_is_not_a_run(tmp_path, 
         export_run(future)
 
 
-def test_a_format_1_run_folder_exports(tmp_path, trained_run):
-    """settings.json as petal 0.1 wrote it: no format or kind, the whole backbone record."""
-    old = tmp_path / "old"
+def v2_settings(s: RunSettings) -> dict:
+    """settings.json as the previous release (format 2, RunSettings.to_dict of petal 0.1) wrote it."""
+    spec = s.spec
+    return {"format": 2, "kind": "head", "data": spec.data.source, "eval_data": None, "labels_file": None,
+            "eval_percent": spec.data.eval_percent, "backbone": s.backbone, "cache_dir": spec.cache_dir,
+            "head": s.params, "keep": spec.keep, "precision": "fp32", "classes": s.classes}
+
+
+def old_run(tmp_path, trained_run, settings: dict):
+    """A copy of the trained run, without its bundle, with `settings` as its settings.json."""
+    old = tmp_path / f"old-{settings.get('format', 1)}"
     shutil.copytree(trained_run.run_dir, old, ignore=shutil.ignore_patterns("model", "tensorboard"))
-    s = json.loads((old / "settings.json").read_text())
-    v1 = {k: v for k, v in s.items() if k not in ("format", "kind")}
-    v1["backbone"] = v1_meta({"name": "x", "labels": [], "metrics": {}, "training": {"head": {}}})["backbone"]
-    (old / "settings.json").write_text(json.dumps(v1))
+    (old / "settings.json").write_text(json.dumps(settings))
+    return old
+
+
+def test_a_format_2_run_folder_exports_and_evaluates(tmp_path, trained_run, dataset):
+    s = Run.open(trained_run.run_dir).settings()
+    old = old_run(tmp_path, trained_run, v2_settings(s))
+    spec = Run.open(old).settings().spec
+    assert spec.kind == "head" and spec.trainer == s.spec.trainer and spec.data.source == s.spec.data.source
+    assert spec.out == str(old) and spec.keep == s.spec.keep and spec.data.exclude is None
     model = export_run(old)
     training = load(model).info.training
-    assert {k: training[k] for k in ("kind", "head")} == {"kind": "head", "head": s["head"]}
+    assert {k: training[k] for k in ("kind", "head")} == {"kind": "head", "head": s.params}
+    m, first = (evaluate_model(b, dataset, tmp_path / f"eval-{i}")
+                for i, b in enumerate((model, trained_run.model_dir)))
+    assert m["accuracy"] > 0.9 and m["per_class"] == first["per_class"]  # the same model, as the old run made it
+
+
+def test_a_format_1_run_folder_exports(tmp_path, trained_run):
+    """settings.json as petal 0.1 wrote it at first: no format or kind, the whole backbone record."""
+    s = Run.open(trained_run.run_dir).settings()
+    v1 = {k: v for k, v in v2_settings(s).items() if k not in ("format", "kind", "precision")}
+    v1["backbone"] = v1_meta({"name": "x", "labels": [], "metrics": {}, "training": {"head": {}}})["backbone"]
+    model = export_run(old_run(tmp_path, trained_run, v1))
+    training = load(model).info.training
+    assert {k: training[k] for k in ("kind", "head")} == {"kind": "head", "head": s.params}
     assert training["train_keys"]  # the digest of its training images, from split.csv
 
 
@@ -134,7 +162,7 @@ def test_predictions_rank_and_rows_agree():
 # --------------------------------------------------------------------------- the CLI's two training commands
 
 def test_finetune_help_shows_its_own_defaults():
-    from petal.finetune.config import FinetuneConfig
+    from petal.runs.finetune.config import FinetuneConfig
 
     c = FinetuneConfig()
     text = " ".join(petal("finetune", "--help").stdout.split())

@@ -33,8 +33,8 @@ from petal.errors import DataError, ImageError, NothingUsableError, PetalError
 from petal.images import PixelBudget, load_pixels
 from petal.loader import iter_items
 from petal.run import duplicate_warnings
+from petal.runs.common import embed_dataset
 from petal.storage import read_bytes
-from petal.workflow import embed_dataset
 
 CFG = get_backbone("efficientnet_lite0")
 S = CFG.input_size

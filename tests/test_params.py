@@ -14,15 +14,18 @@ import pytest
 
 import petal
 from petal.errors import PetalError
-from petal.finetune.config import AugmentConfig, FinetuneConfig
 from petal.head import HeadClassifier
-from petal.params import Int, OneOf, Real, Rule, Validated, check_param, env_int
+from petal.params import Instance, Int, OneOf, Real, Rule, Validated, check_param, env_int
+from petal.runs.finetune.config import AugmentConfig, FinetuneConfig
 from petal.serve.config import Batching, Limits, ServeConfig
+from petal.spec import DataSpec
 
 SRC = Path(petal.__file__).parent
 # what a class needs to be built at all, for those whose fields are not all defaulted
 REQUIRED: dict[str, dict[str, Any]] = {"ServeConfig": {"models": {"m": Path("m")}},
-                                     "Preprocess": {"input_size": 224, "crop_pct": 0.875}}
+                                     "Preprocess": {"input_size": 224, "crop_pct": 0.875},
+                                     "DataSpec": {"source": "data"},
+                                     "RunSpec": {"data": DataSpec("data"), "out": "run"}}
 
 
 def rule_declaring_classes() -> list[type[Validated]]:
@@ -40,8 +43,8 @@ def rule_declaring_classes() -> list[type[Validated]]:
 
 
 def wrong_values(rule: Rule) -> list[Any]:
-    """A string, and a value past each bound the rule has."""
-    values: list[Any] = ["x"]
+    """A string (a number where a string is expected), and a value past each bound the rule has."""
+    values: list[Any] = [5 if isinstance(rule, Instance) and rule.cls is str else "x"]
     if isinstance(rule, (Int, Real)):
         values += [v for v in (rule.low - 1 if rule.low is not None else None,
                                rule.high + 1 if rule.high is not None else None) if v is not None]
@@ -51,7 +54,7 @@ def wrong_values(rule: Rule) -> list[Any]:
 def test_every_config_class_is_found():
     names = {c.__name__ for c in rule_declaring_classes()}
     assert {"HeadClassifier", "FinetuneConfig", "AugmentConfig", "Limits", "Batching", "ServeConfig",
-            "Preprocess"} <= names
+            "Preprocess", "DataSpec", "RunSpec"} <= names
 
 
 @pytest.mark.parametrize("cls", rule_declaring_classes(), ids=lambda c: c.__name__)

@@ -14,7 +14,8 @@ from petal.backbones import get_backbone
 from petal.bundle import load
 from petal.embed import embed, feature_cache
 from petal.head import HeadClassifier
-from petal.workflow import evaluate_model, export_run
+from petal.runs.evaluate import evaluate_model
+from petal.runs.reexport import export_run
 
 CFG = get_backbone("efficientnet_lite0")
 
@@ -70,7 +71,7 @@ def test_train_writes_a_complete_run(trained_run):
         assert next(csv.reader(f)) == ["uri", "true_label", "predicted_label", "confidence"]
     assert list((run / "tensorboard").glob("events.out.tfevents.*"))
     settings = json.loads((run / "settings.json").read_text())
-    assert settings["backbone"]["name"] == "efficientnet_lite0" and settings["head"]["epochs"] == 20
+    assert settings["backbone"]["name"] == "efficientnet_lite0" and settings["spec"]["head"]["epochs"] == 20
     bundle = trained_run.model_dir
     assert {p.name for p in bundle.iterdir()} == {"model.onnx", "labels.txt", "petal.json"}
     umask = os.umask(0)

@@ -146,10 +146,12 @@ def test_int8_weights_store_large_matrices_as_int8_within_half_a_step():
 @pytest.mark.slow
 def test_train_on_int8_features_exports_the_int8_backbone_they_came_from(dataset, cache_dir, tmp_path):
     from petal.head import HeadClassifier
-    from petal.workflow import export_run, train
+    from petal.runs.head import train
+    from petal.runs.reexport import export_run
+    from petal.spec import DataSpec, RunSpec
 
-    r = train(dataset, tmp_path / "run", cache_dir=cache_dir, eval_percent=25.0, precision="int8",
-              head=HeadClassifier(epochs=5, seed=0))
+    r = train(RunSpec(DataSpec(dataset, eval_percent=25.0), tmp_path / "run", cache_dir=cache_dir, precision="int8",
+                      trainer=HeadClassifier(epochs=5, seed=0)))
     q = json.loads((r.model_dir / "petal.json").read_text())["quantization"]
     assert q["precision"] == "int8" and q["trained_on"] == "int8 features"
     assert r.embed["cached"] + r.embed["embedded"] == 48

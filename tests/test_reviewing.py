@@ -120,7 +120,8 @@ def flipped_run(tmp_path_factory, dataset, cache_dir) -> tuple[Path, dict[str, s
     """A head run on the synthetic set with 5 labels flipped (export skipped): (run folder,
     {flipped uri: its true label})."""
     from petal.head import HeadClassifier
-    from petal.workflow import train
+    from petal.runs.head import train
+    from petal.spec import DataSpec, RunSpec
 
     tmp = tmp_path_factory.mktemp("flipped")
     ds = load_dataset(dataset, eval_percent=25.0)
@@ -131,8 +132,8 @@ def flipped_run(tmp_path_factory, dataset, cache_dir) -> tuple[Path, dict[str, s
         rows[i][1] = next(c for c in ds.classes if c != rows[i][1])
     with open(tmp / "data.csv", "w", newline="") as f:
         csv.writer(f).writerows([["uri", "label"], *rows])
-    run = train(tmp / "data.csv", tmp / "run", cache_dir=cache_dir, eval_percent=25.0, export=False,
-                head=HeadClassifier(epochs=20, seed=0)).run_dir
+    run = train(RunSpec(DataSpec(str(tmp / "data.csv"), eval_percent=25.0), str(tmp / "run"), cache_dir=cache_dir,
+                        trainer=HeadClassifier(epochs=20, seed=0)), export=False).run_dir
     return run, truth
 
 
@@ -202,10 +203,10 @@ def test_retrain_applies_the_review_and_compares(review_dir, flipped_run, datase
         csv.writer(f).writerows([["uri", "label", "card", "step"], [str(photo), "ovals", f"new:{photo}", "99"]])
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    done = subprocess.run([sys.executable, "-m", "petal.cli", "retrain", str(review_dir), "--no-export"],
-                          capture_output=True, text=True, env=env)
-    assert done.returncode == 0, done.stderr
     new = review_dir.parent / "run-2"
+    done = subprocess.run([sys.executable, "-m", "petal.cli", "retrain", str(review_dir), "--out", str(new),
+                           "--no-export"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr
     label = {absolute(x["uri"]): x["label"] for x in read_csv(new / "split.csv")}
     assert all(label[u] == t for u, t in truth.items())  # every planted error fixed in the new run
     assert json.loads((new / "settings.json").read_text())["classes"][-1] == "ovals"
@@ -214,7 +215,7 @@ def test_retrain_applies_the_review_and_compares(review_dir, flipped_run, datase
     rows = {w: (a, b) for w, a, b in json.loads((new / "retrain.json").read_text())["rows"]}
     assert rows["accuracy"] == (old["accuracy"], now["accuracy"])
     assert "ECE" in rows and "kept share" in rows and "ovals f1" in rows
-    assert re.search(r"^accuracy +[0-9.]+ +[0-9.]+ +[+-][0-9.]+$", done.stdout, re.M)  # old, new, change
+    assert re.search(r"^ *accuracy +[0-9.]+ +[0-9.]+ +[+-][0-9.]+ *$", done.stdout, re.M)  # old, new, change
     assert 'id="retrain"' in (new / "report.html").read_text()
     assert (new / "review.csv").read_bytes() == (review_dir / "review.csv").read_bytes()  # goes on from there
 

@@ -14,10 +14,12 @@ from petal.calibration import expected_calibration_error, fit_temperature, softm
 from petal.head import HeadClassifier
 from petal.onnx_graphs import backbone_onnx_path, bundle_graph
 from petal.run import Run
+from petal.runs.evaluate import evaluate_model
+from petal.runs.head import train
 from petal.runtime import make_session
+from petal.spec import DataSpec, RunSpec
 from petal.synthetic import foreign_photos, make_dataset
 from petal.unknown import KnnUnknown, auroc
-from petal.workflow import evaluate_model, train
 from test_cli import petal
 
 CFG = get_backbone("efficientnet_lite0")
@@ -97,7 +99,8 @@ def test_a_held_out_class_scores_as_more_unknown(tmp_path, cache_dir):
     data = make_dataset(tmp_path / "four", per_class=16, seed=5, classes=4)
     novel = sorted(str(p) for p in (data / "stripes").iterdir())
     shutil.move(str(data / "stripes"), tmp_path / "stripes")
-    r = train(data, tmp_path / "run", cache_dir=cache_dir, eval_percent=25.0, head=HeadClassifier(epochs=10))
+    r = train(RunSpec(DataSpec(data, eval_percent=25.0), tmp_path / "run", cache_dir=cache_dir,
+                      trainer=HeadClassifier(epochs=10)))
     model = load(r.model_dir)
     knowns = model.predict(sorted(str(p) for p in data.rglob("*.*")))
     strangers = model.predict([str(tmp_path / "stripes" / p.rsplit("/", 1)[1]) for p in novel])

@@ -8,7 +8,7 @@ from pathlib import Path
 from petal.backbones import get_backbone, imagenet_classes
 from petal.loader import iter_items
 from petal.predictions import Prediction, prediction
-from petal.storage import default_cache_dir
+from petal.storage import cache_folder
 
 
 def classify_images(uris: list[str], backbone: str, cache_dir: Path | None = None, top_k: int = 5,
@@ -21,7 +21,7 @@ def classify_images(uris: list[str], backbone: str, cache_dir: Path | None = Non
 
     cfg = get_backbone(backbone)
     names = imagenet_classes()
-    session = make_session(backbone_onnx_path(cfg, Path(cache_dir or default_cache_dir()), on_message))
+    session = make_session(backbone_onnx_path(cfg, cache_folder(cache_dir), on_message))
     for item in iter_items(uris, cfg.preprocess):
         if item.error is not None:
             yield Prediction(item.uri, error=item.error)

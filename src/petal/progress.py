@@ -1,7 +1,7 @@
 """How long work reports progress: one interface for every step.
 
 Library functions take a `Reporter` and call it; the default reports nothing. The
-CLI passes one that draws rich progress bars (`petal.cli.RichReporter`); a script
+CLI passes one that draws rich progress bars (`petal.cli.render.RichReporter`); a script
 can subclass it to log.
 
     with reporter.progress("embedding", total=len(uris)) as advance:
@@ -13,10 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from petal.data import Dataset
+from typing import Any
 
 Advance = Callable[[int], None]  # advance(n): n more units of the task are done
 
@@ -27,8 +24,9 @@ class Reporter:
     def message(self, text: str) -> None:
         """A line for the user; warnings start with "warning: "."""
 
-    def dataset(self, ds: Dataset) -> None:
-        """The data a step is about to work on (shown before the slow part starts)."""
+    def dataset(self, ds: Any) -> None:
+        """The data a step is about to work on, a petal.data.Dataset (shown before the slow part
+        starts). Not imported here: petal.data reports through this module."""
 
     @contextmanager
     def progress(self, description: str, total: int) -> Iterator[Advance]:

@@ -1,7 +1,7 @@
 """The run folder: every file of a training run, written and read in this one module.
 
     RUN/
-      settings.json   what was asked: format, kind, data, split, backbone, training settings
+      settings.json   what was asked: the run's spec (data, split, backbone, training settings), its classes
       split.csv       uri, label, split, key: every image the run used
       errors.csv      uri, reason: every image skipped or failed
       head.npz        the head's weights and calibration temperature (kind "head")
@@ -15,7 +15,7 @@
       tensorboard/    training curves
       model/          the exported bundle (petal.bundle)
 
-`petal train` (petal.workflow) and `petal finetune` (petal.finetune.train) both write
+`petal train` (petal.workflow) and `petal finetune` (petal.runs.finetune.train) both write
 through a `Run`, and `petal export RUN` reads through one. Every file but the
 TensorBoard logs is written atomically.
 
@@ -23,6 +23,8 @@ Format history (`RUN_FORMAT`, the "format" of settings.json):
   1  petal 0.1: no "format" or "kind"; "backbone" held the whole registry record.
   2  "format" and "kind" ("head" or "finetune", whose settings sit under that key);
      "backbone" is the identity {name, feature_dim}.
+  3  "spec": the whole RunSpec (petal.spec), the data's group, exclude, relabel and CSV columns
+     included, so that `petal finetune --resume RUN` and `petal retrain RUN` need nothing else.
 """
 
 from __future__ import annotations
@@ -40,53 +42,76 @@ import numpy as np
 
 from petal.data import EVAL, TRAIN, Dataset, Example
 from petal.errors import NothingUsableError, PetalError
+from petal.head import HeadClassifier
 from petal.metrics import compute_metrics, write_report
+from petal.precision import FP32
 from petal.progress import Reporter
+from petal.spec import FINETUNE, HEAD, DataSpec, RunSpec, trainer_of
 from petal.storage import atomic_path, atomic_write_csv, atomic_write_text, check_output, read_csv
+from petal.unknown import DEFAULT_KEEP
 
 if TYPE_CHECKING:
-    from petal.head import HeadClassifier
     from petal.unknown import KnnUnknown
 
-RUN_FORMAT = 2
-HEAD, FINETUNE = "head", "finetune"  # the kinds of run
+RUN_FORMAT = 3
 PARITY_LIMIT = 2000  # images checked at export: the eval split, up to this many
 PARITY_FALLBACK = 256  # train images checked instead when there is no eval split
 
 
 @dataclass
 class RunSettings:
-    """settings.json: enough to re-export the run and to see what it was."""
+    """settings.json: the run's whole spec (enough to export, resume or repeat it), and what the
+    data turned out to be."""
 
-    kind: str  # HEAD or FINETUNE
-    data: str
-    eval_data: str | None
-    labels_file: str | None
-    eval_percent: float
+    spec: RunSpec
     backbone: dict  # {"name", "feature_dim"}
-    cache_dir: str
     classes: list[str]
-    params: dict  # the head's parameters, or the fine-tuning config
     extra: dict = field(default_factory=dict)  # e.g. {"world_size": 2}
 
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def params(self) -> dict:
+        """The head's parameters, or the fine-tuning config, as settings.json holds them."""
+        return self.spec.to_dict()[self.kind]
+
+    @property
+    def cache_dir(self) -> str:
+        return self.spec.cache_dir
+
     def to_dict(self) -> dict:
-        return {"format": RUN_FORMAT, "kind": self.kind, "data": self.data, "eval_data": self.eval_data,
-                "labels_file": self.labels_file, "eval_percent": self.eval_percent, "backbone": self.backbone,
-                "cache_dir": self.cache_dir, self.kind: self.params, **self.extra, "classes": self.classes}
+        return {"format": RUN_FORMAT, "kind": self.kind, "spec": self.spec.to_dict(), "backbone": self.backbone,
+                **self.extra, "classes": self.classes}
 
     @classmethod
-    def from_dict(cls, d: dict) -> RunSettings:
-        """Format 1 or 2; keys this petal does not know are ignored."""
+    def from_dict(cls, d: dict, out: str | Path | None = None) -> RunSettings:
+        """Any format up to RUN_FORMAT; keys this petal does not know are ignored. `out`: the run
+        folder as it is now (it may have moved since), which the spec's `out` becomes."""
         fmt = d.get("format", 1)
         if not isinstance(fmt, int) or fmt > RUN_FORMAT:
             raise PetalError(f"run format {fmt!r} is newer than this petal reads (format {RUN_FORMAT}); "
                              "upgrade petal")
-        kind = d.get("kind") or (FINETUNE if FINETUNE in d else HEAD)
-        return cls(kind=kind, data=d["data"], eval_data=d.get("eval_data"), labels_file=d.get("labels_file"),
-                   eval_percent=d["eval_percent"],
-                   backbone={k: v for k, v in d["backbone"].items() if k in ("name", "feature_dim")},
-                   cache_dir=d["cache_dir"], classes=list(d["classes"]), params=d[kind],
-                   extra={k: d[k] for k in ("world_size", "keep", "precision") if k in d})
+        if fmt >= 3:
+            spec = RunSpec.from_dict({**d["spec"], "out": str(out or d["spec"]["out"])})
+        else:
+            spec = spec_of_format_2(d, str(out or "."))
+        return cls(spec, {k: v for k, v in d["backbone"].items() if k in ("name", "feature_dim")},
+                   list(d["classes"]), {k: d[k] for k in ("world_size",) if k in d})
+
+
+def spec_of_format_2(d: dict, out: str) -> RunSpec:
+    """The spec of a run that petal 0.1 wrote (formats 1 and 2). They kept less: the data's group,
+    exclude, relabel and CSV columns were not recorded, so they are the defaults here."""
+    kind = d.get("kind") or (FINETUNE if FINETUNE in d else HEAD)
+    params = d[kind]
+    keep = (params if kind == FINETUNE else d).get("keep", DEFAULT_KEEP)
+    trainer = trainer_of(kind, params)
+    data = DataSpec(d["data"], labels_file=d.get("labels_file"), eval_source=d.get("eval_data"),
+                    eval_percent=d["eval_percent"])
+    return RunSpec(data, out, backbone=d["backbone"]["name"], precision=d.get("precision", FP32),
+                   cache_dir=d["cache_dir"], keep=keep, trainer=trainer)
 
 
 class Run:
@@ -119,7 +144,7 @@ class Run:
         return self.metrics_path.exists() or self.model_dir.exists()
 
     @classmethod
-    def create(cls, out: str | Path, data: str | Path, overwrite: bool) -> Run:
+    def create(cls, out: str | Path, *, data: str | Path, overwrite: bool) -> Run:
         """A run to write at `out`. Refuses to replace a finished run without `overwrite`,
         and a folder inside the data. Nothing is created yet: see `make()`."""
         run = cls(check_output(out, "out", folder=True))
@@ -185,7 +210,7 @@ class Run:
     def write_history(self, history: list[dict]) -> None:
         atomic_write_csv(self.history_path, list(history[-1]), [list(h.values()) for h in history])
 
-    def write_metrics(self, classes: list[str], eval_uris: list[str], y_eval: np.ndarray,
+    def write_metrics(self, classes: list[str], *, eval_uris: list[str], y_eval: np.ndarray,
                       predict_proba: Callable[[], np.ndarray], extra: dict, reporter: Reporter,
                       no_eval_note: str = "") -> dict:
         """Evaluate on the eval split and write metrics.json and its report; with no eval
@@ -234,7 +259,7 @@ class Run:
             raise PetalError(f"run: {self.path} is damaged ({type(e).__name__}: {e}); train it again") from None
 
     def settings(self) -> RunSettings:
-        return self.read(lambda: RunSettings.from_dict(json.loads(self.settings_path.read_text("utf-8"))))
+        return self.read(lambda: RunSettings.from_dict(json.loads(self.settings_path.read_text("utf-8")), self.path))
 
     def split_rows(self) -> list[dict[str, str]]:
         return self.read(lambda: read_csv(self.split_path))
@@ -243,8 +268,6 @@ class Run:
         return self.read(lambda: json.loads(self.metrics_path.read_text("utf-8"))) if self.metrics_path.exists() else {}
 
     def head(self, settings: RunSettings) -> HeadClassifier:
-        from petal.head import HeadClassifier
-
         return self.read(lambda: HeadClassifier.from_state(settings.params, dict(np.load(self.head_path))))
 
     def unknown(self) -> KnnUnknown | None:
@@ -268,12 +291,13 @@ class Run:
     def parity_uris(self) -> list[str]:
         """The images the export's parity check runs on, from split.csv."""
         rows = self.split_rows()
-        return parity_uris([r["uri"] for r in rows if r["split"] == EVAL], [r["uri"] for r in rows])
+        return parity_uris(eval_uris=[r["uri"] for r in rows if r["split"] == EVAL],
+                           train_uris=[r["uri"] for r in rows])
 
 
 # --------------------------------------------------------------------------- what every run checks
 
-def parity_uris(eval_uris: list[str], train_uris: list[str]) -> list[str]:
+def parity_uris(*, eval_uris: list[str], train_uris: list[str]) -> list[str]:
     """The images the export's parity check runs on: the eval split, else some train images."""
     return (eval_uris or train_uris[:PARITY_FALLBACK])[:PARITY_LIMIT]
 

@@ -293,6 +293,11 @@ def user_cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("petal"))
 
 
+def cache_folder(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The embedding cache folder: `cache_dir` if given, else default_cache_dir()."""
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
 def default_cache_dir() -> Path:
     env = os.environ.get("PETAL_CACHE_DIR")
     if env:

@@ -81,7 +81,7 @@ class KnnUnknown:
     keep: float = DEFAULT_KEEP  # the share of known images the threshold was chosen to keep
 
     @classmethod
-    def fit(cls, X: np.ndarray, y: np.ndarray, held_out_probs: np.ndarray | None = None,
+    def fit(cls, X: np.ndarray, y: np.ndarray, held_out_probs: np.ndarray | None = None, *,
             keep: float = DEFAULT_KEEP, k: int = K, msp_weight: float = MSP_WEIGHT, cap: int = BANK_CAP,
             seed: int = 0) -> KnnUnknown:
         """From training embeddings X (N, D), class ids y (N,) and, optionally, held-out
@@ -98,7 +98,7 @@ class KnnUnknown:
         return cls.from_held_out(bank, knn, held_out_probs, keep, k, msp_weight)
 
     @classmethod
-    def fit_held_out(cls, X: np.ndarray, y: np.ndarray, X_held: np.ndarray, held_probs: np.ndarray,
+    def fit_held_out(cls, X: np.ndarray, y: np.ndarray, X_held: np.ndarray, held_probs: np.ndarray, *,
                      keep: float = DEFAULT_KEEP, k: int = K, msp_weight: float = MSP_WEIGHT,
                      cap: int = BANK_CAP, seed: int = 0) -> KnnUnknown:
         """The bank from training embeddings X (N, D) with ids y; statistics and threshold

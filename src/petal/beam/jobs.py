@@ -67,7 +67,7 @@ from petal.embed import EmbedResult, feature_cache, require_usable
 from petal.errors import PetalError
 from petal.predictions import CSV_HEADER
 from petal.preprocess import Preprocess
-from petal.storage import default_cache_dir, is_local, local_path
+from petal.storage import cache_folder, is_local, local_path
 
 if TYPE_CHECKING:
     from apache_beam.runners.runner import PipelineResult
@@ -311,7 +311,7 @@ def beam_embed(ds: Dataset, backbone: str, cache_dir: Path | None, pipeline_args
 
     start = time.perf_counter()
     cfg = get_backbone(backbone)
-    cache_dir = Path(cache_dir or default_cache_dir())
+    cache_dir = cache_folder(cache_dir)
     cache = feature_cache(cfg, cache_dir)  # the launcher's producer; see docs/beam.md on the workers
     options = _options(pipeline_args)
     uris = [e.uri for e in ds.examples]
@@ -343,7 +343,7 @@ def _output_kind(prefix: str) -> tuple[str, str]:
     return prefix, ".csv"
 
 
-def _add_predict_steps(p: beam.Pipeline, work: _WorkDir, model: Model, model_uri: str, top_k: int, prefix: str,
+def _add_predict_steps(p: beam.Pipeline, work: _WorkDir, model: Model, *, model_uri: str, top_k: int, prefix: str,
                        kind: str, dead_letter: str, ours: PetalOptions) -> None:
     """URIs in WORK -> PREFIX-SSSSS-of-NNNNN.csv|.jsonl, and the dead letter."""
     images = _read_images(p, work.path("uris.jsonl"), model.preprocess, None, ours.decode_threads)
@@ -381,7 +381,8 @@ def beam_predict(model_dir: Path, uris: list[str], output_prefix: str, pipeline_
         work.write_lines("uris.jsonl", map(json.dumps, uris))
         model_uri = work.stage(model.path / "model.onnx", "model.onnx")
         p = pipeline if pipeline is not None else _pipeline(options)
-        _add_predict_steps(p, work, model, model_uri, top_k, prefix, kind, dead_letter, ours)
+        _add_predict_steps(p, work, model, model_uri=model_uri, top_k=top_k, prefix=prefix, kind=kind,
+                           dead_letter=dead_letter, ours=ours)
         counts = _counters(_run(p))
     finally:
         work.delete()

@@ -7,7 +7,7 @@
     session.py     one review: answer, select on the map, undo, progress
     workbench.py   all of it gathered for the page
     app.py         the page's FastAPI routes (token, CSRF-safe POSTs); server.py runs them
-    retrain.py     the run again with its review, and old vs new metrics
+    retrain.py     what petal retrain (petal.runs.retrain) takes from a review; old vs new metrics
     static/        review.html, review.js, review.css (the look: petal.webpage's cards.css)
 
 Nothing here imports FastAPI at import time but app.py and server.py.

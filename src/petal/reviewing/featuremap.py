@@ -21,7 +21,7 @@ import numpy as np
 
 from petal.backbones import get_backbone
 from petal.embed import feature_cache
-from petal.precision import FP32, Engine
+from petal.precision import Engine
 from petal.run import Run
 from petal.storage import absolute, atomic_path
 from petal.unknown import normalize
@@ -63,7 +63,7 @@ def run_embeddings(run: Run) -> tuple[list[dict[str, str]], np.ndarray]:
     settings = run.settings()
     rows = run.split_rows()
     cfg = get_backbone(settings.backbone["name"])
-    precision = settings.extra.get("precision", FP32)
+    precision = settings.spec.precision
     engine = Engine.make(cfg, precision, [r["uri"] for r in rows if r["split"] == "train"])
     cache = feature_cache(cfg, Path(settings.cache_dir), engine=engine)
     cache.load()

@@ -84,7 +84,7 @@ def unlabeled_queue(run: Run, folder: str | Path, cache_dir: str | Path | None =
     uris, problems = expand_inputs([str(folder)])
     if problems or not uris:
         raise PetalError(f"unlabeled: {problems[0] if problems else f'no images in {folder}'}")
-    if settings.extra.get("precision", FP32) != FP32:
+    if settings.spec.precision != FP32:
         raise PetalError("unlabeled: only runs trained on fp32 features can score new photos here for now")
     cfg = get_backbone(settings.backbone["name"])
     with reporter.progress("embedding new photos", len(uris)) as advance:

@@ -1,15 +1,14 @@
-"""`petal retrain RUN`: the same run on today's data plus its review and its new labels, and
-how the new model compares with the old one.
+"""What `petal retrain RUN` (petal.runs.retrain) takes from a review, and what it says after:
 
-    r = retrain("runs/flowers")                 # -> runs/flowers-2 (or out=...)
-    r.rows                                      # [(what, old, new)]: accuracy, ECE, kept share, per class
+    spec = with_review(stored_spec, run)     # + RUN/review.csv (relabel, exclude) and RUN/labeled.csv
+    rows = record_comparison(run.path, old_metrics, new_dir, new_metrics)   # [(what, old, new)]
 
-The review (RUN/review.csv: relabel and exclude) and the new labels (RUN/labeled.csv, as
-training images) are applied to the data; the embedding cache makes it embed only new photos.
-Both files are copied into the new run, so that reviewing it goes on from the decisions made.
-The settings come from RUN/settings.json (data, eval split, backbone, head parameters,
-keep, precision). Note: the old run's metrics are on its eval split; relabelled or excluded
-eval images change the new one's, so the per-class rows say what each was measured on.
+The review's files go into the spec's data (DataSpec.review, DataSpec.labeled), so the new run's
+settings.json names them; when the new run is another folder they are copied there, so that
+reviewing it goes on from these decisions. The comparison (accuracy, ECE, the share of eval kept
+as known and the accuracy on it, each class's F1 and recall) goes into NEW/retrain.json and at
+the top of NEW/report.html. The eval split is the same images, with the review's relabels and
+exclusions applied: a relabelled eval image is scored against its corrected label.
 """
 
 from __future__ import annotations
@@ -17,36 +16,16 @@ from __future__ import annotations
 import html
 import json
 import shutil
-from dataclasses import dataclass
+from dataclasses import replace
 from pathlib import Path
 
-from petal.errors import PetalError
-from petal.head import HeadClassifier
-from petal.progress import Reporter
 from petal.report import insert_section
 from petal.reviewing.log import LABELED_FILE, REVIEW_FILE
-from petal.run import HEAD, Run
+from petal.run import Run
+from petal.spec import RunSpec
 from petal.storage import atomic_write_text
-from petal.workflow import train
 
 COMPARISON_FILE = "retrain.json"
-
-
-@dataclass
-class RetrainResult:
-    old: Path
-    new: Path
-    rows: list[tuple[str, float | None, float | None]]  # (what, old, new)
-    old_metrics: dict
-    new_metrics: dict
-
-
-def next_out(run: Run) -> Path:
-    """RUN-2, RUN-3, ...: the first that does not exist, beside RUN."""
-    n = 2
-    while (run.path.parent / f"{run.name}-{n}").exists():
-        n += 1
-    return run.path.parent / f"{run.name}-{n}"
 
 
 def compare(old: dict, new: dict) -> list[tuple[str, float | None, float | None]]:
@@ -80,30 +59,28 @@ def comparison_html(rows: list[tuple[str, float | None, float | None]], old: str
             f"<th>old</th><th>new</th><th>change</th></tr>{body}</table>")
 
 
-def retrain(run_dir: str | Path, out: str | Path | None = None, *, cache_dir: str | Path | None = None,
-            export: bool = True, overwrite: bool = False, reporter: Reporter | None = None) -> RetrainResult:
-    """Train RUN again, with RUN/review.csv and RUN/labeled.csv applied, into `out` (default
-    RUN-2, RUN-3...); the comparison goes into NEW/retrain.json and NEW/report.html."""
-    reporter = reporter or Reporter()
-    run = Run.open(run_dir)
-    s = run.settings()
-    if s.kind != HEAD:
-        raise PetalError(f"retrain: {run.path} is a {s.kind} run; only `petal train` runs are retrained for now")
+def with_review(spec: RunSpec, run: Run) -> RunSpec:
+    """`spec` with RUN/review.csv and RUN/labeled.csv (where `petal review` wrote them) in its data."""
     review, labeled = run.path / REVIEW_FILE, run.path / LABELED_FILE
-    new = Path(out) if out else next_out(run)
-    reporter.message(f"retraining {run.path} into {new}" + "".join(
-        f"; with {p.name}" for p in (review, labeled) if p.exists()))
-    result = train(s.data, new, labels_file=s.labels_file, eval_data=s.eval_data, eval_percent=s.eval_percent,
-                   backbone=s.backbone["name"], cache_dir=cache_dir or s.cache_dir,
-                   head=HeadClassifier(**s.params), keep=s.extra.get("keep", 0.95), overwrite=overwrite,
-                   exclude=review if review.exists() else None, relabel=review if review.exists() else None,
-                   labeled=labeled if labeled.exists() else None, precision=s.extra.get("precision", "fp32"),
-                   export=export, reporter=reporter)
-    for path in (review, labeled):  # the new run's review goes on from these decisions
-        if path.exists():
-            shutil.copyfile(path, new / path.name)
-    rows = compare(run.metrics(), result.metrics)
-    atomic_write_text(new / COMPARISON_FILE, json.dumps({"old": str(run.path), "rows": rows}, indent=1) + "\n")
-    if (new / "report.html").exists():
-        insert_section(new / "report.html", "retrain", comparison_html(rows, str(run.path)), at_top=True)
-    return RetrainResult(run.path, new, rows, run.metrics(), result.metrics)
+    data = replace(spec.data, review=str(review) if review.exists() else spec.data.review,
+                   labeled=str(labeled) if labeled.exists() else spec.data.labeled)
+    return replace(spec, data=data)
+
+
+def record_comparison(old: Path, old_metrics: dict, new: Path, new_metrics: dict) -> list:
+    """Old vs new into NEW/retrain.json and NEW/report.html; the review's files copied into NEW."""
+    if Path(new).resolve() != Path(old).resolve():
+        for name in (REVIEW_FILE, LABELED_FILE):
+            if (Path(old) / name).exists():
+                shutil.copyfile(Path(old) / name, Path(new) / name)
+    rows = compare(old_metrics, new_metrics)
+    atomic_write_text(Path(new) / COMPARISON_FILE, json.dumps({"old": str(old), "rows": rows}, indent=1) + "\n")
+    if (Path(new) / "report.html").exists():
+        insert_section(Path(new) / "report.html", "retrain", comparison_html(rows, str(old)), at_top=True)
+    return rows
+
+
+def comparison_rows(run_dir: str | Path) -> list[tuple[str, float | None, float | None]]:
+    """The rows RUN/retrain.json holds ([] for a run that was not retrained)."""
+    path = Path(run_dir) / COMPARISON_FILE
+    return [tuple(r) for r in json.loads(path.read_text("utf-8"))["rows"]] if path.exists() else []

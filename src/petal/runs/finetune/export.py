@@ -18,9 +18,9 @@ import torch
 
 from petal.calibration import softmax
 from petal.export import export_graph
-from petal.finetune.model import FineTuneNet
 from petal.onnx_graphs import images_module_to_onnx, with_unknown
 from petal.predictions import Scores
+from petal.runs.finetune.model import FineTuneNet
 
 if TYPE_CHECKING:
     from petal.unknown import KnnUnknown
@@ -57,7 +57,10 @@ class Predictor:
         return self.model.top[-1].fc.out_features
 
     def __call__(self, pixels: np.ndarray) -> Scores:
-        features, logits = self.features_logits(pixels)
+        return self.scores(*self.features_logits(pixels))
+
+    def scores(self, features: np.ndarray, logits: np.ndarray) -> Scores:
+        """Scores from (N, D) features and (N, C) logits that features_logits gave."""
         probs = softmax(logits, self.temperature)
         if self.unknown is None:
             return Scores(probs)
@@ -79,7 +82,7 @@ class Outputs(torch.nn.Module):
         return (m.top[-1](features) * self.inv_t).softmax(-1), features
 
 
-def export_model(out: Path, predictor: Predictor, classes: list[str], parity_uris: list[str], metrics: dict,
+def export_model(out: Path, predictor: Predictor, *, classes: list[str], parity_uris: list[str], metrics: dict,
                  training: dict) -> Path:
     """Export the predictor's model (on the CPU, eval mode), its temperature and unknown
     detector as a bundle folder at `out`."""

@@ -29,10 +29,10 @@ import torch
 from PIL import Image, ImageEnhance
 
 from petal.errors import PetalError
-from petal.finetune.config import AugmentConfig
 from petal.images import RESAMPLE
 from petal.loader import iter_items
 from petal.preprocess import Preprocess
+from petal.runs.finetune.config import AugmentConfig
 from petal.storage import atomic_path, atomic_write_text
 
 # --------------------------------------------------------------------------- decode-once cache
@@ -113,7 +113,6 @@ def build_pixel_file(
 
 
 # --------------------------------------------------------------------------- augmentation
-
 
 
 def augment_image(img: np.ndarray, out_size: int, crop_pct: float, aug: AugmentConfig,

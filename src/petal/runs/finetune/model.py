@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from petal.backbones import BackboneConfig
-from petal.finetune.config import ALL_BLOCKS
 from petal.models import Preprocess, build_backbone
 from petal.onnx_graphs import images_module_to_onnx
+from petal.runs.finetune.config import ALL_BLOCKS
 from petal.storage import atomic_path
 
 TRUNK_GRAPH_VERSION = 1  # bump when the trunk graph changes
@@ -179,7 +179,7 @@ class TrunkCollate:
         return {**self.__dict__, "_trunk": None}  # each worker opens its own session
 
     def __call__(self, batch: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        from petal.finetune.data import collate
+        from petal.runs.finetune.data import collate
 
         images, labels = collate(batch)
         if self._trunk is None:

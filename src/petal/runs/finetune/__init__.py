@@ -1,7 +1,8 @@
 """Fine-tuning the backbone with its head: `petal finetune DATA`.
 
-    from petal.finetune import FinetuneConfig, finetune
-    result = finetune("flower_photos", "runs/flowers-ft", config=FinetuneConfig(epochs=12))
+    from petal.runs.finetune import FinetuneConfig, finetune
+    from petal.spec import DataSpec, RunSpec
+    result = finetune(RunSpec(DataSpec("flower_photos"), "runs/flowers-ft", trainer=FinetuneConfig(epochs=12)))
 
 - `config`: the settings (`FinetuneConfig`, `AugmentConfig`);
 - `data`: decode-once pixel cache, augmentation, data-parallel batches;
@@ -13,14 +14,14 @@
 Needs torch, imported only when training starts (`config` alone is light, for the CLI).
 """
 
-from petal.finetune.config import AugmentConfig, FinetuneConfig
+from petal.runs.finetune.config import AugmentConfig, FinetuneConfig
 
 __all__ = ["AugmentConfig", "FinetuneConfig", "FinetuneResult", "finetune"]
 
 
 def __getattr__(name: str):
     if name in ("finetune", "FinetuneResult"):
-        from petal.finetune import train
+        from petal.runs.finetune import train
 
         return getattr(train, name)
     raise AttributeError(name)

@@ -1,4 +1,4 @@
-"""CLI commands for serving: `petal serve` and `petal encode-request` (issue 3).
+"""`petal serve` and `petal encode-request`.
 
 Thin: parse options, call `petal.serve`. FastAPI and uvicorn are imported only
 when `petal serve` runs, so the rest of the CLI starts fast without them.
@@ -12,10 +12,13 @@ from typing import Annotated, Optional
 
 import typer
 
+from petal.cli.command import Command
 from petal.errors import PetalError
 from petal.serve.config import Batching, Limits
 
 LIM, BAT = Limits(), Batching()  # the serving defaults, shown in --help
+
+commands = typer.Typer()  # this module's commands, added to `petal` by petal.cli.app
 
 ModelPath = Annotated[Optional[str], typer.Argument(help=(
     "Exported model folder (RUN/model), or its URI (gs://..., file://...); under Vertex AI, "
@@ -25,8 +28,10 @@ Precision = Annotated[Optional[str], typer.Option(help=(
     "(int8 for a bundle from petal export RUN --precision int8)."))]
 
 
+@commands.command("serve", cls=Command)
 def serve(
     model: ModelPath = None,
+    *,
     name: Annotated[Optional[str], typer.Option(help="URL name of MODEL (default: its run folder).")] = None,
     models: Annotated[Optional[list[str]], typer.Option("--model", help="More models: NAME=PATH (repeat).")
                       ] = None,
@@ -75,9 +80,10 @@ def serve(
     model_path, host, port = apply_vertex(model, host, port, vertex)
     config = ServeConfig(
         models=model_specs(model_path, name, models or []),
-        limits=Limits(int(max_body_mb * 1024 * 1024), max_images, max_pixels, max_request_pixels, timeout,
-                      header_timeout, body_timeout, max_concurrency),
-        batching=Batching(max_batch, batch_wait_ms),
+        limits=Limits(max_body_bytes=int(max_body_mb * 1024 * 1024), max_images=max_images, max_pixels=max_pixels,
+                      max_request_pixels=max_request_pixels, timeout_s=timeout, header_timeout_s=header_timeout,
+                      body_timeout_s=body_timeout, max_concurrency=max_concurrency),
+        batching=Batching(max_batch=max_batch, max_wait_ms=batch_wait_ms),
         api_key=api_key_from_env(api_key, api_key_file), threads=threads, decode_workers=workers,
         reject_unknown=unknown, precision=precision, vertex=vertex)
     check_port(host, port)
@@ -106,8 +112,10 @@ def require_serving_packages() -> None:
                          "install them with: pip install 'petal[serve]'") from None
 
 
+@commands.command("encode-request", cls=Command)
 def encode_request(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders or globs.")],
+    *,
     output: Annotated[Optional[Path], typer.Option(help=(
         "Write here instead of stdout; split requests go to NAME-1.json, NAME-2.json, ..."))] = None,
     max_per_request: Annotated[Optional[int], typer.Option(min=1, help=(
@@ -137,8 +145,3 @@ def encode_request(
         atomic_write_text(name, body)
     typer.echo(f"{len(uris)} images in {len(bodies)} request(s): {', '.join(map(str, names))}", err=True)
 
-
-def register(app: typer.Typer, cls: type) -> None:
-    """Add the serving commands to the main app, as `cls` commands. Imports nothing heavy."""
-    app.command("serve", cls=cls)(serve)
-    app.command("encode-request", cls=cls)(encode_request)

@@ -11,11 +11,10 @@ from typing import ClassVar
 
 from petal.errors import PetalError
 from petal.params import Bool, Instance, Int, OneOf, Real, Rule, Validated, check_param
-from petal.unknown import DEFAULT_KEEP
 
 ALL_BLOCKS = -1  # --unfreeze -1: train every layer, the stem included
 DEFAULT_UNFREEZE = 3  # with pretrained weights; from scratch trains everything
-RUNTIME_ONLY = ("workers", "decode_workers")  # settings that do not change the result
+RUNTIME_ONLY = ("loader_workers", "decode_workers")  # settings that do not change the result
 PERCENT = Real(0, 100, high_open=True, what="a percentage in [0, 100)")
 
 
@@ -56,9 +55,8 @@ class FinetuneConfig(Validated):
         "weight_decay": Real(0), "label_smoothing": Real(0, 1, high_open=True), "dropout": Real(0, 1, high_open=True),
         "unfreeze": Int(ALL_BLOCKS, what="-1 (all) or a number of blocks >= 0"), "pretrained": Bool(),
         "seed": Int(0), "augment": Instance(AugmentConfig), "trunk_runtime": OneOf("auto", "onnx", "torch"),
-        "amp": Bool(), "workers": Int(0, none_ok=True), "decode_workers": Int(1, none_ok=True),
+        "amp": Bool(), "loader_workers": Int(0, none_ok=True), "decode_workers": Int(1, none_ok=True),
         "calibration_percent": Real(0, 50, what="a percentage in [0, 50]"),
-        "keep": Real(0.5, 1, high_open=True, what="a share in [0.5, 1)"),
     }
 
     epochs: int = 12
@@ -76,12 +74,11 @@ class FinetuneConfig(Validated):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     trunk_runtime: str = "auto"  # frozen layers in "onnx" (fast on CPU), "torch", or "auto"
     amp: bool = True  # mixed precision on a GPU (ignored on a CPU)
-    workers: int | None = None  # DataLoader worker processes; None: Trainer.threads() chooses
+    loader_workers: int | None = None  # DataLoader worker processes; None: Trainer.threads() chooses
     decode_workers: int | None = None  # threads decoding images into the pixel cache
     # set aside from the training split, never trained on: fits the temperature and the
     # unknown threshold (0: neither; too few images to set aside: neither, with a warning)
     calibration_percent: float = 5.0
-    keep: float = DEFAULT_KEEP  # the share of known images the unknown threshold keeps
 
     def __post_init__(self) -> None:
         if self.unfreeze is None:

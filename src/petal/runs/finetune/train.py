@@ -1,13 +1,14 @@
 """`petal finetune`: train backbone blocks and a new head together.
 
-    finetune(data, out, config=FinetuneConfig(unfreeze=3)) -> FinetuneResult
+    finetune(RunSpec(DataSpec(data), out, trainer=FinetuneConfig(unfreeze=3))) -> FinetuneResult
 
 The loop, per epoch: augmented uint8 batches from DataLoader workers -> frozen
 trunk (no gradients) -> trained top -> label-smoothed cross-entropy -> AdamW
 with a warmup + cosine schedule. Then the eval split is scored, a checkpoint
 is written atomically (`RUN/checkpoints/last.pt`), and the best epoch so far
 (eval accuracy, then eval loss) is kept in `best.pt`. At the end the best epoch
-is evaluated, reported and exported as the usual bundle, with the parity check.
+is evaluated, audited and reported as a head run is (petal.runs.common.finish), and
+exported as the usual bundle, with the parity check.
 
 Reproducible: the shuffle, the augmentation and dropout are seeded per epoch,
 so `resume=True` after a kill continues to exactly the weights an uninterrupted
@@ -23,7 +24,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,23 +32,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from petal.backbones import DEFAULT_BACKBONE, BackboneConfig, get_backbone
+from petal.backbones import BackboneConfig, get_backbone
 from petal.bundle import TRAIN_KEYS, train_keys_digest
 from petal.calibration import fit_temperature, softmax
-from petal.data import (
-    CALIBRATION,
-    EVAL,
-    MIN_CALIBRATION,
-    TEST,
-    TRAIN,
-    Columns,
-    Dataset,
-    load_dataset,
-    set_aside,
-)
+from petal.data import CALIBRATION, EVAL, MIN_CALIBRATION, TEST, TRAIN, Dataset
 from petal.errors import PetalError
-from petal.finetune.config import FinetuneConfig
-from petal.finetune.data import (
+from petal.features import Features
+from petal.params import Int, check_param, env_int
+from petal.progress import Reporter
+from petal.run import FINETUNE, Run, RunSettings, epoch_tag, require_training_images
+from petal.runs.common import Ending, Scored, finish, open_run, parity_images, record
+from petal.runs.finetune.config import FinetuneConfig
+from petal.runs.finetune.data import (
     EpochBatches,
     PixelFile,
     TrainImages,
@@ -56,30 +52,18 @@ from petal.finetune.data import (
     read_pixel_file,
     train_view,
 )
-from petal.finetune.distributed import World, close_world, init_world
-from petal.finetune.export import Predictor, export_model
-from petal.finetune.model import FineTuneNet, OnnxTrunk, TorchTrunk, TrunkCollate, trunk_onnx_path
-from petal.params import Int, check_param, env_int
-from petal.progress import Reporter
-from petal.review import apply_review
-from petal.run import (
-    FINETUNE,
-    Run,
-    RunSettings,
-    data_warnings,
-    epoch_tag,
-    parity_uris,
-    require_training_images,
-)
-from petal.storage import absolute, atomic_path, default_cache_dir
+from petal.runs.finetune.distributed import World, close_world, init_world
+from petal.runs.finetune.export import Predictor, export_model
+from petal.runs.finetune.model import FineTuneNet, OnnxTrunk, TorchTrunk, TrunkCollate, trunk_onnx_path
+from petal.spec import RunSpec
+from petal.storage import atomic_path
 from petal.unknown import KnnUnknown
-from petal.workflow import trust_metrics, write_run_report
 
 CHECKPOINT_FORMAT = 1
 EVAL_BATCH = 64
 EVAL_CACHE_BYTES = 2 << 30  # eval activations kept in memory up to this size
 
-SPLITS = (TRAIN, EVAL, CALIBRATION)
+SPLITS = (TRAIN, EVAL, CALIBRATION, TEST)
 
 
 @dataclass
@@ -107,46 +91,28 @@ class FinetuneResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def finetune(
-    data: str | Path,
-    out: str | Path,
-    *,
-    config: FinetuneConfig | None = None,
-    labels_file: str | Path | None = None,
-    columns: Columns = Columns(),
-    eval_data: str | Path | None = None,
-    eval_percent: float = 10.0,
-    backbone: str = DEFAULT_BACKBONE,
-    cache_dir: str | Path | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    export: bool = True,
-    stop_after: int | None = None,
-    exclude: str | Path | None = None,
-    relabel: str | Path | None = None,
-    group: str | None = None,
-    reporter: Reporter | None = None,
-) -> FinetuneResult | None:
-    """Fine-tune into the run folder `out`. Under torchrun every process calls this;
-    the result comes back on rank 0, None elsewhere.
+def finetune(spec: RunSpec, *, resume: bool = False, export: bool = True, stop_after: int | None = None,
+             reporter: Reporter | None = None) -> FinetuneResult | None:
+    """Fine-tune as `spec` says (its trainer a FinetuneConfig) into the run folder `spec.out`.
+    Under torchrun every process calls this; the result comes back on rank 0, None elsewhere.
 
     `stop_after=N` ends after epoch N, as if killed there; `resume=True` goes on
-    from the last checkpoint; `overwrite=True` starts afresh in a folder that holds a
+    from the last checkpoint; `spec.overwrite` starts afresh in a folder that holds a
     finished run or a checkpoint (without either, such a folder is refused).
     """
-    config = config or FinetuneConfig()
-    get_backbone(backbone).weights_path()  # before any slow work: the weights package is installed
+    if spec.kind != FINETUNE:
+        raise PetalError("trainer: petal.runs.finetune.finetune trains with a FinetuneConfig; a HeadClassifier "
+                         "goes to petal.runs.head.train")
+    get_backbone(spec.backbone).weights_path()  # before any slow work: the weights package is installed
     if stop_after is not None:
         check_param("stop_after", stop_after, Int(1, what="an epoch >= 1"))
     world = init_world()
     threads = torch.get_num_threads()
     try:
-        trainer = Trainer(config, world, get_backbone(backbone), Path(cache_dir or default_cache_dir()),
-                          reporter if world.main else None, review=(exclude, relabel), group=group,
-                          columns=columns)
-        run = Run.create(out, data, overwrite=overwrite or resume)  # resuming a finished run re-exports it
-        return trainer.run(data, run, labels_file=labels_file, eval_data=eval_data, eval_percent=eval_percent,
-                           resume=resume, overwrite=overwrite, export=export, stop_after=stop_after)
+        trainer = Trainer(spec, world, reporter if world.main else None)
+        # resuming a finished run re-exports it
+        run, ds = open_run(spec, trainer.reporter, resume=resume, calibration_percent=spec.trainer.calibration_percent)
+        return trainer.run(run, ds, resume=resume, export=export, stop_after=stop_after)
     finally:
         torch.set_num_threads(threads)
         close_world(world)
@@ -169,11 +135,14 @@ def group_lrs(opt: torch.optim.Optimizer) -> dict[str, float]:
 
 
 def check_same_run(saved: dict, now: dict) -> None:
+    """Refuse to resume a checkpoint whose fingerprint (`saved`) differs from this run's (`now`),
+    naming what differs (each fine-tuning setting by name)."""
     if saved != now:
         keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if "finetune" in keys:
+        if "finetune" in keys:  # each setting by name, beside the other differences
             a, b = saved.get("finetune", {}), now.get("finetune", {})
-            keys = [f"finetune.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            keys = [k for k in keys if k != "finetune"] + [
+                f"finetune.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         raise PetalError("resume: the checkpoint was made with other settings or data ("
                          + ", ".join(keys) + " differ); use the same options, or a new --out")
 
@@ -252,16 +221,14 @@ class TrainState:
 
 
 class Trainer:
-    def __init__(self, config: FinetuneConfig, world: World, cfg: BackboneConfig, cache_dir: Path,
-                 reporter: Reporter | None, review: tuple = (None, None), group: str | None = None,
-                 columns: Columns = Columns()):
-        self.c, self.world, self.cfg, self.cache_dir = config, world, cfg, cache_dir
+    """One fine-tuning run as its spec says, in this process (one of several under torchrun)."""
+
+    def __init__(self, spec: RunSpec, world: World, reporter: Reporter | None):
+        self.spec, self.c, self.world = spec, spec.trainer, world
+        self.cfg, self.cache_dir = get_backbone(spec.backbone), spec.cache
         self.reporter = reporter or Reporter()
-        self.review = review  # (exclude CSV, relabel CSV) or Nones: see petal.review
-        self.group = group  # a regex: images whose names share its capture stay on one side of the split
-        self.columns = columns  # a CSV's image and label columns, where the user names them
         self.amp_dtype = None
-        if world.device.type == "cuda" and config.amp:
+        if world.device.type == "cuda" and self.c.amp:
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
     def autocast(self):
@@ -304,7 +271,7 @@ class Trainer:
             workers = max(1, per_proc // 2)
         else:
             workers = 1
-        workers = workers if self.c.workers is None else self.c.workers
+        workers = workers if self.c.loader_workers is None else self.c.loader_workers
         if self.world.device.type == "cpu" and self.runtime == "onnx":
             return workers, max(1, per_proc - workers + 1)
         return workers, per_proc
@@ -348,19 +315,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
 
-    def run(self, data, run: Run, *, labels_file, eval_data, eval_percent: float, resume: bool, overwrite: bool,
-            export: bool, stop_after: int | None) -> FinetuneResult | None:
+    def run(self, run: Run, ds: Dataset, *, resume: bool, export: bool, stop_after: int | None
+            ) -> FinetuneResult | None:
         start = time.perf_counter()
         c, world = self.c, self.world
-        pr = self.prepare(data, run, labels_file=labels_file, eval_data=eval_data, eval_percent=eval_percent,
-                          resume=resume, overwrite=overwrite)
+        pr = self.prepare(run, ds, resume=resume)
         st = self.setup(len(pr.ds.classes), pr.pixels[TRAIN], pr.labels[TRAIN], pr.pixels[EVAL], pr.labels[EVAL],
                         pr.checkpoint)
         self.train_epochs(run, st, min(c.epochs, stop_after) if stop_after else c.epochs, pr.fingerprint)
         if not world.main:
             return None
-        result = FinetuneResult(run.path, None, {}, st.best["epoch"], len(st.history), st.history,
-                                time.perf_counter() - start, pr.warnings)
+        result = FinetuneResult(run_dir=run.path, model_dir=None, metrics={}, best_epoch=st.best["epoch"],
+                                epochs_done=len(st.history), history=st.history,
+                                seconds=time.perf_counter() - start, warnings=pr.warnings)
         if len(st.history) < c.epochs:  # stopped early: --resume goes on
             return result
         run.write_history(st.history)
@@ -425,41 +392,28 @@ class Trainer:
                     self.reporter.message(epoch_line(logs, c.epochs, st.best["epoch"]))
                 world.barrier()
 
-    def prepare(self, data, run: Run, *, labels_file, eval_data, eval_percent: float, resume: bool,
-                overwrite: bool) -> Prepared:
-        """Load the data (setting the calibration images aside), find the checkpoint to resume
-        from, decode every image once into the run's pixel files, and write the run files."""
-        c, world = self.c, self.world
-        ds = load_dataset(data, labels_file=labels_file, eval_source=eval_data, eval_percent=eval_percent,
-                          group=self.group, columns=self.columns)
-        ds = set_aside(apply_review(ds, *self.review, self.reporter), c.calibration_percent)
-        self.reporter.dataset(ds)
-        if ds.split(TEST):
-            self.reporter.message(f"warning: the {len(ds.split(TEST))} test image(s) are not used by petal "
-                                  "finetune; evaluate the exported model on them with `petal evaluate`")
-        fingerprint = {"format": CHECKPOINT_FORMAT, "finetune": c.training_dict(), "backbone": self.cfg.name,
+    def prepare(self, run: Run, ds: Dataset, *, resume: bool) -> Prepared:
+        """Find the checkpoint to resume from, decode every image once into the run's pixel files,
+        and record the run (split.csv, errors.csv, settings.json)."""
+        world = self.world
+        fingerprint = {"format": CHECKPOINT_FORMAT, "finetune": self.c.training_dict(), "backbone": self.cfg.name,
                        "classes": ds.classes, "train": digest([e.uri for e in ds.split(TRAIN)]),
                        "eval": digest([e.uri for e in ds.split(EVAL)])}
-        ckpt = self.saved_checkpoint(run, resume, overwrite, fingerprint)  # before any slow work
+        ckpt = self.saved_checkpoint(run, fingerprint, resume=resume)  # before any slow work
         run.make()
         pixels = self.pixel_files(run, ds)
         label_of = {e.uri: ds.label_id(e.label) for e in ds.examples}
         labels = {k: np.array([label_of[u] for u in px.uris], np.int64) for k, px in pixels.items()}
         require_training_images(ds.classes, (ds.classes[i] for i in labels[TRAIN]))
         keys = {u: key for px in pixels.values() for u, key in px.keys.items()}
-        warnings = data_warnings(ds, keys, self.reporter)
-        if world.main:
-            run.write_split(ds, keys, [f for px in pixels.values() for f in px.failed])
-            run.write_settings(RunSettings(
-                kind=FINETUNE, data=absolute(data), eval_data=absolute(eval_data) if eval_data else None,
-                labels_file=absolute(labels_file) if labels_file else None, eval_percent=eval_percent,
-                backbone=self.cfg.identity(), cache_dir=str(self.cache_dir), classes=ds.classes,
-                params=c.to_dict(), extra={"world_size": world.size}))
+        failed = [f for px in pixels.values() for f in px.failed]
+        warnings = record(run, self.spec, ds, keys=keys, failed=failed, reporter=self.reporter,
+                          extra={"world_size": world.size}) if world.main else []
         return Prepared(ds, pixels, labels, warnings, fingerprint, ckpt)
 
-    def saved_checkpoint(self, run: Run, resume: bool, overwrite: bool, fingerprint: dict) -> dict | None:
+    def saved_checkpoint(self, run: Run, fingerprint: dict, *, resume: bool) -> dict | None:
         """The checkpoint to resume from (same settings and data), or None to start afresh."""
-        path = run.checkpoints / "last.pt"
+        path, overwrite = run.checkpoints / "last.pt", self.spec.overwrite
         if not path.exists() or (overwrite and not resume):
             if resume:
                 self.reporter.message(f"warning: no checkpoint in {path.parent}; starting from the beginning")
@@ -532,48 +486,78 @@ class Trainer:
         return best
 
     def finish(self, run: Run, pr: Prepared, best: dict, trunk, export: bool) -> tuple[dict, Path | None]:
-        """Evaluate the best epoch on the CPU in float32, calibrated, report it, export it."""
-        classes, ev_px, y_ev = pr.ds.classes, pr.pixels[EVAL], pr.labels[EVAL]
+        """Evaluate the best epoch on the CPU in float32, calibrated; audit and report it as every
+        run is (petal.runs.common.finish); export it."""
+        classes = pr.ds.classes
         model = best_model(run, self.cfg, self.c, len(classes))
         cpu_trunk = trunk if self.runtime == "onnx" else TorchTrunk(model, torch.device("cpu"), contextlib.nullcontext)
-        predictor = self.calibrate(run, Predictor(model, cpu_trunk), pr)
-        ev = ev_px.open()
-        extra = {"num_train": len(pr.pixels[TRAIN].uris), "best_epoch": best["epoch"],
-                 **trust_metrics(run, y_ev, predictor.features_logits(ev)[1], scores := predictor(ev),
-                                 predictor.temperature, self.c.keep if predictor.unknown else None,
-                                 predictor.unknown.threshold if predictor.unknown else None)}
-        metrics = run.write_metrics(classes, ev_px.uris, y_ev, lambda: scores.probabilities, extra,
-                                    self.reporter, no_eval_note=", the last epoch is exported")
-        write_run_report(run, metrics, classes, (ev_px.uris, y_ev, scores.probabilities), None)
+        predictor = Predictor(model, cpu_trunk)
+        outputs = self.outputs(predictor, pr)
+        self.calibrate(run, predictor, pr, outputs)
+        metrics = finish(run, classes, self.ending(predictor, pr, outputs, best["epoch"]), self.reporter)
         model_dir = None
         if export:
-            parity = parity_uris(ev_px.uris, pr.pixels[TRAIN].uris)
-            self.reporter.message(f"exporting epoch {best['epoch']} and checking parity on {len(parity)} images")
-            model_dir = export_model(run.model_dir, predictor, classes, parity, metrics,
+            parity = parity_images(eval_uris=pr.pixels[EVAL].uris, train_uris=pr.pixels[TRAIN].uris,
+                                   reporter=self.reporter, what=f" epoch {best['epoch']}")
+            model_dir = export_model(run.model_dir, predictor, classes=classes, parity_uris=parity, metrics=metrics,
                                      training=training_record(self.c, best["epoch"], run))
         return metrics, model_dir
 
-    def calibrate(self, run: Run, predictor: Predictor, pr: Prepared) -> Predictor:
+    def outputs(self, predictor: Predictor, pr: Prepared) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each split's (N, D) features and (N, C) logits under the best epoch's weights (training
+        images on the served view)."""
+        out = {}
+        with self.reporter.progress("scoring the best epoch", len(SPLITS)) as advance:
+            for split in SPLITS:
+                out[split] = predictor.features_logits(pr.pixels[split].open())
+                advance(1)
+        return out
+
+    def calibrate(self, run: Run, predictor: Predictor, pr: Prepared, outputs: dict) -> None:
         """The temperature and the unknown detector from the calibration images, the detector's
-        bank from the training images; both saved in the run."""
-        cal, y_cal = pr.pixels[CALIBRATION], pr.labels[CALIBRATION]
+        bank from the training images; both set on the predictor and saved in the run."""
+        (cal_features, cal_logits), y_cal = outputs[CALIBRATION], pr.labels[CALIBRATION]
         if len(y_cal) < MIN_CALIBRATION:
             self.reporter.message(f"warning: fewer than {MIN_CALIBRATION} calibration images (--calibration-percent "
                                   f"{self.c.calibration_percent:g}): confidences are not calibrated and nothing is "
                                   "called unknown")
-            return predictor
-        with self.reporter.progress("calibrating", 2) as advance:
-            cal_features, cal_logits = predictor.features_logits(cal.open())
+            return
+        with self.reporter.progress("calibrating", 1) as advance:
             predictor.temperature = fit_temperature(cal_logits, y_cal)
-            advance(1)
-            bank = predictor.features_logits(pr.pixels[TRAIN].open())[0]  # (N, D) on the served view
-            predictor.unknown = KnnUnknown.fit_held_out(bank, pr.labels[TRAIN], cal_features,
+            predictor.unknown = KnnUnknown.fit_held_out(outputs[TRAIN][0], pr.labels[TRAIN], cal_features,
                                                         softmax(cal_logits, predictor.temperature),
-                                                        keep=self.c.keep, seed=self.c.seed)
+                                                        keep=self.spec.keep, seed=self.c.seed)
             advance(1)
         run.write_calibration(predictor.temperature)
         run.write_unknown(predictor.unknown)
-        return predictor
+
+    def ending(self, predictor: Predictor, pr: Prepared, outputs: dict, best_epoch: int) -> Ending:
+        """What `finish` writes up: the fine-tuned features of every image (for the audit), the
+        eval and test splits scored, the calibration and the unknown threshold."""
+        def scored(split: str) -> Scored:
+            features, logits = outputs[split]
+            return Scored(pr.pixels[split].uris, pr.labels[split], predictor.scores(features, logits), logits)
+
+        u = predictor.unknown
+        return Ending(tuned_features(pr, outputs), scored(EVAL), scored(TEST) if len(pr.labels[TEST]) else None,
+                      temperature=predictor.temperature, keep=self.spec.keep if u else None,
+                      threshold=u.threshold if u else None,
+                      extra={"num_train": len(pr.pixels[TRAIN].uris), "best_epoch": best_epoch},
+                      no_eval_note=", the last epoch is exported")
+
+
+def tuned_features(pr: Prepared, outputs: dict) -> Features:
+    """Every decoded image's features under the fine-tuned model, split by split, as the audit reads
+    them. The calibration images count as training images there (they were set aside from them):
+    the same photo in both is no train/eval leak."""
+    by_uri = {e.uri: replace(e, split=TRAIN) if e.split == CALIBRATION else e for e in pr.ds.examples}
+    examples, bounds = [], {}
+    for split in SPLITS:
+        bounds[split] = slice(len(examples), len(examples) + len(pr.pixels[split].uris))
+        examples += [by_uri[u] for u in pr.pixels[split].uris]
+    return Features(examples=examples, X=np.concatenate([outputs[s][0] for s in SPLITS]),
+                    y=np.concatenate([pr.labels[s] for s in SPLITS]),
+                    keys=[pr.pixels[s].keys[u] for s in SPLITS for u in pr.pixels[s].uris], bounds=bounds)
 
 
 def training_record(config: FinetuneConfig, best_epoch: int | None, run: Run) -> dict:
@@ -592,13 +576,13 @@ def best_model(run: Run, cfg: BackboneConfig, config: FinetuneConfig, num_classe
     return model.eval()
 
 
-def export_finetuned(run: Run, settings: RunSettings, cfg: BackboneConfig, cache_dir: Path) -> Path:
+def export_finetuned(run: Run, settings: RunSettings) -> Path:
     """`petal export RUN` for a fine-tuning run: its best epoch, parity-checked against
-    the same network in PyTorch. (`cache_dir` is not needed: the whole network is exported.)"""
-    config = run.read(lambda: FinetuneConfig.from_dict(settings.params))
-    model = best_model(run, cfg, config, len(settings.classes))
+    the same network in PyTorch. (No feature cache is needed: the whole network is exported.)"""
+    config = settings.spec.trainer
+    model = best_model(run, get_backbone(settings.spec.backbone), config, len(settings.classes))
     metrics = run.metrics()
     predictor = Predictor(model, TorchTrunk(model, torch.device("cpu"), contextlib.nullcontext),
                           run.temperature(), run.unknown())
-    return export_model(run.model_dir, predictor, settings.classes, run.parity_uris(), metrics,
-                        training=training_record(config, metrics.get("best_epoch"), run))
+    return export_model(run.model_dir, predictor, classes=settings.classes, parity_uris=run.parity_uris(),
+                        metrics=metrics, training=training_record(config, metrics.get("best_epoch"), run))
