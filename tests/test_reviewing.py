@@ -215,7 +215,7 @@ def test_retrain_applies_the_review_and_compares(review_dir, flipped_run, datase
     rows = {w: (a, b) for w, a, b in json.loads((new / "retrain.json").read_text())["rows"]}
     assert rows["accuracy"] == (old["accuracy"], now["accuracy"])
     assert "ECE" in rows and "kept share" in rows and "ovals f1" in rows
-    assert re.search(r"^ *accuracy +[0-9.]+ +[0-9.]+ +[+-][0-9.]+ *$", done.stdout, re.M)  # old, new, change
+    assert re.search(r"│ accuracy +│ +[0-9.]+ │ +[0-9.]+ │ +[+-][0-9.]+ │", done.stdout)  # old, new, change
     assert 'id="retrain"' in (new / "report.html").read_text()
     assert (new / "review.csv").read_bytes() == (review_dir / "review.csv").read_bytes()  # goes on from there
 

@@ -13,13 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
+from petal.errors import PetalError
 from petal.progress import Reporter
 from petal.report import insert_section, map_section
 from petal.reviewing.cards import NEW, OUTLIER, SUSPECT, UNKNOWN, run_cards
 from petal.reviewing.featuremap import FeatureMap, run_map
 from petal.reviewing.queue import unlabeled_queue
 from petal.reviewing.session import ReviewSession
-from petal.run import Run
+from petal.run import HEAD, Run
 
 PLAIN, FLAGGED, UNLABELED, REJECTED = 0, 1, 2, 3  # how a point of the map is drawn
 
@@ -57,6 +58,12 @@ def open_review(run_dir: str | Path, *, unlabeled: str | Path | None = None, cac
     reporter = reporter or Reporter()
     run = Run.open(run_dir)
     settings = run.settings()
+    if settings.kind != HEAD and (unlabeled is not None or with_map):  # no head on cached features to score with
+        if unlabeled is not None:
+            raise PetalError(f"unlabeled: {run.path} is a {settings.kind} run; new photos are queued by the head of "
+                             "a `petal train` run")
+        reporter.message(f"note: {run.path} is a {settings.kind} run: no feature map (it needs cached features)")
+        with_map = False
     cards = run_cards(run)
     extra = None
     if unlabeled is not None:
