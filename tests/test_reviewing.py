@@ -85,6 +85,9 @@ def test_labeled_photos_join_training_as_a_new_class_and_are_copied_only_when_as
     s = ReviewSession(tmp_path, cards, ["circles", "squares"])
     s.decide(cards[0].id, "accept")
     s.decide(cards[1].id, "relabel", label="hexagons")  # "none of these": a new class
+    for bad in ("..", "a/b"):  # a class becomes a folder with --copy-to: never outside DATA
+        with pytest.raises(ValueError, match="class name"):
+            s.decide(cards[2].id, "relabel", label=bad)
     s.decide(cards[2].id, "skip")
     assert s.progress()["classes"][-1] == "hexagons"
     ds = load_dataset(dataset, eval_percent=0.0)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -30,6 +31,15 @@ REVIEW_FILE, LABELED_FILE = "review.csv", "labeled.csv"
 REVIEW_COLUMNS = ["uri", "label", "action", "was", "card", "step"]
 LABELED_COLUMNS = ["uri", "label", "card", "step"]
 RELABEL, KEEP, EXCLUDE, SKIP = "relabel", "keep", "exclude", "skip"
+LABEL_NAME = re.compile(r"^(?!\.{1,2}$)[^/\\\x00-\x1f]{1,100}$")  # a class name that is a folder name anywhere
+
+
+def check_label_name(label: str, option: str = "label") -> str:
+    """A new class's name: 1 to 100 characters, no '/', '\\' or control characters, not '.' or '..'."""
+    if not LABEL_NAME.match(label):
+        raise DataError(f"{option}: a class name is 1 to 100 characters, no '/' or '\\', not '.' or '..'; "
+                        f"got {label!r}")
+    return label
 
 
 class DecisionLog:
@@ -149,7 +159,7 @@ def copy_labeled(path: str | Path, data_dir: str | Path) -> list[Path]:
     written = []
     for uri, label in labeled_rows(path):
         src = Path(uri)
-        folder = Path(data_dir) / label
+        folder = Path(data_dir) / check_label_name(label, f"labeled: {path}")
         folder.mkdir(parents=True, exist_ok=True)
         dest, n = folder / src.name, 1
         while dest.exists() and dest.read_bytes() != src.read_bytes():

@@ -13,7 +13,6 @@ answers of two tabs in order.
 
 from __future__ import annotations
 
-import re
 import threading
 from pathlib import Path
 
@@ -29,12 +28,12 @@ from petal.reviewing.log import (
     REVIEW_FILE,
     SKIP,
     DecisionLog,
+    check_label_name,
 )
 
 ACCEPT = "accept"  # take the suggested label
 ACTIONS = (ACCEPT, KEEP, RELABEL, EXCLUDE, SKIP)
 MAP_CARD = "map"  # the card column of decisions made on the feature map
-LABEL_NAME = re.compile(r"^[^/\\\x00-\x1f]{1,100}$")  # a new class name: a folder name on any system
 
 
 class ReviewSession:
@@ -159,7 +158,5 @@ class ReviewSession:
             raise PetalError(f"action: a new photo is labeled, accepted or skipped, got {action!r}")
         label = label.strip()
         if label and label not in self.classes:
-            if not LABEL_NAME.match(label):
-                raise PetalError(f"label: a new class name is 1 to 100 characters, no '/' or '\\\\', got {label!r}")
-            self.classes.append(label)
+            self.classes.append(check_label_name(label))
         return {"uri": card.uris[0], "label": label, "card": card.id}
