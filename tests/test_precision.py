@@ -86,7 +86,7 @@ def test_the_gate_refuses_with_figures_and_force_records_them(trained_run, cache
                 train_uris=[r["uri"] for r in rows if r["split"] == "train"], eval_uris=[r["uri"] for r in ev],
                 eval_labels=np.array([settings.classes.index(r["label"]) for r in ev]),
                 min_agreement=1.01, classes=settings.classes, unknown=run.unknown())  # no model can pass
-    with pytest.raises(ExportRefused, match="refused.*agrees with fp32.*--force") as refused:
+    with pytest.raises(ExportRefused, match=r"refused.*top-1 agreement .* < 101%.*--force") as refused:
         export_int8(tmp_path / "m", **args)
     assert not (tmp_path / "m").exists() and not refused.value.figures["passed"]
     path, figures = export_int8(tmp_path / "m", force=True, **args)
@@ -173,3 +173,43 @@ def test_bf16_says_why_not_without_openvino_or_without_bf16(model_dir, monkeypat
     monkeypatch.setitem(sys.modules, "openvino", types.SimpleNamespace(Core=Core))
     with pytest.raises(PetalError, match="this CPU has no bf16 instructions.*use --precision fp32 or int8"):
         load(model_dir, precision="bf16")
+
+
+def narrowed_ranges(engine: Engine, cache_dir, factor: float = 8.0) -> Engine:
+    """`engine` under another digest, its int8 graph with every activation range `factor` times
+    too narrow (the scales of its QuantizeLinear nodes divided): a broken calibration."""
+    import dataclasses
+
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(engine.graph_path(cache_dir)))
+    broken = dataclasses.replace(engine, digest=engine.digest + "-narrow")
+    scales = {n.input[1] for n in graph.graph.node if n.op_type == "QuantizeLinear"}
+    for init in graph.graph.initializer:
+        if init.name in scales:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) / factor, init.name))
+    path = broken.graph_path(cache_dir)  # quantized afresh under the new digest, then overwritten
+    onnx.save(graph, str(path))
+    return broken
+
+
+def test_a_truly_worse_int8_model_is_refused(trained_run, cache_dir, tmp_path):
+    """An int8 backbone with broken calibration ranges really is worse, and the gate says so
+    beyond chance."""
+    from petal.export import export_int8
+    from petal.run import Run
+
+    run = Run.open(trained_run.run_dir)
+    settings = run.settings()
+    rows = run.split_rows()
+    ev = [r for r in rows if r["split"] == "eval"]
+    train_uris = [r["uri"] for r in rows if r["split"] == "train"]
+    broken = narrowed_ranges(Engine.make(CFG, "int8", train_uris), cache_dir)
+    with pytest.raises(ExportRefused, match="worse beyond chance") as refused:
+        export_int8(tmp_path / "m", cfg=CFG, head=run.head(settings), cache_dir=cache_dir, train_uris=train_uris,
+                    eval_uris=[r["uri"] for r in ev], engine=broken, classes=settings.classes,
+                    eval_labels=np.array([settings.classes.index(r["label"]) for r in ev]), unknown=run.unknown())
+    g = refused.value.figures
+    assert g["lost"] > g["gained"] and g["mcnemar_p"] < 0.05 and g["agreement"] < 0.99 and not g["passed"]
+    assert not (tmp_path / "m").exists()

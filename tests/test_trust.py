@@ -165,3 +165,102 @@ def test_tiny_data_calibrates_and_scores_without_crashing():
     X = np.concatenate([c + rng.normal(size=(3, 16)) for c in centres])  # a bank of 6 rows, k = 5
     u = KnnUnknown.fit(X, np.repeat([0, 1], 3))
     assert u.k == 5 and (u.score(X) <= u.threshold).mean() >= 0.8  # not a fifth called unknown by construction
+
+
+def labels_from(logits: np.ndarray, temperature: float, rng: np.random.Generator) -> np.ndarray:
+    p = softmax(logits, temperature).astype(np.float64)
+    return np.array([rng.choice(p.shape[1], p=row / row.sum()) for row in p])
+
+
+def test_the_calibrator_chosen_out_of_fold_never_does_worse_than_the_identity_there():
+    from petal.calibration import choose_temperature
+
+    rng = np.random.default_rng(3)
+    chosen = []
+    for true_t in (1.0, 1.0, 1.0, 1.0, 0.5, 2.0):  # calibrated as they are, then under- and overconfident
+        logits = rng.normal(0, 2, size=(600, 4))
+        t, record = choose_temperature(logits, labels_from(logits, true_t, rng))
+        f = record["out_of_fold"]
+        pick = f[record["method"]]
+        assert pick["nll"] <= f["identity"]["nll"] and pick["ece_adaptive"] <= f["identity"]["ece_adaptive"]
+        assert (t == 1.0) == (record["method"] == "identity") and "vector" in f
+        chosen.append(record["method"])
+    assert chosen[-2:] == ["temperature", "temperature"]  # a real miscalibration is fixed
+    assert "identity" in chosen[:4]  # and well-calibrated logits are left alone at least sometimes
+
+
+def test_separable_data_stops_at_the_laplace_bound_not_at_one_hot():
+    from petal.calibration import confidence_ceiling, format_score, mean_confidence
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 3, 200)
+    logits = rng.normal(0, 1, size=(200, 3))
+    logits[np.arange(200), y] += 6  # every answer right: the NLL falls without end as T -> 0
+    t = fit_temperature(logits, y)
+    assert mean_confidence(logits, t) == pytest.approx(confidence_ceiling(200, 200), abs=1e-4)  # 201/202
+    top = softmax(logits, t).max(1)
+    assert (top < 1).all() and not any(format_score(float(p)) == "1.000" for p in top)
+    assert format_score(0.9996) == "0.9996" and format_score(0.5) == "0.500" and format_score(1.0) == "1.000"
+    assert format_score(0.0004) == "0.0004"
+
+
+def test_adaptive_ece_has_an_interval_and_a_noise_floor():
+    from petal.calibration import adaptive_ece, calibration_figures, ece_floor, ece_interval, ece_line
+
+    rng = np.random.default_rng(5)
+    logits = rng.normal(0, 2, size=(3000, 5))
+    y = labels_from(logits, 1.0, rng)
+    good, bad = softmax(logits), softmax(logits, 0.4)  # calibrated, and overconfident
+    lo, hi = ece_interval(good, y)
+    assert lo <= adaptive_ece(good, y) <= hi and hi < 0.06
+    assert adaptive_ece(bad, y) > hi  # a real miscalibration stands out of the noise
+    assert ece_floor(good) < 0.04
+    m = calibration_figures(good, bad, y)
+    assert m["ece_adaptive_uncalibrated"] > m["ece_adaptive"] and len(m["ece_adaptive_interval"]) == 2
+    assert "equal-mass" in ece_line(m) and "noise floor" in ece_line(m)
+
+
+def test_left_out_images_leave_the_bank_and_stop_accepting_their_look_alikes():
+    rng = np.random.default_rng(6)
+    centres = rng.normal(size=(3, 64))
+    X = np.concatenate([c + 0.3 * rng.normal(size=(200, 64)) for c in centres])
+    y = np.repeat(np.arange(3), 200)
+    sign = rng.normal(size=64) * 2  # a few shop signs filed under class 0
+    X[:8] = sign + 0.1 * rng.normal(size=(8, 64))
+    leave_out = np.zeros(len(y), bool)
+    leave_out[:8] = True
+    look_alikes = sign + 0.1 * rng.normal(size=(20, 64))
+    dirty, clean = KnnUnknown.fit(X, y), KnnUnknown.fit(X, y, leave_out=leave_out)
+    assert (dirty.score(look_alikes) <= dirty.threshold).all()  # accepted as known
+    assert (clean.score(look_alikes) > clean.threshold).all() and len(clean.bank) == len(y) - 8
+    assert clean.left_out == 8 and clean.to_dict()["left_out"] == 8
+    assert KnnUnknown.from_state(dict(clean.state())).left_out == 8
+
+
+def test_the_reduced_bank_keeps_the_scores_and_its_graph_computes_them():
+    import onnx
+    from onnx import TensorProto, helper
+
+    from petal.onnx_graphs import similarity_nodes
+    from petal.unknown import normalize
+
+    rng = np.random.default_rng(7)
+    basis = rng.normal(size=(40, 512))  # features in a 40-dimensional subspace, as a backbone's mostly are
+    X = rng.normal(size=(3000, 40)) @ basis + 0.05 * rng.normal(size=(3000, 512))
+    u = KnnUnknown.fit(X, np.arange(3000) % 3)
+    r = u.reduce(64)
+    assert r.reduced is not None and r.reduced.coords.size + r.reduced.basis.size < u.bank.size / 4
+    q = rng.normal(size=(300, 40)) @ basis + 0.05 * rng.normal(size=(300, 512))
+    changed = ((r.score(q) > u.threshold) != (u.score(q) > u.threshold)).mean()
+    assert changed <= 0.01 and np.abs(r.score(q) - u.score(q)).max() < 0.5
+    nodes, inits = similarity_nodes(r)
+    unit_in = helper.make_tensor_value_info("ood_unit", TensorProto.FLOAT, [None, 512])
+    graph = helper.make_graph(nodes, "sims", [unit_in],
+                              [helper.make_tensor_value_info("ood_sims", TensorProto.FLOAT, [None, None])],
+                              initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+    unit = normalize(q)
+    got = make_session(model.SerializeToString()).run(["ood_sims"], {"ood_unit": unit})[0]
+    np.testing.assert_allclose(got, r.reduced.similarities(unit), atol=1e-4)
+    assert u.reduce(64) is not u and KnnUnknown.fit(X[:50], np.arange(50) % 2).reduce(64).reduced is None
+    onnx.checker.check_model(model)

@@ -34,6 +34,7 @@ RIDGE_WEIGHT, RIDGE_LAMBDA, RIDGE_SCALE = 0.7, 1.0, 5.0
 KNN = 50  # neighbours whose labels vote
 NEAR = 0.99  # cosine at or above which two different files count as near-duplicates
 OUTLIER_K = 5
+STRONG_SUSPECT = 0.8  # a label suspect whose own label gets under 0.2 held out: left out of the unknown bank
 IMBALANCE_RATIO = 3.0  # largest class / smallest class above this: advise class weighting
 BLOCK_BYTES = 256 << 20  # a similarity block (rows x N float32) stays under this
 AUDIT_CAP = 20_000  # more images: a stratified sample this big is audited (the kNN costs N^2)
@@ -190,6 +191,13 @@ def duplicates(Xn: np.ndarray, neighbours: np.ndarray, sims: np.ndarray, labels:
         crosses = [w for w, bad in (("classes", labels[i] != labels[j]), (sides, splits[i] != splits[j])) if bad]
         out.append(Duplicate(uris[i], uris[j], round(sim, 6), kind, ", ".join(crosses)))
     return sorted(out, key=lambda d: (not d.crosses, d.kind != "exact", -d.similarity))
+
+
+def bank_leave_out(a: Audit, uris: list[str], strong: float = STRONG_SUSPECT) -> np.ndarray:
+    """(N,) bool over `uris` (the training images): the audit's outliers and its label
+    suspects with a score of at least `strong`, which the unknown detector's bank leaves out."""
+    flagged = {s.uri for s in a.suspects if s.reason == "outlier" or s.score >= strong}
+    return np.array([u in flagged for u in uris], bool)
 
 
 def imbalance_advice(counts: Counter) -> list[str]:

@@ -20,6 +20,7 @@ from petal.bundle import TRAIN_KEYS, BundleInfo, Model, train_keys_digest, write
 from petal.cache import FEATURE_RTOL, EmbeddingCache, relative_diff
 from petal.embed import feature_cache
 from petal.errors import PetalError
+from petal.gate import MAX_DROP_PT, MIN_AGREEMENT, int8_verdict, verdict_line
 from petal.loader import iter_items
 from petal.precision import INT8, Engine
 from petal.predictions import Scores
@@ -112,7 +113,8 @@ def head_bundle_graph(engine: Engine, head: HeadClassifier, unknown: KnnUnknown 
 def head_bundle_fields(head: HeadClassifier, unknown: KnnUnknown | None, train_keys: Iterable[str]) -> dict:
     """What petal.json says of a head bundle: how it was trained, calibrated, and decides unknown."""
     return {"training": {"kind": "head", "head": head.get_params(), TRAIN_KEYS: train_keys_digest(train_keys)},
-            "calibration": {"method": "temperature", "temperature": head.temperature_,
+            "calibration": {"method": "temperature" if head.temperature_ != 1.0 else "identity",
+                            "temperature": head.temperature_,
                             "fitted_on": "out-of-fold logits of the training split"},
             "unknown": unknown.to_dict() if unknown else None}
 
@@ -182,10 +184,6 @@ def check_parity(model: Model, reference: Reference, uris: list[str], atol: floa
     return {"checked": len(items), "max_abs_diff": diff, "max_ood_diff": ood_diff}
 
 
-MIN_AGREEMENT = 0.99  # top-1 agreement with the fp32 bundle on the eval split an int8 export must reach
-MAX_ACCURACY_DROP_PT = 0.5  # and the most eval accuracy (percentage points) it may lose
-
-
 class ExportRefused(PetalError):
     """The int8 bundle failed its parity gate; `figures` say by how much."""
 
@@ -197,20 +195,22 @@ class ExportRefused(PetalError):
 def export_int8(out: Path, *, cfg: BackboneConfig, head: HeadClassifier, classes: list[str], cache_dir: Path,
                 train_uris: list[str], eval_uris: list[str], eval_labels: np.ndarray, unknown: KnnUnknown | None = None,
                 train_keys: Iterable[str] = (), force: bool = False, min_agreement: float = MIN_AGREEMENT,
-                max_drop_pt: float = MAX_ACCURACY_DROP_PT, on_message: Callable[[str], None] | None = None,
-                **info: Any) -> tuple[Path, dict]:
-    """An int8 bundle of a head run at `out`: the int8 backbone calibrated on `train_uris`, the head
-    and unknown detector with int8 weights. On the eval images (labels `eval_labels`, class ids) its
-    top-1 must agree with the fp32 model's on >= `min_agreement` and its accuracy drop <=
-    `max_drop_pt` points, or ExportRefused says by how much and nothing is written; `force` writes
-    it anyway. The figures go into petal.json's "quantization"; `info`: export_graph's metrics and
-    name. Returns (the bundle, the figures)."""
+                max_drop_pt: float = MAX_DROP_PT, on_message: Callable[[str], None] | None = None,
+                engine: Engine | None = None, **info: Any) -> tuple[Path, dict]:
+    """An int8 bundle of a head run at `out`: the int8 backbone calibrated on `train_uris` (or
+    `engine`, an int8 one made elsewhere), the head and unknown detector with int8 weights, the
+    detector's bank on its principal axes (KnnUnknown.reduce). On the eval images (labels
+    `eval_labels`, class ids) it must pass petal.gate's test against the fp32 model, or
+    ExportRefused says why and nothing is written; `force` writes it anyway. The figures go
+    into petal.json's "quantization"; `info`: export_graph's metrics and name. Returns (the
+    bundle, the figures)."""
     from petal.runtime import make_session
 
     if not eval_uris:
         raise PetalError("export --precision int8: the run has no eval images to prove the int8 model on")
-    engine = Engine.make(cfg, INT8, train_uris)
-    graph = head_bundle_graph(engine, head, unknown, cache_dir, int8_weights=True)
+    engine = engine or Engine.make(cfg, INT8, train_uris)
+    reduced = unknown.reduce() if unknown is not None else None
+    graph = head_bundle_graph(engine, head, reduced, cache_dir, int8_weights=True)
     session = make_session(graph.SerializeToString())
     outputs = [o.name for o in session.get_outputs()]
 
@@ -220,13 +220,11 @@ def export_int8(out: Path, *, cfg: BackboneConfig, head: HeadClassifier, classes
     fp32 = head_reference(Engine(cfg).session(cache_dir, on_message), head, unknown)
     figures = parity_gate(fp32, int8, read_pixels(eval_uris, cfg), eval_labels, min_agreement, max_drop_pt)
     figures["forced"] = force and not figures["passed"]
+    if on_message:
+        on_message(verdict_line(figures))
     if not (figures["passed"] or force):
-        raise ExportRefused(
-            f"export --precision int8 refused: on {figures['images']} eval images the int8 model agrees with fp32 "
-            f"on {figures['agreement']:.2%} of top-1 answers (at least {min_agreement:.0%} needed) and its accuracy "
-            f"is {figures['accuracy']:.2%} vs {figures['accuracy_fp32']:.2%} (a drop of "
-            f"{figures['accuracy_drop_pt']:.2f} points, at most {max_drop_pt} allowed); nothing was written. "
-            "--force writes it anyway, with these figures in petal.json", figures)
+        raise ExportRefused(f"export --precision int8 refused: {verdict_line(figures)}; nothing was written. "
+                            "--force writes it anyway, with these figures in petal.json", figures)
     path = export_graph(out, graph=graph, cfg=cfg, classes=classes, reference=int8, parity_uris=eval_uris,
                         quantization={**engine.record(), "gate": figures},
                         **head_bundle_fields(head, unknown, train_keys), **info)
@@ -244,21 +242,17 @@ def read_pixels(uris: list[str], cfg: BackboneConfig) -> np.ndarray:
 
 def parity_gate(reference: Reference, candidate: Reference, pixels: np.ndarray, labels: np.ndarray,
                 min_agreement: float, max_drop_pt: float, batch_size: int = 32) -> dict:
-    """Top-1 agreement and accuracy of `candidate` vs `reference` on pixels (N, S, S, 3) with
-    true class ids `labels` (N,); how often they agree on "unknown" where both decide it; and
-    each one's img/s on these batches (the reference runs its head in torch, not in the graph)."""
+    """petal.gate's verdict on `candidate` vs `reference` on pixels (N, S, S, 3) with true class
+    ids `labels` (N,); how often they agree on "unknown" where both decide it; and each one's
+    img/s on these batches (the reference runs its head in torch, not in the graph)."""
     scores, rate = {}, {}
     for name, model in (("fp32", reference), ("int8", candidate)):
         start = time.perf_counter()
         scores[name] = Scores.concat([model(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)], 0)
         rate[name] = len(pixels) / (time.perf_counter() - start)
     top1 = {name: s.probabilities.argmax(1) for name, s in scores.items()}
-    agreement = float((top1["int8"] == top1["fp32"]).mean())
-    acc_fp32, acc = float((top1["fp32"] == labels).mean()), float((top1["int8"] == labels).mean())
-    drop = round(100 * (acc_fp32 - acc), 4)
     unknown = None if scores["int8"].unknown is None or scores["fp32"].unknown is None else \
         float((scores["int8"].unknown == scores["fp32"].unknown).mean())
-    return {"images": len(pixels), "agreement": agreement, "accuracy": acc, "accuracy_fp32": acc_fp32,
-            "accuracy_drop_pt": drop, "min_agreement": min_agreement, "max_accuracy_drop_pt": max_drop_pt,
-            "passed": agreement >= min_agreement and drop <= max_drop_pt, "unknown_agreement": unknown,
-            "images_per_second": round(rate["int8"], 1), "images_per_second_fp32": round(rate["fp32"], 1)}
+    return {**int8_verdict(top1["fp32"], top1["int8"], labels, min_agreement=min_agreement, max_drop_pt=max_drop_pt),
+            "unknown_agreement": unknown, "images_per_second": round(rate["int8"], 1),
+            "images_per_second_fp32": round(rate["fp32"], 1)}

@@ -73,6 +73,7 @@ class HeadClassifier(Validated):
     compute: str = "auto"  # training products: "float32", "bfloat16", or "auto" (compute_dtype)
     seed: int = 0
     temperature_: float = field(default=1.0, init=False, repr=False)  # fitted by calibrate()
+    calibration_: dict | None = field(default=None, init=False, repr=False)  # how calibrate() chose it
 
     def for_data(self, n: int) -> HeadClassifier:
         """This head with its epochs fixed for `n` training images (auto_epochs where not set)."""
@@ -228,8 +229,10 @@ class HeadClassifier(Validated):
     def calibrate(self, X: np.ndarray, y: np.ndarray, folds: int = 5,
                   on_fold: Callable[[int], None] = lambda n: None) -> HeadClassifier:
         """Fit `temperature_` on out-of-fold logits of heads with these parameters, trained
-        on the other folds of (X, y): held-out predictions without touching any eval data."""
-        from petal.calibration import fit_temperature, out_of_fold_logits, softmax
+        on the other folds of (X, y): held-out predictions without touching any eval data.
+        The temperature is kept only where it beats the identity out of fold
+        (calibration.choose_temperature); `calibration_` records how it was chosen."""
+        from petal.calibration import choose_temperature, out_of_fold_logits, softmax
 
         self._check_fitted()
         params, c = self.get_params(), self.num_classes_
@@ -242,7 +245,7 @@ class HeadClassifier(Validated):
             self.temperature_, self.oof_proba_ = 1.0, None
             return self
         oof = out_of_fold_logits(fit_logits, X, y, folds, self.seed, on_fold)  # (N, C)
-        self.temperature_ = fit_temperature(oof, y)
+        self.temperature_, self.calibration_ = choose_temperature(oof, y, folds, self.seed)
         self.oof_proba_ = softmax(oof, self.temperature_)  # held-out probabilities of the training images
         return self
 

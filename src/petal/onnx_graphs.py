@@ -150,13 +150,14 @@ def with_unknown(model: onnx.ModelProto, u: KnnUnknown | None) -> onnx.ModelProt
 
 def unknown_nodes(u: KnnUnknown) -> tuple[list, list]:
     """features (N, D), probabilities (N, C) -> ood_score (N,) and unknown (N,) bool."""
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     def const(name: str, value, dtype=np.float32):
         return numpy_helper.from_array(np.array(value, dtype), name)
 
     k = min(u.k, len(u.bank))
-    inits = [numpy_helper.from_array(u.bank.T.astype(np.float16), "ood_bank_t"),  # (D, M), float16 on disk
+    sim_nodes, sim_inits = similarity_nodes(u)
+    inits = sim_inits + [
              const("ood_axis", [1], np.int64), const("ood_k", [k], np.int64), const("ood_last", k - 1, np.int64),
              const("ood_eps", 1e-12), const("ood_one", 1.0), const("ood_knn_mu", u.knn_stats[0]),
              const("ood_knn_sd", u.knn_stats[1]), const("ood_threshold", u.threshold)]
@@ -164,8 +165,7 @@ def unknown_nodes(u: KnnUnknown) -> tuple[list, list]:
     nodes = [node("ReduceL2", ["features", "ood_axis"], ["ood_norm"], keepdims=1),
              node("Max", ["ood_norm", "ood_eps"], ["ood_norm_safe"]),
              node("Div", ["features", "ood_norm_safe"], ["ood_unit"]),
-             node("Cast", ["ood_bank_t"], ["ood_bank_f"], to=TensorProto.FLOAT),
-             node("MatMul", ["ood_unit", "ood_bank_f"], ["ood_sims"]),  # (N, M) cosines
+             *sim_nodes,
              node("TopK", ["ood_sims", "ood_k"], ["ood_top", "ood_top_idx"], axis=-1, largest=1),
              node("Gather", ["ood_top", "ood_last"], ["ood_kth"], axis=1),  # (N,)
              node("Sub", ["ood_one", "ood_kth"], ["ood_knn"]),
@@ -183,6 +183,26 @@ def unknown_nodes(u: KnnUnknown) -> tuple[list, list]:
     nodes += [node("Identity", [score], ["ood_score"]),
               node("Greater", ["ood_score", "ood_threshold"], ["unknown"])]
     return nodes, inits
+
+
+def similarity_nodes(u: KnnUnknown) -> tuple[list, list]:
+    """ood_unit (N, D) -> ood_sims (N, M): cosines to the bank, stored (D, M) in float16, or
+    from its ReducedBank (unknown.ReducedBank: a (D, d+1) and a (d+1, M) product and two shifts)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    node, r = helper.make_node, u.reduced
+    if r is None:
+        return ([node("Cast", ["ood_bank_t"], ["ood_bank_f"], to=TensorProto.FLOAT),
+                 node("MatMul", ["ood_unit", "ood_bank_f"], ["ood_sims"])],  # (N, M) cosines
+                [numpy_helper.from_array(u.bank.T.astype(np.float16), "ood_bank_t")])  # (D, M), float16 on disk
+    inits = [numpy_helper.from_array(r.basis.astype(np.float32), "ood_basis"),  # (D, d+1)
+             numpy_helper.from_array(r.shift.astype(np.float32), "ood_shift"),  # (d+1,)
+             numpy_helper.from_array(np.ascontiguousarray(r.coords.T, np.float32), "ood_coords_t"),  # (d+1, M)
+             numpy_helper.from_array(r.offsets.astype(np.float32), "ood_offsets")]  # (M,)
+    return ([node("MatMul", ["ood_unit", "ood_basis"], ["ood_proj"]),
+             node("Sub", ["ood_proj", "ood_shift"], ["ood_proj_c"]),
+             node("MatMul", ["ood_proj_c", "ood_coords_t"], ["ood_sims_c"]),
+             node("Add", ["ood_sims_c", "ood_offsets"], ["ood_sims"])], inits)
 
 
 def bundle_graph(backbone_path: Path, head: onnx.ModelProto, unknown: KnnUnknown | None = None

@@ -90,6 +90,10 @@ def metrics_section(metrics: dict) -> str:
     rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
                    f"<td>{m['f1']:.3f}</td><td>{m['support']}</td></tr>" for c, m in metrics["per_class"].items())
     extra = "".join(f" &middot; {k} <b>{metrics[k]:.3f}</b>" for k in ("ece", "ece_uncalibrated") if k in metrics)
+    if "ece_adaptive" in metrics:
+        lo, hi = metrics["ece_adaptive_interval"]
+        extra += (f' &middot; ece_adaptive <b id="ece-adaptive">{metrics["ece_adaptive"]:.3f}</b> '
+                  f"(95% interval {lo:.3f} to {hi:.3f}; uncalibrated {metrics['ece_adaptive_uncalibrated']:.3f})")
     return (f'<h2>Metrics</h2><p>accuracy <b id="accuracy">{metrics["accuracy"]:.4f}</b> &middot; top-5 '
             f'{metrics["top5_accuracy"]:.4f} &middot; eval images <b id="num-eval">{metrics["num_eval"]}</b>{extra}</p>'
             "<table><tr><th>class</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr>"

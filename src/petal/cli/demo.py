@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from petal.calibration import format_score
 from petal.cli.command import Command
 from petal.cli.options import Cache
 from petal.cli.render import RichReporter, out, print_metrics
@@ -35,6 +36,6 @@ def demo(
     m = load(out_dir / "run" / "model")
     samples = [row["uri"] for row in Run.open(r.run_dir).split_rows() if row["split"] == "eval"][:6]
     for p in m.predict(samples, top_k=2):
-        out.print(f"  {p.uri}: {p.label} ({p.score:.3f})", markup=False)
+        out.print(f"  {p.uri}: {p.label} ({format_score(p.score)})", markup=False)
     out.print(f"done: try `petal predict {out_dir / 'run' / 'model'} IMAGE`")
 

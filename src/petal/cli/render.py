@@ -18,6 +18,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from petal.calibration import ece_line, format_score
 from petal.progress import Reporter, rate
 
 out = Console()
@@ -112,8 +113,7 @@ def print_trust(metrics: dict) -> None:
     """Calibration and unknown-detection figures, where the metrics have them."""
     parts = []
     if metrics.get("ece") is not None:
-        parts.append(f"calibration error (ECE) {metrics['ece']:.3f}"
-                     + (f" (uncalibrated {metrics['ece_uncalibrated']:.3f})" if "ece_uncalibrated" in metrics else ""))
+        parts.append(ece_line(metrics))
     u = metrics.get("unknown") or {}
     kept = u.get("kept", u.get("kept_eval"))
     if kept is not None and u.get("accuracy_kept") is not None:
@@ -143,7 +143,7 @@ def print_predictions(preds) -> tuple[bool, list[tuple[str, str]]]:
             continue
         ok = True
         label = f"[yellow]unknown[/] (nearest: {escape(p.label)} {p.score:.2f})" if p.unknown else escape(p.label)
-        t.add_row(p.uri, label, f"{p.score:.3f}", ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]))
+        t.add_row(p.uri, label, format_score(p.score), ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]))
     out.print(t)
     return ok, failed
 

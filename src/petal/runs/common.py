@@ -19,7 +19,7 @@ import numpy as np
 
 from petal.audit import Audit, audit, write_audit
 from petal.backbones import DEFAULT_BACKBONE, get_backbone
-from petal.calibration import expected_calibration_error, reliability_diagram, softmax
+from petal.calibration import calibration_figures, reliability_diagram, softmax
 from petal.data import TRAIN, Dataset
 from petal.embed import embed, require_usable
 from petal.features import Features
@@ -114,15 +114,18 @@ class Ending:
     threshold: float | None
     extra: dict  # e.g. {"num_train": ..., "best_epoch": ...}
     no_eval_note: str = ""  # said after "no eval images; metrics are not computed"
+    findings: Audit | None = None  # the audit, where the trainer ran it already (a head run: before its unknown bank)
+    bank_left_out: int = 0  # training images the unknown detector's bank left out
 
 
 def finish(run: Run, classes: list[str], end: Ending, reporter: Reporter) -> dict:
     """The audit, the trust figures (with their plots), metrics.json and its report, the test
     split in RUN/test/, and report.html; returns metrics.json's content."""
-    findings = audit_run(run, classes, end.feats, reporter)
+    findings = end.findings if end.findings is not None else audit_run(run, classes, end.feats, reporter)
     ev = end.eval
     extra = {**end.extra, **trust_metrics(run, ev, temperature=end.temperature, keep=end.keep,
-                                          threshold=end.threshold), **test_metrics(run, classes, end.test)}
+                                          threshold=end.threshold, left_out=end.bank_left_out),
+             **test_metrics(run, classes, end.test)}
     metrics = run.write_metrics(classes, eval_uris=ev.uris, y_eval=ev.y, predict_proba=lambda: ev.scores.probabilities,
                                 extra=extra, reporter=reporter, no_eval_note=end.no_eval_note)
     write_html_report(run.report_path, f"petal run {run.name}", metrics=metrics, classes=classes,
@@ -132,7 +135,7 @@ def finish(run: Run, classes: list[str], end: Ending, reporter: Reporter) -> dic
 
 
 def trust_metrics(run: Run, ev: Scored, *, temperature: float, keep: float | None,
-                  threshold: float | None) -> dict:
+                  threshold: float | None, left_out: int = 0) -> dict:
     """On the eval split: ECE before and after calibration, with a reliability diagram in the run,
     and the share of images kept as known, with the accuracy on those."""
     y, scores = ev.y, ev.scores
@@ -140,12 +143,11 @@ def trust_metrics(run: Run, ev: Scored, *, temperature: float, keep: float | Non
         return {}
     uncalibrated = softmax(ev.logits)
     reliability_diagram(run.reliability_path, y, {"uncalibrated": uncalibrated, "calibrated": scores.probabilities})
-    out = {"ece": expected_calibration_error(scores.probabilities, y),
-           "ece_uncalibrated": expected_calibration_error(uncalibrated, y), "temperature": temperature}
+    out = {**calibration_figures(scores.probabilities, uncalibrated, y), "temperature": temperature}
     if scores.unknown is not None:
         kept, right = ~scores.unknown, scores.probabilities.argmax(1) == y
         coverage_curve(run.coverage_path, scores.ood_score, right, threshold)
-        out["unknown"] = {"keep": keep, "kept_eval": float(kept.mean()),
+        out["unknown"] = {"keep": keep, "kept_eval": float(kept.mean()), "bank_left_out": left_out,
                           "accuracy_kept": float(right[kept].mean()) if kept.any() else None}
     return out
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from petal.audit import bank_leave_out
 from petal.backbones import BackboneConfig, get_backbone
 from petal.calibration import FOLDS, softmax
 from petal.data import EVAL, TEST, TRAIN
@@ -24,7 +25,7 @@ from petal.precision import FP32, INT8, Engine
 from petal.predictions import Scores
 from petal.progress import Reporter
 from petal.run import HEAD, Run, epoch_tag, require_training_images
-from petal.runs.common import Ending, Scored, embed_spec, finish, open_run, parity_images, record
+from petal.runs.common import Ending, Scored, audit_run, embed_spec, finish, open_run, parity_images, record
 from petal.spec import RunSpec
 from petal.unknown import KnnUnknown, capped_sample
 
@@ -63,8 +64,11 @@ def train(spec: RunSpec, *, workers: int | None = None, rehash: bool = False, ex
     head = replace(spec.trainer).for_data(len(ytr))  # a copy to fit; the default epochs depend on the data
     warnings = record(run, replace(spec, trainer=head), ds, keys=result.keys, failed=result.failed, reporter=reporter)
     fit_head(run, head, train=(Xtr, ytr), eval_=(Xev, yev), num_classes=len(ds.classes), reporter=reporter)
-    unknown = fit_trust(run, head, (Xtr, ytr), keep=spec.keep, reporter=reporter)
-    metrics = finish(run, ds.classes, score_head(feats, head, unknown, result.summary(), reporter), reporter)
+    findings = audit_run(run, ds.classes, feats, reporter)  # before the unknown bank, which leaves out what it flags
+    unknown = fit_trust(run, head, (Xtr, ytr), keep=spec.keep, reporter=reporter,
+                        leave_out=bank_leave_out(findings, [e.uri for e in tr]))
+    ending = score_head(feats, head, unknown, result.summary(), reporter)
+    metrics = finish(run, ds.classes, replace(ending, findings=findings), reporter)
     model_dir = export_trained(run, spec, head=head, classes=ds.classes, feats=feats, metrics=metrics, unknown=unknown,
                                reporter=reporter) if export else None
     return TrainResult(run.path, model_dir, metrics, {**result.summary(), "skipped": len(ds.skipped)}, warnings)
@@ -95,24 +99,29 @@ def score_head(feats: Features, head: HeadClassifier, unknown: KnnUnknown, embed
         scored = Scored([e.uri for e in ev], yev, Scores(probs, ood, ood > unknown.threshold), logits)
         tested = Scored([e.uri for e in test], yt, Scores(head.predict_proba(Xt))) if test else None
         extra = {"num_train": len(tr), "train_accuracy": float((head.predict(Xs) == ys).mean()),
-                 "embed": embed_summary}
+                 "embed": embed_summary, "calibrator": head.calibration_}
         advance(1)
     return Ending(feats, scored, tested, temperature=head.temperature_, keep=unknown.keep,
-                  threshold=unknown.threshold, extra=extra)
+                  threshold=unknown.threshold, extra=extra, bank_left_out=unknown.left_out)
 
 
 def fit_trust(run: Run, head: HeadClassifier, train: tuple[np.ndarray, np.ndarray], *, keep: float,
-              reporter: Reporter) -> KnnUnknown:
+              reporter: Reporter, leave_out: np.ndarray | None = None) -> KnnUnknown:
     """Calibrate the head's temperature out of fold, then fit the unknown detector on the
-    training embeddings X (N, D) with those held-out probabilities; both saved in the run.
+    training embeddings X (N, D) with those held-out probabilities, but for the (N,) bool
+    `leave_out` (the audit's outliers and strong label suspects); both saved in the run.
     Past CALIBRATION_CAP images, on a stratified sample of that many: a temperature and a
     threshold are two numbers, and 5 more heads on a million images would take an hour."""
     X, y = train
     rows = capped_sample(y, CALIBRATION_CAP, head.seed)
     Xs, ys = (X, y) if len(rows) == len(y) else (X[rows], y[rows])
+    leave_out = None if leave_out is None else leave_out[rows]
     with reporter.progress("calibrating (out-of-fold heads)", FOLDS) as advance:
         head.calibrate(Xs, ys, folds=FOLDS, on_fold=advance)
-    unknown = KnnUnknown.fit(Xs, ys, head.oof_proba_, keep=keep, seed=head.seed)
+    unknown = KnnUnknown.fit(Xs, ys, head.oof_proba_, keep=keep, seed=head.seed, leave_out=leave_out)
+    if unknown.left_out:
+        reporter.message(f"unknown detector: {unknown.left_out} audit outliers and strong label suspects left out "
+                         "of its bank")
     run.write_head(head)  # now with its temperature
     run.write_unknown(unknown)
     return unknown

@@ -90,8 +90,9 @@ def export_model(out: Path, predictor: Predictor, *, classes: list[str], parity_
     graph = with_unknown(images_module_to_onnx(Outputs(model, predictor.temperature), model.cfg,
                                                ["probabilities", "features"]), u)
     calibration = None
-    if predictor.temperature != 1.0:
-        calibration = {"method": "temperature", "temperature": predictor.temperature,
+    if u is not None:  # calibrate() ran: the temperature, or the identity where it did not win out of fold
+        calibration = {"method": "temperature" if predictor.temperature != 1.0 else "identity",
+                       "temperature": predictor.temperature,
                        "fitted_on": "the calibration images set aside from the training split"}
     return export_graph(out, graph=graph, cfg=model.cfg, classes=classes, reference=predictor,
                         parity_uris=parity_uris, metrics=metrics, name=Path(out).parent.name, training=training,

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from petal.backbones import BackboneConfig, get_backbone
 from petal.bundle import TRAIN_KEYS, train_keys_digest
-from petal.calibration import fit_temperature, softmax
+from petal.calibration import choose_temperature, softmax
 from petal.data import CALIBRATION, EVAL, MIN_CALIBRATION, TEST, TRAIN, Dataset
 from petal.errors import PetalError
 from petal.features import Features
@@ -523,7 +523,7 @@ class Trainer:
                                   "called unknown")
             return
         with self.reporter.progress("calibrating", 1) as advance:
-            predictor.temperature = fit_temperature(cal_logits, y_cal)
+            predictor.temperature, _ = choose_temperature(cal_logits, y_cal)  # identity unless it wins out of fold
             predictor.unknown = KnnUnknown.fit_held_out(outputs[TRAIN][0], pr.labels[TRAIN], cal_features,
                                                         softmax(cal_logits, predictor.temperature),
                                                         keep=self.spec.keep, seed=self.c.seed)
