@@ -158,7 +158,7 @@ def test_damaged_bundles_are_named_not_tracebacks(tmp_path, model_dir, dataset):
     one = next(dataset.glob("circles/*.jpg"))
     cases = {"petal.json": (b"{bad", "damaged bundle (JSONDecodeError"),
              "model.onnx": (b"junk", "damaged bundle"),
-             "labels.txt": (b"circles\nsquares\n", "labels.txt has 2 labels, model.onnx gives 3 scores")}
+             "labels.txt": (b"circles\nsquares\n", "labels.txt disagrees with petal.json from line 3")}
     for name, (content, says) in cases.items():
         broken = tmp_path / name
         shutil.copytree(model_dir, broken)

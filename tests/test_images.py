@@ -76,13 +76,42 @@ def test_decompression_bomb_refused_from_header():
         load_pixels(bomb, CFG.preprocess, max_pixels=50_000_000)
 
 
-def test_remote_reads_stop_at_the_byte_limit():
+def test_remote_reads_stop_at_the_byte_limit(monkeypatch):
     import fsspec
 
+    from petal import storage
     from petal.storage import read_bytes
+
+    # memory:// stands for a cloud store here (petal reads no memory:// URI of its own accord)
+    monkeypatch.setattr(storage, "READ_SCHEMES", storage.READ_SCHEMES | {"memory"})
 
     with fsspec.open("memory://petal-test/big.jpg", "wb") as f:
         f.write(b"y" * 5000)
     assert len(read_bytes("memory://petal-test/big.jpg", max_bytes=5000)) == 5000
     with pytest.raises(ImageError, match="file too large: over 4,999 bytes"):
         read_bytes("memory://petal-test/big.jpg", max_bytes=4999)
+
+
+def test_only_the_promised_formats_are_opened():
+    """EPS would run Ghostscript (with no time limit: `{ } loop` holds a decode thread forever);
+    it and every other format Pillow knows beyond the six are refused from their first bytes."""
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n"
+    with pytest.raises(ImageError, match=r"EPS images are not read \(petal reads JPEG, PNG, GIF, WEBP, BMP, TIFF\)"):
+        load_pixels(eps, CFG.preprocess)
+    img = Image.new("RGB", (40, 30), (200, 30, 30))
+    for fmt in ("PPM", "ICO", "PCX", "TGA"):  # Pillow reads them; petal does not promise to
+        with pytest.raises(ImageError, match="images are not read|not an image"):
+            load_pixels(encode(img, fmt), CFG.preprocess)
+
+
+def test_the_allowed_formats_decode_to_the_same_pixels_as_before():
+    """The list of formats changes what is opened, never the pixels (the cache depends on them)."""
+    from petal.images import resize_crop, to_rgb
+
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, (37, 53, 3), dtype=np.uint8))
+    for fmt, kw in (("JPEG", {}), ("PNG", {}), ("GIF", {}), ("WEBP", {"lossless": True}), ("BMP", {}),
+                    ("TIFF", {})):
+        data = encode(img, fmt, **kw)
+        unrestricted = resize_crop(to_rgb(Image.open(io.BytesIO(data))), CFG.preprocess)
+        assert np.array_equal(load_pixels(data, CFG.preprocess), unrestricted), fmt

@@ -98,14 +98,14 @@ def test_memo_skips_files_modified_just_now(tiny_cache, images):
 def test_concurrent_memo_saves_merge(tmp_path):
     a, b = HashMemo.open(tmp_path, "src"), HashMemo.open(tmp_path, "src")
     old = time.time_ns() - 10**11
-    a.remember("/x/a.png", (1, old, 11), "a" * 64)
-    b.remember("/x/b.png", (2, old, 12), "b" * 64)
+    a.remember("/x/a.png", (1, old, 11, old), "a" * 64)
+    b.remember("/x/b.png", (2, old, 12, old), "b" * 64)
     a.save()
     b.save()  # saw a's file change since it loaded: keeps a's entry
     memo = HashMemo.open(tmp_path, "src")
-    assert memo.lookup("/x/a.png", (1, old, 11)) == "a" * 64
-    assert memo.lookup("/x/b.png", (2, old, 12)) == "b" * 64
-    assert memo.lookup("/x/b.png", (2, old + 1, 12)) is None  # touched since: hashed again
+    assert memo.lookup("/x/a.png", (1, old, 11, old)) == "a" * 64
+    assert memo.lookup("/x/b.png", (2, old, 12, old)) == "b" * 64
+    assert memo.lookup("/x/b.png", (2, old + 1, 12, old)) is None  # touched since: hashed again
 
 
 def test_damaged_memo_costs_a_rehash_not_the_run(tmp_path):
@@ -114,7 +114,7 @@ def test_damaged_memo_costs_a_rehash_not_the_run(tmp_path):
     memo.path.write_bytes(b"not parquet")
     with pytest.warns(UserWarning, match="unreadable"):
         again = HashMemo.open(tmp_path, "src")
-    assert again.lookup("/x/a.png", (1, 2, 3)) is None
+    assert again.lookup("/x/a.png", (1, 2, 3, 4)) is None
 
 
 class Recorder(Reporter):
@@ -210,3 +210,33 @@ def test_default_epochs_shrink_for_large_data_only():
     assert [auto_epochs(n) for n in (10, 3_289, 160_000, 500_000, 1_000_000, 10_000_000)] == [15, 15, 15, 5, 2, 2]
     assert HeadClassifier().for_data(1_000_000).epochs == 2
     assert HeadClassifier(epochs=7).for_data(1_000_000).epochs == 7  # given: kept
+
+
+def test_memo_sees_a_file_replaced_with_its_timestamps_kept(tmp_path):
+    """`cp --preserve=timestamps` over a file keeps its size, mtime and inode: only ctime tells."""
+    from petal.hashmemo import file_stat
+
+    path = tmp_path / "a.png"
+    path.write_bytes(b"A" * 100)
+    old = time.time() - 60
+    os.utime(path, (old, old))
+    memo = HashMemo.open(tmp_path, "src")
+    memo.remember(str(path), file_stat(str(path)), "a" * 64)
+    memo.save()
+    assert HashMemo.open(tmp_path, "src").lookup(str(path), file_stat(str(path))) == "a" * 64
+    time.sleep(0.05)  # past the kernel's timestamp tick
+    with open(path, "r+b") as f:  # new bytes, same size, same inode ...
+        f.write(b"B" * 100)
+    os.utime(path, (old, old))  # ... and the old times, as cp --preserve=timestamps leaves them
+    assert HashMemo.open(tmp_path, "src").lookup(str(path), file_stat(str(path))) is None
+
+
+def test_memo_saves_with_a_file_name_that_is_not_utf8(tmp_path):
+    memo = HashMemo.open(tmp_path, "src")
+    old = time.time_ns() - 10**11
+    memo.remember("/x/caf\udce9.png", (1, old, 11, old), "a" * 64)  # os.fsdecode of b"caf\xe9.png"
+    memo.remember("/x/b.png", (2, old, 12, old), "b" * 64)
+    memo.save()
+    again = HashMemo.open(tmp_path, "src")
+    assert again.lookup("/x/b.png", (2, old, 12, old)) == "b" * 64
+    assert again.lookup("/x/caf\udce9.png", (1, old, 11, old)) is None  # hashed again each run

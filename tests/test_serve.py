@@ -79,7 +79,8 @@ def test_b64_accepts_standard_urlsafe_unpadded_and_wrapped():
 @pytest.mark.parametrize("body, status, message", [
     (b"not json", 400, "expected JSON"),
     (b"\xff\xfe\x00garbage", 400, "expected JSON"),
-    (b"[" * 100_000, 400, "nested too deeply"),
+    (b"[" * 100_000, 413, "holds 100,000 JSON arrays and objects"),
+    (b"[" * 1000, 400, "nested too deeply"),
     (b"[1, 2]", 400, 'expected a JSON object {"instances"'),
     (b'{"inputs": []}', 400, "got an object with keys ['inputs']"),
     (b'{"instances": 5}', 400, "expected a non-empty list, got int 5"),
@@ -234,12 +235,12 @@ def test_a_bad_instance_gets_an_error_in_its_slot(url, images, local):
 
 
 def test_malformed_requests_get_4xx_and_the_server_keeps_serving(url, images):
-    for body in [b"", b"{", b"[" * 50_000, b'{"instances": "x"}', b"\x00" * 1000]:
+    for body in [b"", b"{", b"[" * 1000, b'{"instances": "x"}', b"\x00" * 1000]:
         r = predict(url, body)
         assert r.status_code == 400, (body[:20], r.status_code, r.text)
         assert r.json()["error"].startswith(("body:", "instances:"))
-    r = httpx.post(f"{url}/v1/models/shapes:predict", data={"not": "json"})
-    assert r.status_code == 400
+    r = httpx.post(f"{url}/v1/models/shapes:predict", data={"not": "json"})  # a form: not a JSON route's type
+    assert r.status_code == 415 and "content-type: expected application/json" in r.json()["error"]
     r = httpx.get(f"{url}/v1/models/shapes:predict")  # a GET on a POST route: 405, not "model not found"
     assert r.status_code == 405 and "use POST" in r.json()["error"]
     r = httpx.post(f"{url}/v1/models/nope:predict", content=b"{}")
@@ -351,7 +352,7 @@ def test_timeouts_slow_inference_503_slow_upload_408(model_dir, images):
         batcher.predict = fast
         release.set()
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=30) as s:
-            s.sendall(b"POST /v1/models/shapes:predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{")
+            s.sendall(b"POST /v1/models/shapes:predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n{")
             status, answer = read_response(s)  # the rest of the body never comes
         assert status == 408 and json.loads(answer)["error"] == "request body not received within 2 s"
         assert predict(url, request_for(images[:1])).status_code == 200  # still serving
@@ -389,7 +390,7 @@ def test_cli_serve_shuts_down_gracefully_finishing_in_flight_requests(model_dir,
                 time.sleep(0.1)
         body = json.dumps(request_for(images[:2])).encode()
         conn = socket.create_connection(("127.0.0.1", port), timeout=60)
-        conn.sendall(b"POST /v1/models/shapes:predict HTTP/1.1\r\nHost: x\r\n"
+        conn.sendall(b"POST /v1/models/shapes:predict HTTP/1.1\r\nHost: localhost\r\n"
                      b"Content-Length: %d\r\n\r\n" % len(body) + body[:100])
         for _ in range(600):  # until the server is handling it
             if "petal_requests_in_flight 2.0" in httpx.get(f"{base}/metrics").text:  # it, and this scrape
@@ -478,3 +479,54 @@ def test_get_on_predict_is_405_and_urls_need_no_scheme(url, images, local):
 
     with RemoteModel(url.removeprefix("http://")) as remote:  # 127.0.0.1:PORT, as a user types it
         assert [p.label for p in remote.predict([str(images[0])])] == [local.predict([str(images[0])])[0].label]
+
+
+# --------------------------------------------------------------------------- hardening (issue 21)
+
+@pytest.mark.parametrize("key", [b"NaN", b"Infinity", b"-Infinity", b"1e400", b'"\\ud800"', b'{"a": ["\\udfff"]}'])
+def test_a_key_that_cannot_be_passed_back_is_a_400_before_any_work(url, images, key, caplog):
+    """Item 9 (row format): these keys were answered 500, after the inference was done."""
+    caplog.set_level("INFO")
+    image = b64(images[0].read_bytes())
+    body = b'{"instances": [{"image_bytes": {"b64": "' + image.encode() + b'"}, "key": ' + key + b"}]}"
+    r = predict(url, body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"].startswith(("body: expected JSON", "instances[0].key: cannot be passed back"))
+    assert not [rec for rec in caplog.records if rec.levelname == "ERROR" or rec.exc_info]
+    assert predict(url, request_for(images[:1])).status_code == 200
+
+
+def test_browsers_cannot_drive_a_local_server(url, images):
+    """Item 13: a page of another site may not POST (text/plain, a form, or any type with the browser's
+    cross-site marks), and a loopback server answers only loopback Host names (DNS rebinding)."""
+    body = json.dumps(request_for(images[:1]))
+    for ctype in ("text/plain", "text/plain;charset=UTF-8", "application/x-www-form-urlencoded"):
+        r = predict(url, body, headers={"Content-Type": ctype})
+        assert r.status_code == 415 and "content-type: expected application/json" in r.json()["error"]
+    r = httpx.post(f"{url}/v2/models/shapes/infer", content=b"{}", headers={"Content-Type": "text/plain"})
+    assert r.status_code == 415 and "application/octet-stream" in r.json()["error"]
+    cross = [{"Sec-Fetch-Site": "cross-site"}, {"Sec-Fetch-Site": "same-site"}, {"Origin": "http://evil.example"},
+             {"Origin": "null"}]
+    for headers in cross:
+        r = predict(url, body, headers=headers)
+        assert r.status_code == 403 and "cross-site request refused" in r.json()["error"], headers
+    for host in ("evil.example", "evil.example:80", "10.0.0.1", "127.0.0.1.evil.example"):
+        for r in (httpx.get(f"{url}/v1/models", headers={"Host": host}), predict(url, body, headers={"Host": host})):
+            assert r.status_code == 403 and "answers only loopback names" in r.json()["error"], host
+    netloc = url.removeprefix("http://")
+    same = [{"Sec-Fetch-Site": "same-origin", "Origin": url}, {"Origin": url}, {"Content-Type": "application/json"},
+            {"Host": f"localhost:{netloc.split(':')[1]}"}, {"Host": "[::1]"}]
+    for headers in same:
+        assert predict(url, body, headers=headers).status_code == 200, headers
+    assert httpx.get(f"{url}/").status_code == 200
+
+
+def test_an_api_key_server_takes_cross_site_requests_to_its_auth_and_readyz_names_no_model(model_dir, images):
+    """Item 18 (serving): /readyz names the models only to a caller with the key."""
+    with running(ServeConfig({"shapes": model_dir}, limits=LIMITS, api_key="s3cret")) as (url, _):
+        assert httpx.get(f"{url}/readyz").json() == {"status": "ready"}
+        assert httpx.get(f"{url}/readyz", headers={"Authorization": "Bearer wrong"}).json() == {"status": "ready"}
+        named = httpx.get(f"{url}/readyz", headers={"Authorization": "Bearer s3cret"}).json()
+        assert named == {"status": "ready", "models": ["shapes"]}
+        r = predict(url, request_for(images[:1]), headers={"Origin": "http://other.example"})
+        assert r.status_code == 401  # the key decides, not the guard

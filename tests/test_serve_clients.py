@@ -61,7 +61,7 @@ def test_a_silent_connection_is_closed_after_the_header_timeout(served):
     url, _ = served
     start = time.monotonic()
     with connect(url) as s:
-        s.sendall(b"POST /v1/models/shapes:predict HTTP/1.1\r\nHost: x\r\n")  # headers never end
+        s.sendall(b"POST /v1/models/shapes:predict HTTP/1.1\r\nHost: localhost\r\n")  # headers never end
         assert closed_within(s, 5)
     assert 0.8 < time.monotonic() - start < 4  # header_timeout_s = 1, counted from accept
 
@@ -70,7 +70,7 @@ def test_a_dripping_body_is_cut_at_the_body_timeout(served):
     url, _ = served
     start = time.monotonic()
     with connect(url) as s:
-        s.sendall(b"POST /v1/models/shapes:predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        s.sendall(b"POST /v1/models/shapes:predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
                   b"Content-Length: 1000\r\n\r\n{")  # headers in time, the body never
         for _ in range(4):
             time.sleep(0.4)
@@ -85,7 +85,7 @@ def test_a_request_over_the_pixel_budget_is_refused_from_the_headers(served):
     body = {"instances": [{"image_bytes": {"b64": b64(big)}} for _ in range(3)]}
     r = httpx.post(f"{url}/v1/models/shapes:predict", json=body, timeout=30)
     assert r.status_code == 413
-    assert "4,500,000 pixels, over the 3,000,000 a request may" in r.json()["error"]
+    assert "4,500,000 pixels decoded, over the 3,000,000 a request may" in r.json()["error"]
 
 
 def test_decoding_is_skipped_once_the_request_deadline_passed(model_dir, dataset):
@@ -127,3 +127,36 @@ def test_busy_is_a_503_counted_in_requests_and_health_probes_still_answer():
     first, second, health = asyncio.run(scenario())
     assert (first, second.status_code, health) == (200, 503, 200)
     assert "server busy" in second.json()["error"] and second.headers["retry-after"] == "1"
+
+
+def encoded(size: tuple[int, int], fmt: str, **kw) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, (40, 160, 90)).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def test_the_default_pixel_budget_refuses_cheap_requests_that_cost_seconds_to_decode(model_dir):
+    """Item 11: three 6000 x 6000 lossless WebPs (a few KB) cost seconds of decoding; the default budget
+    refuses them from their headers. JPEG photos count at their draft scale, so nine 12 MP ones pass."""
+    webp, jpeg = encoded((6000, 6000), "WEBP", lossless=True), encoded((4000, 3000), "JPEG")
+    with running(ServeConfig({"shapes": model_dir})) as (url, _):
+        start = time.perf_counter()
+        r = request_many(url, [webp] * 3)
+        assert r.status_code == 413 and "108,000,000 pixels decoded" in r.json()["error"], r.text[:300]
+        assert time.perf_counter() - start < 2.0
+        r = request_many(url, [jpeg] * 9)  # 108 MP in full, 1.7 MP decoded
+        assert r.status_code == 200 and all("error" not in p for p in r.json()["predictions"]), r.text[:300]
+    from petal.backbones import get_backbone
+    from petal.images import decode_pixels
+
+    assert decode_pixels(jpeg, get_backbone("efficientnet_lite0").preprocess) == 500 * 375  # 1/8 scale
+    assert Limits().max_request_pixels <= 150_000_000  # a few seconds of decoding, not 1e9
+
+
+def request_many(url: str, images: list[bytes]) -> httpx.Response:
+    body = {"instances": [{"image_bytes": {"b64": b64(image)}} for image in images]}
+    return httpx.post(f"{url}/v1/models/shapes:predict", json=body, timeout=60)

@@ -183,3 +183,33 @@ def test_exported_page_answers_as_the_python_predictor(browser, tmp_path, traine
     page.wait_for_selector("#status.bad")
     assert "python3 -m http.server" in page.inner_text("#status")
     page.close()
+
+
+def test_export_refuses_a_bundle_with_links_or_a_graph_that_does_not_load(tmp_path, trained_run, fake_ort):
+    """`labels.txt -> /etc/passwd` would publish that file in the page; a bundle is loaded before
+    it is copied, so a model.onnx that is no graph is refused too."""
+    import os
+    import shutil
+
+    from petal.bundle import Model
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("\n".join(f"secret{i}" for i in range(3)) + "\n")  # as many lines as classes
+    bundle = tmp_path / "bundle"
+    shutil.copytree(trained_run.run_dir / "model", bundle)
+    (bundle / "labels.txt").unlink()
+    os.symlink(secret, bundle / "labels.txt")
+    for load in (lambda: export_web(bundle, tmp_path / "site", ort_dir=fake_ort), lambda: Model(bundle)):
+        with pytest.raises(PetalError, match="labels.txt is a symbolic link"):
+            load()
+    assert not (tmp_path / "site").exists()
+    (bundle / "labels.txt").unlink()
+    shutil.copyfile(trained_run.run_dir / "model" / "labels.txt", bundle / "labels.txt")
+    (bundle / "model.onnx").write_bytes(b"not a graph")
+    with pytest.raises(PetalError, match="damaged bundle"):
+        export_web(bundle, tmp_path / "site", ort_dir=fake_ort)
+    assert not (tmp_path / "site").exists()
+    (bundle / "model.onnx").unlink()
+    os.mkfifo(bundle / "model.onnx")
+    with pytest.raises(PetalError, match="model.onnx is not a regular file"):
+        Model(bundle)

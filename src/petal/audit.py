@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from petal.storage import absolute, atomic_write_csv, atomic_write_text
+from petal.storage import OutputFolder, absolute, atomic_write_csv, atomic_write_text
 from petal.unknown import capped_sample, normalize
 
 RIDGE_WEIGHT, RIDGE_LAMBDA, RIDGE_SCALE = 0.7, 1.0, 5.0
@@ -208,6 +208,11 @@ def imbalance_advice(counts: Counter) -> list[str]:
         return [f"classes are imbalanced ({big} vs {small} images, {big / small:.1f}x): train with "
                 "--class-weight balanced, or add images to the small classes"]
     return []
+
+
+# `petal audit --out`: write_audit's files and the report; audit.json (with "counts") marks an earlier one
+AUDIT_OUTPUT = OutputFolder(frozenset({"suspects.csv", "duplicates.csv", "audit.json", "report.html"}),
+                            "audit.json", ("counts", "label_suspects"))
 
 
 def write_audit(out: Path, a: Audit) -> None:

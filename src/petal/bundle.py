@@ -26,7 +26,9 @@ import base64
 import dataclasses
 import datetime as dt
 import json
+import os
 import platform
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from importlib import metadata
@@ -43,6 +45,9 @@ from petal.preprocess import Preprocess
 from petal.storage import atomic_dir
 
 BUNDLE_FORMAT = 2
+# Bounds on what is read of a bundle (it may come from anyone): petal.json holds a 4-byte key
+# per training image (5 MB for a million); protobuf caps an ONNX graph at 2 GiB.
+MAX_BYTES = {"petal.json": 64 * 2**20, "labels.txt": 256 * 2**20, "model.onnx": 2 * 2**30}
 INPUT = "images"  # the graph's input: uint8 (N, S, S, 3)
 OUTPUTS = ("probabilities", "ood_score", "unknown")  # (N, C); (N,) and (N,) bool where unknown detection is in
 
@@ -181,11 +186,61 @@ def read_info(path: Path) -> BundleInfo:
         hint = f"; did you mean {path / 'model'}?" if (path / "model" / "petal.json").is_file() else ""
         raise PetalError(f"model: {path} is not a petal model bundle (no petal.json){hint}")
     try:
-        return BundleInfo.from_dict(json.loads(meta_path.read_text(encoding="utf-8")))
+        return BundleInfo.from_dict(json.loads(read_bundle_file(path, "petal.json").decode("utf-8")))
     except PetalError as e:
         raise PetalError(f"model: {path}: {e}") from None
     except Exception as e:  # noqa: BLE001 - JSON, OS, key and type errors alike
         raise damaged(path, e) from e
+
+
+def check_bundle_file(path: Path, name: str) -> Path:
+    """path/name, which must be a regular file (never a link, FIFO or device: /dev/zero never
+    ends, a FIFO blocks) of at most MAX_BYTES[name], from lstat, before it is opened."""
+    file = path / name
+    try:
+        st = os.lstat(file)
+    except OSError as e:
+        raise PetalError(f"model: {path} is a damaged bundle: cannot read {name} ({e.strerror or e})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(st.st_mode) else "not a regular file"
+        raise PetalError(f"model: {path} is refused: {name} is {kind}; a bundle holds its own files")
+    if st.st_size > MAX_BYTES[name]:
+        raise PetalError(f"model: {path} is refused: {name} holds {st.st_size:,} bytes, over the "
+                         f"{MAX_BYTES[name]:,} a bundle's {name} may")
+    return file
+
+
+def read_bundle_file(path: Path, name: str) -> bytes:
+    """The bytes of path/name, checked as `check_bundle_file` says; never more than its bound,
+    even if the file grows in between."""
+    with open(check_bundle_file(path, name), "rb") as f:
+        data = f.read(MAX_BYTES[name] + 1)
+    if len(data) > MAX_BYTES[name]:
+        raise PetalError(f"model: {path} is refused: {name} grew past {MAX_BYTES[name]:,} bytes while read")
+    return data
+
+
+def read_labels(path: Path, info: BundleInfo) -> list[str]:
+    """labels.txt, which must list petal.json's labels (other tools read it; the two must agree)."""
+    labels = read_bundle_file(path, "labels.txt").decode("utf-8").splitlines()
+    if labels != info.labels:
+        at = next((i for i, (a, b) in enumerate(zip(labels, info.labels)) if a != b), min(len(labels),
+                                                                                         len(info.labels)))
+        raise PetalError(f"model: {path} is a damaged bundle: labels.txt disagrees with petal.json from line "
+                         f"{at + 1} ({len(labels)} labels, petal.json {len(info.labels)}); export it again")
+    return labels
+
+
+def check_graph_input(path: Path, session: Any, input_size: int) -> None:
+    """model.onnx must take what petal.json's preprocessing makes: uint8 (N, S, S, 3)."""
+    inputs = session.get_inputs()
+    got = [(i.name, list(i.shape)) for i in inputs]
+    shape = list(inputs[0].shape) if len(inputs) == 1 else []
+    fits = len(shape) == 4 and [d if isinstance(d, int) else None for d in shape[1:]] in (
+        [input_size, input_size, 3], [None, None, None])
+    if len(inputs) != 1 or inputs[0].name != INPUT or not fits:
+        raise PetalError(f"model: {path} is a damaged bundle: petal.json says model.onnx takes {INPUT!r} "
+                         f"[N, {input_size}, {input_size}, 3], the graph takes {got}; export it again")
 
 
 def damaged(path: Path, e: Exception) -> PetalError:
@@ -207,12 +262,14 @@ class Model:
         self.info = read_info(self.path)
         self.precision = bundle_precision(self.path, self.info.quantization, precision)
         try:
-            self.labels: list[str] = (self.path / "labels.txt").read_text(encoding="utf-8").splitlines()
-            self.session = session_for(self.path / "model.onnx", self.precision, threads, spin)
+            self.labels: list[str] = read_labels(self.path, self.info)
+            graph = check_bundle_file(self.path, "model.onnx")
+            self.session = session_for(graph, self.precision, threads, spin)
         except PetalError:  # refused, with its reason
             raise
         except Exception as e:  # noqa: BLE001 - OS and ONNX Runtime errors alike
             raise damaged(self.path, e) from e
+        check_graph_input(self.path, self.session, self.info.preprocess.input_size)
         names = {o.name for o in self.session.get_outputs()}
         self.outputs = [n for n in OUTPUTS if n in names]  # bundles before format 2 have probabilities only
         outputs = self.session.get_outputs()[0].shape[-1]

@@ -23,7 +23,17 @@ from petal.errors import DataError, ImageError, PetalError
 from petal.images import IMAGE_EXTENSIONS
 from petal.params import Real, check_param
 from petal.progress import Reporter
-from petal.storage import HTTP_SCHEMES, absolute, check_scheme, is_local, local_path, read_bytes, scheme_of
+from petal.storage import (
+    HTTP_SCHEMES,
+    absolute,
+    check_scheme,
+    is_local,
+    local_path,
+    read_bytes,
+    scheme_of,
+    scheme_problem,
+    sheet_value,
+)
 
 TRAIN, EVAL = "train", "eval"
 CALIBRATION = "calibration"  # set aside from train by `petal finetune`: held out, never trained on
@@ -308,7 +318,7 @@ def _from_csv(uri: str, columns: Columns = Columns()) -> tuple[list[tuple[str, s
         if row is None:
             break
         where = f"{uri}:{lineno}"
-        cells = [c.strip() for c in row]
+        cells = [sheet_value(c.strip()) for c in row]  # petal's own CSVs (split.csv...) as written
         if not any(cells):
             continue  # blank line
         if first:
@@ -355,7 +365,9 @@ def parse_row(cells: list[str], columns: tuple[int, int, int | None], source: st
         return "empty uri"
     if "\n" in path or "\r" in path:
         return "uri contains a line break (an unbalanced quote?)"
-    return label_problem(label) or remote_row_problem(source, path) or (path, label, split)
+    why = scheme_problem(path)
+    return label_problem(label) or (why and f"{path}: {why}") or remote_row_problem(source, path) \
+        or (path, label, split)
 
 
 def refuse_unnamed_header(source: str, first_row: list[str] | None, uris: list[str]) -> None:
@@ -559,11 +571,11 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
                 problems.append(f"{raw}: no images in this folder")
         elif path.suffix.lower() == ".csv" and path.is_file():
             text = _read_text(str(path))
-            rows = [r for r in csv.reader(io.StringIO(text, newline="")) if r and r[0].strip()]
-            if rows and rows[0][0].strip().lower() in HEADER_WORDS:
-                rows = rows[1:]
-            uris += [_join(str(path), r[0].strip()) for r in rows]
-        elif any(ch in raw for ch in "*?["):
+            firsts = [r[0].strip() for r in csv.reader(io.StringIO(text, newline="")) if r and r[0].strip()]
+            if firsts and firsts[0].lower() in HEADER_WORDS:
+                firsts = firsts[1:]
+            uris += [_join(str(path), sheet_value(u)) for u in firsts]
+        elif any(ch in raw for ch in "*?[") and not os.path.lexists(path):  # `p[1].jpg` is a file first
             found = sorted(glob.glob(raw, recursive=True))
             uris += found
             if not found:

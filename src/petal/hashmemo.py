@@ -1,15 +1,16 @@
-"""The content-hash memo: a local file's (path, size, mtime_ns, inode) -> sha256 of its bytes.
+"""The content-hash memo: a local file's (path, size, mtime_ns, inode, ctime_ns) -> sha256 of its bytes.
 
 The embedding cache is keyed by content hashes, so every run must know each image's
 hash. Reading a million files to hash them again costs a warm run about 100 GB of I/O;
 with the memo, a warm run over unchanged files only stats them. A file whose size,
-mtime or inode changed is read and hashed again; `--rehash` (memo.rehash) hashes every
+mtime, inode or ctime changed is read and hashed again (ctime: `cp --preserve=timestamps`
+over a file keeps its size, mtime and inode, but the kernel sets its ctime); `--rehash` (memo.rehash) hashes every
 file whatever the memo says. Remote URIs (gs://, s3://, http) are always read.
 
-Format (MEMO_VERSION 1): one Parquet table per data source,
-`<cache>/hashes/v1/<sha256 of the source>[:16].parquet`, columns uri (string), size,
-mtime_ns, inode (int64) and key (string, sha256 hex). A memo of another version, or one
-that cannot be read, is ignored (every file is hashed again) and replaced on save.
+Format (MEMO_VERSION 2): one Parquet table per data source,
+`<cache>/hashes/v2/<sha256 of the source>[:16].parquet`, columns uri (string), size,
+mtime_ns, inode, ctime_ns (int64) and key (string, sha256 hex); version 1 had no ctime_ns.
+A memo of another version, or one that cannot be read, is ignored (every file is hashed again) and replaced on save.
 
 Safe under concurrent runs: a memo is replaced whole (written to a temp file and renamed),
 under an flock on `<memo>.lock`, after merging what another run saved since this one
@@ -36,20 +37,21 @@ try:
 except ImportError:  # Windows: no advisory locks; concurrent saves may drop entries (costs a re-hash)
     fcntl = None
 
-MEMO_VERSION = 1
+MEMO_VERSION = 2
 RACY_SECONDS = 2.0
-Stat = tuple[int, int, int]  # (size, mtime_ns, inode)
+Stat = tuple[int, int, int, int]  # (size, mtime_ns, inode, ctime_ns)
+STAT_COLUMNS = ("size", "mtime_ns", "inode", "ctime_ns")
 
 
 def file_stat(uri: str) -> Stat | None:
-    """(size, mtime_ns, inode) of a local file; None for a remote URI or a file that cannot be stat-ed."""
+    """(size, mtime_ns, inode, ctime_ns) of a local file; None for a remote URI or a file that cannot be stat-ed."""
     if not is_local(uri):
         return None
     try:
         st = os.stat(local_path(uri))
     except OSError:
         return None  # the read that follows reports why
-    return st.st_size, st.st_mtime_ns, st.st_ino
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 class HashMemo:
@@ -58,7 +60,7 @@ class HashMemo:
     def __init__(self, path: Path, rehash: bool = False) -> None:
         self.path, self.rehash = path, rehash
         self._row: dict[str, int] = {}  # uri -> row of the arrays below, as loaded
-        self._stats = np.zeros((0, 3), np.int64)  # (rows, 3) size, mtime_ns, inode
+        self._stats = np.zeros((0, len(STAT_COLUMNS)), np.int64)  # (rows, 4) STAT_COLUMNS
         self._keys = np.zeros(0, "S64")
         self._new: dict[str, tuple[Stat, str]] = {}  # hashed in this run
         self._loaded_as: os.stat_result | None = None
@@ -80,7 +82,7 @@ class HashMemo:
             st = os.stat(self.path)
             table = pq.read_table(self.path)
             uris = table.column("uri").to_pylist()
-            stats = np.stack([table.column(c).to_numpy() for c in ("size", "mtime_ns", "inode")], axis=1)
+            stats = np.stack([table.column(c).to_numpy() for c in STAT_COLUMNS], axis=1)
             keys = table.column("key").to_numpy(zero_copy_only=False).astype("S64")
         except FileNotFoundError:
             return {}, self._stats, self._keys, None
@@ -102,7 +104,7 @@ class HashMemo:
 
     def remember(self, uri: str, stat: Stat | None, key: str) -> None:
         """`key` hashed just now from the bytes of `uri`, read after `stat` was taken."""
-        if stat is not None and stat[1] < (time.time() - RACY_SECONDS) * 1e9:
+        if stat is not None and stat[1] < (time.time() - RACY_SECONDS) * 1e9 and _storable(uri):
             self._new[uri] = (stat, key)
 
     def save(self) -> None:
@@ -126,16 +128,26 @@ class HashMemo:
         kept[[self._row[u] for u in self._new if u in self._row]] = False
         old = sorted((i, u) for u, i in self._row.items() if kept[i])
         rows = [i for i, _ in old]
-        new_stats = np.array([s for s, _ in self._new.values()], np.int64).reshape(-1, 3)
+        new_stats = np.array([s for s, _ in self._new.values()], np.int64).reshape(-1, len(STAT_COLUMNS))
         stats = np.concatenate([self._stats[rows], new_stats])
         table = pa.table({
             "uri": [u for _, u in old] + list(self._new),
-            "size": stats[:, 0], "mtime_ns": stats[:, 1], "inode": stats[:, 2],
+            **{name: stats[:, i] for i, name in enumerate(STAT_COLUMNS)},
             "key": pa.array(np.concatenate([self._keys[rows], np.array([k for _, k in self._new.values()], "S64")])
                             .astype(str)),
         })
         with atomic_path(self.path) as tmp:
             pq.write_table(table, tmp)
+
+
+def _storable(uri: str) -> bool:
+    """A name the memo's string column can hold: a file name that is not UTF-8 (surrogates from
+    os.fsdecode) is hashed every run instead."""
+    try:
+        uri.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _same_file(a: os.stat_result, b: os.stat_result | None) -> bool:

@@ -4,6 +4,8 @@ Embedding, prediction, evaluation, serving and the Beam pipelines all call
 `load_pixels`, so what the model is trained on is exactly what it is served.
 
 Policy for awkward files:
+- only JPEG, PNG, GIF, WebP, BMP and TIFF are opened (`FORMATS`): Pillow knows some forty
+  formats, and some run outside programs (EPS runs Ghostscript, with no time limit);
 - every mode Pillow reads becomes 8-bit RGB; transparency is composited on white;
 - EXIF orientation is applied, so photos come out upright;
 - animated images use their first frame;
@@ -36,6 +38,8 @@ from petal.preprocess import Preprocess
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp", ".tif", ".tiff"}
 )
+# the formats petal reads, as Pillow names them; any other is refused from its first bytes
+FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP", "TIFF")
 DEFAULT_MAX_PIXELS = 64_000_000  # 64 MP: larger than any camera photo, far below a bomb
 
 
@@ -86,14 +90,25 @@ DECODE_BUDGET = PixelBudget(DEFAULT_MAX_PIXELS)
 RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-def header_pixels(data: bytes) -> int:
-    """Width x height from the header alone, nothing decoded; 0 for what is no readable
-    image (decoding it then says why)."""
+def decode_pixels(data: bytes, pre: Preprocess) -> int:
+    """The pixels `load_pixels` will decode, from the header alone: width x height, or for a
+    JPEG its size at the draft scale it will be decoded at; 0 for what is no readable image
+    (decoding it then says why). What a server budgets per request."""
     try:
-        w, h = open_image(data, max_pixels=2**62).size
+        img = open_image(data, max_pixels=2**62)
     except ImageError:
         return 0
+    draft(img, pre)  # sets the size only: nothing is decoded
+    w, h = img.size
     return w * h
+
+
+def draft(img: Image.Image, pre: Preprocess) -> None:
+    """Let libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale when it is far larger than needed:
+    much faster, and the result still has >= the pixels the resize needs. The same for every
+    path (training, prediction, serving), so the pixels a model sees never depend on which."""
+    if img.format == "JPEG":
+        img.draft("RGB", (pre.resize_size, pre.resize_size))
 
 
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -101,12 +116,15 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     if not data:
         raise ImageError("empty file")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=FORMATS)
     except Image.DecompressionBombError as e:  # past Pillow's hard limit, before our own check
         count = re.search(r"\((\d+) pixels\)", str(e))
         size = f"{int(count.group(1)):,} pixels" if count else f"over {2 * Image.MAX_IMAGE_PIXELS:,} pixels"
         raise ImageError(f"image too large: {size}, limit {max_pixels:,} (possible decompression bomb)") from None
     except UnidentifiedImageError:
+        other = known_format(data)
+        if other:
+            raise ImageError(f"{other} images are not read (petal reads {', '.join(FORMATS)})") from None
         raise ImageError("not an image (unrecognised format)") from None
     except Exception as e:  # Pillow raises many types on garbage headers
         raise ImageError(f"not a readable image: {e}") from None
@@ -119,6 +137,21 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
             "(possible decompression bomb)"
         )
     return img
+
+
+def known_format(data: bytes) -> str | None:
+    """The name of a format Pillow knows but petal does not read, from the magic bytes only
+    (each plugin's accept test: nothing is parsed or run); None if none matches."""
+    Image.init()
+    head = data[:64]
+    for name, (_, accept) in Image.OPEN.items():
+        if name not in FORMATS and accept is not None:
+            try:
+                if accept(head):
+                    return name
+            except Exception:  # noqa: BLE001 - a plugin's test that fails on odd bytes: not that format
+                continue
+    return None
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -167,11 +200,7 @@ def load_pixels(data: bytes, pre: Preprocess, max_pixels: int = DEFAULT_MAX_PIXE
     """Encoded image bytes -> (S, S, 3) uint8 RGB as `pre` says. Raises ImageError with the reason."""
     img = open_image(data, max_pixels)
     try:
-        if img.format == "JPEG":
-            # Let libjpeg decode at 1/2, 1/4 or 1/8 scale when the image is far
-            # larger than needed: much faster, and the result still has >= the
-            # pixels the resize needs.
-            img.draft("RGB", (pre.resize_size, pre.resize_size))
+        draft(img, pre)
         w, h = img.size  # after draft: what will really be decoded
         with DECODE_BUDGET.hold(w * h):
             img.load()

@@ -12,14 +12,12 @@ top-5 accuracy; they are reported under both names for comparison with published
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 from pathlib import Path
 
 import numpy as np
 
-from petal.storage import atomic_path, atomic_write_csv, atomic_write_text
+from petal.storage import OutputFolder, atomic_path, atomic_write_csv, atomic_write_text
 
 INLINE_CLASSES = 100  # up to this many classes the full confusion matrix is also in metrics.json
 PLOT_CLASSES = 30  # classes in confusion_matrix.png: those with the most errors
@@ -80,6 +78,13 @@ def confusion_counts(y_true: np.ndarray, pred: np.ndarray, num_classes: int) -> 
     return cm
 
 
+# `petal evaluate --out`: write_report's files, errors.csv, and with --unknown unknown.json and coverage.png;
+# metrics.json (with a confusion matrix) marks an earlier one
+EVALUATION_OUTPUT = OutputFolder(
+    frozenset({"metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "misclassified.csv", "errors.csv",
+               "unknown.json", "coverage.png"}), "metrics.json", ("confusion_matrix", "num_eval"))
+
+
 def write_report(out: Path, metrics: dict, classes: list[str], uris: list[str],
                  y_true: np.ndarray, probs: np.ndarray) -> None:
     """metrics.json, confusion_matrix.csv and .png, and misclassified.csv in `out`."""
@@ -90,12 +95,9 @@ def write_report(out: Path, metrics: dict, classes: list[str], uris: list[str],
     atomic_write_csv(out / "confusion_matrix.csv", ["true \\ predicted", *classes],
                      ([name, *row] for name, row in zip(classes, cm.tolist())))
     plot_confusion(cm, classes, out / "confusion_matrix.png")
-    buf = io.StringIO()
-    w = csv.writer(buf)
-    w.writerow(["uri", "true_label", "predicted_label", "confidence"])
-    for i in np.flatnonzero(pred != y_true):
-        w.writerow([uris[i], classes[y_true[i]], classes[pred[i]], f"{probs[i, pred[i]]:.4f}"])
-    atomic_write_text(out / "misclassified.csv", buf.getvalue())
+    atomic_write_csv(out / "misclassified.csv", ["uri", "true_label", "predicted_label", "confidence"],
+                     ([uris[i], classes[y_true[i]], classes[pred[i]], f"{probs[i, pred[i]]:.4f}"]
+                      for i in np.flatnonzero(pred != y_true)))
 
 
 def new_axes(width: float, height: float):

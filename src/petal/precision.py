@@ -198,7 +198,7 @@ def bf16_session(path: Path, threads: int | None = None) -> OpenVinoSession:
 
 class OpenVinoSession:
     """An OpenVINO compiled model behind the part of ort.InferenceSession petal uses:
-    run(names, feeds) and get_outputs() (items with .name and .shape)."""
+    run(names, feeds), get_inputs() and get_outputs() (items with .name and .shape)."""
 
     class Output:
         def __init__(self, port) -> None:
@@ -208,6 +208,9 @@ class OpenVinoSession:
 
     def __init__(self, compiled) -> None:
         self.compiled = compiled
+
+    def get_inputs(self) -> list[OpenVinoSession.Output]:
+        return [self.Output(p) for p in self.compiled.inputs]
 
     def get_outputs(self) -> list[OpenVinoSession.Output]:
         return [self.Output(p) for p in self.compiled.outputs]

@@ -21,7 +21,7 @@ from typing import TextIO
 import numpy as np
 
 from petal.errors import PetalError
-from petal.storage import atomic_path, check_output
+from petal.storage import atomic_path, check_output, sheet_row
 
 UNKNOWN = "unknown"  # the label of a prediction that is like none of the classes
 # "label" is UNKNOWN for an unknown image, so that a script reading it is never told "tulips"
@@ -122,10 +122,11 @@ def scored_prediction(labels: Sequence[str], uri: str, s: Scores, top_k: int = 5
 
 
 def csv_row(p: Prediction) -> list[str]:
-    """One prediction as the CSV row every writer (local or Beam) uses."""
+    """One prediction as the CSV row every writer (local or Beam) uses, safe to open in a
+    spreadsheet (`storage.sheet_row`)."""
     ood = "" if p.ood_score is None else f"{p.ood_score:.6f}"
     top = json.dumps([{**t, "score": round(t["score"], 6)} for t in p.top_rows()])  # JSON's "top", as `score`
-    return [p.uri, p.answer, f"{p.score:.6f}", top, str(p.unknown).lower(), ood, p.label]
+    return sheet_row([p.uri, p.answer, f"{p.score:.6f}", top, str(p.unknown).lower(), ood, p.label])
 
 
 def output_format(path: str | Path, fmt: str | None) -> str:

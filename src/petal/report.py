@@ -50,6 +50,14 @@ for (const td of document.querySelectorAll('td[data-cell]')) {
 }"""
 
 
+def script_json(value: object) -> str:
+    """JSON to put inside a page's <script> element. Every `<` (and `>`, `&`) is written as a
+    \\u escape, which JSON.parse reads back as the same character: a file name such as
+    `<!--<script>a.jpg` would otherwise put the HTML parser in the "double-escaped" script state
+    and swallow the rest of the page (the audit section), and `</script>` would end the element."""
+    return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+
+
 def jpeg_thumbnail(uri: str, size: int = THUMB) -> bytes:
     """A JPEG of the image at most `size` px on a side; b"" if it cannot be read."""
     from PIL import Image
@@ -121,7 +129,7 @@ def confusion_section(classes: list[str], uris: list[str], y: np.ndarray, probs:
         body.append("<tr>" + "".join(row) + "</tr>")
     head = "".join(f"<th>{html.escape(classes[j])}</th>" for j in shown)
     note = f" ({len(shown)} of {c} classes: those with the most errors)" if len(shown) < c else ""
-    data = json.dumps(cells).replace("</", "<\\/")  # no "</script>" inside the JSON
+    data = script_json(cells)
     return (f"<h2>Confusion matrix{note}</h2><p class=muted>rows: true class, columns: predicted; "
             f'click a cell for its images</p><table class="cm"><tr><th>true \\ predicted</th>{head}</tr>'
             f'{"".join(body)}</table><h3 id="cell-title"></h3><div class="thumbs" id="cell-images"></div>'
@@ -203,7 +211,6 @@ def map_section(xy: np.ndarray, labels: list[int], classes: list[str], flagged: 
     data = {"x": np.round(xy[:, 0], 4).tolist(), "y": np.round(xy[:, 1], 4).tolist(), "label": labels,
             "flag": [int(f) for f in flagged], "names": [Path(u).name for u in uris], "classes": classes,
             "colors": [PALETTE[i % len(PALETTE)] for i in range(len(classes))], "thumbs": thumbs}
-    payload = json.dumps(data).replace("</", "<\\/")  # no "</script>" inside the JSON
     legend = " ".join(f'<span style="color:{PALETTE[i % len(PALETTE)]}">&#9679;</span> {html.escape(c)}'
                       for i, c in enumerate(classes))
     return (f'<h2>Feature map ({html.escape(method)})</h2><p class="muted">{legend} &middot; ringed: audit suspects; '
@@ -211,7 +218,7 @@ def map_section(xy: np.ndarray, labels: list[int], classes: list[str], flagged: 
             '<canvas id="feature-map" width="800" height="560" style="border:1px solid #ddd"></canvas>'
             '<div id="map-tip" hidden style="position:absolute;background:#fff;border:1px solid #ccc;padding:2px;'
             'font-size:11px;pointer-events:none"><img alt="" style="display:block"><span></span></div>'
-            f'<script type="application/json" id="map-data">{payload}</script>'
+            f'<script type="application/json" id="map-data">{script_json(data)}</script>'
             f"<script>{MAP_SCRIPT}</script>")
 
 

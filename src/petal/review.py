@@ -5,21 +5,23 @@
     petal train flower_photos/ --out runs/v2 --exclude audit/dropped.csv --relabel audit/suspects.csv
 
 `--exclude FILE`: a CSV with a `uri` column (suspects.csv and duplicates.csv' `uri_a`
-work as they are); those images are left out; a CSV with an `action` column (RUN/review.csv
-of `petal review`) leaves out its rows whose action is "exclude". `--relabel FILE`: a CSV with `uri` and
+work as they are); those images are left out. A CSV with an `action` column (RUN/review.csv of
+`petal review`: one row per decision) counts each image's last row only, and --exclude leaves out
+the images whose last action is "exclude". `--relabel FILE`: a CSV with `uri` and
 `suggested` (as suspects.csv has) or `label`; those images get that label, which must be
 one of the classes. Matching is by path, so a warm cache makes the rerun take seconds.
 """
 
 from __future__ import annotations
 
+import csv
 import os
 from pathlib import Path
 
 from petal.data import Dataset, Example
 from petal.errors import DataError
 from petal.progress import Reporter
-from petal.storage import is_local, read_csv
+from petal.storage import is_local, read_csv_lines
 
 
 def _same(uri: str) -> str:
@@ -27,18 +29,47 @@ def _same(uri: str) -> str:
     return os.path.normpath(os.path.abspath(uri)) if is_local(uri) else uri
 
 
-def _rows(path: str | Path, option: str, columns: tuple[str, ...]) -> list[dict[str, str]]:
+def _rows(path: str | Path, option: str, columns: tuple[str, ...]) -> list[tuple[int, dict[str, str]]]:
+    """[(line, row)] of the CSV `path` given to --`option`, whose header names one of `columns`."""
     try:
-        rows = read_csv(path)
+        header, rows = read_csv_lines(path)
     except FileNotFoundError:
         raise DataError(f"{option}: no such file: {path}") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{option}: cannot read {path}: {e}") from None
-    header = set(rows[0]) if rows else set()
-    if rows and not header & set(columns):
-        raise DataError(f"{option}: {path} has no {' or '.join(map(repr, columns))} column (it has "
-                        f"{', '.join(sorted(header))})")
+    except csv.Error as e:  # e.g. a field over the csv module's limit of 131,072 characters
+        raise DataError(f"{option}: {path}: not a valid CSV ({e})") from None
+    if not set(header) & set(columns):
+        first = f"its first line reads {', '.join(header)[:200]!r}" if header else "it is empty"
+        raise DataError(f"{option}: {path} has no header naming a {' or '.join(map(repr, columns))} column "
+                        f"({first}); expected a header such as uri,label")
     return rows
+
+
+def _latest(rows: list[tuple[int, dict[str, str]]]) -> list[tuple[int, dict[str, str]]]:
+    """A decision log's rows (an `action` column: RUN/review.csv) reduced to each image's last one;
+    other CSVs as they are."""
+    if not rows or "action" not in rows[0][1]:
+        return rows
+    return list({_same(r.get("uri") or ""): (line, r) for line, r in rows}.values())
+
+
+def _relabels(path: str | Path, classes: list[str]) -> dict[str, str]:
+    """uri -> new label from a --relabel CSV; a uri given two different labels is refused, naming both lines."""
+    new_label: dict[str, tuple[str, int]] = {}
+    for line, r in _latest(_rows(path, "relabel", ("uri",))):
+        # suspects.csv: "suggested" is the new label ("" for an outlier: nothing to relabel to)
+        label = ((r["suggested"] if "suggested" in r else r.get("label")) or "").strip()
+        uri = r.get("uri") or ""
+        if label and label not in classes:
+            raise DataError(f"relabel: {path}:{line}: {uri}: {label!r} is not one of the classes {classes}")
+        if not label:
+            continue
+        before = new_label.setdefault(_same(uri), (label, line))
+        if before[0] != label:
+            raise DataError(f"relabel: {path}: {uri} is given {before[0]!r} on line {before[1]} and {label!r} "
+                            f"on line {line}; keep one")
+    return {uri: label for uri, (label, _) in new_label.items()}
 
 
 def apply_review(ds: Dataset, exclude: str | Path | None = None, relabel: str | Path | None = None,
@@ -47,17 +78,9 @@ def apply_review(ds: Dataset, exclude: str | Path | None = None, relabel: str | 
     if exclude is None and relabel is None:
         return ds
     reporter = reporter or Reporter()
-    # a review.csv (petal review) lists every decision: only its "exclude" rows are left out
-    drop = {_same(r.get("uri") or r.get("uri_a", "")) for r in _rows(exclude, "exclude", ("uri", "uri_a"))
+    drop = {_same(r.get("uri") or r.get("uri_a") or "") for _, r in _latest(_rows(exclude, "exclude", ("uri", "uri_a")))
             if r.get("action", "exclude") == "exclude"} if exclude else set()
-    new_label: dict[str, str] = {}
-    for r in _rows(relabel, "relabel", ("uri",)) if relabel else []:
-        # suspects.csv: "suggested" is the new label ("" for an outlier: nothing to relabel to)
-        label = (r["suggested"] if "suggested" in r else r.get("label") or "").strip()
-        if label and label not in ds.classes:
-            raise DataError(f"relabel: {r['uri']}: {label!r} is not one of the classes {ds.classes}")
-        if label:
-            new_label[_same(r["uri"])] = label
+    new_label = _relabels(relabel, ds.classes) if relabel else {}
     kept, found, changed = [], set(), 0
     for e in ds.examples:
         key = _same(e.uri)

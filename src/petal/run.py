@@ -29,8 +29,8 @@ Format history (`RUN_FORMAT`, the "format" of settings.json):
 
 from __future__ import annotations
 
+import fnmatch
 import json
-import shutil
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -56,6 +56,23 @@ if TYPE_CHECKING:
 RUN_FORMAT = 3
 PARITY_LIMIT = 2000  # images checked at export: the eval split, up to this many
 PARITY_FALLBACK = 256  # train images checked instead when there is no eval split
+
+# Every name petal writes in a run folder (what is ever removed, and what is not the user's):
+# files at the top, and the folders with the names (fnmatch patterns) petal writes in each.
+REPORT_FILES = ("metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "misclassified.csv")
+RUN_FILES = frozenset({
+    "settings.json", "split.csv", "errors.csv", "head.npz", "unknown.npz", "calibration.json", "history.csv",
+    "reliability.png", "coverage.png", "report.html", "suspects.csv", "duplicates.csv", "audit.json", *REPORT_FILES})
+RUN_FOLDERS = {
+    "test": REPORT_FILES,  # a test split's report
+    "model": ("model.onnx", "labels.txt", "petal.json"), "model-int8": ("model.onnx", "labels.txt", "petal.json"),
+    "tensorboard": ("events.out.tfevents.*",), "checkpoints": ("last.pt", "best.pt"), "pixels": ("*.u8", "*.json"),
+}
+# what --overwrite removes for the next run (settings, split and errors are written again; model/ is
+# replaced whole at export)
+DERIVED_FILES = RUN_FILES - {"settings.json", "split.csv", "errors.csv"}
+DERIVED_FOLDERS = ("test", "tensorboard")  # a second event file beside the old would mix two runs
+REPLACED_FOLDERS = ("model", "model-int8")  # bundles: written whole by storage.atomic_dir
 
 
 @dataclass
@@ -140,8 +157,20 @@ class Run:
         return self.path.name
 
     @property
+    def is_run(self) -> bool:
+        """Only a run's own settings.json marks a folder as a run (a model/ or test/ folder may be
+        the user's)."""
+        if not self.settings_path.is_file():  # a FIFO would block the read
+            return False
+        try:
+            RunSettings.from_dict(json.loads(self.settings_path.read_text("utf-8")))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+        return True
+
+    @property
     def finished(self) -> bool:
-        return self.metrics_path.exists() or self.model_dir.exists()
+        return self.is_run and (self.metrics_path.exists() or self.model_dir.exists())
 
     @classmethod
     def create(cls, out: str | Path, *, data: str | Path, overwrite: bool) -> Run:
@@ -154,18 +183,22 @@ class Run:
         data_dir = Path(data).resolve()
         if data_dir.is_dir() and run.path.resolve().is_relative_to(data_dir):
             raise PetalError(f"out: {run.path} is inside the data folder {data}; its files would be read as data")
-        if others := run.foreign_files():
+        others = run.foreign_files()
+        if others and not run.is_run:
             raise PetalError(f"out: {run.path} holds files of its own ({', '.join(others[:3])}) and no petal run; "
                              "a run would mix its files with them: choose an empty or new folder")
+        if inside := [n for n in others if n.split("/")[0] in REPLACED_FOLDERS]:
+            raise PetalError(f"out: {run.path} holds files petal did not write ({', '.join(inside[:3])}) in a "
+                             "folder the export replaces whole; move them out first")
         return run
 
     def foreign_files(self) -> list[str]:
-        """The names in an existing --out folder when none of them is a run's file (e.g. your notes)."""
-        names = sorted(p.name for p in self.path.iterdir()) if self.path.is_dir() else []
-        ours = {self.settings_path.name, self.split_path.name, self.errors_path.name, self.metrics_path.name,
-                self.model_dir.name, self.tensorboard_dir.name, self.pixels_dir.name, self.history_path.name,
-                self.checkpoints.name}
-        return [] if ours & set(names) else names
+        """The names in the folder (relative) that petal does not write (e.g. your notes, or your own
+        model/ folder's files); hidden names are left out."""
+        names = foreign_names(self.path, RUN_FILES, RUN_FOLDERS)
+        if self.settings_path.exists() and not self.is_run:
+            names = sorted([self.settings_path.name, *names])  # e.g. another program's settings.json
+        return names
 
     def make(self, clear: bool = False) -> Run:
         """Create the folder; with `clear`, remove what an earlier run here derived."""
@@ -175,15 +208,20 @@ class Run:
         return self
 
     def clear(self) -> None:
-        """Remove what an earlier run here derived (metrics, reports, detectors, test/, TensorBoard logs), so that
-        nothing of it mixes into a new one (--overwrite). model/ is replaced at export."""
-        for path in (self.metrics_path, self.path / "confusion_matrix.png", self.path / "misclassified.csv",
-                     self.reliability_path, self.coverage_path, self.report_path, self.path / "suspects.csv",
-                     self.path / "duplicates.csv", self.path / "audit.json", self.calibration_path,
-                     self.unknown_path, self.head_path, self.history_path):
-            path.unlink(missing_ok=True)
-        shutil.rmtree(self.path / "test", ignore_errors=True)
-        shutil.rmtree(self.tensorboard_dir, ignore_errors=True)  # not a second event file beside the old
+        """Remove what an earlier run here derived (metrics, reports, detectors, test/'s report, TensorBoard
+        logs), so that nothing of it mixes into a new one (--overwrite): only files petal names in
+        DERIVED_FILES and DERIVED_FOLDERS, never a file of the user's. model/ is replaced at export."""
+        for name in DERIVED_FILES:
+            (self.path / name).unlink(missing_ok=True)
+        for folder in DERIVED_FOLDERS:
+            path = self.path / folder
+            if not path.is_dir() or path.is_symlink():
+                continue
+            for p in path.iterdir():
+                if not p.is_dir() and any(fnmatch.fnmatchcase(p.name, pat) for pat in RUN_FOLDERS[folder]):
+                    p.unlink()
+            if not any(path.iterdir()):
+                path.rmdir()
 
     # ------------------------------------------------------------------ writing
 
@@ -293,6 +331,25 @@ class Run:
         rows = self.split_rows()
         return parity_uris(eval_uris=[r["uri"] for r in rows if r["split"] == EVAL],
                            train_uris=[r["uri"] for r in rows])
+
+
+def foreign_names(folder: Path, files: frozenset[str] | tuple[str, ...],
+                  folders: dict[str, tuple[str, ...]] | None = None) -> list[str]:
+    """The names in `folder` (relative, sorted) that are neither one of `files` nor, inside one of
+    `folders`, one of its patterns; hidden names (temp files, .DS_Store) are left out. [] if no folder."""
+    folders = folders or {}
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue
+        if p.name in folders and p.is_dir() and not p.is_symlink():
+            found += [f"{p.name}/{q.name}" for q in sorted(p.iterdir()) if not q.name.startswith(".")
+                      and not any(fnmatch.fnmatchcase(q.name, pat) for pat in folders[p.name])]
+        elif p.name not in files or p.is_dir():
+            found.append(p.name)
+    return found
 
 
 # --------------------------------------------------------------------------- what every run checks

@@ -14,12 +14,14 @@ import contextlib
 import csv
 import functools
 import io
+import json
 import os
 import shutil
 import stat
 import sys
 import tempfile
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +35,15 @@ SCHEME_PACKAGES = {
     "s3a": "s3fs",
     "az": "adlfs",
     "abfs": "adlfs",
+    "abfss": "adlfs",
     "hf": "huggingface_hub",
 }
 
 
 HTTP_SCHEMES = ("http", "https")  # read by petal.http_reader, not fsspec
+# The schemes petal reads, and no other: fsspec knows dozens (ftp://, webhdfs://, local://,
+# zip://...::file://), which would skip the URI policy or reach the machine's own files.
+READ_SCHEMES = frozenset({"", "file", *HTTP_SCHEMES, *SCHEME_PACKAGES})
 
 
 def scheme_of(uri: str) -> str:
@@ -60,8 +66,21 @@ def absolute(uri: str | os.PathLike) -> str:
     return os.path.abspath(local_path(uri)) if is_local(uri) else uri
 
 
+def scheme_problem(uri: str) -> str | None:
+    """Why petal does not read `uri` whatever the machine has installed, or None."""
+    scheme = scheme_of(uri)
+    if scheme not in READ_SCHEMES:
+        return (f"{scheme}:// URIs are not read (petal reads local paths, http(s):// and cloud storage: "
+                f"{', '.join(s + '://' for s in SCHEME_PACKAGES)})")
+    if "::" in uri and not is_local(uri) and scheme not in HTTP_SCHEMES:
+        return "chained URIs (A::B) are not read"
+    return None
+
+
 def check_scheme(uri: str) -> None:
-    """Raise PetalError early if the URI's scheme cannot be read here."""
+    """Raise PetalError early if the URI's scheme is not read by petal or cannot be read here."""
+    if why := scheme_problem(uri):
+        raise PetalError(why)
     scheme = scheme_of(uri)
     if is_local(uri) or scheme in HTTP_SCHEMES:
         return
@@ -75,13 +94,34 @@ def check_scheme(uri: str) -> None:
         raise PetalError(f"cannot read {scheme}:// URIs ({e}){hint}") from None
 
 
-# No image petal accepts (64 MP, see petal.images) needs more bytes than this even
-# uncompressed at 16 bits x 4 channels (512 MB); a larger file is refused unread.
-MAX_FILE_BYTES = 1 << 30
+# A file over this many MiB is refused unread: each decode thread holds a whole file, so the
+# cap times --workers bounds that memory. 256 MiB holds any photo; only an uncompressed 16-bit
+# image near the 64 MP pixel limit (see petal.images) is larger, and PETAL_MAX_FILE_MB lifts it.
+MAX_FILE_ENV = "PETAL_MAX_FILE_MB"
+DEFAULT_MAX_FILE_MB = 256
+TOO_LARGE_HINT = f"(raise it with {MAX_FILE_ENV} or `petal --max-file-mb`)"
 
 
-def read_bytes(uri: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
-    """The whole file. Raises ImageError (the item's problem) if it cannot be read."""
+def max_file_bytes() -> int:
+    """The size cap on one file read, from $PETAL_MAX_FILE_MB (MiB) or the default."""
+    value = os.environ.get(MAX_FILE_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_FILE_MB << 20
+    try:
+        mb = float(value)
+    except ValueError:
+        mb = -1.0
+    if not 0 < mb < 2**40:
+        raise PetalError(f"{MAX_FILE_ENV}: expected a size in MiB above 0 (e.g. 512), got {value!r}")
+    return int(mb * (1 << 20))
+
+
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole file, at most `max_bytes` (default: `max_file_bytes()`), refused from its size
+    before reading where the size is known. Raises ImageError (the item's problem) otherwise."""
+    if why := scheme_problem(uri):
+        raise ImageError(why)
+    max_bytes = max_file_bytes() if max_bytes is None else max_bytes
     try:
         if is_local(uri):
             path = local_path(uri)
@@ -92,19 +132,19 @@ def read_bytes(uri: str, max_bytes: int = MAX_FILE_BYTES) -> bytes:
             if not stat.S_ISREG(st.st_mode):
                 raise ImageError("not a regular file (a pipe, socket or device)")
             if st.st_size > max_bytes:
-                raise ImageError(f"file too large: {st.st_size:,} bytes, limit {max_bytes:,}")
+                raise ImageError(f"file too large: {st.st_size:,} bytes, limit {max_bytes:,} {TOO_LARGE_HINT}")
             with open(path, "rb") as f:
                 return f.read()
         if scheme_of(uri) in HTTP_SCHEMES:  # under petal's URI policy: public hosts, time-outs
             from petal.http_reader import http_read
 
-            return http_read(uri, max_bytes)
+            return http_read(uri, max_bytes, TOO_LARGE_HINT)
         import fsspec
 
         with fsspec.open(uri, "rb") as f:
             data = f.read(max_bytes + 1)  # no more than the limit, whatever the server sends
         if len(data) > max_bytes:
-            raise ImageError(f"file too large: over {max_bytes:,} bytes")
+            raise ImageError(f"file too large: over {max_bytes:,} bytes {TOO_LARGE_HINT}")
         return data
     except ImageError:
         raise
@@ -139,8 +179,12 @@ def copy_folder(uri: str, dest: Path) -> Path:
         raise PetalError(f"model: cannot list {uri} ({type(e).__name__}: {e})") from None
     if not files:
         raise PetalError(f"model: no files at {uri}")
+    inside = Path(dest).resolve()
     for f in files:
-        target = dest / os.path.relpath(f, root)
+        # a key holding `..` (`model/../../../tmp/x`) would be written outside `dest`
+        target = (inside / os.path.relpath(f, root)).resolve()
+        if not target.is_relative_to(inside) or target == inside:
+            raise PetalError(f"model: {uri} holds {f!r}, which leads out of the folder; refused")
         target.parent.mkdir(parents=True, exist_ok=True)
         fs.get(f, str(target))
     return dest
@@ -164,10 +208,43 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             os.unlink(tmp)
 
 
-def check_output(path: str | os.PathLike, option: str, *, folder: bool = False) -> Path:
+@dataclass(frozen=True)
+class OutputFolder:
+    """What a command writes into its --out folder: `names`; an earlier output of it holds
+    `marker`, a JSON object with `keys`. Anything else there is the user's."""
+
+    names: frozenset[str]
+    marker: str
+    keys: tuple[str, ...]
+
+    def problem(self, folder: Path) -> str | None:
+        """Why writing into `folder` could overwrite or mix with the user's files, or None."""
+        if not folder.is_dir():
+            return None
+        present = sorted(p.name for p in folder.iterdir() if not p.name.startswith("."))
+        if not present:
+            return None
+        others = [n for n in present if n not in self.names]
+        if others:
+            return f"holds files of its own ({', '.join(others[:3])})"
+        try:
+            earlier = json.loads((folder / self.marker).read_text("utf-8"))
+            if isinstance(earlier, dict) and all(k in earlier for k in self.keys):
+                return None
+        except (OSError, ValueError):
+            pass
+        return f"holds {', '.join(present[:3])}, not written by petal (no {self.marker} of petal's)"
+
+
+def check_output(path: str | os.PathLike, option: str, *, folder: bool = False,
+                 owned: OutputFolder | None = None) -> Path:
     """Refuse, before any work, an output that cannot be written: a file where a folder
-    is wanted or the reverse, a parent that is a file, or a folder we may not write in."""
+    is wanted or the reverse, a parent that is a file, or a folder we may not write in;
+    with `owned`, a folder holding files that are not an earlier output of the command."""
     path = Path(path)
+    if owned is not None and (why := owned.problem(path)):
+        raise PetalError(f"{option}: {path} {why}; petal would overwrite or mix with them: "
+                         "choose an empty or new folder")
     want = "folder" if folder else "file"
     if path.exists() and path.is_dir() != folder:
         raise PetalError(f"{option}: {path} is {'a file' if folder else 'a folder'}; expected a {want}")
@@ -229,19 +306,66 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8", "surrogateescape"))
 
 
+# A cell a spreadsheet would run as a formula (=, +, -, @; tab and CR too) is written with a
+# leading apostrophe, which spreadsheets show as text; `sheet_value` takes it off again, so
+# petal's own CSVs read back exactly (a label "-x", "=HYPERLINK(...)" or "'=x" alike).
+FORMULA_START = frozenset("=+-@\t\r")
+
+
+def _formula_like(cell: str) -> bool:
+    """Would `cell` be written with an apostrophe? Numbers (-0.5) are read as numbers: not."""
+    if cell[:1] == "'":
+        return _formula_like(cell[1:])  # "'=x" gets its own apostrophe, or it would read back as "=x"
+    if cell[:1] not in FORMULA_START:
+        return False
+    try:
+        float(cell)
+    except ValueError:
+        return True
+    return False
+
+
+def sheet_row(cells: Iterable[Any]) -> list[Any]:
+    """One CSV row, each text cell safe to open in a spreadsheet (formula injection)."""
+    return ["'" + c if isinstance(c, str) and _formula_like(c) else c for c in cells]
+
+
+def sheet_value(cell: str) -> str:
+    """A cell as `sheet_row` wrote it -> the value it was given."""
+    return cell[1:] if cell[:1] == "'" and _formula_like(cell[1:]) else cell
+
+
 def atomic_write_csv(path: str | os.PathLike, header: list[str], rows: Iterable[Iterable[Any]]) -> None:
+    """A CSV file users may open in a spreadsheet: every row goes through `sheet_row`."""
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(header)
-    w.writerows(rows)
+    w.writerows(map(sheet_row, rows))
     atomic_write_text(path, buf.getvalue())
+
+
+def read_csv_lines(path: str | os.PathLike) -> tuple[list[str], list[tuple[int, dict[str, str]]]]:
+    """(header, [(line, row)]) of a CSV with a header, as written by `atomic_write_csv`; `line`
+    is where the row starts. A row the csv module refuses raises csv.Error naming its line."""
+    # surrogateescape: file names that are not UTF-8 come back as they were written
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
+        reader = csv.DictReader(f)
+        rows, line = [], 1
+        try:
+            header = list(reader.fieldnames or [])  # reads the header
+            while True:
+                line = reader.line_num + 1
+                row = next(reader, None)
+                if row is None:
+                    return header, rows
+                rows.append((line, {k: sheet_value(v) if isinstance(v, str) else v for k, v in row.items()}))
+        except csv.Error as e:  # e.g. a field over the csv module's size limit
+            raise csv.Error(f"line {line}: {e}") from None  # where the row starts
 
 
 def read_csv(path: str | os.PathLike) -> list[dict[str, str]]:
     """A CSV with a header, as written by `atomic_write_csv`, as one dict per row."""
-    # surrogateescape: file names that are not UTF-8 come back as they were written
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
-        return list(csv.DictReader(f))
+    return [row for _, row in read_csv_lines(path)[1]]
 
 
 @contextlib.contextmanager

@@ -100,9 +100,15 @@ def options(
     allow_private_urls: Annotated[Optional[str], typer.Option(help=(
         "Let http(s) URIs name private, loopback or link-local hosts: 'all', or networks such as "
         "10.0.0.0/8 (also PETAL_ALLOW_PRIVATE_URLS; docs/robustness.md)."))] = None,
+    max_file_mb: Annotated[Optional[float], typer.Option(min=0.001, help=(
+        "Refuse image files larger than this many MiB, unread (default 256; also PETAL_MAX_FILE_MB)."))] = None,
 ) -> None:
     """Train your own image classifier by transfer learning, offline, fast on a CPU."""
     if allow_private_urls is not None:  # read where each http(s) read connects (petal.http_reader)
         from petal.http_reader import ALLOW_ENV
 
         os.environ[ALLOW_ENV] = allow_private_urls
+    if max_file_mb is not None:  # read by every file read (petal.storage.read_bytes), threads included
+        from petal.storage import MAX_FILE_ENV
+
+        os.environ[MAX_FILE_ENV] = str(max_file_mb)

@@ -28,11 +28,11 @@ def demo(
     from petal.synthetic import make_dataset
 
     data = make_dataset(out_dir / "data", per_class=24)
-    out.print(f"[bold]1. synthetic data[/] in {data}")
+    out.print(f"1. synthetic data in {data}", style="bold")
     spec = RunSpec(DataSpec(data, eval_percent=25.0), out_dir / "run", cache_dir=cache, overwrite=True)
     r = run_train(spec, reporter=RichReporter())
     print_metrics(r.metrics)
-    out.print("[bold]2. predictions from the exported bundle, on eval images it was not trained on")
+    out.print("2. predictions from the exported bundle, on eval images it was not trained on", style="bold")
     m = load(out_dir / "run" / "model")
     samples = [row["uri"] for row in Run.open(r.run_dir).split_rows() if row["split"] == "eval"][:6]
     for p in m.predict(samples, top_k=2):

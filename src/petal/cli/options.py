@@ -16,7 +16,7 @@ Cache = Annotated[Optional[Path], typer.Option("--cache", help="Embedding cache 
 Backbone = Annotated[str, typer.Option(help="Backbone from the registry.")]
 Workers = Annotated[Optional[int], typer.Option(min=1, help="Decode threads (default: all cores).")]
 Rehash = Annotated[bool, typer.Option("--rehash", help=(
-    "Read and hash every image again; by default a file whose size, mtime and inode are unchanged "
+    "Read and hash every image again; by default a file whose size, mtime, inode and ctime are unchanged "
     "is only stat-ed, its hash taken from the memo in the cache."))]
 Precision = Annotated[str, typer.Option(help=(
     "Backbone precision: fp32; bf16 (OpenVINO, needs a CPU with bf16: pip install 'petal[bf16]'); int8 "

@@ -169,7 +169,7 @@ def classify(
             err.print(f"{p.uri}: error: {p.error}", style="red", markup=False)
             continue
         ok += 1
-        out.print(f"[bold]{p.uri}", highlight=False)
+        out.print(p.uri, style="bold", highlight=False)
         for name, score in p.top:
             out.print(f"  {score:6.3f}  {name}", markup=False, highlight=False)
     if not ok:

@@ -5,8 +5,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from pathlib import Path
 
-from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -17,12 +15,14 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from petal.calibration import ece_line, format_score
+from petal.console import SafeConsole, plain_markup
 from petal.progress import Reporter, rate
 
-out = Console()
-err = Console(stderr=True, soft_wrap=True)  # messages hold paths: never wrap them
+out = SafeConsole()  # labels and paths are shown as text: no markup, no terminal control (petal.console)
+err = SafeConsole(stderr=True, soft_wrap=True)  # messages hold paths: never wrap them
 
 
 class RichReporter(Reporter):
@@ -40,7 +40,7 @@ class RichReporter(Reporter):
                    TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("eta"),
                    TimeRemainingColumn()]
         with Progress(*columns, console=err) as bar:
-            task = bar.add_task(description, total=total, rate="")
+            task = bar.add_task(plain_markup(description), total=total, rate="")  # e.g. "listing PATH"
 
             def advance(n: int) -> None:
                 bar.advance(task, n)
@@ -63,7 +63,7 @@ def print_dataset(ds, splits: bool = True, rows: int = 30) -> None:
         n = [counts[c][k] for k in names]
         t.add_row(c, *map(str, n if splits else [sum(n)]))
     totals = [len(ds.split(k)) for k in names]
-    t.add_row("[bold]total", *map(str, totals if splits else [sum(totals)]))
+    t.add_row("total", *map(str, totals if splits else [sum(totals)]), style="bold")
     out.print(t)
     for reason, n in ds.skipped_reasons().most_common():
         out.print(f"skipped {n}: {reason}", markup=False)
@@ -139,11 +139,12 @@ def print_predictions(preds) -> tuple[bool, list[tuple[str, str]]]:
     for p in preds:
         if p.error:
             failed.append((p.uri, p.error))
-            t.add_row(p.uri, "[red]error", "", p.error)
+            t.add_row(p.uri, "error", "", p.error, style="red")
             continue
         ok = True
-        label = f"[yellow]unknown[/] (nearest: {escape(p.label)} {p.score:.2f})" if p.unknown else escape(p.label)
-        t.add_row(p.uri, label, format_score(p.score), ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]))
+        label = f"unknown (nearest: {p.label} {p.score:.2f})" if p.unknown else p.label
+        t.add_row(p.uri, label, format_score(p.score), ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]),
+                  style="yellow" if p.unknown else None)
     out.print(t)
     return ok, failed
 
@@ -214,7 +215,7 @@ def print_comparison(run_dir: Path) -> None:
 
     for what, a, b in rows:
         change = f"{b - a:+.4f}" if isinstance(a, float) and isinstance(b, float) else ""
-        table.add_row(escape(what), cell(a), cell(b), change)
+        table.add_row(Text(what), cell(a), cell(b), change)  # Text: a class name is never markup
     out.print(table)
 
 

@@ -48,7 +48,7 @@ def serve(
     max_images: Annotated[int, typer.Option(help="Images per request (413 beyond).")] = LIM.max_images,
     max_pixels: Annotated[int, typer.Option(help="Pixels per image, checked before decoding.")] = LIM.max_pixels,
     max_request_pixels: Annotated[int, typer.Option(help=(
-        "Pixels of all images of a request, from their headers, before decoding (413 beyond)."))
+        "Pixels all images of a request will decode (JPEGs at draft scale), from their headers (413 beyond)."))
     ] = LIM.max_request_pixels,
     timeout: Annotated[float, typer.Option(help="Per-request timeout in seconds.")] = LIM.timeout_s,
     header_timeout: Annotated[float, typer.Option(help=(

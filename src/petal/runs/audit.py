@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from petal.audit import Audit, write_audit
+from petal.audit import AUDIT_OUTPUT, Audit, write_audit
 from petal.backbones import DEFAULT_BACKBONE
 from petal.features import load_features
 from petal.progress import Reporter
@@ -21,7 +21,7 @@ def audit_data(data: DataSpec, out: str | Path, *, backbone: str = DEFAULT_BACKB
     """Audit `data` (loaded, reviewed and shown as a run would) into the folder `out`:
     suspects.csv, duplicates.csv, audit.json, report.html."""
     reporter = reporter or Reporter()
-    out = check_output(out, "out", folder=True)
+    out = check_output(out, "out", folder=True, owned=AUDIT_OUTPUT)  # not over the user's own files
     ds = data.load(reporter)
     result, cache = embed_dataset(ds, backbone=backbone, cache_dir=cache_dir, reporter=reporter, workers=workers,
                                   source=data.source, rehash=rehash)

@@ -14,7 +14,7 @@ from petal.bundle import TRAIN_KEYS, in_train_keys
 from petal.calibration import expected_calibration_error
 from petal.data import Columns, load_dataset
 from petal.errors import NothingUsableError, PetalError
-from petal.metrics import compute_metrics, write_report
+from petal.metrics import EVALUATION_OUTPUT, compute_metrics, write_report
 from petal.predictions import Scores
 from petal.progress import Reporter
 from petal.storage import atomic_write_csv, atomic_write_text, check_output
@@ -30,7 +30,7 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
     from petal.bundle import Model
 
     reporter = reporter or Reporter()
-    check_output(out, "out", folder=True)
+    check_output(out, "out", folder=True, owned=EVALUATION_OUTPUT)  # not over the user's own files
     model = Model(model_dir, reject_unknown=reject_unknown)
     if unknown_data and "ood_score" not in model.outputs:
         raise PetalError(f"unknown: {model_dir} has no unknown detector: it was exported before petal had one "

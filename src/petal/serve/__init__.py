@@ -7,6 +7,7 @@
 Modules: `config` (options, no heavy imports), `protocol` (the JSON format, stdlib
 only, shared with `petal.client`), `batcher` (dynamic micro-batching), `service`
 (models + decoding + batching, no HTTP), `limits` (body size, timeouts, auth),
-`metrics` (Prometheus), `app` (FastAPI routes), `server` (uvicorn).
-Only `app`, `limits`, `metrics` and `server` import FastAPI / uvicorn / prometheus.
+`metrics` (Prometheus), `guards` (Host, cross-site and content-type checks), `app` (FastAPI
+routes), `server` (uvicorn), `v2` (the Open Inference Protocol, its schema in pydantic).
+Only `app`, `limits`, `guards`, `metrics` and `server` import FastAPI / uvicorn / prometheus.
 """

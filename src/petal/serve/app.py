@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from petal import __version__
 from petal.serve import v2
 from petal.serve.config import Limits, ServeConfig, VertexEnv
+from petal.serve.guards import BrowserGuard, content_type_ok, host_name, is_loopback
 from petal.serve.limits import BodySizeLimit, ConcurrencyLimit, bearer_ok, within_limit
 from petal.serve.metrics import Metrics, MetricsMiddleware
 from petal.serve.protocol import RequestError
@@ -40,6 +41,20 @@ UPLOAD_DOC = {"requestBody": {"required": True, "content": {"multipart/form-data
                                                                          "format": "binary"}}}}}}}}
 
 
+def body_types(*allowed: str) -> list:
+    """A route dependency: 415 to a Content-Type other than these (none is fine: see petal.serve.guards)."""
+
+    async def check(request: Request) -> None:
+        if not content_type_ok(value := request.headers.get("content-type"), allowed):
+            raise HTTPException(415, f"content-type: expected {' or '.join(allowed)}, got {value[:100]!r}")
+
+    return [Depends(check)]
+
+
+JSON_BODY = body_types("application/json")
+V2_BODY = body_types("application/json", "application/octet-stream")  # octet-stream: the binary extension
+
+
 def error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
@@ -56,11 +71,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
-        parts = [f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()]
-        return error(400, "; ".join(parts))
+        return error(400, v2.describe_errors(list(e.errors())))
 
     @app.exception_handler(RequestError)
     async def request_error(request: Request, e: RequestError) -> JSONResponse:
+        log.info("%s %s: %d %s", request.method, request.url.path, e.status, str(e)[:300])  # one line, no traceback
         return error(e.status, str(e))
 
     @app.exception_handler(ModelNotFound)
@@ -72,7 +87,8 @@ def install_error_handlers(app: FastAPI) -> None:
         return error(500, f"internal server error ({type(e).__name__})")
 
 
-def create_app(config: ServeConfig) -> FastAPI:
+def create_app(config: ServeConfig, host: str = "127.0.0.1") -> FastAPI:
+    """The app for `config`, listening on `host` (a loopback one answers loopback Host names only)."""
     metrics = Metrics()
     service = Service(config, metrics)
 
@@ -91,6 +107,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     app.state.metrics = metrics
     app.add_middleware(BodySizeLimit, max_bytes=config.limits.max_body_bytes)
     app.add_middleware(ConcurrencyLimit, max_requests=config.limits.max_concurrency)
+    app.add_middleware(BrowserGuard, loopback=is_loopback(host_name(host)), has_key=bool(config.api_key))
     app.add_middleware(MetricsMiddleware, metrics=metrics)  # added last: outermost, sees every answer
     install_error_handlers(app)
 
@@ -100,7 +117,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                                 headers={"WWW-Authenticate": "Bearer"})
 
     auth = [Depends(require_key)]
-    app.include_router(operations(service, metrics, auth))
+    app.include_router(operations(service, metrics, auth, config.api_key))
     app.include_router(model_api(service, config.limits, auth))
     app.include_router(v2_api(service, config.limits, auth))
     if config.vertex is not None:
@@ -108,7 +125,7 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
-def operations(service: Service, metrics: Metrics, auth: list) -> APIRouter:
+def operations(service: Service, metrics: Metrics, auth: list, api_key: str | None) -> APIRouter:
     """The page, health, readiness and Prometheus metrics."""
     router = APIRouter()
     page = resources.files("petal.serve").joinpath("static/index.html").read_text(encoding="utf-8")
@@ -131,14 +148,17 @@ def operations(service: Service, metrics: Metrics, auth: list) -> APIRouter:
     async def healthz() -> dict:
         return {"status": "ok"}
 
-    @router.get("/readyz", summary="Readiness: every model is loaded and its inference worker runs")
-    async def readyz():  # noqa: ANN202 - FastAPI would make `JSONResponse | dict` a response model
+    @router.get("/readyz", summary="Readiness: every model is loaded and its inference worker runs "
+                "(the models are named to callers with the API key)")
+    async def readyz(request: Request):  # noqa: ANN202 - FastAPI would make `JSONResponse | dict` a response model
+        named = not api_key or bearer_ok(request.headers.get("authorization"), api_key)
         if not service.ready:
             return error(503, "not ready: models are loading or the server is shutting down")
         dead = [m.name for m in service.models.values() if not m.batcher.alive]
         if dead:
-            return error(503, f"not ready: the inference worker of {', '.join(dead)} stopped; restart the server")
-        return {"status": "ready", "models": list(service.models)}
+            which = ", ".join(dead) if named else f"{len(dead)} model(s)"
+            return error(503, f"not ready: the inference worker of {which} stopped; restart the server")
+        return {"status": "ready", "models": list(service.models)} if named else {"status": "ready"}
 
     @router.get("/metrics", dependencies=auth, summary="Prometheus metrics")
     async def prometheus() -> Response:
@@ -156,7 +176,7 @@ def model_api(service: Service, limits: Limits, auth: list) -> APIRouter:
         return {"models": [{"name": m.name, "version": m.version, "state": "AVAILABLE",
                             "labels": m.model.labels} for m in service.models.values()]}
 
-    @router.post("/v1/models/{name}:predict", openapi_extra=PREDICT_DOC,
+    @router.post("/v1/models/{name}:predict", openapi_extra=PREDICT_DOC, dependencies=JSON_BODY,
                  summary="Predict, Cloud ML / TF Serving row format")
     async def predict(name: str, request: Request, unknown: bool = Query(
             True, description="false: never answer unknown (ood_score is still given)")) -> JSONResponse:
@@ -201,7 +221,8 @@ def vertex_api(service: Service, limits: Limits, auth: list, vertex: VertexEnv) 
     async def health():  # noqa: ANN202
         return {"status": "ready"} if service.ready else error(503, "not ready: the model is loading")
 
-    @router.post(vertex.predict_route, dependencies=auth, summary="Vertex AI predict: {instances} -> {predictions}")
+    @router.post(vertex.predict_route, dependencies=auth + JSON_BODY,
+                 summary="Vertex AI predict: {instances} -> {predictions}")
     async def predict(request: Request) -> JSONResponse:
         if not service.models:
             return error(503, "not ready: the model is loading")
@@ -234,16 +255,13 @@ def v2_api(service: Service, limits: Limits, auth: list) -> APIRouter:
     async def model_ready(name: str) -> dict:
         return {"name": service.get(name).name, "ready": service.ready}
 
-    @router.post("/models/{name}/infer", dependencies=auth, summary="Inference: images in, probabilities out")
+    @router.post("/models/{name}/infer", dependencies=auth + V2_BODY,
+                 summary="Inference: images in, probabilities out")
     async def infer(name: str, request: Request) -> JSONResponse:
         served = service.get(name)
-
-        async def run(body: bytes) -> dict:
-            doc, images = v2.parse_infer(body, request.headers.get(v2.HEADER_LENGTH), limits.max_images)
-            scores = await service.infer_v2(served, images)
-            return v2.infer_response(served.name, served.version, doc, scores, served.model.labels)
-
-        return JSONResponse(await within_limit(request.body(), run, limits.timeout_s))
+        length = request.headers.get(v2.HEADER_LENGTH)
+        return JSONResponse(await within_limit(request.body(), lambda body: service.infer_v2(served, body, length),
+                                               limits.timeout_s))
 
     return router
 

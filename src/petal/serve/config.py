@@ -26,7 +26,10 @@ class Limits(Validated):
     max_body_bytes: int = 32 * 1024 * 1024  # whole request body; more -> 413
     max_images: int = 64  # instances or files per request; more -> 413
     max_pixels: int = 40_000_000  # per image, checked from the header before decoding
-    max_request_pixels: int = 1_000_000_000  # all images of a request, from their headers; more -> 413
+    # All images of a request, decoded (JPEGs at their draft scale), from their headers; more -> 413.
+    # Tied to decode capacity: about 3 s on one core for the slowest formats petal reads
+    # (lossless WebP, PNG: 25-40 MP/s measured); a JPEG photo counts at 1/8 of its size or less.
+    max_request_pixels: int = 100_000_000
     timeout_s: float = 30.0  # per request, body upload included; -> 408 (upload) or 503
     header_timeout_s: float = 10.0  # from accept to the request's headers; then the connection is closed
     body_timeout_s: float = 30.0  # from accept to the whole request; then the connection is closed

@@ -42,14 +42,46 @@ def _describe(value: object) -> str:
     return f"{type(value).__name__} {text[:60]}{'...' if len(text) > 60 else ''}"
 
 
-def parse_request(body: bytes, max_instances: int) -> list[Any]:
-    """Request body -> its list of instances (not yet validated one by one)."""
+def _no_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(body: bytes) -> Any:
+    """Strict JSON: NaN and Infinity are refused (the first one stops the parse). Raises
+    RequestError (400) with the reason. (1e400 parses as inf: what is passed back is checked
+    by `check_echo`, and nothing else takes floats.)"""
     try:
-        doc = json.loads(body)
+        return json.loads(body, parse_constant=_no_constant)
     except RecursionError:  # e.g. a body of 100,000 '['
         raise RequestError("body: expected JSON, got JSON nested too deeply") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int too long
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int too long, NaN
         raise RequestError(f"body: expected JSON, got invalid JSON ({e})") from None
+
+
+def check_counts(body: bytes, *, values: int, strings: int, containers: int) -> None:
+    """Refuse (413) a JSON body holding more values, strings or arrays and objects than any
+    request this server takes, from counts of its bytes, before parsing: parsing 8M tiny
+    elements holds the interpreter for seconds, counting them takes milliseconds. Commas,
+    quotes and brackets inside strings are counted too, which only errs on the safe side."""
+    found = {"values": (body.count(b",") + 1, values), "strings": (body.count(b'"') // 2, strings),
+             "arrays and objects": (body.count(b"[") + body.count(b"{"), containers)}
+    for what, (n, limit) in found.items():
+        if n > limit:
+            raise RequestError(f"body: holds {n:,} JSON {what}, more than a request to this server may "
+                               f"({limit:,}); send fewer or smaller images", status=413)
+
+
+def row_limits(max_instances: int) -> dict[str, int]:
+    """What a row-format body may hold: per instance an image, a key and a few more fields."""
+    return {"values": 64 * max_instances + 4096, "strings": 16 * max_instances + 4096,
+            "containers": 16 * max_instances + 4096}
+
+
+def parse_request(body: bytes, max_instances: int) -> list[Any]:
+    """Request body -> its list of instances (not yet validated one by one). Every key
+    must be one the response can carry back (checked here, before any work)."""
+    check_counts(body, **row_limits(max_instances))
+    doc = loads(body)
     if not isinstance(doc, dict) or "instances" not in doc:
         got = f"an object with keys {sorted(doc)[:5]}" if isinstance(doc, dict) else _describe(doc)
         raise RequestError(f'body: expected a JSON object {{"instances": [...]}}, got {got}')
@@ -59,7 +91,19 @@ def parse_request(body: bytes, max_instances: int) -> list[Any]:
     if len(instances) > max_instances:
         raise RequestError(f"instances: at most {max_instances} images per request, got {len(instances)}",
                            status=413)
+    for i, inst in enumerate(instances):
+        if isinstance(inst, dict) and "key" in inst:
+            check_echo(inst["key"], f"instances[{i}].key")
     return instances
+
+
+def check_echo(value: object, where: str) -> None:
+    """A value the response passes back must encode as the response does (UTF-8 JSON):
+    a lone surrogate ("\\ud800") would make it fail after the work is done."""
+    try:
+        json.dumps(value, ensure_ascii=False, allow_nan=False).encode("utf-8")
+    except (ValueError, TypeError) as e:  # UnicodeEncodeError is a ValueError
+        raise RequestError(f"{where}: cannot be passed back ({type(e).__name__}: {str(e)[:100]})") from None
 
 
 def instance_key(instance: object) -> tuple[bool, Any]:

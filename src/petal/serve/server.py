@@ -28,7 +28,7 @@ def make_server(config: ServeConfig, host: str = "127.0.0.1", port: int = 8080, 
 
     limits = config.limits
     uv = uvicorn.Config(
-        create_app(config), host=host, port=port, log_level=log_level, access_log=access_log,
+        create_app(config, host), host=host, port=port, log_level=log_level, access_log=access_log,
         http=timed_protocol(limits.header_timeout_s, limits.body_timeout_s),
         timeout_graceful_shutdown=int(limits.timeout_s) + 5,  # in-flight requests finish
         timeout_keep_alive=15, server_header=False,

@@ -13,29 +13,31 @@ import asyncio
 import logging
 import os
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from petal.bundle import Model
 from petal.errors import ImageError, PetalError
-from petal.images import header_pixels
+from petal.images import decode_pixels
 from petal.predictions import Prediction, Scores
-from petal.serve import protocol
+from petal.preprocess import Preprocess
+from petal.serve import protocol, v2
 from petal.serve.batcher import Batcher
 from petal.serve.config import ServeConfig
 from petal.serve.limits import REQUEST_DEADLINE
-from petal.serve.v2 import ImagesInput
 
 if TYPE_CHECKING:
     from petal.serve.metrics import Metrics
 
 log = logging.getLogger("petal.serve")
 INLINE_PARSE_BYTES = 256 * 1024  # bodies up to this are parsed on the event loop (~0.3 ms)
+T = TypeVar("T")
 
 
 class ModelNotFound(PetalError):
@@ -53,9 +55,23 @@ def instance_datas(instances: list) -> list[bytes | str]:
     return out
 
 
-def request_pixels(datas: list[bytes | str]) -> int:
-    """All pixels a request's images would decode to, from their headers."""
-    return sum(header_pixels(d) for d in datas if isinstance(d, bytes))
+def request_pixels(datas: list[bytes | str], pre: Preprocess) -> int:
+    """All pixels a request's images would decode, from their headers (JPEGs at their draft scale)."""
+    return sum(decode_pixels(d, pre) for d in datas if isinstance(d, bytes))
+
+
+def check_runs(name: str, model: Model) -> None:
+    """One inference on a blank image before the server says it is ready: a bundle that loads
+    but cannot answer (a graph at odds with its petal.json) stops the start, never a request."""
+    s = model.preprocess.input_size
+    try:
+        probabilities = model.scores(np.zeros((1, s, s, 3), np.uint8)).probabilities
+    except Exception as e:  # noqa: BLE001 - whatever ONNX Runtime raises, the bundle is unusable
+        raise PetalError(f"model {name!r}: {model.path} loads but cannot predict ({type(e).__name__}: "
+                         f"{str(e)[:300]}); export it again") from None
+    if probabilities.shape != (1, len(model.labels)):
+        raise PetalError(f"model {name!r}: {model.path} gives scores of shape {list(probabilities.shape)} for "
+                         f"one image, expected [1, {len(model.labels)}]; export it again")
 
 
 @dataclass
@@ -101,6 +117,7 @@ class Service:
             # all cores without spinning beat half the cores, at every concurrency.)
             model = Model(path, threads=self.config.threads, spin=False, reject_unknown=self.config.reject_unknown,
                           precision=self.config.precision)
+            check_runs(name, model)
             on_batch = self.metrics.batch_callback(name) if self.metrics else None
             max_batch = self.config.batching.max_batch
             predict = partial(model.scores, batch_size=max_batch)  # a big request: in chunks
@@ -127,11 +144,7 @@ class Service:
     async def predict_json(self, served: ServedModel, body: bytes, reject_unknown: bool = True) -> dict:
         """A row-format request body -> {"predictions": [...]}. Raises RequestError if malformed."""
         loop = asyncio.get_running_loop()
-        if len(body) <= INLINE_PARSE_BYTES:  # well under a millisecond: not worth a thread hop
-            instances = protocol.parse_request(body, self.limits.max_images)
-        else:
-            instances = await loop.run_in_executor(self.pool, protocol.parse_request, body,
-                                                   self.limits.max_images)
+        instances = await self._parse(protocol.parse_request, body, self.limits.max_images)
         del body
         keys = [protocol.instance_key(inst) for inst in instances]
         datas = await loop.run_in_executor(self.pool, instance_datas, instances)
@@ -154,32 +167,40 @@ class Service:
             rows.append({"filename": d.pop("uri"), **d})
         return rows
 
-    async def infer_v2(self, served: ServedModel, images: ImagesInput) -> Scores:
-        """An Open Inference Protocol "images" input -> the model's Scores for it.
-        Raises RequestError naming the first image that cannot be used."""
-        size = served.model.preprocess.input_size
+    async def infer_v2(self, served: ServedModel, body: bytes, header_length: str | None) -> dict:
+        """An Open Inference Protocol request body -> its response document. Raises RequestError
+        for a malformed request, or naming the first image that cannot be used."""
+        model = served.model
+        spec = v2.ModelInputs(self.limits.max_images, model.preprocess.input_size,
+                         v2.output_names("ood_score" in model.outputs))
+        request, images = await self._parse(v2.parse_infer, body, header_length, spec)
+        del body
         if images.pixels is not None:
-            if images.pixels.shape[1:] != (size, size, 3):
-                raise protocol.RequestError(f"images: this model takes UINT8 [N, {size}, {size}, 3] pixels, "
-                                            f"got {list(images.pixels.shape)}")
             pixels: list[np.ndarray | str] = list(images.pixels)
         else:
             pixels = await self._decode_all(served, list(images.files))
         for i, p in enumerate(pixels):
             if isinstance(p, str):
                 raise protocol.RequestError(f"images[{i}]: {p}")
-        results = await self._infer(served, pixels)
-        return Scores.stack(results, len(served.model.labels))
+        scores = Scores.stack(await self._infer(served, pixels), len(model.labels))
+        return v2.infer_response(served.name, served.version, request, scores, model.labels)
+
+    async def _parse(self, parse: Callable[..., T], body: bytes, *args: object) -> T:
+        """parse(body, *args), on the decode pool unless the body is small. Its size is bounded
+        first (from byte counts, in the parser), so the GIL-holding JSON parser never runs long."""
+        if len(body) <= INLINE_PARSE_BYTES:  # well under a millisecond: not worth a thread hop
+            return parse(body, *args)
+        return await asyncio.get_running_loop().run_in_executor(self.pool, parse, body, *args)
 
     async def _decode_all(self, served: ServedModel, datas: list[bytes | str]) -> list[np.ndarray | str]:
         """Encoded images (or the reason an instance has none) -> (S, S, 3) uint8 each, or the reason.
         The request's pixels are counted from the headers first, and refused (413) past the
         budget; a decode that would start after the request's deadline is skipped."""
         loop = asyncio.get_running_loop()
-        total = await loop.run_in_executor(self.pool, request_pixels, datas)
+        total = await loop.run_in_executor(self.pool, request_pixels, datas, served.model.preprocess)
         if total > self.limits.max_request_pixels:
-            raise protocol.RequestError(f"request too large: its images hold {total:,} pixels, over the "
-                                        f"{self.limits.max_request_pixels:,} a request may; send fewer or "
+            raise protocol.RequestError(f"request too large: its images need {total:,} pixels decoded, over "
+                                        f"the {self.limits.max_request_pixels:,} a request may; send fewer or "
                                         "smaller images", status=413)
         deadline = REQUEST_DEADLINE.get()
         return list(await asyncio.gather(*(loop.run_in_executor(self.pool, self._decode, d, served, deadline)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from petal.bundle import read_info
+from petal.bundle import Model, check_bundle_file, read_info
 from petal.errors import PetalError
 from petal.storage import atomic_dir, check_output, user_cache_dir
 
@@ -89,15 +89,16 @@ def ort_version(dist: Path) -> str:
 
 
 def bundle_of(run_or_bundle: str | Path) -> Path:
-    """A bundle folder, or a run folder's RUN/model, checked to be a readable bundle."""
+    """A bundle folder, or a run folder's RUN/model, loaded (the graph, its labels) as
+    `petal predict` would: what the page publishes is a bundle that works."""
     path = Path(run_or_bundle)
     if (path / "settings.json").is_file() and not (path / "model" / "petal.json").is_file():
         raise PetalError(f"run: {path} has no exported model; export it first: petal export {path}")
     bundle = path if (path / "petal.json").is_file() or not (path / "model").is_dir() else path / "model"
     read_info(bundle)  # a clear error for a missing, damaged or newer bundle
-    missing = [f for f in BUNDLE_FILES if not (bundle / f).is_file()]
-    if missing:
-        raise PetalError(f"model: {bundle} is a damaged bundle ({', '.join(missing)} missing); export it again")
+    for name in BUNDLE_FILES:
+        check_bundle_file(bundle, name)  # not a link to a file elsewhere (it would be published)
+    Model(bundle)  # refuses a graph that does not load or labels that do not match it
     return bundle
 
 
@@ -121,7 +122,7 @@ def export_web(run_or_bundle: str | Path, out: str | Path, ort_dir: str | Path |
         for name in PAGE_FILES:
             (tmp / name).write_bytes(page.joinpath(name).read_bytes())
         for name in BUNDLE_FILES:
-            shutil.copyfile(bundle / name, tmp / name)
+            shutil.copyfile(check_bundle_file(bundle, name), tmp / name)
         (tmp / "ort").mkdir()
         for name in ORT_FILES:
             shutil.copyfile(dist / name, tmp / "ort" / name)
