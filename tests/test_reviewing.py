@@ -56,6 +56,13 @@ def test_review_csv_is_what_train_relabels_and_excludes(tmp_path, dataset):
     assert label[cards[1].uris[0]] == cards[1].labels[0]  # kept: unchanged, and not excluded
     assert cards[2].uris[0] not in label and cards[3].uris[1] not in label  # excluded
     assert label[cards[3].uris[0]] == cards[3].labels[0]  # the pair's other image stays
+    # a change of mind: the same images again, through the map; each image's last decision counts
+    s.select([cards[0].uris[0]], "relabel", cards[0].labels[0])  # back to the label it had
+    s.decide(cards[2].id, "keep")  # no longer excluded
+    ds = apply_review(load_dataset(dataset, eval_percent=0.0), exclude=review, relabel=review)
+    label = {absolute(e.uri): e.label for e in ds.examples}
+    assert label[cards[0].uris[0]] == cards[0].labels[0] and label[cards[2].uris[0]] == cards[2].labels[0]
+    assert s.progress()["changed"] == 1  # only the pair's right image is still out
     with pytest.raises(ValueError, match="which"):
         s.decide(cards[3].id, "exclude")
     with pytest.raises(ValueError, match="label: expected one of the classes"):
