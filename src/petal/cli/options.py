@@ -50,6 +50,8 @@ Exclude = Annotated[Optional[Path], typer.Option(help=(
     "Leave out the images listed in this CSV (a 'uri' column, e.g. a reviewed suspects.csv)."))]
 Relabel = Annotated[Optional[Path], typer.Option(help=(
     "Give the images in this CSV its 'suggested' (or 'label') column as their label."))]
+Labeled = Annotated[Optional[Path], typer.Option(help=(
+    "Add the photos of this CSV of uri,label (RUN/labeled.csv of `petal review`) as training images."))]
 Group = Annotated[Optional[str], typer.Option(help=(
     "Regex on file names; images sharing its capture (e.g. one shoot: '^(.*)_\\d+') stay on one side "
     "of the eval split."))]
@@ -58,10 +60,10 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished
 
 def data_spec(data: str, *, labels: Path | None, uri_column: str | None, label_column: str | None,
               eval_data: str | None, eval_percent: float, group: str | None = None, exclude: Path | None = None,
-              relabel: Path | None = None) -> DataSpec:
+              relabel: Path | None = None, labeled: Path | None = None) -> DataSpec:
     """The DataSpec of the data options that `train`, `finetune` and `audit` share."""
     return DataSpec(data, labels_file=labels, columns=Columns(uri_column, label_column), eval_source=eval_data,
-                    eval_percent=eval_percent, group=group, exclude=exclude, relabel=relabel)
+                    eval_percent=eval_percent, group=group, exclude=exclude, relabel=relabel, labeled=labeled)
 
 
 RUNNER_HELP = "'local', or 'beam' to run as an Apache Beam pipeline; extra --options go to Beam."

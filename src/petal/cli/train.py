@@ -27,6 +27,7 @@ from petal.cli.options import (
     Group,
     ImageSize,
     LabelColumn,
+    Labeled,
     LabelsFile,
     Mean,
     Overwrite,
@@ -126,6 +127,7 @@ def train(
         "that threshold are answered 'unknown'."))] = DEFAULT_KEEP,
     exclude: Exclude = None,
     relabel: Relabel = None,
+    labeled: Labeled = None,
     group: Group = None,
     export: Export = True,
     overwrite: Overwrite = False,
@@ -143,7 +145,7 @@ def train(
                           weight_decay=weight_decay, label_smoothing=label_smoothing,
                           class_weight=class_weight.value if class_weight else None, seed=seed)
     data_ = data_spec(data, labels=labels, uri_column=uri_column, label_column=label_column, eval_data=eval_data,
-                      eval_percent=eval_percent, group=group, exclude=exclude, relabel=relabel)
+                      eval_percent=eval_percent, group=group, exclude=exclude, relabel=relabel, labeled=labeled)
     spec = RunSpec(data_, out_dir, backbone=backbone, precision=precision, cache_dir=cache, overwrite=overwrite,
                    keep=keep, trainer=head)
     print_train_result(run_train(spec, workers=workers, rehash=rehash, export=export, reporter=RichReporter()))
@@ -251,7 +253,9 @@ def retrain(
     rehash: Rehash = False,
 ) -> None:
     """Train RUN again as its settings.json says, on the data as it is now: the reviewed CSVs
-    (--exclude, --relabel) are read again, and only new images are embedded."""
+    (--exclude, --relabel) are read again, RUN/review.csv and RUN/labeled.csv of `petal review`
+    applied, and only new images are embedded; then old vs new metrics."""
+    from petal.cli.render import print_comparison
     from petal.runs.finetune.train import FinetuneResult
     from petal.runs.retrain import retrain as run_retrain
 
@@ -261,3 +265,4 @@ def retrain(
         print_finetune_result(r)
     else:
         print_train_result(r)
+    print_comparison(r.run_dir)
