@@ -98,3 +98,32 @@ def test_backbone_export_is_announced_and_done_once(tmp_path, monkeypatch):
     assert len(heard) == 1 and "exporting efficientnet_lite0 to ONNX" in heard[0]
     assert onnx_graphs.backbone_onnx_path(cfg, tmp_path, heard.append) == path
     assert exported == ["efficientnet_lite0"] and len(heard) == 1  # cached: neither again
+
+
+def test_register_backbone_is_open_and_guards_its_names(monkeypatch):
+    from dataclasses import replace
+
+    from petal import backbones
+    from petal.backbones import listing, register_backbone
+
+    monkeypatch.setattr(backbones, "_REGISTRY", dict(backbones._REGISTRY))  # this test's names go with it
+    mine = replace(CFG, name="my_lite0")
+    assert register_backbone(mine) is mine and get_backbone("my_lite0") is mine
+    assert register_backbone(mine) is mine  # the same record again: fine
+    with pytest.raises(PetalError, match="'my_lite0' is already registered with another record"):
+        register_backbone(replace(mine, slug="other"))
+    with pytest.raises(PetalError, match="name: expected no ':' or '\\+'"):
+        register_backbone(replace(CFG, name="hf:mine"))
+    names = [r["name"] for r in listing()]
+    assert "my_lite0" in names and "hf:facebook/dinov2-small" in names and names[-1] == "onnx:PATH"
+    assert get_backbone("lite0") is CFG  # the alias
+    with pytest.raises(PetalError, match="or hf:NAME_OR_PATH, or onnx:PATH; got 'resnet9000'"):
+        get_backbone("resnet9000")
+
+
+def test_ensemble_names_split_at_backbone_names_only():
+    from petal.backbones import ensemble_parts
+
+    assert ensemble_parts("lite0+hf:org/model") == ["lite0", "hf:org/model"]
+    assert ensemble_parts("hf:./a+b+onnx:/x/m+1.onnx") == ["hf:./a+b", "onnx:/x/m+1.onnx"]
+    assert ensemble_parts("efficientnet_lite0") == ["efficientnet_lite0"]

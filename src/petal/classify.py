@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from petal.backbones import get_backbone, imagenet_classes
+from petal.errors import PetalError
 from petal.loader import iter_items
 from petal.predictions import Prediction, prediction
 from petal.storage import cache_folder
@@ -20,6 +21,9 @@ def classify_images(uris: list[str], backbone: str, cache_dir: Path | None = Non
     from petal.runtime import make_session
 
     cfg = get_backbone(backbone)
+    if cfg.num_classes != 1000:
+        raise PetalError(f"classify --backbone {cfg.name}: it has no ImageNet head (the efficientnet_lite* "
+                         "backbones have one)")
     names = imagenet_classes()
     session = make_session(backbone_onnx_path(cfg, cache_folder(cache_dir), on_message))
     for item in iter_items(uris, cfg.preprocess):

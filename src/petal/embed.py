@@ -70,7 +70,7 @@ def feature_cache(cfg: BackboneConfig, cache_dir: Path, on_message: Callable[[st
     (default fp32): named by the provenance of the graph (exported first if need be), the
     precision, the decoder and the runtime."""
     engine = engine or Engine(cfg)
-    producer = {**provenance(engine.graph_path(cache_dir, on_message)), **engine.record()}
+    producer = {**provenance(engine.graph_path(cache_dir, on_message)), **engine.record(), **cfg.weights.record()}
     if engine.precision == BF16:  # OpenVINO runs it, not ONNX Runtime
         from importlib.metadata import PackageNotFoundError, version
 

@@ -1,7 +1,8 @@
 """Building the ONNX graphs petal runs: the backbone, the head, and the bundle.
 
-- backbone graph: uint8 (N, S, S, 3) RGB -> `features` (N, D) and `imagenet_probs`
-  (N, 1000). Exported once per backbone from `petal.models` and cached on disk.
+- backbone graph: uint8 (N, S, S, 3) RGB -> `features` (N, D) (and, for Lite, `imagenet_probs`
+  (N, 1000)). Exported once per backbone and cached on disk: Lite from `petal.models`, Hugging
+  Face models from `petal.hub_torch`, a user's ONNX graph with petal's front end put before it.
 - head graph: `features` (N, D) -> `probabilities` (N, C), written directly with
   onnx.helper from the head's numpy weights (Gemm/Relu/Softmax).
 - bundle: the two merged into one graph, uint8 pixels -> probabilities.
@@ -21,7 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from petal.backbones import BackboneConfig
+from petal.backbone_config import LITE, BackboneConfig
+from petal.errors import PetalError
 from petal.storage import atomic_path
 
 if TYPE_CHECKING:
@@ -39,11 +41,16 @@ def backbone_onnx_path(cfg: BackboneConfig, cache_dir: Path,
                        on_export: Callable[[str], None] | None = None) -> Path:
     """The cached backbone graph, exported on first use (about 15 s; `on_export`
     hears about it first, so a progress bar does not stall unexplained)."""
-    path = Path(cache_dir) / "models" / f"{cfg.name}-g{GRAPH_VERSION}.onnx"
+    path = cfg.graph_file(cache_dir, GRAPH_VERSION)
+    if not path.is_file() and cfg.parts:  # an ensemble: its parts' graphs, side by side
+        graph = concat_graph([backbone_onnx_path(p, cache_dir, on_export) for p in cfg.parts])
+        with atomic_path(path) as tmp:
+            tmp.write_bytes(graph.SerializeToString())
     if not path.is_file():
         cfg.weights_path()  # a missing weights package is named before any news of an export
         if on_export:
-            on_export(f"exporting {cfg.name} to ONNX into {path.parent} (once per cache, about 15 s)")
+            on_export(f"exporting {cfg.name} to ONNX into {path.parent} (once per cache, about 15 s"
+                      f"{'' if cfg.arch.family == LITE else ' to minutes'})")
         with atomic_path(path) as tmp:
             export_backbone(cfg, tmp)
     return path
@@ -52,12 +59,27 @@ def backbone_onnx_path(cfg: BackboneConfig, cache_dir: Path,
 def check_backbone(cfg: BackboneConfig, cache_dir: Path) -> None:
     """Before any slow work: the backbone graph is cached, or its weights package is installed
     to make it (PetalError naming the package otherwise)."""
-    if not (Path(cache_dir) / "models" / f"{cfg.name}-g{GRAPH_VERSION}.onnx").is_file():
+    if not cfg.graph_file(cache_dir, GRAPH_VERSION).is_file():
         cfg.weights_path()
 
 
 def export_backbone(cfg: BackboneConfig, path: Path) -> None:
+    """The backbone's graph at `path`: uint8 `images` (N, S, S, 3) -> `features` (N, D)."""
     import onnx
+
+    if cfg.arch.family == "onnx":
+        graph = front_ended(cfg)
+    elif cfg.arch.family == LITE:
+        graph = lite_graph(cfg)
+    else:  # a Hugging Face family (petal.hub_torch says which it can build)
+        from petal.hub_torch import HubFeatures
+
+        graph = images_module_to_onnx(HubFeatures(cfg), cfg, ["features"])
+    onnx.save(graph, str(path))
+
+
+def lite_graph(cfg: BackboneConfig) -> onnx.ModelProto:
+    """EfficientNet-Lite: features and its ImageNet head's probabilities."""
     import torch
 
     from petal.models import Preprocess, build_backbone
@@ -71,7 +93,80 @@ def export_backbone(cfg: BackboneConfig, path: Path) -> None:
             features = self.net.features(self.pre(images))
             return features, self.net._fc(features).softmax(-1)
 
-    onnx.save(images_module_to_onnx(Graph(), cfg, ["features", "imagenet_probs"]), str(path))
+    return images_module_to_onnx(Graph(), cfg, ["features", "imagenet_probs"])
+
+
+def concat_graph(paths: list[Path]) -> onnx.ModelProto:
+    """Backbone graphs run on the same `images`, their `features` concatenated: (N, D1 + D2 + ...).
+    Each graph's names get a prefix (p0/, p1/, ...); their other outputs are dropped."""
+    import onnx
+    from onnx import TensorProto, compose, helper
+
+    nodes, inits, dims, irs = [], [], [], []
+    for i, path in enumerate(paths):
+        part = compose.add_prefix(onnx.load(str(path)), f"p{i}/")
+        nodes += [helper.make_node("Identity", [INPUT], [f"p{i}/{INPUT}"]), *part.graph.node]
+        inits += part.graph.initializer
+        dims.append(next(o for o in part.graph.output if o.name == f"p{i}/features").type.tensor_type.shape.dim[1])
+        irs.append(part.ir_version)
+    nodes.append(helper.make_node("Concat", [f"p{i}/features" for i in range(len(paths))], ["features"], axis=1))
+    size = onnx.load(str(paths[0])).graph.input[0].type.tensor_type.shape.dim[1].dim_value
+    graph = helper.make_graph(
+        nodes, "petal_ensemble", [helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["batch", size, size, 3])],
+        [helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", sum(d.dim_value for d in dims)])],
+        inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=max(irs))
+    model = onnx.utils.Extractor(model).extract_model([INPUT], ["features"])  # prune the unused outputs' nodes
+    onnx.checker.check_model(model)
+    return model
+
+
+def front_ended(cfg: BackboneConfig) -> onnx.ModelProto:
+    """A user's ONNX graph (petal.onnx_backbone) behind petal's front end: uint8 `images`
+    (N, S, S, 3) -> float, NCHW if the graph wants it, (x - mean) / std -> the graph ->
+    `features` (N, D), a feature map (N, D, H, W) averaged over H and W."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from petal.onnx_backbone import graph_io, load_graph
+
+    model = at_opset(load_graph(cfg.weights_path(), cfg.name), cfg.name)
+    io = graph_io(model, cfg.name)
+    g, pre = model.graph, cfg.preprocess
+    shape = (1, 3, 1, 1) if io.layout == "NCHW" else (1, 1, 1, 3)
+    g.initializer.extend([numpy_helper.from_array(np.array(pre.mean, np.float32).reshape(shape), "petal_mean"),
+                          numpy_helper.from_array((1 / np.array(pre.std, np.float32)).reshape(shape), "petal_inv_std")])
+    node = helper.make_node
+    front = [node("Cast", [INPUT], ["petal_x"], to=TensorProto.FLOAT)]
+    if io.layout == "NCHW":
+        front.append(node("Transpose", ["petal_x"], ["petal_xt"], perm=[0, 3, 1, 2]))
+    front += [node("Sub", [front[-1].output[0], "petal_mean"], ["petal_c"]),
+              node("Mul", ["petal_c", "petal_inv_std"], [io.input])]
+    if io.rank == 4:
+        g.initializer.append(numpy_helper.from_array(np.array([2, 3], np.int64), "petal_hw"))
+        pool = [node("ReduceMean", [io.output, "petal_hw"], ["features"], keepdims=0)]
+    else:
+        pool = [] if io.output == "features" else [node("Identity", [io.output], ["features"])]
+    nodes = front + list(g.node) + pool
+    del g.node[:], g.input[:], g.output[:]
+    g.node.extend(nodes)
+    g.input.append(helper.make_tensor_value_info(INPUT, TensorProto.UINT8, ["batch", pre.input_size,
+                                                                            pre.input_size, 3]))
+    g.output.append(helper.make_tensor_value_info("features", TensorProto.FLOAT, ["batch", io.dim]))
+    return model
+
+
+def at_opset(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    """The graph at petal's opset (a bundle merges it with the head, and merging wants one opset)."""
+    from onnx import version_converter
+
+    version = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), OPSET)
+    if version == OPSET:
+        return model
+    try:
+        return version_converter.convert_version(model, OPSET)
+    except Exception as e:  # noqa: BLE001 - the converter raises bare RuntimeErrors per op
+        raise PetalError(f"{where}: its graph is at opset {version}, and converting it to opset {OPSET} "
+                         f"(which petal's bundles use) failed: {e}") from None
 
 
 def images_module_to_onnx(module: torch.nn.Module, cfg: BackboneConfig, outputs: list[str]) -> onnx.ModelProto:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from petal.backbones import BackboneConfig
+from petal.backbone_config import BackboneConfig
 from petal.errors import PetalError
 
 if TYPE_CHECKING:
@@ -106,10 +106,11 @@ def quantize_backbone(fp32_path: Path, out: Path, pixels: np.ndarray) -> None:
 
 def float_nodes(graph) -> list[str]:
     """The nodes int8 keeps in float: the stem conv and the first depthwise conv, each with the
-    ReLU6 (Clip) that reads it."""
+    ReLU6 (Clip) that reads it. (A ViT-style graph has only its patch-embedding conv, ConvNeXt
+    no ReLU6: what a graph lacks is not kept.)"""
     convs = [n for n in graph.node if n.op_type == "Conv"]
     depthwise = [n for n in convs if any(a.name == "group" and a.i > 1 for a in n.attribute)]
-    keep = [convs[0], depthwise[0]]
+    keep = convs[:1] + depthwise[:1]
     relu6 = [n for n in graph.node if n.op_type == "Clip" and any(n.input[0] == k.output[0] for k in keep)]
     return [n.name for n in keep + relu6]
 
@@ -146,8 +147,8 @@ class Engine:
         petal.embed.feature_cache): fp32 the plain backbone name; the others add the precision,
         and int8 its calibration digest."""
         if self.precision == FP32:
-            return self.cfg.name
-        return f"{self.cfg.name}-{self.precision}" + (f"q{INT8_RECIPE_VERSION}-{self.digest}" if self.digest else "")
+            return self.cfg.slug
+        return f"{self.cfg.slug}-{self.precision}" + (f"q{INT8_RECIPE_VERSION}-{self.digest}" if self.digest else "")
 
     def graph_path(self, cache_dir: Path, on_message: Callable[[str], None] | None = None) -> Path:
         """The ONNX graph to run: the cached fp32 backbone, or its int8 quantization (made on

@@ -58,8 +58,8 @@ def script_json(value: object) -> str:
     return json.dumps(value).replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
 
 
-def thumbnail(uri: str) -> str:
-    """A small JPEG of the image as a data: URI; an empty string if it cannot be read."""
+def jpeg_thumbnail(uri: str, size: int = THUMB) -> bytes:
+    """A JPEG of the image at most `size` px on a side; b"" if it cannot be read."""
     from PIL import Image
 
     from petal.images import open_image, to_rgb
@@ -67,12 +67,18 @@ def thumbnail(uri: str) -> str:
 
     try:
         img = to_rgb(open_image(read_bytes(uri)))
-        img.thumbnail((THUMB, THUMB), Image.Resampling.BILINEAR)
+        img.thumbnail((size, size), Image.Resampling.BILINEAR)
         buf = io.BytesIO()
-        img.save(buf, "JPEG", quality=70)
-    except Exception:  # noqa: BLE001 - a thumbnail that fails leaves a blank, never a broken report
-        return ""
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+        img.save(buf, "JPEG", quality=70 if size <= THUMB else 85)
+    except Exception:  # noqa: BLE001 - a thumbnail that fails leaves a blank, never a broken page
+        return b""
+    return buf.getvalue()
+
+
+def thumbnail(uri: str) -> str:
+    """A small JPEG of the image as a data: URI; an empty string if it cannot be read."""
+    data = jpeg_thumbnail(uri)
+    return "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii") if data else ""
 
 
 def png_uri(path: Path) -> str:
@@ -189,6 +195,72 @@ def audit_section(a: Audit) -> str:
     return (f'<h2>Audit</h2><p id="audit-line">{html.escape(a.line())}</p>{advice}'
             f'<h3>Most suspicious ({s["label_suspects"]} likely label errors, {s["outliers"]} outliers)</h3>'
             f"{suspects}<h3>Duplicates (pairs)</h3>{pairs}")
+
+
+MAP_THUMBS, MAP_THUMB = 300, 64  # thumbnails embedded in the static map: suspects first, then a sample
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+           "#17becf"]
+MAP_SCRIPT = """(() => {
+const d = JSON.parse(document.getElementById('map-data').textContent);
+const c = document.getElementById('feature-map'), g = c.getContext('2d'), tip = document.getElementById('map-tip');
+const W = c.width, H = c.height, P = 10;
+const X = d.x.map(v => P + v * (W - 2 * P)), Y = d.y.map(v => P + (1 - v) * (H - 2 * P));
+for (let i = 0; i < X.length; i++) {
+  g.fillStyle = d.colors[d.label[i]] || '#999';
+  g.fillRect(X[i] - 1.5, Y[i] - 1.5, 3, 3);
+}
+g.strokeStyle = '#000';
+for (let i = 0; i < X.length; i++) if (d.flag[i]) { g.beginPath(); g.arc(X[i], Y[i], 3.5, 0, 7); g.stroke(); }
+c.addEventListener('mousemove', (e) => {
+  const r = c.getBoundingClientRect(), x = (e.clientX - r.left) * W / r.width, y = (e.clientY - r.top) * H / r.height;
+  let best = -1, bd = 64;
+  for (let i = 0; i < X.length; i++) { const q = (X[i] - x) ** 2 + (Y[i] - y) ** 2; if (q < bd) { bd = q; best = i; } }
+  tip.hidden = best < 0;
+  if (best < 0) return;
+  tip.style.left = (e.pageX + 12) + 'px'; tip.style.top = (e.pageY + 12) + 'px';
+  const img = tip.querySelector('img'), t = d.thumbs[best];
+  img.hidden = !t; if (t) img.src = t;
+  tip.querySelector('span').textContent =
+    d.names[best] + ' (' + d.classes[d.label[best]] + (d.flag[best] ? ', suspect' : '') + ')';
+});
+c.addEventListener('mouseleave', () => { tip.hidden = true; });
+})();"""
+
+
+def map_section(xy: np.ndarray, labels: list[int], classes: list[str], flagged: list[bool], uris: list[str],
+                method: str) -> str:
+    """The feature map, static: every image a dot coloured by its label, suspects ringed, a
+    thumbnail on hover (embedded for the suspects and a sample: MAP_THUMBS in all)."""
+    order = [i for i in range(len(uris)) if flagged[i]] + [i for i in range(len(uris)) if not flagged[i]]
+    step = max(1, len(order) // MAP_THUMBS)
+    picked = (order[:MAP_THUMBS // 2] + order[MAP_THUMBS // 2::step])[:MAP_THUMBS]
+    thumbs = {}
+    for i in picked:
+        if data := jpeg_thumbnail(uris[i], MAP_THUMB):
+            thumbs[i] = "data:image/jpeg;base64," + base64.b64encode(data).decode("ascii")
+    data = {"x": np.round(xy[:, 0], 4).tolist(), "y": np.round(xy[:, 1], 4).tolist(), "label": labels,
+            "flag": [int(f) for f in flagged], "names": [Path(u).name for u in uris], "classes": classes,
+            "colors": [PALETTE[i % len(PALETTE)] for i in range(len(classes))], "thumbs": thumbs}
+    legend = " ".join(f'<span style="color:{PALETTE[i % len(PALETTE)]}">&#9679;</span> {html.escape(c)}'
+                      for i, c in enumerate(classes))
+    return (f'<h2>Feature map ({html.escape(method)})</h2><p class="muted">{legend} &middot; ringed: audit suspects; '
+            f'hover for the image (petal review RUN: select and relabel on it)</p>'
+            '<canvas id="feature-map" width="800" height="560" style="border:1px solid #ddd"></canvas>'
+            '<div id="map-tip" hidden style="position:absolute;background:#fff;border:1px solid #ccc;padding:2px;'
+            'font-size:11px;pointer-events:none"><img alt="" style="display:block"><span></span></div>'
+            f'<script type="application/json" id="map-data">{script_json(data)}</script>'
+            f"<script>{MAP_SCRIPT}</script>")
+
+
+def insert_section(path: Path, name: str, section: str, at_top: bool = False) -> None:
+    """Put `section` into an existing report (after its title, or at its end), replacing the
+    section of that `name` an earlier call put there."""
+    text = path.read_text("utf-8")
+    start, end = f"<!--petal:{name}-->", f"<!--/petal:{name}-->"
+    if start in text:
+        text = text[:text.index(start)] + text[text.index(end) + len(end):]
+    at = text.find("</h1>") + len("</h1>") if at_top else text.rfind("<script>")
+    atomic_write_text(path, text[:at] + start + section + end + text[at:])
 
 
 def write_html_report(path: Path, title: str, *, metrics: dict | None = None, classes: list[str] | None = None,

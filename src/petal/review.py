@@ -5,7 +5,9 @@
     petal train flower_photos/ --out runs/v2 --exclude audit/dropped.csv --relabel audit/suspects.csv
 
 `--exclude FILE`: a CSV with a `uri` column (suspects.csv and duplicates.csv' `uri_a`
-work as they are); those images are left out. `--relabel FILE`: a CSV with `uri` and
+work as they are); those images are left out. A CSV with an `action` column (RUN/review.csv of
+`petal review`: one row per decision) counts each image's last row only, and --exclude leaves out
+the images whose last action is "exclude". `--relabel FILE`: a CSV with `uri` and
 `suggested` (as suspects.csv has) or `label`; those images get that label, which must be
 one of the classes. Matching is by path, so a warm cache makes the rerun take seconds.
 """
@@ -44,10 +46,18 @@ def _rows(path: str | Path, option: str, columns: tuple[str, ...]) -> list[tuple
     return rows
 
 
+def _latest(rows: list[tuple[int, dict[str, str]]]) -> list[tuple[int, dict[str, str]]]:
+    """A decision log's rows (an `action` column: RUN/review.csv) reduced to each image's last one;
+    other CSVs as they are."""
+    if not rows or "action" not in rows[0][1]:
+        return rows
+    return list({_same(r.get("uri") or ""): (line, r) for line, r in rows}.values())
+
+
 def _relabels(path: str | Path, classes: list[str]) -> dict[str, str]:
     """uri -> new label from a --relabel CSV; a uri given two different labels is refused, naming both lines."""
     new_label: dict[str, tuple[str, int]] = {}
-    for line, r in _rows(path, "relabel", ("uri",)):
+    for line, r in _latest(_rows(path, "relabel", ("uri",))):
         # suspects.csv: "suggested" is the new label ("" for an outlier: nothing to relabel to)
         label = ((r["suggested"] if "suggested" in r else r.get("label")) or "").strip()
         uri = r.get("uri") or ""
@@ -68,8 +78,8 @@ def apply_review(ds: Dataset, exclude: str | Path | None = None, relabel: str | 
     if exclude is None and relabel is None:
         return ds
     reporter = reporter or Reporter()
-    drop = {_same(r.get("uri") or r.get("uri_a") or "") for _, r in _rows(exclude, "exclude", ("uri", "uri_a"))} \
-        if exclude else set()
+    drop = {_same(r.get("uri") or r.get("uri_a") or "") for _, r in _latest(_rows(exclude, "exclude", ("uri", "uri_a")))
+            if r.get("action", "exclude") == "exclude"} if exclude else set()
     new_label = _relabels(relabel, ds.classes) if relabel else {}
     kept, found, changed = [], set(), 0
     for e in ds.examples:

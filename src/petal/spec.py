@@ -24,6 +24,7 @@ from petal.params import Bool, Instance, OneOf, Real, Rule, Validated
 from petal.precision import FP32, PRECISIONS
 from petal.progress import Reporter
 from petal.review import apply_review
+from petal.reviewing.log import add_labeled
 from petal.runs.finetune.config import FinetuneConfig
 from petal.storage import absolute, default_cache_dir
 from petal.unknown import DEFAULT_KEEP
@@ -54,9 +55,10 @@ class DataSpec(Validated):
     PARAMS: ClassVar[dict[str, Rule]] = {
         "source": TEXT, "labels_file": TEXT_OR_NONE, "columns": Instance(Columns), "eval_source": TEXT_OR_NONE,
         "eval_percent": Real(0, 100, high_open=True), "group": TEXT_OR_NONE, "exclude": TEXT_OR_NONE,
-        "relabel": TEXT_OR_NONE,
+        "relabel": TEXT_OR_NONE, "review": TEXT_OR_NONE, "labeled": TEXT_OR_NONE,
     }
-    PATHS: ClassVar[tuple[str, ...]] = ("source", "labels_file", "eval_source", "exclude", "relabel")
+    PATHS: ClassVar[tuple[str, ...]] = ("source", "labels_file", "eval_source", "exclude", "relabel", "review",
+                                        "labeled")
 
     source: str  # a folder of class folders, or a CSV
     labels_file: str | None = None  # dict.txt: one label per line, in id order
@@ -66,6 +68,8 @@ class DataSpec(Validated):
     group: str | None = None  # a regex: names sharing its capture stay on one side of the split
     exclude: str | None = None  # a CSV of images left out (petal.review)
     relabel: str | None = None  # a CSV of images given another label (petal.review)
+    review: str | None = None  # a review.csv of `petal review`: relabels and exclusions, after the two above
+    labeled: str | None = None  # a CSV of uri,label: new photos added as training images (petal.reviewing.log)
 
     def __post_init__(self) -> None:
         for name in self.PATHS:
@@ -79,6 +83,9 @@ class DataSpec(Validated):
         ds = load_dataset(self.source, labels_file=self.labels_file, eval_source=self.eval_source,
                           eval_percent=self.eval_percent, group=self.group, columns=self.columns, reporter=reporter)
         ds = apply_review(ds, self.exclude, self.relabel, reporter)
+        if self.review:
+            ds = apply_review(ds, self.review, self.review, reporter)
+        ds = add_labeled(ds, self.labeled, reporter)
         if calibration_percent:
             ds = set_aside(ds, calibration_percent)
         reporter.dataset(ds)

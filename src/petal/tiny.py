@@ -1,6 +1,6 @@
 """A tiny stand-in backbone and dataset for tests and benchmarks; never offered to users.
 
-The backbone is not in `petal.backbones.REGISTRY` until `register(cache_dir)` is called
+The backbone is not in petal's registry until `register(cache_dir)` is called
 in the process that wants it (the tests, benchmarks/scale.py), so `--backbone` never
 lists it. Its graph is a fixed random projection of the pixels, written with
 onnx.helper into the cache like an exported backbone:
@@ -21,21 +21,21 @@ from pathlib import Path
 
 import numpy as np
 
-from petal.backbones import REGISTRY, BackboneConfig
+from petal.backbones import Architecture, BackboneConfig, WeightsSource, register_backbone
 from petal.onnx_graphs import GRAPH_VERSION, INPUT, OPSET
 from petal.preprocess import Preprocess
 from petal.storage import atomic_path
 
 SIZE, DIM = 16, 1280
-TINY = BackboneConfig(name="tiny_test", preprocess=Preprocess(input_size=SIZE, crop_pct=1.0, resample="bilinear"),
-                      feature_dim=DIM, num_classes=0, width=0.0, depth=0.0,
-                      weights_package="(none: petal.tiny writes its graph)", weights_module="")
+TINY = BackboneConfig(name="tiny_test", arch=Architecture("tiny", feature_dim=DIM, pooling="graph"),
+                      weights=WeightsSource("builtin", "(none: petal.tiny writes its graph)"),
+                      preprocess=Preprocess(input_size=SIZE, crop_pct=1.0, resample="bilinear"))
 
 
 def register(cache_dir: str | Path) -> BackboneConfig:
     """Add the tiny backbone to this process's registry, and its graph to the cache."""
-    REGISTRY[TINY.name] = TINY
-    path = Path(cache_dir) / "models" / f"{TINY.name}-g{GRAPH_VERSION}.onnx"
+    register_backbone(TINY)
+    path = TINY.graph_file(cache_dir, GRAPH_VERSION)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:

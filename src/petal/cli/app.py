@@ -12,7 +12,7 @@ from typing import NoReturn
 import typer
 from typer.core import TyperArgument
 
-from petal.cli import cache, data, demo, export, predict, serve, train
+from petal.cli import cache, data, demo, export, predict, review, serve, train
 from petal.cli.command import PetalGroup, options
 from petal.cli.render import err, show_warning
 from petal.errors import PetalError
@@ -21,7 +21,7 @@ app = typer.Typer(cls=PetalGroup, add_completion=False, no_args_is_help=True, pr
                   help="Train your own image classifier by transfer learning, offline, fast on a CPU.")
 
 app.callback()(options)
-for module in (train, data, export, predict, demo, serve):  # in this order in `petal --help`
+for module in (train, data, review, export, predict, demo, serve):  # in this order in `petal --help`
     app.registered_commands += module.commands.registered_commands
 app.add_typer(cache.cache_app, name="cache")
 
@@ -35,7 +35,7 @@ INTERRUPTED = ("interrupted: the images embedded so far are kept in the cache (a
                "checkpoint): run the same command to go on")
 
 TRAINING_COMMANDS = frozenset({"train", "finetune", "retrain", "embed", "audit", "evaluate", "export", "classify",
-                               "demo", "cache"})
+                               "demo", "cache", "review"})
 
 
 def missing_training_module() -> str | None:

@@ -45,7 +45,8 @@ def cache_info_command(
         who = (f"graph {p['graph_sha256'][:12]}, Pillow {p['pillow']}, libjpeg {p['libjpeg']}, "
                f"onnxruntime {p['onnxruntime']}" if p else "made before provenance was recorded: not read")
         out.print(f"{f['folder']}: {f['rows']:,} features in {f['shards']} shards, {f['bytes'] / 2**20:.1f} MB"
-                  f"{' (this machine)' if f['current'] else ''}\n  {who}", markup=False, highlight=False)
+                  f"{' (this machine)' if f['current'] else ''}\n  backbone {f['backbone']}; {who}",
+                  markup=False, highlight=False)
     for part in parts:
         out.print(f"{part['folder']}: {part['files']:,} files, {part['bytes'] / 2**20:.1f} MB: {part['what']}",
                   markup=False, highlight=False, soft_wrap=True)

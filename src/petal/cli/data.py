@@ -15,17 +15,21 @@ from petal.cli.options import (
     RUNNER_HELP,
     Backbone,
     Cache,
+    CropPct,
     Data,
     EvalData,
     EvalPercent,
     Exclude,
     Group,
+    ImageSize,
     LabelColumn,
     LabelsFile,
+    Mean,
     Precision,
     Rehash,
     Relabel,
     SplitColumn,
+    Std,
     UriColumn,
     Workers,
     check_runner,
@@ -62,11 +66,14 @@ def embed(
     runner: Annotated[str, typer.Option(help=RUNNER_HELP)] = "local",
     rehash: Rehash = False,
     precision: Precision = "fp32",
+    image_size: ImageSize = None, crop_pct: CropPct = None, mean: Mean = None, std: Std = None,
 ) -> None:
     """Embed images into the cache (only those not cached yet)."""
+    from petal.backbones import with_options
     from petal.data import load_dataset
     from petal.runs.common import embed_dataset
 
+    backbone = with_options(backbone, image_size=image_size, crop_pct=crop_pct, mean=mean, std=std)
     check_runner(runner, ctx.args)
     if errors:
         check_output(errors, "errors")
@@ -133,3 +140,19 @@ def audit(
         err.print(f"advice: {advice}", style="yellow", markup=False)
     out.print(f"findings: {out_dir / 'suspects.csv'}, {out_dir / 'duplicates.csv'}")
 
+
+
+@commands.command("backbones", cls=Command)
+def backbones_command(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the list as JSON.")] = False,
+) -> None:
+    """The backbones --backbone takes: name, where the weights come from, feature dim, measured img/s."""
+    from petal.backbones import listing
+
+    rows = listing()
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    for r in rows:
+        dim, speed = r["feature_dim"] or "from the graph", f"{r['img_s']:g} img/s" if r["img_s"] else "not measured"
+        out.print(f"{r['name']}\n  {r['weights']}; {dim} features; {speed}", markup=False, highlight=False)

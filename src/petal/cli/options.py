@@ -13,7 +13,15 @@ from petal.spec import DataSpec
 
 Cache = Annotated[Optional[Path], typer.Option("--cache", help="Embedding cache folder "
                                                "(default: $PETAL_CACHE_DIR or the user cache dir).")]
-Backbone = Annotated[str, typer.Option(help="Backbone from the registry.")]
+Backbone = Annotated[str, typer.Option(help=(
+    "A registered backbone (petal backbones), hf:HUB_ID_OR_FOLDER (the hub extra), onnx:FILE.onnx, "
+    "or A+B (docs/backbones.md)."))]
+# the preprocessing of an onnx: backbone (train, embed)
+ImageSize = Annotated[Optional[int], typer.Option(min=1, help=(
+    "onnx: backbones: the image side the graph takes (default: the graph's own)."))]
+CropPct = Annotated[Optional[float], typer.Option(help="onnx: backbones: crop share of the resized image (0.875).")]
+Mean = Annotated[Optional[str], typer.Option(help="onnx: backbones: channel means R,G,B on the 0..1 scale.")]
+Std = Annotated[Optional[str], typer.Option(help="onnx: backbones: channel stds R,G,B on the 0..1 scale.")]
 Workers = Annotated[Optional[int], typer.Option(min=1, help="Decode threads (default: all cores).")]
 Rehash = Annotated[bool, typer.Option("--rehash", help=(
     "Read and hash every image again; by default a file whose size, mtime, inode and ctime are unchanged "
@@ -45,6 +53,8 @@ Exclude = Annotated[Optional[Path], typer.Option(help=(
     "Leave out the images listed in this CSV (a 'uri' column, e.g. a reviewed suspects.csv)."))]
 Relabel = Annotated[Optional[Path], typer.Option(help=(
     "Give the images in this CSV its 'suggested' (or 'label') column as their label."))]
+Labeled = Annotated[Optional[Path], typer.Option(help=(
+    "Add the photos of this CSV of uri,label (RUN/labeled.csv of `petal review`) as training images."))]
 Group = Annotated[Optional[str], typer.Option(help=(
     "Regex on file names; images sharing its capture (e.g. one shoot: '^(.*)_\\d+') stay on one side "
     "of the eval split."))]
@@ -53,10 +63,11 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished
 
 def data_spec(data: str, *, labels: Path | None, uri_column: str | None, label_column: str | None,
               eval_data: str | None, eval_percent: float, group: str | None = None, exclude: Path | None = None,
-              relabel: Path | None = None, split_column: str | None = None) -> DataSpec:
+              relabel: Path | None = None, labeled: Path | None = None, split_column: str | None = None) -> DataSpec:
     """The DataSpec of the data options that `train`, `finetune` and `audit` share."""
     return DataSpec(data, labels_file=labels, columns=Columns(uri_column, label_column, split_column),
-                    eval_source=eval_data, eval_percent=eval_percent, group=group, exclude=exclude, relabel=relabel)
+                    eval_source=eval_data, eval_percent=eval_percent, group=group, exclude=exclude, relabel=relabel,
+                    labeled=labeled)
 
 
 RUNNER_HELP = "'local', or 'beam' to run as an Apache Beam pipeline; extra --options go to Beam."

@@ -15,6 +15,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from petal.calibration import ece_line, format_score
 from petal.console import SafeConsole, plain_markup
@@ -210,6 +211,24 @@ def print_run_end(run_dir: Path, model_dir: Path | None) -> None:
         lines += [f"model: {model_dir}", f"next: petal predict {model_dir} IMAGE...",
                   f"      petal evaluate {model_dir} DATA", f"      petal serve {model_dir}"]
     print_lines(lines)
+
+
+def print_comparison(run_dir: Path) -> None:
+    """Old vs new metrics of a retrained run (RUN/retrain.json), as a table."""
+    from petal.reviewing.retrain import comparison_rows
+
+    rows = comparison_rows(run_dir)
+    if not rows:
+        return
+    table = Table("", "old", "new", "change", title="retrained: old vs new", title_justify="left")
+
+    def cell(v: float | None) -> str:
+        return "" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+
+    for what, a, b in rows:
+        change = f"{b - a:+.4f}" if isinstance(a, float) and isinstance(b, float) else ""
+        table.add_row(Text(what), cell(a), cell(b), change)  # Text: a class name is never markup
+    out.print(table)
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

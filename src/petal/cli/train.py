@@ -13,25 +13,30 @@ from typing import Annotated, Optional
 import typer
 from typer.core import TyperOption
 
-from petal.backbones import DEFAULT_BACKBONE
+from petal.backbones import DEFAULT_BACKBONE, with_options
 from petal.cli.command import Command
 from petal.cli.options import (
     Backbone,
     Cache,
+    CropPct,
     Data,
     EvalData,
     EvalPercent,
     Exclude,
     Export,
     Group,
+    ImageSize,
     LabelColumn,
+    Labeled,
     LabelsFile,
+    Mean,
     Overwrite,
     Precision,
     Rehash,
     Relabel,
     RunOut,
     SplitColumn,
+    Std,
     UriColumn,
     Workers,
     data_spec,
@@ -124,23 +129,26 @@ def train(
         "that threshold are answered 'unknown'."))] = DEFAULT_KEEP,
     exclude: Exclude = None,
     relabel: Relabel = None,
+    labeled: Labeled = None,
     group: Group = None,
     export: Export = True,
     overwrite: Overwrite = False,
     rehash: Rehash = False,
     precision: Precision = "fp32",
+    image_size: ImageSize = None, crop_pct: CropPct = None, mean: Mean = None, std: Std = None,
 ) -> None:
     """Embed, train a head, calibrate it, evaluate and export: a folder of labeled images in,
     a model out that says "unknown" for images unlike every class. (To train backbone layers
     too: `petal finetune`.)"""
     from petal.runs.head import train as run_train
 
+    backbone = with_options(backbone, image_size=image_size, crop_pct=crop_pct, mean=mean, std=std)
     head = HeadClassifier(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
                           weight_decay=weight_decay, label_smoothing=label_smoothing,
                           class_weight=class_weight.value if class_weight else None, seed=seed)
     data_ = data_spec(data, labels=labels, uri_column=uri_column, label_column=label_column,
                       split_column=split_column, eval_data=eval_data, eval_percent=eval_percent, group=group,
-                      exclude=exclude, relabel=relabel)
+                      exclude=exclude, relabel=relabel, labeled=labeled)
     spec = RunSpec(data_, out_dir, backbone=backbone, precision=precision, cache_dir=cache, overwrite=overwrite,
                    keep=keep, trainer=head)
     print_train_result(run_train(spec, workers=workers, rehash=rehash, export=export, reporter=RichReporter()))
@@ -219,8 +227,8 @@ def finetune_spec(o: SimpleNamespace) -> RunSpec:
     data = data_spec(o.data, labels=o.labels, uri_column=o.uri_column, label_column=o.label_column,
                      split_column=o.split_column, eval_data=o.eval_data, eval_percent=o.eval_percent, group=o.group,
                      exclude=o.exclude, relabel=o.relabel)
-    return RunSpec(data, o.out_dir, backbone=o.backbone, cache_dir=o.cache, overwrite=o.overwrite, keep=o.keep,
-                   trainer=config)
+    return RunSpec(data, o.out_dir, backbone=with_options(o.backbone), cache_dir=o.cache, overwrite=o.overwrite,
+                   keep=o.keep, trainer=config)
 
 
 def resumed_spec(ctx: typer.Context, run: Path) -> RunSpec:
@@ -249,7 +257,9 @@ def retrain(
     rehash: Rehash = False,
 ) -> None:
     """Train RUN again as its settings.json says, on the data as it is now: the reviewed CSVs
-    (--exclude, --relabel) are read again, and only new images are embedded."""
+    (--exclude, --relabel) are read again, RUN/review.csv and RUN/labeled.csv of `petal review`
+    applied, and only new images are embedded; then old vs new metrics."""
+    from petal.cli.render import print_comparison
     from petal.runs.finetune.train import FinetuneResult
     from petal.runs.retrain import retrain as run_retrain
 
@@ -259,3 +269,4 @@ def retrain(
         print_finetune_result(r)
     else:
         print_train_result(r)
+    print_comparison(r.run_dir)

@@ -2,7 +2,9 @@
 keeps (settings.json), with nothing else to repeat.
 
 Retraining re-reads the data and the reviewed CSVs (--exclude, --relabel) as they are today,
-so after fixing labels it is one command; the feature cache embeds only the new images.
+adds what `petal review` saved in RUN (review.csv, labeled.csv), so after fixing labels it is
+one command; the feature cache embeds only the new images. Old vs new metrics go into the new
+run (petal.reviewing.retrain).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 
 from petal.errors import PetalError
 from petal.progress import Reporter
+from petal.reviewing.retrain import record_comparison, with_review
 from petal.run import FINETUNE, HEAD, Run
 from petal.runs.finetune.train import FinetuneResult, finetune
 from petal.runs.head import TrainResult, train
@@ -35,8 +38,14 @@ def retrain(run_dir: str | Path, out: str | Path | None = None, *, overwrite: bo
     """RUN's spec on today's data, into `out` (a new run folder; `overwrite` replaces a finished
     run there), or, without `out`, into RUN itself, replacing it. Head runs take `workers` and
     `rehash` as `petal train` does; a fine-tuning run decodes as its settings say."""
-    spec = stored_spec(run_dir)
+    old = Run.open(run_dir)
+    old_metrics = old.metrics()  # read before a retrain in place replaces them
+    spec = with_review(stored_spec(run_dir), old)  # + RUN/review.csv, RUN/labeled.csv of `petal review`
     spec = replace(spec, out=str(out if out is not None else spec.out), overwrite=overwrite or out is None)
     if spec.kind == FINETUNE:
-        return finetune(spec, export=export, reporter=reporter)
-    return train(spec, workers=workers, rehash=rehash, export=export, reporter=reporter)
+        result = finetune(spec, export=export, reporter=reporter)
+    else:
+        result = train(spec, workers=workers, rehash=rehash, export=export, reporter=reporter)
+    if result is not None and result.metrics:
+        record_comparison(old.path, old_metrics, result.run_dir, result.metrics)
+    return result

@@ -4,7 +4,9 @@ EfficientNet-Lite as a list of units, input to output:
 
     stem (3x3 conv), MBConv block 0 ... block 15 (Lite0), head conv (1x1 to 1280, pooled)
 
-followed by a new classifier (dropout + linear). `--unfreeze N` trains the last
+followed by a new classifier (dropout + linear). A Hugging Face backbone (petal.hub_torch) is
+a list of units the same way: embeddings, encoder layers (ConvNeXt: stages), final norm and
+pooling; a user's ONNX graph has no trainable weights, and is refused. `--unfreeze N` trains the last
 N blocks together with the head conv and the classifier; 0 trains only the
 classifier; -1 trains everything. The frozen units form the `trunk`, which
 needs no gradients: on a CPU it runs in ONNX Runtime (several times faster than
@@ -26,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from petal.backbones import BackboneConfig
+from petal.backbone_config import LITE, BackboneConfig
+from petal.errors import PetalError
+from petal.hub_torch import PARTS, units_of
 from petal.models import Preprocess, build_backbone
 from petal.onnx_graphs import images_module_to_onnx
 from petal.runs.finetune.config import ALL_BLOCKS
@@ -72,15 +76,33 @@ def trained_units(unfreeze: int, num_blocks: int) -> int:
     return unfreeze + 1 if unfreeze > 0 else 0  # N blocks + the head conv
 
 
+def check_finetunable(cfg: BackboneConfig) -> None:
+    """Before any slow work: the family can be trained in PyTorch, and its weights are here."""
+    if cfg.arch.family != LITE and cfg.arch.family not in PARTS:
+        raise PetalError(f"petal finetune --backbone {cfg.name}: the {cfg.arch.family!r} family cannot be "
+                         f"fine-tuned (petal trains efficientnet_lite* and the Hugging Face families "
+                         f"{', '.join(sorted(PARTS))}); use petal train, which trains a head on its features")
+    cfg.weights_path()
+
+
+def backbone_units(cfg: BackboneConfig, pretrained: bool) -> tuple[list[nn.Module], int]:
+    """The backbone as units, input to output (stem, blocks..., head), and how many blocks."""
+    check_finetunable(cfg)
+    if cfg.arch.family == LITE:
+        net = build_backbone(cfg, pretrained)  # ImageNet weights; its 1000-class _fc is dropped
+        return [Stem(net._conv_stem, net._bn0), *net._blocks, HeadConv(net._conv_head, net._bn1)], len(net._blocks)
+    hub = units_of(cfg, pretrained)  # embeddings, layers..., norm + pooling
+    return hub, len(hub) - 2
+
+
 class FineTuneNet(nn.Module):
     """uint8 (N, S, S, 3) RGB images -> (N, C) logits, as `trunk` then `top`."""
 
     def __init__(self, cfg: BackboneConfig, num_classes: int, *, unfreeze: int, dropout: float = 0.2,
                  pretrained: bool = True):
         super().__init__()
-        net = build_backbone(cfg, pretrained)  # ImageNet weights; its 1000-class _fc is dropped
-        units = [Stem(net._conv_stem, net._bn0), *net._blocks, HeadConv(net._conv_head, net._bn1)]
-        self.cut = len(units) - trained_units(unfreeze, len(net._blocks))
+        units, blocks = backbone_units(cfg, pretrained)
+        self.cut = len(units) - trained_units(unfreeze, blocks)
         self.cfg, self.pretrained = cfg, pretrained
         self.pre = Preprocess(cfg)
         self.trunk = nn.Sequential(*units[:self.cut])  # may be empty
@@ -137,7 +159,7 @@ def trunk_onnx_path(model: FineTuneNet, cache_dir: Path) -> Path:
     """The pretrained trunk as an ONNX graph, exported once per (backbone, cut) into the cache."""
     if not model.pretrained:
         raise ValueError("only a pretrained trunk is the same in every run")
-    path = Path(cache_dir) / "models" / f"{model.cfg.name}-trunk{model.cut}-g{TRUNK_GRAPH_VERSION}.onnx"
+    path = Path(cache_dir) / "models" / f"{model.cfg.slug}-trunk{model.cut}-g{TRUNK_GRAPH_VERSION}.onnx"
     if not path.is_file():
         proto = to_onnx(TrunkInput(model), model.cfg, "activations")
         with atomic_path(path) as tmp:

@@ -54,7 +54,14 @@ from petal.runs.finetune.data import (
 )
 from petal.runs.finetune.distributed import World, close_world, init_world
 from petal.runs.finetune.export import Predictor, export_model
-from petal.runs.finetune.model import FineTuneNet, OnnxTrunk, TorchTrunk, TrunkCollate, trunk_onnx_path
+from petal.runs.finetune.model import (
+    FineTuneNet,
+    OnnxTrunk,
+    TorchTrunk,
+    TrunkCollate,
+    check_finetunable,
+    trunk_onnx_path,
+)
 from petal.spec import RunSpec
 from petal.storage import atomic_path
 from petal.unknown import KnnUnknown
@@ -103,7 +110,7 @@ def finetune(spec: RunSpec, *, resume: bool = False, export: bool = True, stop_a
     if spec.kind != FINETUNE:
         raise PetalError("trainer: petal.runs.finetune.finetune trains with a FinetuneConfig; a HeadClassifier "
                          "goes to petal.runs.head.train")
-    get_backbone(spec.backbone).weights_path()  # before any slow work: the weights package is installed
+    check_finetunable(get_backbone(spec.backbone))  # before any slow work: a family torch trains, its weights here
     if stop_after is not None:
         check_param("stop_after", stop_after, Int(1, what="an epoch >= 1"))
     world = init_world()
