@@ -296,3 +296,127 @@ def test_warm_embed_only_stats_files_and_rehash_reads_them(tmp_path, dataset, ca
             for extra in ([], [], ["--rehash"])]
     assert [r["read"] for r in runs] == [48, 0, 48]
     assert runs[0]["embedded"] + runs[0]["cached"] == 48 and runs[1]["cached"] == runs[2]["cached"] == 48
+
+
+@pytest.mark.parametrize("typo,meant", [(["--ouput", "p.csv"], "--output"), (["--topk", "3"], "--top-k"),
+                                        (["--no-unknwn"], "--no-unknown")])
+def test_predict_refuses_a_misspelled_option(tmp_path, typo, meant):
+    """Issue 22 item 4: `petal predict` took misspelled options as file names and exited 0."""
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    r = petal("predict", tmp_path / "model", tmp_path / "a.jpg", *typo, check=False, cwd=tmp_path)
+    assert r.returncode == 2 and f"No such option: {typo[0]}" in r.stderr and meant in r.stderr
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_beam_options_among_inputs_go_to_beam(tmp_path):
+    from petal.cli.command import split_options
+
+    (tmp_path / "b.jpg").write_bytes(b"x")
+    b = str(tmp_path / "b.jpg")  # an existing file after a flag is an input, not the flag's value
+    values = ["a.jpg", "--project", "p1", "--region=eu", "--save_main_session", b]
+    assert split_options(values, beam=True) == (["a.jpg", b], ["--project", "p1", "--region=eu",
+                                                                "--save_main_session"])
+    assert split_options(values, beam=False) == (["a.jpg", "p1", b], ["--project", "--region=eu",
+                                                                       "--save_main_session"])
+
+
+def all_commands():
+    """(words after `petal`, click command) of every command, `petal cache ...` too."""
+    import typer
+
+    from petal.cli import app
+
+    def walk(command, words):
+        yield words, command
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            yield from walk(sub, [*words, name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+def test_brackets_in_help_are_shown_as_written(monkeypatch):
+    """Issue 22 item 11: the console markup ate `[bf16]` in `pip install 'petal[bf16]'`."""
+    from typer.testing import CliRunner
+
+    from petal.cli import app
+
+    monkeypatch.setenv("COLUMNS", "400")  # no wrapping inside a bracketed word
+    checked = 0
+    for words, command in all_commands():
+        texts = [p.help for p in command.params if getattr(p, "help", None)] + [command.help or ""]
+        brackets = {b for t in texts for b in re.findall(r"\[[^\]\s]*\]", t.replace("\\[", "["))}
+        shown = CliRunner().invoke(app, [*words, "--help"]).output
+        for b in brackets:
+            assert b in shown, f"petal {' '.join(words)} --help lost {b}"
+            checked += 1
+    assert checked >= 2  # --precision of train and embed, at least
+
+
+def test_a_forgotten_model_and_a_bundle_for_a_run_are_named(tmp_path, dataset, trained_run):
+    """Issue 22 item 9: `petal predict newphotos` said "no input images"; `petal export RUN/model`
+    said "settings.json is missing" without naming the run folder."""
+    r = petal("predict", dataset / "circles", check=False)
+    assert r.returncode == 2 and "the first argument must be a model bundle" in r.stderr
+    assert f"petal predict RUN/model {dataset / 'circles'}" in " ".join(r.stderr.split())
+    r = petal("predict", trained_run.run_dir, next((dataset / "circles").iterdir()), check=False)
+    assert r.returncode == 2 and f"did you mean {trained_run.model_dir}" in r.stderr
+    r = petal("export", trained_run.model_dir, check=False)
+    assert r.returncode == 2 and f"did you mean {trained_run.run_dir}, the run folder?" in " ".join(r.stderr.split())
+
+
+def test_ctrl_c_says_what_is_kept(monkeypatch, capsys, tmp_path):
+    """Issue 22 item 13: Ctrl-C exited 130 and printed nothing."""
+    import petal.data
+    from petal.cli.app import main
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(petal.data, "expand_inputs", interrupted)
+    monkeypatch.setattr(sys, "argv", ["petal", "classify", str(tmp_path / "a.jpg")])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code == 130
+    assert "interrupted: the images embedded so far are kept" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def first_run(tmp_path_factory, cache_dir):
+    """`petal train` as a new user runs it: train/ and test/ folders without val/, a class of 2
+    images, output piped into a narrow terminal."""
+    import shutil
+
+    from petal.synthetic import make_dataset
+
+    root = tmp_path_factory.mktemp("first") / "photos"
+    make_dataset(root / "train", per_class=12, seed=1, classes=2)
+    make_dataset(root / "test", per_class=4, seed=2, classes=2)
+    spare = make_dataset(tmp_path_factory.mktemp("spare"), per_class=2, seed=3, classes=3)
+    shutil.copytree(spare / "triangles", root / "train" / "tiny")
+    out = tmp_path_factory.mktemp("runs") / "first"
+    return petal("train", root, "--out", out, "--epochs", "5", env={"COLUMNS": "50"})
+
+
+def test_a_class_without_eval_images_is_said_not_scored_zero(first_run):
+    """Issue 22 item 7: `tiny 0.000 0.000 0.000 0` read as a failed class; the imbalance advice
+    was only in audit.json."""
+    tiny = next(line for line in first_run.stdout.splitlines() if "tiny" in line and "no eval" in line)
+    assert "0.000" not in tiny
+    assert "warning: classes are imbalanced" in " ".join(first_run.stderr.split())
+
+
+def test_split_folders_are_one_info_line(first_run):
+    """Issue 22 items 2 and 8: train/ + test/ is a split layout, said once, as information."""
+    assert first_run.stderr.count("split folders in") == 1 and "warning: split folders" not in first_run.stderr
+    assert "the test images are the eval split" in " ".join(first_run.stderr.split())
+
+
+def test_the_summary_never_wraps_mid_phrase(first_run):
+    """Issue 22 item 15: `test: \\naccuracy 1.0000` in a narrow or piped terminal."""
+    lines = first_run.stdout.splitlines()
+    accuracy = [line for line in lines if line.startswith("accuracy")]
+    assert accuracy and all(re.fullmatch(r"accuracy.*\d\.\d{4}", line) for line in accuracy), lines
+    assert any(re.fullmatch(r"eval images \d+, train images \d+", line) for line in lines), lines
+    assert any(re.fullmatch(r"next: petal predict \S+ IMAGE\.\.\.", line) for line in lines), lines
+    assert any(re.fullmatch(r" +petal evaluate \S+ DATA", line) for line in lines), lines
+    assert all(not line.endswith(",") for line in lines), lines  # "most confused: a -> b (1), ..." whole

@@ -106,7 +106,7 @@ def test_split_folders_are_the_split_not_classes(tmp_path):
     assert ds.classes == ["cats", "dogs"]  # not "train", "valid", "test"
     counts = ds.counts()
     assert [counts["cats"][k] for k in (TRAIN, EVAL, TEST)] == [6, 2, 3]
-    assert any("split folders" in w for w in ds.warnings)
+    assert any("split folders" in n for n in ds.notes) and not ds.warnings  # information, not a warning
 
 
 def test_csv_split_column(tmp_path):
@@ -180,7 +180,7 @@ def test_csv_columns_named_by_the_user(tmp_path):
     assert {Path(e.uri).name: e.label for e in ds.examples} == names
     with pytest.raises(DataError, match=r"--label-column: .*d.csv has no column 'species'; its first row is"):
         load_dataset(tmp_path / "d.csv", columns=Columns("picture", "species"))
-    with pytest.raises(DataError, match="--uri-column and --label-column name CSV columns; .* is a folder"):
+    with pytest.raises(DataError, match="--uri-column, --label-column and --split-column name CSV columns; .* is a fo"):
         load_dataset(tmp_path, columns=Columns(uri="picture"))
 
 
@@ -237,3 +237,136 @@ def test_symbolic_links_out_of_the_data_folder_are_said(tmp_path):
     assert len(said) == 2
     assert "1 image(s) of class 'cats'" in said[0] and f"{data / 'cats' / 'b.jpg'} -> {elsewhere / 'b.jpg'}" in said[0]
     assert "1 image(s) of class 'dogs'" in said[1]
+
+
+def test_a_split_column_under_a_common_name_is_read_and_an_unused_column_said(tmp_path):
+    """Issue 22 item 1: `category,file,subset` was hash-split, training on the test rows."""
+    names = [f"{c}{i}.jpg" for c in "xy" for i in range(4)]
+    for name in names:
+        touch(tmp_path / name)
+    subset = ["train", "train", "val", "test"] * 2
+    rows = "".join(f"{n[0]},{n},{s},note\n" for n, s in zip(names, subset))
+    (tmp_path / "data.csv").write_text("category,file,subset,comment\n" + rows)
+    ds = load_dataset(tmp_path / "data.csv", eval_percent=50)
+    assert {Path(e.uri).name: e.split for e in ds.examples} == dict(zip(names, [TRAIN, TRAIN, EVAL, TEST] * 2))
+    assert any("'comment' not used" in w for w in ds.warnings)
+    for word in ("set", "fold", "partition", "stage"):
+        (tmp_path / "w.csv").write_text(f"category,file,{word}\n" + "".join(
+            f"{n[0]},{n},{s}\n" for n, s in zip(names, subset)))
+        assert len(load_dataset(tmp_path / "w.csv").split(TEST)) == 2, word
+    (tmp_path / "own.csv").write_text("category,file,origin\n" + "".join(
+        f"{n[0]},{n},{s}\n" for n, s in zip(names, subset)))
+    ds = load_dataset(tmp_path / "own.csv", columns=Columns(split="origin"))
+    assert len(ds.split(TEST)) == 2
+    unnamed = load_dataset(tmp_path / "own.csv")
+    assert not unnamed.split(TEST) and any("--split-column" in w for w in unnamed.warnings)
+    with pytest.raises(DataError, match="--split-column: .* has no column 'part'"):
+        load_dataset(tmp_path / "own.csv", columns=Columns(split="part"))
+
+
+@pytest.mark.parametrize("train,test", [("train", "test"), ("training", "testing"), ("Train", "Test")])
+def test_train_and_test_folders_without_val_are_splits_not_classes(tmp_path, train, test):
+    """Issue 22 item 2: train/ + test/ trained a model whose classes were "train" and "test"."""
+    for split, n in ((train, 4), (test, 2)):
+        for c in ("cats", "dogs"):
+            for i in range(n):
+                touch(tmp_path / split / c / f"{split}_{c}_{i}.jpg")
+    ds = load_dataset(tmp_path)
+    assert ds.classes == ["cats", "dogs"]
+    counts = ds.counts()
+    assert [counts["cats"][k] for k in (TRAIN, EVAL, TEST)] == [4, 2, 0]  # test/ is the eval split: said so
+    assert any("no val split" in n and "test images are the eval split" in n for n in ds.notes)
+    other = tmp_path.parent / f"{tmp_path.name}-other"
+    for c in ("cats", "dogs"):
+        touch(other / c / f"other_{c}.jpg")
+    with_eval = load_dataset(tmp_path, eval_source=other)  # --eval: test/ stays the test split, never trained on
+    assert [with_eval.counts()["cats"][k] for k in (TRAIN, EVAL, TEST)] == [4, 1, 2]
+
+
+def test_class_folders_that_are_all_split_names_are_refused(tmp_path):
+    for split in ("test", "val"):  # no train/: not a split layout, and no classes either
+        for i in range(3):
+            touch(tmp_path / split / f"{split}_{i}.jpg")
+    with pytest.raises(DataError, match="split names, not classes"):
+        load_dataset(tmp_path)
+
+
+def test_a_class_spelled_in_another_case_in_val_is_pointed_at(tmp_path):
+    """Issue 22 item 10: val/Watch beside train/watch was told to lower --eval-percent."""
+    for split, c in (("train", "watch"), ("train", "ring"), ("val", "Watch"), ("val", "ring")):
+        for i in range(2):
+            touch(tmp_path / split / c / f"{split}_{c}_{i}.jpg")
+    with pytest.raises(DataError, match=r"no training image: 'Watch' \(class names differ only in case: "
+                                        r"'Watch' vs 'watch'"):
+        load_dataset(tmp_path)
+
+
+def test_predict_reads_a_csv_input_as_train_does(tmp_path):
+    """Issue 22 item 5: `petal predict MODEL file.csv` read the first column (the labels) as paths."""
+    for name in ("a.jpg", "b.jpg"):
+        touch(tmp_path / "photos" / name)
+    (tmp_path / "data.csv").write_text("category,file,subset\nx,photos/a.jpg,train\ny,photos/b.jpg,test\n")
+    want = [str(tmp_path / "photos" / n) for n in ("a.jpg", "b.jpg")]
+    assert expand_inputs([str(tmp_path / "data.csv")]) == (want, [])
+    (tmp_path / "named.csv").write_text("kind,picture\nx,photos/a.jpg\ny,photos/b.jpg\n")
+    assert expand_inputs([str(tmp_path / "named.csv")], uri_column="Picture") == (want, [])
+    (tmp_path / "bare.csv").write_text("photos/a.jpg,x\nphotos/b.jpg,y\n")  # no header: the first column
+    assert expand_inputs([str(tmp_path / "bare.csv")]) == (want, [])
+    with pytest.raises(DataError, match="--uri-column: .* has no column 'path'"):
+        expand_inputs([str(tmp_path / "named.csv")], uri_column="path")
+
+
+def test_split_folders_inside_class_folders_give_the_split(tmp_path):
+    """Found by the new-user trial of issue 22: roses/train/, roses/val/, roses/test/ were hash-split,
+    training on the test images."""
+    for c in ("roses", "tulips"):
+        for split, n in (("train", 4), ("val", 2), ("test", 2)):
+            for i in range(n):
+                touch(tmp_path / "data" / c / split / f"{c}_{split}_{i}.jpg")
+    ds = load_dataset(tmp_path / "data", eval_percent=50)
+    assert ds.classes == ["roses", "tulips"]
+    assert {Path(e.uri).name: e.split for e in ds.examples} == {
+        f"{c}_{s}_{i}.jpg": {"train": TRAIN, "val": EVAL, "test": TEST}[s]
+        for c in ("roses", "tulips") for s, n in (("train", 4), ("val", 2), ("test", 2)) for i in range(n)}
+    assert any("split folders inside the class folders" in n for n in ds.notes)
+    for c in ("roses", "tulips"):  # without val/: test/ is the eval split
+        for i in range(2):
+            (tmp_path / "data" / c / "val" / f"{c}_val_{i}.jpg").unlink()
+    assert {e.split for e in load_dataset(tmp_path / "data").examples} == {TRAIN, EVAL}
+
+
+def test_a_guessed_split_column_without_split_names_is_not_used(tmp_path):
+    """Found by the trial of issue 22: a k-fold `fold` column (0..4) skipped every row."""
+    names = [f"{c}{i}.jpg" for c in "xy" for i in range(5)]
+    for name in names:
+        touch(tmp_path / name)
+    (tmp_path / "folds.csv").write_text("file,label,fold\n" + "".join(f"{n},{n[0]},{i % 5}\n" for i, n in
+                                                                      enumerate(names)))
+    ds = load_dataset(tmp_path / "folds.csv", eval_percent=30)
+    assert len(ds.examples) == 10 and not ds.skipped and {e.split for e in ds.examples} <= {TRAIN, EVAL}
+    assert any("holds no split names (split '0'" in w for w in ds.warnings)
+
+
+def test_csv_paths_written_from_the_current_folder_are_explained(tmp_path, monkeypatch):
+    """Found by the trial of issue 22: meta/labels.csv naming photos/a.jpg (from the current folder)
+    failed every image with "file not found"."""
+    for c in ("x", "y"):
+        touch(tmp_path / "photos" / f"{c}.jpg")
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "labels.csv").write_text("path,label\nphotos/x.jpg,x\nphotos/y.jpg,y\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"relative paths are read from the CSV's folder .*they exist from the "
+                                        r"current folder"):
+        load_dataset("meta/labels.csv")
+    (tmp_path / "meta" / "labels.csv").write_text("path,label\n../photos/x.jpg,x\n../photos/y.jpg,y\n")
+    assert len(load_dataset("meta/labels.csv", eval_percent=0).examples) == 2
+
+
+def test_classes_one_folder_down_are_pointed_at(tmp_path):
+    for c in ("roses", "tulips"):
+        touch(tmp_path / "data" / "flowers" / c / f"{c}.jpg")
+    with pytest.raises(DataError, match=r"one class folder, 'flowers', which holds folders roses, tulips: if those "
+                                        r"are the classes, give .*flowers"):
+        load_dataset(tmp_path / "data")
+    assert load_dataset(tmp_path / "data" / "flowers", eval_percent=0).classes == ["roses", "tulips"]
+    assert load_dataset(tmp_path / "data", require_train=False).classes == ["flowers"]  # evaluating: albums are fine

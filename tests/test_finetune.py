@@ -242,3 +242,35 @@ def test_from_scratch_learns_batchnorm_statistics(tmp_path, tiny, ft_cache):
     assert r.epochs_done == 1 and np.isfinite(r.history[0]["train_loss"])
     state = last_state(tmp_path / "scratch")
     assert not torch.equal(state["top.0.bn.running_mean"], torch.zeros(32))  # the stem is trained
+
+
+def test_the_decode_bar_ends_at_its_total_with_a_test_split(tmp_path, ft_cache):
+    """Issue 22 item 21: with a test/ folder, finetune's decode bar stopped at 85% in a log."""
+    from contextlib import contextmanager
+
+    from petal.progress import Reporter
+    from petal.synthetic import make_dataset
+
+    class Bars(Reporter):
+        def __init__(self):
+            self.bars = {}
+
+        @contextmanager
+        def progress(self, description, total):
+            self.bars[description] = [0, total]
+
+            def advance(n):
+                self.bars[description][0] += n
+
+            yield advance
+
+    root = tmp_path / "layout"
+    for split, n, seed in (("train", 6, 1), ("val", 2, 2), ("test", 2, 3)):
+        make_dataset(root / split, per_class=n, seed=seed)
+    bars = Bars()
+    r = finetune(spec(root, tmp_path / "run", FinetuneConfig(**TINY), ft_cache), export=False, reporter=bars)
+    done, total = bars.bars["decoding images"]
+    assert done == total > 0
+    assert (tmp_path / "run" / "learning_curve.png").is_file()  # item 14: in the report too
+    assert 'alt="learning_curve"' in (tmp_path / "run" / "report.html").read_text()
+    assert r.metrics["test"]["num_eval"] == 6  # item 12: test/ evaluated on its own

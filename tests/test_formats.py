@@ -153,7 +153,7 @@ def test_predictions_rank_and_rows_agree():
     p = prediction(labels, "x.jpg", probs, top_k=2)
     assert (p.label, p.label_id, [k for k, _ in p.top]) == ("b", 1, ["b", "c"])
     row = prediction_row((True, 7), p)
-    assert row == {"key": 7, "prediction": 1, "label": "b", "scores": pytest.approx([0.2, 0.5, 0.3]),
+    assert row == {"key": 7, "prediction": 1, "label": "b", "nearest": "b", "scores": pytest.approx([0.2, 0.5, 0.3]),
                    "unknown": False, "ood_score": None}
     tie = prediction(labels, "t.jpg", np.array([0.4, 0.4, 0.2]), top_k=1)
     assert tie.label == "a"  # ties go to the lower id, every time

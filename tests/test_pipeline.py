@@ -131,6 +131,9 @@ def test_evaluate_exported_model(trained_run, dataset, tmp_path):
     assert m["num_eval"] == 48 and m["accuracy"] >= 0.9
     assert (tmp_path / "report" / "metrics.json").exists()
     assert (tmp_path / "report" / "confusion_matrix.png").exists()
+    # issue 22 item 16: `petal evaluate --out X` said "report: X" but wrote no report.html
+    page = (tmp_path / "report" / "report.html").read_text()
+    assert '<b id="num-eval">48</b>' in page and "Confusion matrix" in page and "calibration error (ECE)" in page
 
 
 def test_reexport_passes_parity_and_replaces_atomically(trained_run):

@@ -3,6 +3,7 @@ second producer is a warning, `petal cache verify` recomputes and compares, and 
 the cached features its head was trained on. Real Lite0 features of small synthetic images."""
 
 import json
+import os
 import shutil
 import warnings
 from pathlib import Path
@@ -90,3 +91,21 @@ def test_export_checks_the_cached_features_its_head_was_trained_on(tmp_path, own
         pq.write_table(shard_table(table.column("key").to_pylist(), vecs, CFG.feature_dim), shard)
     r = petal("export", run, "--cache", own_cache, check=False)
     assert r.returncode == 2 and "the cached features the head was trained on differ" in r.stderr
+
+
+def test_cache_info_shows_models_and_the_hash_memo_and_how_to_free_space(tmp_path, cache_dir, dataset):
+    """Issue 22 item 17: `petal cache info` showed only the embeddings."""
+    from petal.cache_check import cache_parts
+
+    own = tmp_path / "cache"
+    shutil.copytree(cache_dir / "models", own / "models")
+    data = shutil.copytree(dataset, tmp_path / "data")
+    for image in data.rglob("*.*"):  # an hour old: the memo keeps no hash of a file written just now
+        os.utime(image, (image.stat().st_atime - 3600, image.stat().st_mtime - 3600))
+    petal("embed", data, "--cache", own)
+    parts = cache_parts(own)
+    assert [Path(p["folder"]).name for p in parts] == ["embeddings", "hashes", "models"]
+    assert all(p["bytes"] > 0 and p["files"] >= 1 for p in parts)
+    text = " ".join(petal("cache", "info", "--cache", own).stdout.split())
+    assert f"{own / 'models'}: 1 files" in text and f"{own / 'hashes'}:" in text and "hash memo" in text
+    assert f"in {own}; to free space, delete it" in text

@@ -109,6 +109,22 @@ def test_model_specs_checks_names_and_bundles(model_dir, tmp_path):
         ServeConfig({})
 
 
+def test_the_served_name_is_the_bundles_own(model_dir, dataset, tmp_path):
+    """Issue 22 item 18: a run folder named "split" named the served model and the page "split"."""
+    import shutil
+
+    from petal.bundle import rename
+
+    bundle = tmp_path / "split" / "model"
+    shutil.copytree(model_dir, bundle)
+    assert list(model_specs(bundle, None, [])) == ["shapes"]  # the name it was exported with, wherever it is now
+    rename(bundle, "flower finder")
+    assert list(model_specs(bundle, None, [])) == ["flower-finder"] and Model(bundle).name == "flower finder"
+    assert Model(bundle).predict([str(next(dataset.rglob("*.png")))])[0].error is None  # still a working bundle
+    with pytest.raises(PetalError, match="name: expected a name of 1 to"):
+        rename(bundle, "two\nlines")
+
+
 def test_api_key_from_env(monkeypatch):
     monkeypatch.setenv("PETAL_API_KEY", "from-env")
     assert api_key_from_env(None) == "from-env"
@@ -203,11 +219,20 @@ def test_served_predictions_say_unknown_and_the_flag_turns_it_off(url, images, l
     want = local.predict(files)
     assert [r["unknown"] for r in rows] == [p.unknown for p in want] == [False, True]
     np.testing.assert_allclose([r["ood_score"] for r in rows], [p.ood_score for p in want], atol=1e-4)
+    # one meaning of "unknown" (issue 22 item 3): the rejected row's label is the answer
+    assert [r["label"] for r in rows] == [p.label for p in want] == [images[0].parent.name, "unknown"]
+    assert rows[1]["nearest"] == want[1].nearest != "unknown" and rows[1]["prediction"] is None
     off = httpx.post(f"{url}/v1/models/shapes:predict?unknown=false", content=json.dumps(body), timeout=60)
     assert [r["unknown"] for r in off.json()["predictions"]] == [False, False]
+    assert off.json()["predictions"][1]["label"] == want[1].nearest  # the old shape
     with open(cat, "rb") as f:
         up = httpx.post(f"{url}/v1/models/shapes:upload", files=[("file", ("cat.png", f, "image/png"))], timeout=60)
-    assert up.json()["predictions"][0]["unknown"] is True
+    assert up.json()["predictions"][0]["unknown"] is True and up.json()["predictions"][0]["label"] == "unknown"
+    v2 = {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [2],
+                      "data": [b64(Path(f).read_bytes()) for f in files]}]}
+    outputs = {o["name"]: o["data"] for o in httpx.post(f"{url}/v2/models/shapes/infer", json=v2,
+                                                        timeout=60).json()["outputs"]}
+    assert outputs["labels"] == [p.label for p in want] and outputs["nearest"] == [p.nearest for p in want]
 
 
 def test_a_bad_instance_gets_an_error_in_its_slot(url, images, local):

@@ -45,7 +45,7 @@ def test_health_and_metadata(client):
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("shapes")
     meta = client.get_model_metadata("shapes")
     assert meta["inputs"][0] == {"name": "images", "datatype": "BYTES", "shape": [-1]}
-    assert [o["name"] for o in meta["outputs"]] == ["probabilities", "labels", "ood_score", "unknown"]
+    assert [o["name"] for o in meta["outputs"]] == ["probabilities", "labels", "nearest", "ood_score", "unknown"]
 
 
 def test_infer_files_matches_petal_predict(client, images, model_dir):

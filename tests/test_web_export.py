@@ -170,7 +170,7 @@ def test_exported_page_answers_as_the_python_predictor(browser, tmp_path, traine
         page.click("#snap")
         frame = classify(page, [], until=len(got) + 1)[0]
         assert frame["name"].startswith("camera ") and frame["error"] is None
-        assert frame["label"] in Model(trained_run.model_dir).labels
+        assert frame["label"] in [*Model(trained_run.model_dir).labels, "unknown"]  # a camera test pattern: any
 
         assert url + "ort/ort-wasm-simd-threaded.wasm" in requested  # the vendored runtime, from this server
         assert all(u.startswith((url, "blob:")) for u in requested), requested

@@ -2,7 +2,7 @@
 
     import petal
     m = petal.load("runs/flowers/model")
-    m.predict(["rose.jpg"])          # -> [Prediction(uri, label, score, top, probabilities, error)]
+    m.predict(["rose.jpg"])          # -> [Prediction]: .label ('unknown' if like no class), .nearest, .score, .top
 
 Heavy modules (torch, onnx) load only when a step needs them.
 """

@@ -37,12 +37,13 @@ from typing import Any
 
 import numpy as np
 
+from petal.data import label_problem
 from petal.errors import PetalError
 from petal.images import DEFAULT_MAX_PIXELS, load_pixels
 from petal.loader import batches, iter_items
 from petal.predictions import Prediction, Scores, scored_prediction
 from petal.preprocess import Preprocess
-from petal.storage import atomic_dir
+from petal.storage import atomic_dir, atomic_write_text
 
 BUNDLE_FORMAT = 2
 # Bounds on what is read of a bundle (it may come from anyone): petal.json holds a 4-byte key
@@ -174,6 +175,19 @@ def write_bundle(out: str | Path, graph: bytes, info: BundleInfo,
             info = dataclasses.replace(info, parity=proof)  # the proof goes into petal.json
             (tmp / "petal.json").write_text(json.dumps(info.to_dict(), indent=2) + "\n", encoding="utf-8")
     return Path(out)
+
+
+def rename(path: Path, name: str) -> BundleInfo:
+    """Give the bundle at `path` another name: petal.json's "name", which `petal serve` takes as
+    the model's name (REST and KServe v2) and the web page as its title. Only petal.json is
+    rewritten (atomically); the graph and its parity proof stay as they are."""
+    problem = label_problem(name) if name.strip() else "empty name"
+    if problem or len(name) > MAX_TEXT:
+        raise PetalError(f"name: expected a name of 1 to {MAX_TEXT} characters on one line, got {name!r}"
+                         + (f" ({problem})" if problem else ""))
+    info = dataclasses.replace(read_info(path), name=name)
+    atomic_write_text(path / "petal.json", json.dumps(info.to_dict(), indent=2) + "\n")
+    return info
 
 
 def read_info(path: Path) -> BundleInfo:

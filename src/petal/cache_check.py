@@ -48,6 +48,26 @@ def cache_info(cache_dir: Path) -> list[dict]:
     return folders
 
 
+# the cache's other folders: what each holds, and what deleting it costs
+CACHE_PARTS = {"models": "exported backbone graphs: exported again (seconds) when needed",
+               "hashes": "the hash memo (file size, mtime, inode -> content hash): images read again once",
+               "onnxruntime-web": "the npm package `petal export --web` vendors: npm install it again"}
+
+
+def cache_parts(cache_dir: Path) -> list[dict]:
+    """The cache's folders besides the embeddings (models/, hashes/, ...): files, bytes, and what
+    deleting each costs; the embeddings' total as the first row."""
+    cache_dir = Path(cache_dir)
+    parts = []
+    for folder in sorted(p for p in cache_dir.glob("*") if p.is_dir()):
+        files = [f for f in folder.rglob("*") if f.is_file()]
+        what = ("features: embedded again on the next run" if folder.name == "embeddings"
+                else CACHE_PARTS.get(folder.name, "not petal's"))
+        parts.append({"folder": str(folder), "files": len(files), "bytes": sum(f.stat().st_size for f in files),
+                      "what": what})
+    return sorted(parts, key=lambda p: Path(p["folder"]).name != "embeddings")
+
+
 def backbone_of(folder: str, producer: dict | None, slugs: list[tuple[str, str]]) -> str:
     """Which backbone made a cache folder: its weights' location (hf:, onnx:), else the
     registered name whose slug starts the folder's name."""

@@ -8,6 +8,7 @@ warnings. It reads no image bytes; that is the embed step's job.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import os
@@ -39,8 +40,10 @@ TRAIN, EVAL = "train", "eval"
 CALIBRATION = "calibration"  # set aside from train by `petal finetune`: held out, never trained on
 TEST = "test"  # given by the data (a test/ folder, a CSV split column): evaluated on its own
 # a split a dataset gives -> petal's; "calibration" (a run's own split.csv as data) is training data again
-SPLIT_NAMES = {"train": TRAIN, "val": EVAL, "valid": EVAL, "validation": EVAL, "dev": EVAL, "eval": EVAL, "test": TEST,
-               "calibration": TRAIN}
+SPLIT_NAMES = {"train": TRAIN, "training": TRAIN, "val": EVAL, "valid": EVAL, "validation": EVAL, "dev": EVAL,
+               "eval": EVAL, "test": TEST, "testing": TEST, "calibration": TRAIN}
+SPLIT_WORDS = ("split", "subset", "set", "fold", "partition", "stage")  # a CSV's split column, by header name
+NO_SPLIT = ""  # Columns.split for "this CSV has no split column", whatever its header says
 LIST_THREADS = 8  # class folders listed at once
 MIN_CALIBRATION = 10  # fewer images than this calibrate nothing
 HEADER_WORDS = {"uri", "url", "path", "image", "image_uri", "image_path", "file", "filename", "filepath",
@@ -49,10 +52,12 @@ HEADER_WORDS = {"uri", "url", "path", "image", "image_uri", "image_path", "file"
 
 @dataclass(frozen=True)
 class Columns:
-    """A CSV's image and label columns as the user names them (--uri-column, --label-column);
-    None: found by the usual header names (uri/path/filename/..., label/class/category)."""
+    """A CSV's image, label and split columns as the user names them (--uri-column, --label-column,
+    --split-column); None: found by the usual header names (uri/path/filename/..., label/class/category,
+    split/subset/set/fold/partition/stage)."""
     uri: str | None = None
     label: str | None = None
+    split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +73,7 @@ class Dataset:
     classes: list[str]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (path or row, reason)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # information, not a problem: "split folders: train, val"
 
     def split(self, name: str) -> list[Example]:
         return [e for e in self.examples if e.split == name]
@@ -122,7 +128,7 @@ def set_aside(ds: Dataset, percent: float) -> Dataset:
     if len(picked) < MIN_CALIBRATION:
         return ds
     examples = [Example(e.uri, e.label, CALIBRATION) if e.uri in picked else e for e in ds.examples]
-    return Dataset(examples, ds.classes, ds.skipped, ds.warnings)
+    return Dataset(examples, ds.classes, ds.skipped, ds.warnings, ds.notes)
 
 
 # --------------------------------------------------------------------------- labels
@@ -325,6 +331,7 @@ def _from_csv(uri: str, columns: Columns = Columns()) -> tuple[list[tuple[str, s
             first = False
             if found := header_columns(cells, uri, columns):
                 ucol, lcol, scol = found
+                warnings += unused_columns(uri, cells, found)
                 continue  # header
             first_row = cells
         parsed = parse_row(cells, (ucol, lcol, scol), uri)
@@ -393,9 +400,21 @@ def named_column(names: list[str], given: str, option: str, source: str) -> int:
     return names.index(given.lower())
 
 
+def unused_columns(source: str, cells: list[str], used: tuple[int, int, int | None]) -> list[str]:
+    """A warning naming the header's columns petal does not read (a split column under a name it
+    does not know would otherwise be ignored without a word)."""
+    unused = [c for i, c in enumerate(cells) if i not in used and c and c != "key"]  # key: a run's split.csv
+    if not unused:
+        return []
+    split = "" if used[2] is not None else (
+        "; if one of them gives the split (train/val/test), name it with --split-column")
+    return [f"{source}: column(s) {', '.join(map(repr, unused))} not used (petal reads the image, label and "
+            f"split columns){split}"]
+
+
 def header_columns(cells: list[str], source: str, given: Columns = Columns()) -> tuple[int, int, int | None] | None:
     """A header row -> (uri column, label column, split column or None), matched by name
-    (e.g. label,uri or id,filename,class, or the names `given`); None when the row is no header."""
+    (e.g. label,uri,subset or id,filename,class, or the names `given`); None when the row is no header."""
     names = [c.lower() for c in cells]
     ucol = next((i for i, n in enumerate(names) if n in HEADER_WORDS), None)
     lcol = next((i for i, n in enumerate(names) if n in LABEL_WORDS), None)
@@ -403,6 +422,9 @@ def header_columns(cells: list[str], source: str, given: Columns = Columns()) ->
         ucol = named_column(names, given.uri, "--uri-column", source)
     if given.label:
         lcol = named_column(names, given.label, "--label-column", source)
+    scol = next((names.index(w) for w in SPLIT_WORDS if w in names), None)
+    if given.split is not None:  # NO_SPLIT: none
+        scol = named_column(names, given.split, "--split-column", source) if given.split else None
     if ucol is None and lcol is None:
         return None
     if ucol is None or lcol is None:
@@ -410,7 +432,24 @@ def header_columns(cells: list[str], source: str, given: Columns = Columns()) ->
             "label column (label, class, category)"
         raise DataError(f"{source}: the header {cells} has no {missing}; name the columns in the header, "
                         "or give --uri-column and --label-column")
-    return ucol, lcol, names.index("split") if "split" in names else None
+    return ucol, lcol, scol
+
+
+def refuse_paths_from_elsewhere(source: str, rows: list[tuple[str, str]], sample: int = 20) -> None:
+    """A CSV's relative paths are read from the CSV's folder. When none of the first `sample`
+    exists there but they all do from the current folder, the CSV was written from there:
+    say so, instead of failing every image with "file not found"."""
+    if not is_local(source) or not rows:
+        return
+    folder = os.path.dirname(os.path.abspath(local_path(source)))
+    local = [u for u, _ in rows[:sample] if is_local(u) and not scheme_of(u)]
+    if not local or any(os.path.exists(u) for u in local):
+        return
+    written = [os.path.relpath(u, folder) for u in local]
+    if folder != os.getcwd() and all(os.path.exists(w) for w in written):
+        raise DataError(f"{source}: its relative paths are read from the CSV's folder ({folder}), where none of "
+                        f"them exists (e.g. {os.path.abspath(local[0])}); they exist from the current folder: "
+                        "write them relative to the CSV's folder, or absolute")
 
 
 def refuse_path_like_labels(source: str, rows: list[tuple[str, str]]) -> None:
@@ -435,36 +474,90 @@ def _check_schemes(source: str, rows: list[tuple[str, str]]) -> None:
 
 
 def _split_folders(root: Path) -> dict[str, Path]:
-    """train/ and val/ (or valid/, validation/), maybe test/: the Ultralytics and Hugging Face
-    imagefolder layout, each holding class folders. {} when `root` is not laid out so."""
+    """train/ (or training/) beside val/ (valid/, validation/, dev/, eval/) or test/ (testing/), each
+    holding class folders: the Ultralytics and Hugging Face imagefolder layout. {} when `root` is not
+    laid out so."""
     subs = {p.name.lower(): p for p in root.iterdir() if p.is_dir()}
-    if "train" not in subs or not {"val", "valid", "validation"} & subs.keys():
+    kinds = {SPLIT_NAMES[name] for name in subs if name in SPLIT_NAMES and name != "calibration"}
+    if TRAIN not in kinds or not {EVAL, TEST} & kinds:
         return {}
-    return {name: path for name, path in subs.items() if name in SPLIT_NAMES}
+    return {name: path for name, path in subs.items() if name in SPLIT_NAMES and name != "calibration"}
+
+
+def _from_split_folders(root: Path, parts: dict[str, Path], reporter: Reporter | None
+                        ) -> tuple[list[tuple[str, str]], list, list, dict[str, str], list[str]]:
+    """(uri, label) rows, skipped, warnings, {uri: split} and notes of a train/ val/ test/ layout."""
+    notes = [f"split folders in {root}: {', '.join(sorted(parts))}"]
+    rows, skipped, warnings, given = [], [], [], {}
+    for name, path in sorted(parts.items()):
+        r, s, w = _from_folder(path, reporter)
+        rows, skipped, warnings = rows + r, skipped + s, warnings + w
+        given.update((u, SPLIT_NAMES[name]) for u, _ in r)
+    return rows, skipped, warnings, given, notes
+
+
+def refuse_one_level_up(root: Path, classes: list[str]) -> None:
+    """Training data/ holding only flowers/, which holds roses/ and tulips/: the classes are one level
+    down. (Evaluating one class with albums in it is fine.)"""
+    if len(classes) != 1 or not (root / classes[0]).is_dir():
+        return
+    inner = sorted(p.name for p in (root / classes[0]).iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(inner) >= 2:
+        raise DataError(f"{root} holds one class folder, {classes[0]!r}, which holds folders {', '.join(inner[:5])}"
+                        f"{' ...' if len(inner) > 5 else ''}: if those are the classes, give {root / classes[0]}")
+
+
+def nested_splits(root: Path, rows: list[tuple[str, str]]) -> tuple[dict[str, str], list[str]]:
+    """The class-first layout, roses/train/..., roses/val/..., roses/test/...: {uri: split} of the
+    images in split subfolders of their class folder, and a note saying so ({}, [] when there are
+    none)."""
+    found = {}
+    for uri, _ in rows:
+        parts = Path(uri).relative_to(root).parts  # (class, maybe a split folder, ..., file)
+        if len(parts) > 2 and parts[1].lower() in SPLIT_NAMES and parts[1].lower() != "calibration":
+            found[uri] = SPLIT_NAMES[parts[1].lower()]
+    if TRAIN not in found.values() or not {EVAL, TEST} & set(found.values()):
+        return {}, []
+    return found, [f"split folders inside the class folders of {root} (e.g. {Path(next(iter(found))).parent}): "
+                   "they give the split"]
+
+
+def refuse_split_names_as_classes(source: str, classes: list[str]) -> None:
+    """Class folders that are all split names (train/ test/ alone, nothing in them recognised as a
+    layout) would train a model whose labels are "train" and "test"."""
+    if classes and all(c.lower() in SPLIT_NAMES for c in classes):
+        raise DataError(f"{source}: the class folders {', '.join(map(repr, classes))} are split names, not "
+                        "classes: give a train/ folder beside a val/ or test/ folder, each holding one folder "
+                        "per class (train/roses/..., val/roses/...)")
 
 
 def _read_source(source: str, what: str = "data", columns: Columns = Columns(), reporter: Reporter | None = None
-                 ) -> tuple[list[tuple[str, str]], list, list, dict[str, str]]:
-    """(uri, label) rows, skipped rows, warnings, and {uri: split} for splits the data gives."""
+                 ) -> tuple[list[tuple[str, str]], list, list, dict[str, str], list[str]]:
+    """(uri, label) rows, skipped rows, warnings, {uri: split} for splits the data gives, and notes."""
     if is_local(source) and Path(local_path(source)).is_dir():
         if columns != Columns():
-            raise DataError(f"{what}: --uri-column and --label-column name CSV columns; {source} is a folder")
+            raise DataError(f"{what}: --uri-column, --label-column and --split-column name CSV columns; "
+                            f"{source} is a folder")
         root = Path(local_path(source))
         parts = _split_folders(root)
-        if not parts:
-            return (*_from_folder(root, reporter), {})
-        rows, skipped, warnings, given = [], [], [f"split folders in {root}: {', '.join(sorted(parts))}"], {}
-        for name, path in sorted(parts.items()):
-            r, s, w = _from_folder(path, reporter)
-            rows, skipped, warnings = rows + r, skipped + s, warnings + w
-            given.update((u, SPLIT_NAMES[name]) for u, _ in r)
-        return rows, skipped, warnings, given
+        if parts:
+            return _from_split_folders(root, parts, reporter)
+        rows, skipped, warnings = _from_folder(root, reporter)
+        refuse_split_names_as_classes(source, sorted({lab for _, lab in rows}))
+        given, notes = nested_splits(root, rows)
+        return rows, skipped, warnings, given, notes
     if is_local(source) and not Path(local_path(source)).exists():
         raise DataError(f"{what}: no such folder or CSV file: {source}")
     rows, skipped, warnings, splits = _from_csv(source, columns)
+    bad = [reason for _, reason in skipped if reason.startswith("split ")]
+    if columns.split is None and bad and not splits:  # a guessed column (e.g. fold: 0..4) that gives no split
+        rows, skipped, warnings, splits = _from_csv(source, dataclasses.replace(columns, split=NO_SPLIT))
+        warnings.append(f"{source}: the split column holds no split names ({bad[0].split(' is not')[0]}, ...), so "
+                        "it is not used: the split is made by hash (name the split column with --split-column)")
     refuse_path_like_labels(source, rows)
+    refuse_paths_from_elsewhere(source, rows)
     _check_schemes(source, rows)
-    return rows, skipped, warnings, splits
+    return rows, skipped, warnings, splits, []
 
 
 def compile_group(group: str | None) -> re.Pattern | None:
@@ -496,14 +589,18 @@ def load_dataset(
     """
     check_param("eval_percent", eval_percent, Real(0, 100, high_open=True))
     pattern = compile_group(group)
-    rows, skipped, warnings, given = _read_source(str(source), columns=columns, reporter=reporter)
+    rows, skipped, warnings, given, notes = _read_source(str(source), columns=columns, reporter=reporter)
+    if eval_source is None and given and EVAL not in given.values() and TEST in given.values():
+        given = {u: EVAL if split == TEST else split for u, split in given.items()}
+        notes.append(f"no val split in {source}: the test images are the eval split")
     tagged = [(u, lab, given.get(u) or assign_split(u, eval_percent, pattern)) for u, lab in rows]
     if eval_source is not None:
-        erows, eskipped, ewarnings, _ = _read_source(str(eval_source), "eval", columns, reporter)
+        erows, eskipped, ewarnings, _, enotes = _read_source(str(eval_source), "eval", columns, reporter)
         tagged = ([(u, lab, TEST if given.get(u) == TEST else TRAIN) for u, lab in rows]
                   + [(u, lab, EVAL) for u, lab in erows])
         skipped += eskipped
         warnings += ewarnings
+        notes += enotes
 
     if labels_file is not None:
         classes, lw = read_labels_file(labels_file)
@@ -524,15 +621,17 @@ def load_dataset(
 
     # local paths absolute: a run folder names its images so that it works from any folder
     examples = [Example(absolute(u), lab, s) for u, lab, s in tagged]
-    ds = Dataset(examples, classes, skipped, warnings)
+    ds = Dataset(examples, classes, skipped, warnings, notes)
     if require_train:
-        check_trainable(ds, eval_given=eval_source is not None)
+        if is_local(str(source)) and Path(local_path(str(source))).is_dir():
+            refuse_one_level_up(Path(local_path(str(source))), sorted({e.label for e in examples}))
+        check_trainable(ds, eval_given=eval_source is not None, split_given=bool(given))
     elif not examples:
         raise DataError(f"no labeled images found in {source}")
     return ds
 
 
-def check_trainable(ds: Dataset, eval_given: bool = False) -> None:
+def check_trainable(ds: Dataset, eval_given: bool = False, split_given: bool = False) -> None:
     """Refuse data that cannot train a classifier, saying exactly why (and what to do)."""
     present = {e.label for e in ds.examples}
     if len(present) < 2:
@@ -542,15 +641,39 @@ def check_trainable(ds: Dataset, eval_given: bool = False) -> None:
     empty = [c for c in ds.classes if counts[c][TRAIN] == 0]
     if empty:
         advice = ("add training images of them to the training data, or leave them out of --eval" if eval_given
-                  else "add images, or lower --eval-percent")
+                  else "add images of them to the training split (the train/ folder, or 'train' rows)"
+                  if split_given else "add images, or lower --eval-percent")
+        trained = {c.lower(): c for c in ds.classes if counts[c][TRAIN]}
+        twins = [f"{c!r} vs {trained[c.lower()]!r}" for c in empty if c.lower() in trained]
+        if twins:  # val/Watch beside train/watch: one class spelled two ways
+            advice = f"class names differ only in case: {', '.join(twins)}; name the folders alike"
         raise DataError("these classes have no training image: " + ", ".join(repr(c) for c in empty)
                         + f" ({advice})")
 
 
 # --------------------------------------------------------------------------- predict inputs
 
-def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
-    """Files, folders (searched recursively), CSVs (first column) and globs -> image URIs.
+def csv_uris(source: str, uri_column: str | None = None) -> list[str]:
+    """The image URIs of a CSV, read as `petal train` reads it: the column named `uri_column`, or
+    found by header name (uri, path, filename, image, file, ...), or the first column of a CSV
+    without a header; relative paths from the CSV's folder."""
+    reader = csv.reader(io.StringIO(_read_text(source), newline=""))
+    rows = [[c.strip() for c in r] for r in reader if any(c.strip() for c in r)]
+    if not rows:
+        return []
+    names = [c.lower() for c in rows[0]]
+    col = named_column(names, uri_column, "--uri-column", source) if uri_column else \
+        next((i for i, n in enumerate(names) if n in HEADER_WORDS), None)
+    if col is None:  # no header: the first column, unless the first row is a header of other names
+        refuse_unnamed_header(source, rows[0], [r[0] for r in rows[1:]])
+        col = 0
+    else:
+        rows = rows[1:]
+    return [_join(source, sheet_value(r[col])) for r in rows if len(r) > col and r[col]]
+
+
+def expand_inputs(inputs: list[str], uri_column: str | None = None) -> tuple[list[str], list[str]]:
+    """Files, folders (searched recursively), CSVs (their image column, see `csv_uris`) and globs -> image URIs.
 
     Returns (uris, problems); a problem is an input that matched nothing.
     """
@@ -570,11 +693,7 @@ def expand_inputs(inputs: list[str]) -> tuple[list[str], list[str]]:
             if not found:
                 problems.append(f"{raw}: no images in this folder")
         elif path.suffix.lower() == ".csv" and path.is_file():
-            text = _read_text(str(path))
-            firsts = [r[0].strip() for r in csv.reader(io.StringIO(text, newline="")) if r and r[0].strip()]
-            if firsts and firsts[0].lower() in HEADER_WORDS:
-                firsts = firsts[1:]
-            uris += [_join(str(path), sheet_value(u)) for u in firsts]
+            uris += csv_uris(str(path), uri_column)
         elif any(ch in raw for ch in "*?[") and not os.path.lexists(path):  # `p[1].jpg` is a file first
             found = sorted(glob.glob(raw, recursive=True))
             uris += found

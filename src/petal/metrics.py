@@ -12,12 +12,13 @@ top-5 accuracy; they are reported under both names for comparison with published
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import numpy as np
 
-from petal.storage import OutputFolder, atomic_path, atomic_write_csv, atomic_write_text
+from petal.storage import OutputFolder, atomic_path, atomic_write_csv, atomic_write_text, read_csv
 
 INLINE_CLASSES = 100  # up to this many classes the full confusion matrix is also in metrics.json
 PLOT_CLASSES = 30  # classes in confusion_matrix.png: those with the most errors
@@ -142,3 +143,38 @@ def plot_confusion(cm: np.ndarray, classes: list[str], path: Path) -> None:
                     color="white" if cm[i, j] > thresh else "black", fontsize=8)
     ax.set_title(title)
     save_png(fig, path)
+
+
+def plot_learning_curve(history_csv: Path, path: Path) -> Path | None:
+    """A fine-tuning run's history.csv (one row per epoch) -> loss and accuracy per epoch, train and
+    eval, at `path`; None without a history (a head run) or with a damaged one."""
+    try:
+        rows = read_csv(history_csv)
+        epochs = [int(r["epoch"]) for r in rows]
+        series = {k: [float(r[k]) for r in rows] for k in ("train_loss", "eval_loss", "train_accuracy",
+                                                           "eval_accuracy") if rows and all_have(rows, k)}
+    except (OSError, KeyError, ValueError, csv.Error):
+        return None
+    if not epochs or not series:
+        return None
+    fig, ax = new_axes(6, 3.5)
+    right = ax.twinx()
+    for key, values in series.items():
+        side, style = (ax, "-") if key.endswith("loss") else (right, "--")
+        side.plot(epochs, values, style, marker="o", label=key.replace("_", " "))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    right.set_ylabel("accuracy")
+    lines = ax.get_legend_handles_labels(), right.get_legend_handles_labels()
+    ax.legend(lines[0][0] + lines[1][0], lines[0][1] + lines[1][1], fontsize=8, loc="center right")
+    ax.set_title("learning curve")
+    save_png(fig, path)
+    return path
+
+
+def all_have(rows: list[dict], key: str) -> bool:
+    """Every row has a number under `key` (eval_* are missing without eval images)."""
+    return all(r.get(key) not in (None, "") for r in rows)

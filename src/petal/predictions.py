@@ -6,6 +6,8 @@ so a label, a score and a top-k list mean the same thing everywhere.
 
     p = prediction(["daisy", "rose"], "a.jpg", np.array([0.2, 0.8]), top_k=1)
     p.label, p.score, p.top            # "rose", 0.8, [("rose", 0.8)]
+    p.unknown = True                   # like none of the classes (set by the unknown detector)
+    p.label, p.score, p.nearest        # "unknown", 0.0, "rose"
     ranked(labels, probs, k)           # [(id, label, score)], best first
 """
 
@@ -24,8 +26,10 @@ from petal.errors import PetalError
 from petal.storage import atomic_path, check_output, sheet_row
 
 UNKNOWN = "unknown"  # the label of a prediction that is like none of the classes
-# "label" is UNKNOWN for an unknown image, so that a script reading it is never told "tulips"
-# for a cat; "nearest" is always the top-1 class
+# One meaning everywhere (library, CLI, CSV/JSONL, REST, KServe v2, pages): "label" is the answer,
+# UNKNOWN for an unknown image, so that a script reading it is never told "tulips" for a cat;
+# "nearest" is always the top-1 class; "score" is the answer's probability, 0 for an unknown image
+# (so that sorting by score never puts a rejected image above a kept one).
 FORMATS = ("csv", "jsonl")  # what `petal predict --output/--format` writes
 CSV_HEADER = ["uri", "label", "score", "top", "unknown", "ood_score", "nearest"]
 
@@ -69,8 +73,8 @@ class Scores:
 @dataclass
 class Prediction:
     uri: str
-    label: str | None = None  # top-1 label
-    score: float | None = None  # its probability
+    nearest: str | None = None  # the top-1 class, also for an unknown image
+    nearest_score: float | None = None  # its probability
     top: list[tuple[str, float]] = field(default_factory=list)  # top-k (label, probability), best first
     probabilities: np.ndarray | None = None  # (C,) in label-id order
     error: str | None = None  # why this input could not be predicted
@@ -79,24 +83,29 @@ class Prediction:
     ood_score: float | None = None  # how unlike the known images (petal.unknown); None: not computed
     key: str | None = None  # sha256 of the image's bytes, where the predictor read them
 
+    @property
+    def label(self) -> str | None:
+        """The answer: the top-1 class, or UNKNOWN for an image like none of them."""
+        return UNKNOWN if self.unknown else self.nearest
+
+    @property
+    def score(self) -> float | None:
+        """The answer's probability: the top-1 class's, or 0.0 for an unknown image."""
+        return 0.0 if self.unknown else self.nearest_score
+
     def to_dict(self) -> dict:
         """The JSON row (`--output x.jsonl`, the upload endpoint, Beam)."""
         d = {"uri": self.uri}
         if self.error is not None:
             d["error"] = self.error
         else:
-            d.update(label=self.answer, score=self.score, top=self.top_rows(),
-                     unknown=self.unknown, ood_score=self.ood_score, nearest=self.label)
+            d.update(label=self.label, score=self.score, top=self.top_rows(),
+                     unknown=self.unknown, ood_score=self.ood_score, nearest=self.nearest)
         return d
 
     def top_rows(self) -> list[dict]:
         """The top-k as [{"label", "score"}], best first: the `top` of every output format."""
         return [{"label": k, "score": v} for k, v in self.top]
-
-    @property
-    def answer(self) -> str | None:
-        """What the model answers: its top-1 class, or UNKNOWN."""
-        return UNKNOWN if self.unknown else self.label
 
 
 def ranked(labels: Sequence[str], probs: np.ndarray, k: int) -> list[tuple[int, str, float]]:
@@ -126,7 +135,7 @@ def csv_row(p: Prediction) -> list[str]:
     spreadsheet (`storage.sheet_row`)."""
     ood = "" if p.ood_score is None else f"{p.ood_score:.6f}"
     top = json.dumps([{**t, "score": round(t["score"], 6)} for t in p.top_rows()])  # JSON's "top", as `score`
-    return sheet_row([p.uri, p.answer, f"{p.score:.6f}", top, str(p.unknown).lower(), ood, p.label])
+    return sheet_row([p.uri, p.label, f"{p.score:.6f}", top, str(p.unknown).lower(), ood, p.nearest])
 
 
 def output_format(path: str | Path, fmt: str | None) -> str:
@@ -162,8 +171,12 @@ def write_rows(f: TextIO, preds: Iterable[Prediction], fmt: str) -> tuple[int, l
 
 
 def write_predictions(path: Path, preds: Iterable[Prediction], fmt: str | None = None) -> tuple[int, list]:
-    """Many predictions to a .csv or .jsonl file (or `fmt`), atomically: see `write_rows`."""
+    """Many predictions to a .csv or .jsonl file (or `fmt`, any name), atomically: see `write_rows`.
+    A device or a named pipe (/dev/null) is written to as it is."""
     fmt = output_format(path, fmt)
+    if path.exists() and not path.is_file() and not path.is_dir():  # /dev/null, /dev/stderr, a named pipe:
+        with open(path, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:  # written to, never
+            return write_rows(f, preds, fmt)  # replaced by a renamed file
     check_output(path, "output")
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", errors="surrogateescape", newline="") as f:
         return write_rows(f, preds, fmt)

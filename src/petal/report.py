@@ -43,7 +43,7 @@ for (const td of document.querySelectorAll('td[data-cell]')) {
       const img = document.createElement('img');
       img.src = src; img.alt = caption;
       const c = document.createElement('figcaption');
-      c.textContent = caption;  // captions are file names: text, never HTML
+      c.textContent = caption;  // captions are folder/file names: text, never HTML
       f.append(img, c); out.append(f);
     }
   });
@@ -94,18 +94,48 @@ def figures(items: list[tuple[str, str]]) -> str:
     return f'<div class="thumbs">{cells}</div>'
 
 
+def short_name(uri: str) -> str:
+    """A caption for an image: its folder and file name (roses/1.jpg), as names repeat across classes."""
+    path = Path(uri)
+    return f"{path.parent.name}/{path.name}" if path.parent.name else path.name
+
+
 def metrics_section(metrics: dict) -> str:
     rows = "".join(f"<tr><td>{html.escape(c)}</td><td>{m['precision']:.3f}</td><td>{m['recall']:.3f}</td>"
-                   f"<td>{m['f1']:.3f}</td><td>{m['support']}</td></tr>" for c, m in metrics["per_class"].items())
-    extra = "".join(f" &middot; {k} <b>{metrics[k]:.3f}</b>" for k in ("ece", "ece_uncalibrated") if k in metrics)
-    if "ece_adaptive" in metrics:
-        lo, hi = metrics["ece_adaptive_interval"]
-        extra += (f' &middot; ece_adaptive <b id="ece-adaptive">{metrics["ece_adaptive"]:.3f}</b> '
-                  f"(95% interval {lo:.3f} to {hi:.3f}; uncalibrated {metrics['ece_adaptive_uncalibrated']:.3f})")
+                   f"<td>{m['f1']:.3f}</td><td>{m['support']}</td></tr>" if m["support"] else
+                   f'<tr><td>{html.escape(c)}</td><td colspan="3" class="muted">no eval image</td><td>0</td></tr>'
+                   for c, m in metrics["per_class"].items())
     return (f'<h2>Metrics</h2><p>accuracy <b id="accuracy">{metrics["accuracy"]:.4f}</b> &middot; top-5 '
-            f'{metrics["top5_accuracy"]:.4f} &middot; eval images <b id="num-eval">{metrics["num_eval"]}</b>{extra}</p>'
+            f'{metrics["top5_accuracy"]:.4f} &middot; eval images <b id="num-eval">{metrics["num_eval"]}</b></p>'
+            f"{trust_lines(metrics)}"
             "<table><tr><th>class</th><th>precision</th><th>recall</th><th>f1</th><th>support</th></tr>"
             f"{rows}</table>")
+
+
+def trust_lines(metrics: dict) -> str:
+    """Calibration, the share kept as known, images of no class rejected, and the test split, in words."""
+    lines = []
+    if metrics.get("ece") is not None:
+        before = (f" (before calibration {metrics['ece_uncalibrated']:.3f})"
+                  if metrics.get("ece_uncalibrated") is not None else "")
+        lines.append(f"calibration error (ECE) <b>{metrics['ece']:.3f}</b>{before}")
+    if "ece_adaptive" in metrics:
+        lo, hi = metrics["ece_adaptive_interval"]
+        lines.append(f'adaptive calibration error <b id="ece-adaptive">{metrics["ece_adaptive"]:.3f}</b> (95% interval '
+                     f"{lo:.3f} to {hi:.3f}; before calibration {metrics['ece_adaptive_uncalibrated']:.3f})")
+    u = metrics.get("unknown") or {}
+    kept = u.get("kept", u.get("kept_eval"))
+    if kept is not None and u.get("accuracy_kept") is not None:
+        lines.append(f'kept as known <b id="kept">{kept:.1%}</b>, accuracy on those {u["accuracy_kept"]:.4f}')
+    d = metrics.get("unknown_data")
+    if d:
+        lines.append(f'images of no class rejected <b id="rejected">{d["rejected_unknown"]:.1%}</b> '
+                     f'(AUROC {d["auroc"]:.3f}, {d["unknown_images"]} images)')
+    t = metrics.get("test")
+    if t:
+        lines.append(f'test split: accuracy <b id="test-accuracy">{t["accuracy"]:.4f}</b>, top-5 '
+                     f'{t["top5_accuracy"]:.4f} ({t["num_eval"]} images, evaluated on their own)')
+    return "".join(f"<p>{line}</p>" for line in lines)
 
 
 def confusion_section(classes: list[str], uris: list[str], y: np.ndarray, probs: np.ndarray) -> str:
@@ -122,7 +152,7 @@ def confusion_section(classes: list[str], uris: list[str], y: np.ndarray, probs:
         for j in shown:
             members = np.flatnonzero((y == i) & (pred == j))[:min(DIAGONAL_CAP if i == j else CELL_CAP, budget)]
             budget -= len(members)
-            cells[f"{i},{j}"] = [(thumbnail(uris[k]), f"{Path(uris[k]).name} ({probs[k, j]:.2f})") for k in members]
+            cells[f"{i},{j}"] = [(thumbnail(uris[k]), f"{short_name(uris[k])} ({probs[k, j]:.2f})") for k in members]
             title = html.escape(f"true {classes[i]}, predicted {classes[j]}: {cm[i, j]} image(s)", quote=True)
             kind = "diag" if i == j else ("off" if cm[i, j] else "")
             row.append(f'<td class="{kind}" data-cell="{i},{j}" data-title="{title}">{cm[i, j]}</td>')
@@ -141,7 +171,7 @@ def errors_section(classes: list[str], uris: list[str], y: np.ndarray, probs: np
     pred = probs.argmax(1)
     own = probs[np.arange(len(y)), y]
     worst = [i for i in np.argsort(own)[:TOP] if pred[i] != y[i]]
-    losses = figures([(uris[i], f"{Path(uris[i]).name}: {classes[y[i]]} -> {classes[pred[i]]} "
+    losses = figures([(uris[i], f"{short_name(uris[i])}: {classes[y[i]]} -> {classes[pred[i]]} "
                                 f"{probs[i, pred[i]]:.2f}") for i in worst])
     pairs = {}
     for i in np.flatnonzero(pred != y):
@@ -157,10 +187,10 @@ def errors_section(classes: list[str], uris: list[str], y: np.ndarray, probs: np
 def audit_section(a: Audit) -> str:
     s = a.summary()
     advice = "".join(f"<p><b>advice:</b> {html.escape(x)}</p>" for x in a.advice)
-    suspects = figures([(x.uri, f"{Path(x.uri).name}: {x.label}" + (f" -> {x.suggested}" if x.suggested else "")
+    suspects = figures([(x.uri, f"{short_name(x.uri)}: {x.label}" + (f" -> {x.suggested}" if x.suggested else "")
                          + f" ({x.reason} {x.score:.2f})") for x in a.suspects[:TOP]])
     dups = [d for d in a.duplicates if d.crosses][:TOP // 2] or a.duplicates[:TOP // 2]
-    pairs = figures([(u, f"{Path(u).name} ({d.kind} {d.similarity:.3f}{', ' + d.crosses if d.crosses else ''})")
+    pairs = figures([(u, f"{short_name(u)} ({d.kind} {d.similarity:.3f}{', ' + d.crosses if d.crosses else ''})")
                      for d in dups for u in (d.uri_a, d.uri_b)])
     return (f'<h2>Audit</h2><p id="audit-line">{html.escape(a.line())}</p>{advice}'
             f'<h3>Most suspicious ({s["label_suspects"]} likely label errors, {s["outliers"]} outliers)</h3>'

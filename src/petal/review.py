@@ -18,7 +18,7 @@ import csv
 import os
 from pathlib import Path
 
-from petal.data import Dataset, Example
+from petal.data import TRAIN, Dataset, Example
 from petal.errors import DataError
 from petal.progress import Reporter
 from petal.storage import is_local, read_csv_lines
@@ -92,8 +92,27 @@ def apply_review(ds: Dataset, exclude: str | Path | None = None, relabel: str | 
             changed += new_label[key] != e.label
             e = Example(e.uri, new_label[key], e.split)
         kept.append(e)
+    refuse_emptied_classes(ds.examples, kept)
     missing = (drop | set(new_label)) - found
     reporter.message(f"review: {len(ds.examples) - len(kept)} image(s) excluded, "
                      f"{changed} relabelled"
                      + (f"; warning: {len(missing)} listed image(s) are not in the data" if missing else ""))
-    return Dataset(kept, ds.classes, ds.skipped, ds.warnings)
+    return Dataset(kept, ds.classes, ds.skipped, ds.warnings, ds.notes)
+
+
+def refuse_emptied_classes(before: list[Example], after: list[Example]) -> None:
+    """A class whose training images --exclude and --relabel took away, said as that (not
+    later as "after skipping unreadable images, ... no training image")."""
+    had = {e.label for e in before if e.split == TRAIN}
+    has = {e.label for e in after if e.split == TRAIN}
+    emptied = sorted(had - has)
+    if not emptied:
+        return
+    now = {e.uri: e.label for e in after}
+    fates = []
+    for c in emptied:
+        moved = sorted({now[e.uri] for e in before if e.label == c and e.split == TRAIN and e.uri in now})
+        fates.append(f"{c!r} (" + (f"relabelled to {', '.join(map(repr, moved))}" if moved else "all excluded")
+                     + ")")
+    raise DataError("--exclude/--relabel leave these classes with no training image: " + ", ".join(fates)
+                    + "; keep some of their images, or leave the class out of the data")

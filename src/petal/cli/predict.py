@@ -66,6 +66,9 @@ def predict(
     unknown: Annotated[bool, typer.Option(help=(
         "Call an image unlike every class 'unknown'; --no-unknown always names the nearest class."))] = True,
     precision: RunPrecision = None,
+    uri_column: Annotated[Optional[str], typer.Option(help=(
+        "In CSV inputs, the column holding the image paths (default: found by name: uri, path, filename, "
+        "image, file; without a header, the first column)."))] = None,
 ) -> None:
     """Predict labels for images with an exported model (or a served one, with --url).
     On a terminal: a table; in a pipe, or with --format: CSV or JSON rows."""
@@ -73,7 +76,7 @@ def predict(
     if errors:
         check_output(errors, "errors")
     fmt = fmt.value if fmt else None
-    uris = predict_inputs(model, inputs or [], url)
+    uris = predict_inputs(model, inputs or [], url, uri_column)
     if runner == "beam":
         from petal.beam import beam_predict
 
@@ -98,7 +101,8 @@ def predict(
         raise PetalError("predict: no image could be read")
 
 
-def predict_inputs(model: str | None, inputs: list[str], url: str | None) -> list[str]:
+def predict_inputs(model: str | None, inputs: list[str], url: str | None, uri_column: str | None = None
+                   ) -> list[str]:
     """MODEL and INPUTS -> the image URIs; with --url, MODEL is an input too."""
     from petal.data import expand_inputs
 
@@ -108,12 +112,27 @@ def predict_inputs(model: str | None, inputs: list[str], url: str | None) -> lis
         inputs = [model, *inputs] if model else inputs
     elif model is None:
         raise PetalError("predict: give a model folder (RUN/model), or --url of a running `petal serve`")
-    uris, problems = expand_inputs(inputs)
+    elif not (Path(model) / "petal.json").is_file():
+        refuse_non_bundle(model)
+    uris, problems = expand_inputs(inputs, uri_column)
     for p in problems:
         err.print(f"warning: {p}", style="yellow", markup=False)
     if not uris:
         raise PetalError("predict: no input images")
     return uris
+
+
+def refuse_non_bundle(model: str) -> None:
+    """`petal predict newphotos` (the model forgotten): say the first argument must be a bundle."""
+    path = Path(model)
+    if not path.exists():
+        why = f"{model} does not exist"
+    elif (path / "model" / "petal.json").is_file():
+        why = f"{model} is not a petal model bundle (no petal.json); did you mean {path / 'model'}?"
+    else:
+        why = (f"{model} is not a petal model bundle (no petal.json); if it holds the images, give the model "
+               f"first: petal predict RUN/model {model}")
+    raise PetalError(f"predict: the first argument must be a model bundle (a RUN/model folder); {why}")
 
 
 def emit_predictions(preds, total: int, output: str | None, fmt: str | None) -> tuple[bool, list]:

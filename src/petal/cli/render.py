@@ -67,6 +67,8 @@ def print_dataset(ds, splits: bool = True, rows: int = 30) -> None:
     out.print(t)
     for reason, n in ds.skipped_reasons().most_common():
         out.print(f"skipped {n}: {reason}", markup=False)
+    for note in ds.notes:
+        err.print(note, markup=False, highlight=False)
     for w in ds.warnings:
         err.print(f"warning: {w}", style="yellow", markup=False)
 
@@ -79,22 +81,24 @@ def print_metrics(metrics: dict, rows: int = 20) -> None:
     for col in ("class", "precision", "recall", "f1", "support"):
         t.add_column(col, justify="left" if col == "class" else "right")
     for c, m in per_class[:rows]:
+        if m["support"] == 0:  # not a failed class: nothing to measure it on
+            t.add_row(c, "no eval image", "", "", "0")
+            continue
         t.add_row(c, f"{m['precision']:.3f}", f"{m['recall']:.3f}", f"{m['f1']:.3f}", str(m["support"]))
     out.print(t)
     pairs = metrics.get("most_confused", [])[:5]
     if pairs:
-        out.print("most confused: " + ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in pairs),
-                  markup=False, highlight=False)
+        print_lines(["most confused: " + ", ".join(f"{p['true']} -> {p['predicted']} ({p['count']})"
+                                                   for p in pairs)])
     parts = [f"accuracy {metrics['accuracy']:.4f}"]
     if metrics.get("train_accuracy") is not None:  # side by side: overfitting shows
         parts[0] = f"accuracy: eval {metrics['accuracy']:.4f}, train {metrics['train_accuracy']:.4f}"
     if len(metrics["per_class"]) > 5:  # the Inception eval's names beside (petal.metrics)
         parts.append(f"top-5 {metrics['top5_accuracy']:.4f} (precision@1 {metrics['accuracy']:.4f}, "
                      f"recall@5 {metrics['top5_accuracy']:.4f})")
-    parts.append(f"eval images {metrics['num_eval']}")
-    if "num_train" in metrics:
-        parts.append(f"train images {metrics['num_train']}")
-    out.print("   ".join(parts))
+    parts.append(f"eval images {metrics['num_eval']}"
+                 + (f", train images {metrics['num_train']}" if "num_train" in metrics else ""))
+    print_lines(parts)
     none = [c for c, m in metrics["per_class"].items() if m["support"] == 0]
     few = [c for c, m in metrics["per_class"].items() if 0 < m["support"] < 5]
     if metrics["num_eval"] < 30 or none or few:
@@ -113,7 +117,7 @@ def print_trust(metrics: dict) -> None:
     """Calibration and unknown-detection figures, where the metrics have them."""
     parts = []
     if metrics.get("ece") is not None:
-        parts.append(ece_line(metrics))
+        parts += ece_line(metrics).split("; ")  # equal-mass bins; equal-width bins: a line each
     u = metrics.get("unknown") or {}
     kept = u.get("kept", u.get("kept_eval"))
     if kept is not None and u.get("accuracy_kept") is not None:
@@ -124,8 +128,14 @@ def print_trust(metrics: dict) -> None:
     t = metrics.get("test")
     if t:
         parts.append(f"test: accuracy {t['accuracy']:.4f}, top-5 {t['top5_accuracy']:.4f} ({t['num_eval']} images)")
-    if parts:
-        out.print("   ".join(parts))
+    print_lines(parts)
+
+
+def print_lines(lines: list[str]) -> None:
+    """Figures (or commands) one to a line, each short, so that neither a narrow terminal nor a
+    pipe's 80 columns breaks one mid-phrase; a longer line (a long path) is left whole."""
+    for line in lines:
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def print_predictions(preds) -> tuple[bool, list[tuple[str, str]]]:
@@ -142,7 +152,7 @@ def print_predictions(preds) -> tuple[bool, list[tuple[str, str]]]:
             t.add_row(p.uri, "error", "", p.error, style="red")
             continue
         ok = True
-        label = f"unknown (nearest: {p.label} {p.score:.2f})" if p.unknown else p.label
+        label = f"unknown (nearest: {p.nearest} {p.nearest_score:.2f})" if p.unknown else p.label
         t.add_row(p.uri, label, format_score(p.score), ", ".join(f"{k} {v:.2f}" for k, v in p.top[1:]),
                   style="yellow" if p.unknown else None)
     out.print(t)
@@ -173,8 +183,8 @@ def print_failures(failed: list[tuple[str, str]], limit: int = 20) -> None:
 def print_train_result(r) -> None:
     """The end of `petal train`: what was embedded, the figures, the files."""
     e = r.embed
-    out.print(f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed"
-              + (f" (see {r.run_dir / 'errors.csv'})" if e["failed"] or e["skipped"] else ""))
+    print_lines([f"images: {e['embedded']} embedded, {e['cached']} cached, {e['failed']} failed"
+                 + (f" (see {r.run_dir / 'errors.csv'})" if e["failed"] or e["skipped"] else "")])
     if r.metrics.get("accuracy") is not None:
         print_metrics(r.metrics)
         print_trust(r.metrics)
@@ -182,6 +192,9 @@ def print_train_result(r) -> None:
 
 
 def print_finetune_result(r) -> None:
+    """The end of `petal finetune`; nothing for None (a worker process other than the first)."""
+    if r is None:
+        return
     if r.metrics.get("accuracy") is not None:
         best = next((h for h in r.history if h.get("epoch") == r.best_epoch), {})
         # the best epoch's accuracy on the (augmented) training batches, beside eval's
@@ -193,12 +206,11 @@ def print_finetune_result(r) -> None:
 
 def print_run_end(run_dir: Path, model_dir: Path | None) -> None:
     """The end of `petal train` and `petal finetune`: the report, the model, the next commands."""
-    if (run_dir / "report.html").exists():
-        out.print(f"report: {run_dir / 'report.html'}", markup=False, highlight=False)
-    if model_dir:
-        out.print(f"model: {model_dir}", markup=False, highlight=False)
-        out.print(f"next: petal predict {model_dir} IMAGE...   petal evaluate {model_dir} DATA   "
-                  f"petal serve {model_dir}", markup=False, highlight=False)
+    lines = [f"report: {run_dir / 'report.html'}"] if (run_dir / "report.html").exists() else []
+    if model_dir:  # one command a line: a pipe's 80 columns never break one in two
+        lines += [f"model: {model_dir}", f"next: petal predict {model_dir} IMAGE...",
+                  f"      petal evaluate {model_dir} DATA", f"      petal serve {model_dir}"]
+    print_lines(lines)
 
 
 def print_comparison(run_dir: Path) -> None:

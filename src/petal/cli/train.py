@@ -35,6 +35,7 @@ from petal.cli.options import (
     Rehash,
     Relabel,
     RunOut,
+    SplitColumn,
     Std,
     UriColumn,
     Workers,
@@ -105,6 +106,7 @@ def train(
     labels: LabelsFile = None,
     uri_column: UriColumn = None,
     label_column: LabelColumn = None,
+    split_column: SplitColumn = None,
     eval_data: EvalData = None,
     eval_percent: EvalPercent = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
@@ -144,8 +146,9 @@ def train(
     head = HeadClassifier(hidden=hidden, dropout=dropout, epochs=epochs, lr=lr, batch_size=batch_size,
                           weight_decay=weight_decay, label_smoothing=label_smoothing,
                           class_weight=class_weight.value if class_weight else None, seed=seed)
-    data_ = data_spec(data, labels=labels, uri_column=uri_column, label_column=label_column, eval_data=eval_data,
-                      eval_percent=eval_percent, group=group, exclude=exclude, relabel=relabel, labeled=labeled)
+    data_ = data_spec(data, labels=labels, uri_column=uri_column, label_column=label_column,
+                      split_column=split_column, eval_data=eval_data, eval_percent=eval_percent, group=group,
+                      exclude=exclude, relabel=relabel, labeled=labeled)
     spec = RunSpec(data_, out_dir, backbone=backbone, precision=precision, cache_dir=cache, overwrite=overwrite,
                    keep=keep, trainer=head)
     print_train_result(run_train(spec, workers=workers, rehash=rehash, export=export, reporter=RichReporter()))
@@ -162,6 +165,7 @@ def finetune(
     labels: LabelsFile = None,
     uri_column: UriColumn = None,
     label_column: LabelColumn = None,
+    split_column: SplitColumn = None,
     eval_data: EvalData = None,
     eval_percent: EvalPercent = 10.0,
     backbone: Backbone = DEFAULT_BACKBONE,
@@ -221,8 +225,8 @@ def finetune_spec(o: SimpleNamespace) -> RunSpec:
         augment=AugmentConfig(enabled=o.augment, flip=o.flip, random_scale=o.random_scale, random_crop=o.random_crop,
                               random_brightness=o.random_brightness, random_color=o.random_color))
     data = data_spec(o.data, labels=o.labels, uri_column=o.uri_column, label_column=o.label_column,
-                     eval_data=o.eval_data, eval_percent=o.eval_percent, group=o.group, exclude=o.exclude,
-                     relabel=o.relabel)
+                     split_column=o.split_column, eval_data=o.eval_data, eval_percent=o.eval_percent, group=o.group,
+                     exclude=o.exclude, relabel=o.relabel)
     return RunSpec(data, o.out_dir, backbone=with_options(o.backbone), cache_dir=o.cache, overwrite=o.overwrite,
                    keep=o.keep, trainer=config)
 

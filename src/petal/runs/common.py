@@ -23,7 +23,7 @@ from petal.calibration import calibration_figures, reliability_diagram, softmax
 from petal.data import TRAIN, Dataset
 from petal.embed import embed, require_usable
 from petal.features import Features
-from petal.metrics import compute_metrics, write_report
+from petal.metrics import compute_metrics, plot_learning_curve, write_report
 from petal.precision import FP32
 from petal.predictions import Scores
 from petal.progress import Reporter
@@ -88,6 +88,8 @@ def audit_run(run: Run, classes: list[str], feats: Features, reporter: Reporter)
         write_audit(run.path, findings := audit_features(classes, feats))
         advance(1)
     reporter.message(findings.line() + f" (see {run.report_path})")
+    for advice in findings.advice:  # e.g. a class of 2 images beside classes of 60
+        reporter.message(f"warning: {advice}")
     return findings
 
 
@@ -120,7 +122,8 @@ class Ending:
 
 def finish(run: Run, classes: list[str], end: Ending, reporter: Reporter) -> dict:
     """The audit, the trust figures (with their plots), metrics.json and its report, the test
-    split in RUN/test/, and report.html; returns metrics.json's content."""
+    split in RUN/test/, and report.html (with a fine-tuned run's learning curve); returns
+    metrics.json's content."""
     findings = end.findings if end.findings is not None else audit_run(run, classes, end.feats, reporter)
     ev = end.eval
     extra = {**end.extra, **trust_metrics(run, ev, temperature=end.temperature, keep=end.keep,
@@ -128,9 +131,10 @@ def finish(run: Run, classes: list[str], end: Ending, reporter: Reporter) -> dic
              **test_metrics(run, classes, end.test)}
     metrics = run.write_metrics(classes, eval_uris=ev.uris, y_eval=ev.y, predict_proba=lambda: ev.scores.probabilities,
                                 extra=extra, reporter=reporter, no_eval_note=end.no_eval_note)
+    curve = plot_learning_curve(run.history_path, run.path / "learning_curve.png")  # fine-tuned runs have one
     write_html_report(run.report_path, f"petal run {run.name}", metrics=metrics, classes=classes,
                       eval_set=(ev.uris, ev.y, ev.scores.probabilities), audit=findings,
-                      plots=[run.reliability_path, run.coverage_path])
+                      plots=[run.reliability_path, run.coverage_path, *([curve] if curve else [])])
     return metrics
 
 

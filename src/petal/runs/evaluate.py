@@ -1,5 +1,5 @@
 """`petal evaluate`: an exported bundle on labeled data, as a user would run it (no run folder
-needed): metrics.json, confusion matrix, misclassified.csv, and with images of none of the
+needed): metrics.json, confusion matrix, misclassified.csv, report.html, and with images of none of the
 classes, how well they are told apart."""
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from petal.errors import NothingUsableError, PetalError
 from petal.metrics import EVALUATION_OUTPUT, compute_metrics, write_report
 from petal.predictions import Scores
 from petal.progress import Reporter
+from petal.report import write_html_report
 from petal.storage import atomic_write_csv, atomic_write_text, check_output
 
 
@@ -56,6 +57,8 @@ def evaluate_model(model_dir: str | Path, data: str | Path, out: str | Path, *,
     if unknown_data:
         metrics["unknown_data"] = evaluate_unknown(model, scores, y, unknown_data, out, reporter)
     atomic_write_csv(out / "errors.csv", ["uri", "reason"], ds.skipped + failed)
+    write_html_report(out / "report.html", f"petal evaluate {model.name} on {data}", metrics=metrics,
+                      classes=model.labels, eval_set=(uris, y, scores.probabilities), plots=[out / "coverage.png"])
     return metrics
 
 

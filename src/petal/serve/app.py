@@ -257,11 +257,13 @@ def v2_api(service: Service, limits: Limits, auth: list) -> APIRouter:
 
     @router.post("/models/{name}/infer", dependencies=auth + V2_BODY,
                  summary="Inference: images in, probabilities out")
-    async def infer(name: str, request: Request) -> JSONResponse:
+    async def infer(name: str, request: Request, unknown: bool = Query(
+            True, description="false: labels are always the nearest class")) -> JSONResponse:
         served = service.get(name)
         length = request.headers.get(v2.HEADER_LENGTH)
-        return JSONResponse(await within_limit(request.body(), lambda body: service.infer_v2(served, body, length),
-                                               limits.timeout_s))
+        return JSONResponse(await within_limit(
+            request.body(), lambda body: service.infer_v2(served, body, length, reject_unknown=unknown),
+            limits.timeout_s))
 
     return router
 

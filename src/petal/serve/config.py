@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -151,9 +152,15 @@ def model_specs(path: Path | None, name: str | None, specs: list[str]) -> dict[s
 
 
 def default_name(path: Path) -> str:
-    """runs/flowers/model -> 'flowers' (the run folder), as `Model.name` does."""
+    """The bundle's own name (petal.json's, set by `petal export --name`), else its run folder's:
+    runs/flowers/model -> 'flowers', as `Model.name` does."""
     path = path.resolve()
-    name = path.parent.name if path.name == "model" else path.name
+    try:
+        name = json.loads((path / "petal.json").read_text(encoding="utf-8")).get("name")
+    except (OSError, ValueError, AttributeError):  # no bundle there: check_bundle says so
+        name = None
+    if not isinstance(name, str) or not name.strip():
+        name = path.parent.name if path.name == "model" else path.name
     return re.sub(r"[^A-Za-z0-9._-]", "-", name).lstrip("._-") or "model"
 
 

@@ -1,11 +1,12 @@
 """The Cloud ML / TF Serving JSON row format, as used by `petal serve` and `petal.client`.
 
 Request:  {"instances": [{"image_bytes": {"b64": "<base64>"}, "key": "<any>"}, ...]}
-Response: {"predictions": [{"key": ..., "prediction": <class id>, "label": "<name>",
-                            "scores": [<one per class, in id order>],
+Response: {"predictions": [{"key": ..., "prediction": <class id>, "label": "<name> or unknown",
+                            "nearest": "<name>", "scores": [<one per class, in id order>],
                             "unknown": <bool>, "ood_score": <number or null>}, ...]}
-("unknown": true means the image is like none of the classes; "label" is then only the
-nearest class. `?unknown=false` on the URL turns that off.)
+("unknown": true means the image is like none of the classes: "label" is then "unknown",
+"prediction" null, and "nearest" the closest class. `?unknown=false` on the URL turns that off:
+"label" is then always the nearest class.)
 A failed instance answers {"key": ..., "error": "<reason>"} in its slot.
 
 No server packages: the client and `petal encode-request` use it too. Rows are built
@@ -139,11 +140,11 @@ def instance_bytes(instance: object) -> bytes:
 
 
 def prediction_row(key: tuple[bool, Any], p: Prediction) -> dict:
-    """One answered instance: the top-1 id and label, every class's score in id order, and
-    whether it is unknown."""
+    """One answered instance: the answer's id and label (null and "unknown" for an unknown
+    image), the nearest class, every class's score in id order, and whether it is unknown."""
     row = {"key": key[1]} if key[0] else {}
-    row.update(prediction=p.label_id, label=p.label, scores=[float(x) for x in p.probabilities],
-               unknown=p.unknown, ood_score=p.ood_score)
+    row.update(prediction=None if p.unknown else p.label_id, label=p.label, nearest=p.nearest,
+               scores=[float(x) for x in p.probabilities], unknown=p.unknown, ood_score=p.ood_score)
     return row
 
 

@@ -167,9 +167,11 @@ class Service:
             rows.append({"filename": d.pop("uri"), **d})
         return rows
 
-    async def infer_v2(self, served: ServedModel, body: bytes, header_length: str | None) -> dict:
-        """An Open Inference Protocol request body -> its response document. Raises RequestError
-        for a malformed request, or naming the first image that cannot be used."""
+    async def infer_v2(self, served: ServedModel, body: bytes, header_length: str | None,
+                       reject_unknown: bool = True) -> dict:
+        """An Open Inference Protocol request body -> its response document (`reject_unknown=False`,
+        ?unknown=false: labels are the nearest classes). Raises RequestError for a malformed
+        request, or naming the first image that cannot be used."""
         model = served.model
         spec = v2.ModelInputs(self.limits.max_images, model.preprocess.input_size,
                          v2.output_names("ood_score" in model.outputs))
@@ -183,7 +185,8 @@ class Service:
             if isinstance(p, str):
                 raise protocol.RequestError(f"images[{i}]: {p}")
         scores = Scores.stack(await self._infer(served, pixels), len(model.labels))
-        return v2.infer_response(served.name, served.version, request, scores, model.labels)
+        return v2.infer_response(served.name, served.version, request, scores, model.labels,
+                                 reject_unknown=reject_unknown and model.reject_unknown)
 
     async def _parse(self, parse: Callable[..., T], body: bytes, *args: object) -> T:
         """parse(body, *args), on the decode pool unless the body is small. Its size is bounded

@@ -9,8 +9,10 @@ resized as the bundle's preprocessing says, UINT8 [N, S, S, 3]. Tensor data come
 ("data": [...], flat, row-major; BYTES elements as base64 strings) or in the binary
 extension that `tritonclient` uses by default (an `Inference-Header-Content-Length` header,
 then the raw tensors; each BYTES element prefixed by its 4-byte little-endian length).
-Outputs, as JSON: "probabilities" FP32 [N, C], "labels" BYTES [N] (the top-1 label), and
-where the bundle has unknown detection "ood_score" FP32 [N] and "unknown" BOOL [N].
+Outputs, as JSON: "probabilities" FP32 [N, C], "labels" BYTES [N] (the answer: "unknown" for
+an image like none of the classes, else the top-1 class; `?unknown=false`: always the top-1
+class), "nearest" BYTES [N] (the top-1 class), and where the bundle has unknown detection
+"ood_score" FP32 [N] and "unknown" BOOL [N].
 
 A request is checked whole before any image is decoded: its size from byte counts, then its
 JSON header against the declared schema (`InferRequest`), then the tensor's element count
@@ -37,7 +39,7 @@ from pydantic import (
     ValidationError,
 )
 
-from petal.predictions import Scores
+from petal.predictions import UNKNOWN, Scores
 from petal.serve.protocol import InstanceError, RequestError, b64decode, check_counts, loads
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -236,17 +238,23 @@ def split_bytes(raw: memoryview, count: int) -> list[bytes]:
 
 
 def output_names(has_unknown: bool) -> list[str]:
-    return ["probabilities", "labels"] + (["ood_score", "unknown"] if has_unknown else [])
+    return ["probabilities", "labels", "nearest"] + (["ood_score", "unknown"] if has_unknown else [])
 
 
-def infer_response(name: str, version: str, request: InferRequest, scores: Scores, labels: list[str]) -> dict:
-    """The response document: every output as JSON data, in the order the protocol lists them."""
+def infer_response(name: str, version: str, request: InferRequest, scores: Scores, labels: list[str],
+                   reject_unknown: bool = True) -> dict:
+    """The response document: every output as JSON data, in the order the protocol lists them.
+    "labels" are the answers ("unknown" for an image like none of the classes, unless
+    `reject_unknown` is False), "nearest" the top-1 classes."""
     n, c = scores.probabilities.shape
+    nearest = [labels[i] for i in scores.probabilities.argmax(1)]
+    unknown = [bool(u) and reject_unknown for u in scores.unknown] if scores.ood_score is not None else [False] * n
     outputs = [tensor("probabilities", "FP32", [n, c], scores.probabilities.reshape(-1).tolist()),
-               tensor("labels", "BYTES", [n], [labels[i] for i in scores.probabilities.argmax(1)])]
+               tensor("labels", "BYTES", [n], [UNKNOWN if u else k for k, u in zip(nearest, unknown)]),
+               tensor("nearest", "BYTES", [n], nearest)]
     if scores.ood_score is not None:
         outputs += [tensor("ood_score", "FP32", [n], scores.ood_score.tolist()),
-                    tensor("unknown", "BOOL", [n], [bool(u) for u in scores.unknown])]
+                    tensor("unknown", "BOOL", [n], unknown)]
     wanted = [o.name for o in request.outputs or []]
     doc: dict[str, Any] = {"model_name": name, "model_version": version,
                            "outputs": [o for o in outputs if not wanted or o["name"] in wanted]}
@@ -261,7 +269,7 @@ def tensor(name: str, datatype: str, shape: list[int], data: list) -> dict:
 
 def model_metadata(name: str, version: str, input_size: int, num_classes: int, has_unknown: bool) -> dict:
     shapes = {"probabilities": [-1, num_classes]}
-    types = {"probabilities": "FP32", "labels": "BYTES", "ood_score": "FP32", "unknown": "BOOL"}
+    types = {"probabilities": "FP32", "labels": "BYTES", "nearest": "BYTES", "ood_score": "FP32", "unknown": "BOOL"}
     outputs = [{"name": o, "datatype": types[o], "shape": shapes.get(o, [-1])} for o in output_names(has_unknown)]
     return {"name": name, "versions": [version], "platform": "onnxruntime",
             # also accepted: "images" as UINT8 [-1, input_size, input_size, 3] pixels (see the module doc)

@@ -26,7 +26,8 @@ async function load() {
   setStatus("Ready: choose or drop images" + (navigator.mediaDevices ? ", or use the camera." : "."));
 }
 
-// A File/Blob -> {label (the nearest class), score, top: [{label, score}], unknown, ood_score},
+// A File/Blob -> {label (the answer: "unknown" for an image like none of the classes), score (0 when
+// unknown), nearest (the top-1 class), top: [{label, score}], unknown, ood_score},
 // as petal.predictions.Prediction in Python.
 async function classify(blob) {
   const info = state.info, S = info.preprocess.input_size;
@@ -34,10 +35,10 @@ async function classify(blob) {
   const out = await state.session.run({ images: new ort.Tensor("uint8", pixels, [1, S, S, 3]) });
   const top = Array.from(out.probabilities.data, (score, i) => ({ label: info.labels[i], score }))
     .sort((a, b) => b.score - a.score);
+  const unknown = out.unknown ? Boolean(out.unknown.data[0]) : false;  // bundles without the detector: never
   return {
-    label: top[0].label, score: top[0].score, top: top.slice(0, TOP_K),
-    unknown: out.unknown ? Boolean(out.unknown.data[0]) : false,  // bundles without the detector: never
-    ood_score: out.ood_score ? out.ood_score.data[0] : null,
+    label: unknown ? "unknown" : top[0].label, score: unknown ? 0 : top[0].score, nearest: top[0].label,
+    top: top.slice(0, TOP_K), unknown, ood_score: out.ood_score ? out.ood_score.data[0] : null,
   };
 }
 
