@@ -31,7 +31,7 @@ def test_cli_tables_and_bars_show_hostile_labels_and_paths(tmp_path):
 
     ds = Dataset([Example("/d/a.png", "x[/red]y", "train"), Example("/d/b.png", "b\x1b[31m", "eval")],
                  ["b\x1b[31m", "x[/red]y"])
-    p = Prediction("/d/[/bold]\x1b[2J.png", label="x[/red]y", score=0.9, top=[("x[/red]y", 0.9)])
+    p = Prediction("/d/[/bold]\x1b[2J.png", nearest="x[/red]y", nearest_score=0.9, top=[("x[/red]y", 0.9)])
     with cli.out.capture() as cap:
         cli.print_dataset(ds)
         cli.print_predictions([p])
